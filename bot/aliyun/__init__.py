@@ -1,0 +1,1 @@
+"""The Alibaba Cloud IoT Platform client: signing, errors, rate limits, and the five batch operations."""

@@ -1,0 +1,173 @@
+"""Settings: the one place that reads the environment.
+
+``Settings.from_env(environ)`` parses every variable once into a frozen dataclass. A malformed
+value fails at once with :class:`ConfigError` naming the variable; a value that only some commands
+need (the Alibaba Cloud keys, say) is checked by :meth:`Settings.require` when that command starts,
+so ``iotreg emulator`` runs without cloud credentials.
+
+A ``.env`` file in the working directory is honoured by :meth:`Settings.load`; variables already
+set in the environment win over the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+#: Per-account QPS quotas of the IoT Platform for the operations iotreg calls
+#: (alibaba-iot-api.md, "Parameters and limits"). Every RAM user and process of an account shares them.
+DEFAULT_QPS: Mapping[str, float] = MappingProxyType(
+    {
+        "BatchCheckDeviceNames": 10,
+        "BatchRegisterDeviceWithApplyId": 500,
+        "BatchRegisterDevice": 10,
+        "QueryBatchRegisterDeviceStatus": 30,
+        "QueryPageByApplyId": 50,
+    }
+)
+
+DEFAULT_REGION = "cn-shanghai"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed. The message names the variable to set."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything iotreg reads from its environment, parsed and checked."""
+
+    access_key_id: str | None = None
+    # repr=False: the secret must never reach a log line or a traceback.
+    access_key_secret: str | None = dataclasses.field(default=None, repr=False)
+    region_id: str = DEFAULT_REGION
+    endpoint: str = f"https://iot.{DEFAULT_REGION}.aliyuncs.com"
+    instance_id: str | None = None
+    qps: Mapping[str, float] = DEFAULT_QPS
+    timeout: float = 10.0
+    max_attempts: int = 5
+    retry_deadline: float = 60.0
+
+    # Names of the environment variables behind the fields above, for error messages.
+    ENV_NAMES = MappingProxyType(
+        {
+            "access_key_id": "ALIBABA_CLOUD_ACCESS_KEY_ID",
+            "access_key_secret": "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+            "region_id": "IOT_REGION_ID",
+            "endpoint": "IOT_ENDPOINT",
+            "instance_id": "IOT_INSTANCE_ID",
+            "qps": "IOT_QPS",
+            "timeout": "IOT_TIMEOUT",
+            "max_attempts": "IOT_MAX_ATTEMPTS",
+            "retry_deadline": "IOT_RETRY_DEADLINE",
+        }
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Parse ``environ``; raise :class:`ConfigError` naming the first malformed variable."""
+        env = _Env(environ)
+        region = env.text("IOT_REGION_ID") or DEFAULT_REGION
+        if not re.fullmatch(r"[a-z]{2}(-[a-z0-9]+)+", region):
+            raise ConfigError(f"IOT_REGION_ID: {region!r} is not a region id such as cn-shanghai")
+        endpoint = env.url("IOT_ENDPOINT") or f"https://iot.{region}.aliyuncs.com"
+        return cls(
+            access_key_id=env.text("ALIBABA_CLOUD_ACCESS_KEY_ID"),
+            access_key_secret=env.text("ALIBABA_CLOUD_ACCESS_KEY_SECRET"),
+            region_id=region,
+            endpoint=endpoint,
+            instance_id=env.text("IOT_INSTANCE_ID"),
+            qps=env.qps("IOT_QPS"),
+            timeout=env.number("IOT_TIMEOUT", 10.0, minimum=0.1),
+            max_attempts=int(env.number("IOT_MAX_ATTEMPTS", 5, minimum=1, integer=True)),
+            retry_deadline=env.number("IOT_RETRY_DEADLINE", 60.0, minimum=0),
+        )
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, env_file: Path | str | None = ".env") -> Settings:
+        """Settings from ``env_file`` (if it exists) overlaid by ``environ`` (default: the process)."""
+        merged: dict[str, str] = {}
+        if env_file is not None and Path(env_file).is_file():
+            merged.update(read_env_file(Path(env_file)))
+        merged.update(os.environ if environ is None else environ)
+        return cls.from_env(merged)
+
+    def require(self, *fields: str) -> None:
+        """Raise :class:`ConfigError` naming every variable behind ``fields`` that is unset."""
+        missing = [self.ENV_NAMES[f] for f in fields if getattr(self, f) in (None, "")]
+        if missing:
+            raise ConfigError(f"set {', '.join(missing)} (see README, Configuration)")
+
+
+class _Env:
+    """Typed readers over a mapping of variables; an empty value counts as unset."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str) -> str | None:
+        value = self._environ.get(name, "").strip()
+        return value or None
+
+    def url(self, name: str) -> str | None:
+        value = self.text(name)
+        if value is not None and not re.match(r"https?://[^/\s]+", value):
+            raise ConfigError(f"{name}: {value!r} is not an http(s) URL")
+        return value.rstrip("/") if value else None
+
+    def number(self, name: str, default: float, *, minimum: float, integer: bool = False) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw) if integer else float(raw)
+        except ValueError:
+            kind = "a whole number" if integer else "a number"
+            raise ConfigError(f"{name}: {raw!r} is not {kind}") from None
+        if value < minimum:
+            raise ConfigError(f"{name}: {raw} is below the minimum of {minimum:g}")
+        return value
+
+    def qps(self, name: str) -> Mapping[str, float]:
+        """``Action=QPS`` pairs separated by commas, overriding :data:`DEFAULT_QPS`."""
+        raw = self.text(name)
+        if raw is None:
+            return DEFAULT_QPS
+        quotas = dict(DEFAULT_QPS)
+        for pair in raw.split(","):
+            action, sep, value = pair.partition("=")
+            action = action.strip()
+            if not sep or action not in DEFAULT_QPS:
+                known = ", ".join(DEFAULT_QPS)
+                raise ConfigError(f"{name}: {pair.strip()!r} is not Action=QPS with an Action among {known}")
+            try:
+                quotas[action] = float(value)
+            except ValueError:
+                raise ConfigError(f"{name}: {value.strip()!r} for {action} is not a number") from None
+            if quotas[action] <= 0:
+                raise ConfigError(f"{name}: the quota for {action} must be above 0")
+        return MappingProxyType(quotas)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Read ``KEY=VALUE`` lines: ``#`` comments, an optional ``export``, single or double quotes."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").lstrip()
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigError(f"{path}:{number}: expected KEY=VALUE")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        else:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
