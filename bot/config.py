@@ -47,7 +47,7 @@ class Settings:
     region_id: str = DEFAULT_REGION
     endpoint: str = f"https://iot.{DEFAULT_REGION}.aliyuncs.com"
     instance_id: str | None = None
-    qps: Mapping[str, float] = DEFAULT_QPS
+    qps: Mapping[str, float] = dataclasses.field(default_factory=lambda: DEFAULT_QPS)
     timeout: float = 10.0
     max_attempts: int = 5
     retry_deadline: float = 60.0

@@ -1,0 +1,437 @@
+"""A thin, typed client for the five IoT Platform operations behind batch registration.
+
+Each method sends one RPC call the way the official Python SDK does (always POST; the common
+parameters and ProductKey in the query; the device names of BatchCheckDeviceNames in a form body),
+signs it with signature version 1.0, and returns a small dataclass. Failures become the exceptions
+of :mod:`bot.aliyun.errors`.
+
+Retries. Throttling, ``iot.system.SystemException``, 5xx answers, timeouts and connection errors
+are retried with exponential back-off and jitter, bounded in attempts and in total time, but only
+where sending the request twice cannot do harm:
+
+* ``QueryBatchRegisterDeviceStatus`` and ``QueryPageByApplyId`` only read.
+* ``BatchCheckDeviceNames`` only opens a check application; a repeat opens a second one, and an
+  application that nobody registers creates no device.
+* ``BatchRegisterDeviceWithApplyId`` and ``BatchRegisterDevice`` create devices. They are retried
+  only when the platform cannot have acted on the first attempt (it was throttled at the gateway,
+  or the connection was never made). After a timeout or a 5xx the error is raised with
+  ``may_have_taken_effect=True``, and the caller must look at the ApplyId's status before doing
+  anything else: resending BatchRegisterDevice would create a second batch of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import random
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from urllib.parse import urlencode
+
+import requests
+
+from bot.aliyun import errors
+from bot.aliyun.ratelimit import RateLimiter, shared_limiter
+from bot.aliyun.signing import percent_encode, signature_for
+from bot.clock import Clock, SystemClock
+from bot.config import DEFAULT_QPS, Settings
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "2018-01-20"
+#: The most names one BatchCheckDeviceNames call takes; the platform silently drops the rest.
+MAX_NAMES_PER_CHECK = 10_000
+#: The most devices one BatchRegisterDevice call creates.
+MAX_COUNT_PER_REGISTER = 10_000
+#: The largest page QueryPageByApplyId serves.
+MAX_PAGE_SIZE = 50
+
+#: Operations that may be sent again after an answer that leaves their effect unknown (see above).
+SAFE_TO_REPEAT = frozenset({"QueryBatchRegisterDeviceStatus", "QueryPageByApplyId", "BatchCheckDeviceNames"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """An AccessKey pair. The secret stays out of ``repr`` and so out of logs and tracebacks."""
+
+    access_key_id: str
+    access_key_secret: str = dataclasses.field(repr=False)
+
+
+class ApplyStatus(enum.StrEnum):
+    """Where an application (an ApplyId) stands."""
+
+    CHECK = "CHECK"
+    CHECK_SUCCESS = "CHECK_SUCCESS"
+    CHECK_FAILED = "CHECK_FAILED"
+    CREATE = "CREATE"
+    CREATE_SUCCESS = "CREATE_SUCCESS"
+    CREATE_FAILED = "CREATE_FAILED"
+
+    @property
+    def running(self) -> bool:
+        """The platform is still working on it: ask again later."""
+        return self in (ApplyStatus.CHECK, ApplyStatus.CREATE)
+
+
+@dataclasses.dataclass(frozen=True)
+class InvalidDevice:
+    """A name the platform would not accept, and why (several reasons are joined by ``|``)."""
+
+    name: str
+    nickname: str | None
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckSubmitted:
+    """The answer to BatchCheckDeviceNames: the ApplyId to poll, and any names refused at once."""
+
+    apply_id: int
+    request_id: str
+    invalid_names: tuple[str, ...] = ()
+    invalid_nicknames: tuple[str, ...] = ()
+    repeated_names: tuple[str, ...] = ()
+    details: tuple[InvalidDevice, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchStatus:
+    """The answer to QueryBatchRegisterDeviceStatus.
+
+    On ``CHECK_FAILED`` and ``CREATE_FAILED``, ``invalid`` holds the failed names and ``valid`` the
+    rest; on the ``_SUCCESS`` states both are empty (the devices come from QueryPageByApplyId).
+    """
+
+    status: ApplyStatus
+    valid: tuple[str, ...]
+    invalid: tuple[str, ...]
+    details: tuple[InvalidDevice, ...]
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    """A created device. The secret is left out of ``repr``: never log it."""
+
+    name: str
+    iot_id: str
+    device_secret: str = dataclasses.field(repr=False)
+    device_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicePage:
+    """One page of QueryPageByApplyId."""
+
+    page: int
+    page_size: int
+    page_count: int
+    total: int
+    devices: tuple[DeviceInfo, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential back-off with jitter, bounded in attempts and in total time."""
+
+    max_attempts: int = 5
+    deadline: float = 60.0
+    base_delay: float = 0.25
+    max_delay: float = 8.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """How long to wait after failed attempt number ``attempt`` (1-based): half fixed, half random."""
+        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+class IotClient:
+    """IoT Platform's batch registration API, one method per operation."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        credentials: Credentials,
+        *,
+        region_id: str = "cn-shanghai",
+        instance_id: str | None = None,
+        session: requests.Session | None = None,
+        timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        limiter: RateLimiter | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.credentials = credentials
+        self.region_id = region_id
+        self.instance_id = instance_id
+        self.session = session or requests.Session()
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.clock = clock or SystemClock()
+        self.limiter = limiter or RateLimiter(DEFAULT_QPS, self.clock)
+        self.rng = rng or random.Random()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, session: requests.Session | None = None, clock: Clock | None = None) -> IotClient:
+        """A client for the configured account, sharing the process-wide rate limiter."""
+        settings.require("access_key_id", "access_key_secret")
+        assert settings.access_key_id and settings.access_key_secret
+        clock = clock or SystemClock()
+        return cls(
+            settings.endpoint,
+            Credentials(settings.access_key_id, settings.access_key_secret),
+            region_id=settings.region_id,
+            instance_id=settings.instance_id,
+            session=session,
+            timeout=settings.timeout,
+            retry=RetryPolicy(max_attempts=settings.max_attempts, deadline=settings.retry_deadline),
+            limiter=shared_limiter(settings.access_key_id, settings.endpoint, settings.qps, clock),
+            clock=clock,
+        )
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> IotClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the five operations ------------------------------------------------------------------
+
+    def batch_check_device_names(self, product_key: str, devices: Iterable[str | tuple[str, str | None]]) -> CheckSubmitted:
+        """Submit up to 10,000 names (optionally with nicknames) for checking; poll the ApplyId after.
+
+        ``devices`` holds names, or ``(name, nickname)`` pairs, or objects with ``name`` and
+        ``nickname`` attributes. With any nickname present the names go as ``DeviceNameList.N.*``.
+        """
+        pairs = [_as_pair(d) for d in devices]
+        if not pairs:
+            raise ValueError("no device names to check")
+        if len(pairs) > MAX_NAMES_PER_CHECK:
+            # The platform would silently drop the excess: refuse instead of losing names.
+            raise ValueError(f"{len(pairs)} names in one check; at most {MAX_NAMES_PER_CHECK}, split them")
+        form: dict[str, str] = {}
+        if any(nickname for _, nickname in pairs):
+            for n, (name, nickname) in enumerate(pairs, start=1):
+                form[f"DeviceNameList.{n}.DeviceName"] = name
+                if nickname:
+                    form[f"DeviceNameList.{n}.DeviceNickname"] = nickname
+        else:
+            form = {f"DeviceName.{n}": name for n, (name, _) in enumerate(pairs, start=1)}
+        body = self._call("BatchCheckDeviceNames", {"ProductKey": product_key}, form)
+        data = body.get("Data") or {}
+        return CheckSubmitted(
+            apply_id=_apply_id(data, "BatchCheckDeviceNames"),
+            request_id=body.get("RequestId", ""),
+            invalid_names=_names(data.get("InvalidDeviceNameList"), "InvalidDeviceName"),
+            invalid_nicknames=_names(data.get("InvalidDeviceNicknameList"), "InvalidDeviceNickname"),
+            # "RepeatDevieNameList": the typo is the platform's own.
+            repeated_names=_names(data.get("RepeatedDeviceNameList"), "RepeatDevieNameList"),
+            details=_details(data.get("InvalidDetailList"), "InvalidDetailList"),
+        )
+
+    def batch_register_device_with_apply_id(self, product_key: str, apply_id: int) -> int:
+        """Ask the platform to create the devices of a checked ApplyId; creation runs on after this."""
+        body = self._call("BatchRegisterDeviceWithApplyId", {"ProductKey": product_key, "ApplyId": str(apply_id)})
+        return _apply_id(body.get("Data") or {}, "BatchRegisterDeviceWithApplyId")
+
+    def batch_register_device(self, product_key: str, count: int) -> int:
+        """Ask the platform to create ``count`` devices with names of its own; returns the ApplyId."""
+        if not 1 <= count <= MAX_COUNT_PER_REGISTER:
+            raise ValueError(f"count must be between 1 and {MAX_COUNT_PER_REGISTER}, not {count}")
+        body = self._call("BatchRegisterDevice", {"ProductKey": product_key, "Count": str(count)})
+        return _apply_id(body.get("Data") or {}, "BatchRegisterDevice")
+
+    def query_batch_register_device_status(self, product_key: str, apply_id: int) -> BatchStatus:
+        """Where the check or the creation of ``apply_id`` stands."""
+        body = self._call("QueryBatchRegisterDeviceStatus", {"ProductKey": product_key, "ApplyId": str(apply_id)})
+        data = body.get("Data") or {}
+        try:
+            status = ApplyStatus(data.get("Status", ""))
+        except ValueError:
+            raise errors.RequestError(
+                f"unexpected Status {data.get('Status')!r}",
+                request_id=body.get("RequestId", ""),
+                action="QueryBatchRegisterDeviceStatus",
+            ) from None
+        return BatchStatus(
+            status=status,
+            valid=_names(data.get("ValidList"), "Name"),
+            invalid=_names(data.get("InvalidList"), "Name"),
+            # Lower-case inner key here, unlike BatchCheckDeviceNames: as the platform sends it.
+            details=_details(data.get("InvalidDetailList"), "invalidDetailList"),
+            request_id=body.get("RequestId", ""),
+        )
+
+    def query_page_by_apply_id(self, apply_id: int, page: int = 1, page_size: int = MAX_PAGE_SIZE) -> DevicePage:
+        """One page of the devices created for ``apply_id`` (``page_size`` at most 50)."""
+        if not 1 <= page_size <= MAX_PAGE_SIZE or page < 1:
+            raise ValueError(f"page must be 1 or more and page_size 1 to {MAX_PAGE_SIZE}")
+        body = self._call(
+            "QueryPageByApplyId",
+            {"ApplyId": str(apply_id), "CurrentPage": str(page), "PageSize": str(page_size)},
+        )
+        # Paging lives at the top level of this answer, not under Data.
+        infos = (body.get("ApplyDeviceList") or {}).get("ApplyDeviceInfo") or []
+        return DevicePage(
+            page=int(body.get("Page", page)),
+            page_size=int(body.get("PageSize", page_size)),
+            page_count=int(body.get("PageCount", 0)),
+            total=int(body.get("Total", 0)),
+            devices=tuple(
+                DeviceInfo(
+                    name=d.get("DeviceName", ""),
+                    iot_id=d.get("IotId", ""),
+                    device_secret=d.get("DeviceSecret", ""),
+                    device_id=d.get("DeviceId", ""),
+                )
+                for d in infos
+            ),
+        )
+
+    def iter_devices_by_apply_id(self, apply_id: int, page_size: int = MAX_PAGE_SIZE) -> Iterator[DeviceInfo]:
+        """Every device created for ``apply_id``, walking the pages in order."""
+        page = 1
+        while True:
+            result = self.query_page_by_apply_id(apply_id, page, page_size)
+            yield from result.devices
+            if page >= result.page_count or not result.devices:
+                return
+            page += 1
+
+    # -- the wire -----------------------------------------------------------------------------
+
+    def _call(self, action: str, params: Mapping[str, str], form: Mapping[str, str] | None = None) -> dict:
+        """Send ``action`` with retries; return the decoded JSON of a successful answer."""
+        started = self.clock.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            self.limiter.acquire(action)
+            try:
+                return self._send(action, params, form or {})
+            except errors.IotError as exc:
+                if not self._should_retry(exc, action, attempt, started):
+                    raise
+                delay = self.retry.delay(attempt, self.rng)
+                log.info("%s: %s; retry %d in %.2fs", action, exc.code or type(exc).__name__, attempt, delay)
+                self.clock.sleep(delay)
+
+    def _should_retry(self, exc: errors.IotError, action: str, attempt: int, started: float) -> bool:
+        if not exc.retryable or attempt >= self.retry.max_attempts:
+            return False
+        if exc.may_have_taken_effect and action not in SAFE_TO_REPEAT:
+            return False
+        # Stop when the next wait would run past the deadline (the longest it could be).
+        worst_next = min(self.retry.max_delay, self.retry.base_delay * 2 ** (attempt - 1))
+        return self.clock.monotonic() - started + worst_next <= self.retry.deadline
+
+    def _send(self, action: str, params: Mapping[str, str], form: Mapping[str, str]) -> dict:
+        query = {
+            "Format": "JSON",
+            "Version": API_VERSION,
+            "AccessKeyId": self.credentials.access_key_id,
+            "SignatureMethod": "HMAC-SHA1",
+            "SignatureVersion": "1.0",
+            "SignatureNonce": uuid.uuid4().hex,
+            "Timestamp": self.clock.now().strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "RegionId": self.region_id,
+            "Action": action,
+            **params,
+        }
+        if self.instance_id:
+            query["IotInstanceId"] = self.instance_id
+        query["Signature"] = signature_for("POST", {**query, **form}, self.credentials.access_key_secret)
+        url = f"{self.endpoint}/?" + "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in query.items())
+        headers = {"Accept": "application/json"}
+        if form:
+            headers["Content-Type"] = "application/x-www-form-urlencoded; charset=utf-8"
+        started = self.clock.monotonic()
+        try:
+            response = self.session.post(url, data=urlencode(form) if form else None, headers=headers, timeout=self.timeout)
+        except requests.exceptions.ConnectTimeout as exc:
+            raise errors.TransportError(f"could not connect to {self.endpoint}: {_reason(exc)}", action=action) from None
+        except requests.exceptions.ConnectionError as exc:
+            # Refused or unresolvable: nothing reached the server. Reset mid-way: it may have.
+            sent = not _never_connected(exc)
+            raise errors.TransportError(
+                f"connection to {self.endpoint} failed: {_reason(exc)}", action=action, may_have_taken_effect=sent
+            ) from None
+        except requests.exceptions.Timeout:
+            raise errors.TransportError(
+                f"no answer from {self.endpoint} within {self.timeout:g}s", action=action, may_have_taken_effect=True
+            ) from None
+        elapsed = self.clock.monotonic() - started
+        return self._decode(action, response, elapsed)
+
+    def _decode(self, action: str, response: requests.Response, elapsed: float) -> dict:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            text = response.text[:200].strip()
+            message = f"HTTP {response.status_code} with a body that is not JSON: {text!r}"
+            if response.status_code >= 500:
+                raise errors.ServiceError(message, http_status=response.status_code, action=action, may_have_taken_effect=True)
+            raise errors.RequestError(message, http_status=response.status_code, action=action)
+        request_id = str(body.get("RequestId", ""))
+        log.debug("%s -> HTTP %d in %.0f ms (RequestId %s)", action, response.status_code, elapsed * 1000, request_id)
+        if response.status_code >= 400:
+            raise errors.gateway_error(
+                response.status_code, str(body.get("Code", "")), str(body.get("Message", "")), request_id, action
+            )
+        if body.get("Success") is False:
+            message = str(body.get("ErrorMessage") or body.get("Message") or "")
+            raise errors.business_error(str(body.get("Code", "")), message, request_id, action)
+        return body
+
+
+def _as_pair(device: str | tuple[str, str | None] | object) -> tuple[str, str | None]:
+    if isinstance(device, str):
+        return device, None
+    if isinstance(device, tuple):
+        name, nickname = device
+        return name, nickname
+    return getattr(device, "name"), getattr(device, "nickname", None)
+
+
+def _apply_id(data: Mapping, action: str) -> int:
+    try:
+        return int(data["ApplyId"])
+    except (KeyError, TypeError, ValueError):
+        raise errors.RequestError("the answer carries no ApplyId", action=action) from None
+
+
+def _names(wrapper: Mapping | None, key: str) -> tuple[str, ...]:
+    """The list inside the platform's ``{"Key": [...]}`` wrappers; absent means empty."""
+    if not isinstance(wrapper, Mapping):
+        return ()
+    return tuple(str(v) for v in wrapper.get(key) or ())
+
+
+def _details(wrapper: Mapping | None, key: str) -> tuple[InvalidDevice, ...]:
+    if not isinstance(wrapper, Mapping):
+        return ()
+    return tuple(
+        InvalidDevice(name=str(d.get("DeviceName", "")), nickname=d.get("NickName") or None, reason=str(d.get("ErrorMsg", "")))
+        for d in wrapper.get(key) or ()
+    )
+
+
+def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:
+    """Whether a connection error happened before the request could be sent."""
+    text = repr(exc)
+    return any(marker in text for marker in ("NewConnectionError", "NameResolutionError", "Connection refused"))
+
+
+def _reason(exc: Exception) -> str:
+    """A short cause, without the URL (which carries the signature and the key id)."""
+    text = str(exc.args[0] if exc.args else exc)
+    return text.split("(Caused by ", 1)[-1].rstrip(")")[:200] if "(Caused by " in text else type(exc).__name__

@@ -1,0 +1,92 @@
+"""Settings: defaults, parsing, and errors that name the variable to fix."""
+
+import dataclasses
+
+import pytest
+
+from bot.config import DEFAULT_QPS, ConfigError, Settings
+
+
+def test_defaults_follow_the_platform():
+    s = Settings.from_env({})
+    assert s.region_id == "cn-shanghai"
+    assert s.endpoint == "https://iot.cn-shanghai.aliyuncs.com"
+    assert s.instance_id is None
+    assert dict(s.qps) == {
+        "BatchCheckDeviceNames": 10,
+        "BatchRegisterDeviceWithApplyId": 500,
+        "BatchRegisterDevice": 10,
+        "QueryBatchRegisterDeviceStatus": 30,
+        "QueryPageByApplyId": 50,
+    }
+
+
+def test_region_sets_the_default_endpoint_and_an_explicit_endpoint_wins():
+    assert Settings.from_env({"IOT_REGION_ID": "ap-southeast-1"}).endpoint == "https://iot.ap-southeast-1.aliyuncs.com"
+    s = Settings.from_env({"IOT_REGION_ID": "eu-central-1", "IOT_ENDPOINT": "http://127.0.0.1:8700/"})
+    assert s.endpoint == "http://127.0.0.1:8700"
+
+
+def test_settings_are_frozen_and_hide_the_secret():
+    s = Settings.from_env({"ALIBABA_CLOUD_ACCESS_KEY_ID": "LTAIexample", "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "hunter2-secret"})
+    assert "hunter2-secret" not in repr(s)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.region_id = "us-west-1"  # type: ignore[misc]
+
+
+def test_qps_overrides_one_action_and_keeps_the_rest():
+    s = Settings.from_env({"IOT_QPS": "BatchCheckDeviceNames=2, QueryPageByApplyId=0.5"})
+    assert s.qps["BatchCheckDeviceNames"] == 2
+    assert s.qps["QueryPageByApplyId"] == 0.5
+    assert s.qps["QueryBatchRegisterDeviceStatus"] == DEFAULT_QPS["QueryBatchRegisterDeviceStatus"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"IOT_REGION_ID": "Shanghai"}, "IOT_REGION_ID"),
+        ({"IOT_ENDPOINT": "iot.cn-shanghai.aliyuncs.com"}, "IOT_ENDPOINT"),
+        ({"IOT_TIMEOUT": "ten"}, "IOT_TIMEOUT"),
+        ({"IOT_TIMEOUT": "0"}, "IOT_TIMEOUT"),
+        ({"IOT_MAX_ATTEMPTS": "2.5"}, "IOT_MAX_ATTEMPTS"),
+        ({"IOT_QPS": "CreateProduct=5"}, "IOT_QPS"),
+        ({"IOT_QPS": "BatchCheckDeviceNames=0"}, "IOT_QPS"),
+        ({"IOT_QPS": "BatchCheckDeviceNames"}, "IOT_QPS"),
+    ],
+)
+def test_malformed_values_name_their_variable(environ, named):
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_env(environ)
+
+
+def test_require_names_every_missing_variable():
+    s = Settings.from_env({"ALIBABA_CLOUD_ACCESS_KEY_ID": "id"})
+    with pytest.raises(ConfigError) as info:
+        s.require("access_key_id", "access_key_secret")
+    assert "ALIBABA_CLOUD_ACCESS_KEY_SECRET" in str(info.value)
+    assert "ALIBABA_CLOUD_ACCESS_KEY_ID" not in str(info.value)
+
+
+def test_env_file_is_read_and_the_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "# iotreg settings\n"
+        "export IOT_REGION_ID=us-west-1\n"
+        "ALIBABA_CLOUD_ACCESS_KEY_ID='from-file'\n"
+        'IOT_INSTANCE_ID="iot-cn-0pp1n8t"  \n'
+        "IOT_TIMEOUT=5 # seconds\n",
+        encoding="utf-8",
+    )
+    s = Settings.load({"ALIBABA_CLOUD_ACCESS_KEY_ID": "from-env"}, env_file)
+    assert (s.region_id, s.access_key_id, s.instance_id, s.timeout) == ("us-west-1", "from-env", "iot-cn-0pp1n8t", 5.0)
+
+
+def test_a_broken_env_file_line_is_reported_with_its_number(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("IOT_REGION_ID=cn-shanghai\nthis is not a setting\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"\.env:2"):
+        Settings.load({}, env_file)
+
+
+def test_missing_env_file_is_fine(tmp_path):
+    assert Settings.load({}, tmp_path / "absent.env").region_id == "cn-shanghai"
