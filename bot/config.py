@@ -51,6 +51,12 @@ class Settings:
     timeout: float = 10.0
     max_attempts: int = 5
     retry_deadline: float = 60.0
+    db_path: str = "iotreg.db"
+    poll_interval: float = 5.0
+    poll_max_interval: float = 60.0
+    poll_timeout: float = 3600.0
+    approval_ttl: float = 24 * 3600.0
+    chunk_size: int = 10_000
 
     # Names of the environment variables behind the fields above, for error messages.
     ENV_NAMES = MappingProxyType(
@@ -64,6 +70,12 @@ class Settings:
             "timeout": "IOT_TIMEOUT",
             "max_attempts": "IOT_MAX_ATTEMPTS",
             "retry_deadline": "IOT_RETRY_DEADLINE",
+            "db_path": "IOTREG_DB",
+            "poll_interval": "IOTREG_POLL_INTERVAL",
+            "poll_max_interval": "IOTREG_POLL_MAX_INTERVAL",
+            "poll_timeout": "IOTREG_POLL_TIMEOUT",
+            "approval_ttl": "IOTREG_APPROVAL_TTL",
+            "chunk_size": "IOTREG_CHUNK_SIZE",
         }
     )
 
@@ -85,6 +97,12 @@ class Settings:
             timeout=env.number("IOT_TIMEOUT", 10.0, minimum=0.1),
             max_attempts=int(env.number("IOT_MAX_ATTEMPTS", 5, minimum=1, integer=True)),
             retry_deadline=env.number("IOT_RETRY_DEADLINE", 60.0, minimum=0),
+            db_path=env.text("IOTREG_DB") or "iotreg.db",
+            poll_interval=env.duration("IOTREG_POLL_INTERVAL", 5.0, minimum=0.05),
+            poll_max_interval=env.duration("IOTREG_POLL_MAX_INTERVAL", 60.0, minimum=0.05),
+            poll_timeout=env.duration("IOTREG_POLL_TIMEOUT", 3600.0, minimum=1),
+            approval_ttl=env.duration("IOTREG_APPROVAL_TTL", 24 * 3600.0, minimum=1),
+            chunk_size=int(env.number("IOTREG_CHUNK_SIZE", 10_000, minimum=1, integer=True)),
         )
 
     @classmethod
@@ -131,6 +149,19 @@ class _Env:
         if value < minimum:
             raise ConfigError(f"{name}: {raw} is below the minimum of {minimum:g}")
         return value
+
+    def duration(self, name: str, default: float, *, minimum: float) -> float:
+        """Seconds, or a number with a unit: ``90``, ``2.5``, ``30s``, ``15m``, ``24h``, ``7d``."""
+        raw = self.text(name)
+        if raw is None:
+            return default
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", raw.lower())
+        if not match:
+            raise ConfigError(f"{name}: {raw!r} is not a duration such as 30, 30s, 15m, 24h or 7d")
+        seconds = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+        if seconds < minimum:
+            raise ConfigError(f"{name}: {raw} is shorter than the minimum of {minimum:g} s")
+        return seconds
 
     def qps(self, name: str) -> Mapping[str, float]:
         """``Action=QPS`` pairs separated by commas, overriding :data:`DEFAULT_QPS`."""

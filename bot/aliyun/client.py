@@ -224,7 +224,16 @@ class IotClient:
                     form[f"DeviceNameList.{n}.DeviceNickname"] = nickname
         else:
             form = {f"DeviceName.{n}": name for n, (name, _) in enumerate(pairs, start=1)}
-        body = self._call("BatchCheckDeviceNames", {"ProductKey": product_key}, form)
+        try:
+            body = self._call("BatchCheckDeviceNames", {"ProductKey": product_key}, form)
+        except errors.BusinessError as exc:
+            invalid = _refused_names(exc.data, dict(pairs))
+            if not invalid:
+                raise
+            raise errors.NamesRefused(
+                exc.message, invalid=invalid, code=exc.code, request_id=exc.request_id,
+                http_status=exc.http_status, action=exc.action, data=exc.data,
+            ) from None
         data = body.get("Data") or {}
         return CheckSubmitted(
             apply_id=_apply_id(data, "BatchCheckDeviceNames"),
@@ -389,7 +398,8 @@ class IotClient:
             )
         if body.get("Success") is False:
             message = str(body.get("ErrorMessage") or body.get("Message") or "")
-            raise errors.business_error(str(body.get("Code", "")), message, request_id, action)
+            data = body.get("Data") if isinstance(body.get("Data"), dict) else None
+            raise errors.business_error(str(body.get("Code", "")), message, request_id, action, data)
         return body
 
 
@@ -423,6 +433,22 @@ def _details(wrapper: Mapping | None, key: str) -> tuple[InvalidDevice, ...]:
         InvalidDevice(name=str(d.get("DeviceName", "")), nickname=d.get("NickName") or None, reason=str(d.get("ErrorMsg", "")))
         for d in wrapper.get(key) or ()
     )
+
+
+def _refused_names(data: Mapping, nicknames: Mapping[str, str | None]) -> tuple[InvalidDevice, ...]:
+    """Every name a refused BatchCheckDeviceNames listed, with the most specific reason it gave."""
+    found: dict[str, InvalidDevice] = {}
+    for detail in _details(data.get("InvalidDetailList"), "InvalidDetailList"):
+        found[detail.name] = detail
+    for name in _names(data.get("InvalidDeviceNameList"), "InvalidDeviceName"):
+        found.setdefault(name, InvalidDevice(name, nicknames.get(name), "invalid device name"))
+    for name in _names(data.get("RepeatedDeviceNameList"), "RepeatDevieNameList"):
+        found.setdefault(name, InvalidDevice(name, nicknames.get(name), "the name is repeated in the list"))
+    by_nickname = {nickname: name for name, nickname in nicknames.items() if nickname}
+    for nickname in _names(data.get("InvalidDeviceNicknameList"), "InvalidDeviceNickname"):
+        name = by_nickname.get(nickname, nickname)
+        found.setdefault(name, InvalidDevice(name, nickname, "invalid nickname"))
+    return tuple(found.values())
 
 
 def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:

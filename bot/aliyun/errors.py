@@ -7,7 +7,8 @@
     ├── AuthError                 credentials, signature, clock, nonce                fix the config
     ├── RequestError              MissingParameter, InvalidApi.NotFound, other 4xx    fix the request
     └── BusinessError             HTTP 200 with Success: false (iot.prod.*, iot.device.*) per code
-        └── NotFoundError         the product or the ApplyId does not exist
+        ├── NotFoundError         the product or the ApplyId does not exist
+        └── NamesRefused          BatchCheckDeviceNames refused names at once; .invalid says why
 
 ``retryable`` says whether the same request sent again can succeed. ``may_have_taken_effect`` says
 whether the server may have acted on a request that failed this way (a timeout after the request
@@ -31,6 +32,7 @@ class IotError(Exception):
         http_status: int | None = None,
         action: str = "",
         may_have_taken_effect: bool = False,
+        data: dict | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -39,6 +41,8 @@ class IotError(Exception):
         self.http_status = http_status
         self.action = action
         self.may_have_taken_effect = may_have_taken_effect
+        #: The ``Data`` of a business failure, when the platform sent one (it lists refused names).
+        self.data = data or {}
 
     def __str__(self) -> str:
         parts = [f"{self.action}: " if self.action else "", f"{self.code}: " if self.code else "", self.message]
@@ -81,6 +85,14 @@ class NotFoundError(BusinessError):
     """The product or the ApplyId named in the call does not exist."""
 
 
+class NamesRefused(BusinessError):
+    """BatchCheckDeviceNames refused the list at once; ``invalid`` says which names and why."""
+
+    def __init__(self, message: str, *, invalid: tuple = (), **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.invalid = invalid
+
+
 AUTH_CODES = frozenset(
     {
         "InvalidAccessKeyId.NotFound",
@@ -109,9 +121,9 @@ def gateway_error(status: int, code: str, message: str, request_id: str, action:
     return RequestError(message, **kwargs)
 
 
-def business_error(code: str, message: str, request_id: str, action: str) -> IotError:
+def business_error(code: str, message: str, request_id: str, action: str, data: dict | None = None) -> IotError:
     """The exception for an HTTP 200 answer with ``Success: false``."""
-    kwargs = {"code": code, "request_id": request_id, "http_status": 200, "action": action}
+    kwargs = {"code": code, "request_id": request_id, "http_status": 200, "action": action, "data": data}
     if code in RETRYABLE_BUSINESS_CODES:
         return ServiceError(message, may_have_taken_effect=True, **kwargs)
     if code in NOT_FOUND_CODES:

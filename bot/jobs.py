@@ -1,0 +1,161 @@
+"""When the workflow runs: APScheduler in the bot, a plain loop in the CLI and in tests.
+
+Both implement :class:`bot.registration.Jobs`: ``wake(request_id, at)`` asks for
+``Workflow.advance(request_id)`` at ``at`` (or now), and ``wake_outbox(at)`` for
+``Workflow.deliver_events()``. An earlier wake always wins over a later one, so a poll scheduled
+for a minute from now never pushes back the immediate step an approval asked for.
+
+Nothing about the jobs is stored: the database says what every request needs next, and
+``Workflow.resume()`` wakes each unfinished one at start. So APScheduler's in-memory job store is
+the right one, and no two schedulers can ever share it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from bot.clock import Clock
+
+if TYPE_CHECKING:
+    from bot.registration import Workflow
+
+log = logging.getLogger(__name__)
+
+OUTBOX = "outbox"
+
+
+def advance_request(workflow: Workflow, request_id: int) -> None:
+    """The job behind every request: one step of the workflow."""
+    workflow.advance(request_id)
+
+
+def deliver_events(workflow: Workflow) -> None:
+    """The job that hands stored events to the front end."""
+    workflow.deliver_events()
+
+
+class SchedulerJobs:
+    """Runs the workflow's steps on an APScheduler ``BackgroundScheduler`` (one per deployment)."""
+
+    def __init__(self, workers: int = 8) -> None:
+        self.workflow: Workflow | None = None
+        self._lock = threading.Lock()
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(workers)},
+            # max_instances=2: a wake that arrives while a step runs queues behind it (the workflow
+            # serialises steps per request) instead of being skipped, so no wake is ever lost.
+            job_defaults={"coalesce": True, "max_instances": 2, "misfire_grace_time": None},
+            timezone=timezone.utc,
+        )
+        self.scheduler.add_listener(self._on_error, EVENT_JOB_ERROR)
+
+    def bind(self, workflow: Workflow) -> None:
+        self.workflow = workflow
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def shutdown(self, wait: bool = True) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=wait)
+
+    def wake(self, request_id: int, at: datetime | None = None) -> None:
+        self._schedule(f"request-{request_id}", advance_request, [self.workflow, request_id], at)
+
+    def wake_outbox(self, at: datetime | None = None) -> None:
+        self._schedule(OUTBOX, deliver_events, [self.workflow], at)
+
+    def _schedule(self, job_id: str, func: Callable[..., None], args: list, at: datetime | None) -> None:
+        at = at or datetime.now(timezone.utc)
+        with self._lock:
+            job = self.scheduler.get_job(job_id)
+            if job is not None and job.next_run_time is not None and job.next_run_time <= at:
+                return
+            self.scheduler.add_job(func, "date", run_date=at, args=args, id=job_id, replace_existing=True)
+
+    @staticmethod
+    def _on_error(event: JobExecutionEvent) -> None:
+        # The edge where a step's unexpected failure is caught: logged here, and the request is
+        # woken again by resume() at the next start, or by its next wake.
+        log.error("job %s failed: %r", event.job_id, event.exception, exc_info=event.exception)
+
+
+class InlineJobs:
+    """Runs the workflow's steps in the calling thread, on any :class:`Clock`.
+
+    The CLI drives a request with it, sleeping on the real clock; tests drive it on a
+    :class:`~bot.clock.ManualClock`, where sleeping is moving time forward.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.workflow: Workflow | None = None
+        self._due: dict[str, datetime] = {}
+        self._lock = threading.Lock()
+
+    def bind(self, workflow: Workflow) -> None:
+        self.workflow = workflow
+
+    def wake(self, request_id: int, at: datetime | None = None) -> None:
+        self._set(f"request-{request_id}", at)
+
+    def wake_outbox(self, at: datetime | None = None) -> None:
+        self._set(OUTBOX, at)
+
+    def scheduled(self) -> dict[str, datetime]:
+        with self._lock:
+            return dict(self._due)
+
+    def _set(self, key: str, at: datetime | None) -> None:
+        at = at or self.clock.now()
+        with self._lock:
+            if key not in self._due or at < self._due[key]:
+                self._due[key] = at
+
+    def run_due(self) -> int:
+        """Run every job whose time has come (including ones they schedule for now). Returns the count."""
+        ran = 0
+        while True:
+            with self._lock:
+                now = self.clock.now()
+                due = [(at, key) for key, at in self._due.items() if at <= now]
+                if not due:
+                    return ran
+                _, key = heapq.nsmallest(1, due)[0]
+                del self._due[key]
+            self._run(key)
+            ran += 1
+
+    def run_until(self, done: Callable[[], bool], *, timeout: float = 7 * 24 * 3600.0) -> bool:
+        """Run jobs, sleeping on the clock until the next one, until ``done()`` or nothing is left.
+
+        ``timeout`` is in clock seconds. Returns ``done()``.
+        """
+        deadline = self.clock.monotonic() + timeout
+        while not done():
+            self.run_due()
+            if done():
+                break
+            with self._lock:
+                upcoming = min(self._due.values(), default=None)
+            if upcoming is None or self.clock.monotonic() >= deadline:
+                break
+            wait = (upcoming - self.clock.now()).total_seconds()
+            self.clock.sleep(min(max(wait, 0.0), deadline - self.clock.monotonic()))
+        return done()
+
+    def _run(self, key: str) -> None:
+        assert self.workflow is not None, "bind() the workflow first"
+        if key == OUTBOX:
+            deliver_events(self.workflow)
+        else:
+            advance_request(self.workflow, int(key.removeprefix("request-")))

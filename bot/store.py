@@ -1,0 +1,525 @@
+"""Durable state: requests, their devices and chunks, the audit trail, and the outbox of events.
+
+Everything the workflow knows lives here, in one SQLite file, so a restart loses nothing.
+
+* One connection per thread (Bolt listeners, scheduler jobs and the CLI run in different threads),
+  in WAL mode, so readers never block the writer and a killed process leaves a consistent file.
+* State changes are compare-and-set: :meth:`Store.transition` moves a request from one of the
+  expected states to the next in a single ``UPDATE … WHERE state IN (…)``; when two approvers click
+  at once, exactly one of them gets ``True``.
+* Each transition writes its audit row and its outbox event in the same transaction, so a crash
+  can never leave a state change without its record, or a record without its change.
+* The schema is built by numbered migrations (sqlite-utils ``Migrations``), applied at start;
+  a database written by an older iotreg is brought up to date in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database, Migrations
+
+#: Request states. Final states never change again.
+CHECKING = "checking"
+CHECK_FAILED = "check_failed"
+AWAITING_APPROVAL = "awaiting_approval"
+APPROVED = "approved"
+REGISTERING = "registering"
+DONE = "done"
+FAILED = "failed"
+REJECTED = "rejected"
+CANCELLED = "cancelled"
+EXPIRED = "expired"
+
+FINAL_STATES = frozenset({CHECK_FAILED, DONE, FAILED, REJECTED, CANCELLED, EXPIRED})
+ACTIVE_STATES = frozenset({CHECKING, AWAITING_APPROVAL, APPROVED, REGISTERING})
+
+#: Device outcomes.
+PENDING = "pending"
+CREATED = "created"
+INVALID = "invalid"  # refused by the platform's check
+NOT_CREATED = "not_created"  # checked, but creation failed
+
+migrations = Migrations("iotreg")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db["requests"].create(
+        {
+            "id": int,
+            "product_key": str,
+            "requester": str,
+            "origin": str,  # "slack" or "cli"
+            "channel": str,
+            "thread_ts": str,
+            "kind": str,  # "names" or "count"
+            "count": int,  # devices asked for
+            "rejected_count": int,  # lines refused locally before any API call
+            "state": str,
+            "reason": str,  # why it failed, or was rejected / cancelled
+            "decided_by": str,
+            "decided_at": str,
+            "expires_at": str,
+            "retry_of": int,
+            "polls": int,  # status polls since the phase began, for back-off
+            "phase_started_at": str,
+            "errors_in_row": int,
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk="id",
+        not_null={"product_key", "requester", "origin", "kind", "state", "created_at", "updated_at"},
+        defaults={"count": 0, "rejected_count": 0, "polls": 0, "errors_in_row": 0, "channel": "", "thread_ts": ""},
+    )
+    db["requests"].create_index(["state"])
+    db["requests"].create_index(["channel", "id"])
+    db["chunks"].create(
+        {
+            "request_id": int,
+            "chunk_no": int,
+            "size": int,
+            "apply_id": int,
+            "status": str,  # the platform's ApplyStatus last seen
+            "register_sent_at": str,  # written BEFORE the register call: see registration.py
+            "register_confirmed_at": str,
+            "error": str,
+        },
+        pk=("request_id", "chunk_no"),
+        foreign_keys=[("request_id", "requests", "id")],
+    )
+    db["chunks"].create_index(["apply_id"], unique=True)
+    db["devices"].create(
+        {
+            "request_id": int,
+            "name": str,
+            "nickname": str,
+            "chunk_no": int,
+            "line": int,
+            "outcome": str,
+            "reason": str,
+            "iot_id": str,
+        },
+        pk=("request_id", "name"),
+        foreign_keys=[("request_id", "requests", "id")],
+        defaults={"outcome": PENDING},
+    )
+    db["devices"].create_index(["request_id", "chunk_no"])
+    db["rejected_lines"].create(
+        {"request_id": int, "line": int, "value": str, "reason": str},
+        foreign_keys=[("request_id", "requests", "id")],
+    )
+    db["rejected_lines"].create_index(["request_id"])
+    db["audit"].create(
+        {"id": int, "request_id": int, "at": str, "actor": str, "event": str, "detail": str},
+        pk="id",
+    )
+    db["audit"].create_index(["request_id", "id"])
+    db["outbox"].create(
+        {"id": int, "request_id": int, "kind": str, "payload": str, "created_at": str, "attempts": int, "next_at": str, "delivered_at": str, "last_error": str},
+        pk="id",
+        defaults={"attempts": 0},
+    )
+    db["outbox"].create_index(["delivered_at", "next_at"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A registration request as stored."""
+
+    id: int
+    product_key: str
+    requester: str
+    origin: str
+    channel: str
+    thread_ts: str
+    kind: str
+    count: int
+    rejected_count: int
+    state: str
+    reason: str | None
+    decided_by: str | None
+    decided_at: datetime | None
+    expires_at: datetime | None
+    retry_of: int | None
+    polls: int
+    phase_started_at: datetime | None
+    errors_in_row: int
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Request:
+        values = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
+        for key in ("decided_at", "expires_at", "phase_started_at", "created_at", "updated_at"):
+            values[key] = parse_time(values[key])
+        for key in ("channel", "thread_ts"):
+            values[key] = values[key] or ""
+        for key in ("count", "rejected_count", "polls", "errors_in_row"):
+            values[key] = values[key] or 0
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Up to 10,000 devices of a request that share one ApplyId."""
+
+    request_id: int
+    chunk_no: int
+    size: int
+    apply_id: int | None
+    status: str | None
+    register_sent_at: datetime | None
+    register_confirmed_at: datetime | None
+    error: str | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Chunk:
+        values = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
+        values["register_sent_at"] = parse_time(values["register_sent_at"])
+        values["register_confirmed_at"] = parse_time(values["register_confirmed_at"])
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceRow:
+    """One device of a request and what became of it."""
+
+    name: str
+    nickname: str | None
+    chunk_no: int
+    line: int | None
+    outcome: str
+    reason: str | None
+    iot_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditEntry:
+    request_id: int
+    at: datetime
+    actor: str
+    event: str
+    detail: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A notification waiting in (or delivered from) the outbox."""
+
+    id: int
+    request_id: int
+    kind: str
+    payload: dict[str, Any]
+    attempts: int
+    next_at: datetime | None = None
+
+
+def format_time(value: datetime) -> str:
+    """Times are stored as ISO 8601 UTC text, which sorts and compares correctly as text."""
+    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+class Store:
+    """The SQLite database behind the workflow. Safe to share between threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        migrations.apply(self.db)
+
+    # -- connections --------------------------------------------------------------------------
+
+    @property
+    def db(self) -> Database:
+        """This thread's connection, opened on first use."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+            conn.execute("PRAGMA foreign_keys=ON")
+            db = self._local.db = Database(conn)
+            with self._connections_lock:
+                self._connections.append(conn)
+        return db
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    def schema_version(self) -> list[str]:
+        return [m.name for m in migrations.applied(self.db)]
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def create_request(
+        self,
+        *,
+        product_key: str,
+        requester: str,
+        origin: str,
+        kind: str,
+        count: int,
+        state: str,
+        now: datetime,
+        channel: str = "",
+        thread_ts: str = "",
+        rejected: Sequence[tuple[int, str, str]] = (),
+        rejected_count: int = 0,
+        devices: Iterable[tuple[str, str | None, int | None]] = (),
+        chunks: Sequence[int] = (),
+        chunk_size: int = 10_000,
+        retry_of: int | None = None,
+        expires_at: datetime | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
+    ) -> int:
+        """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines."""
+        stamp = format_time(now)
+        with self.db.atomic() as db:
+            request_id = db["requests"].insert(
+                {
+                    "product_key": product_key,
+                    "requester": requester,
+                    "origin": origin,
+                    "channel": channel,
+                    "thread_ts": thread_ts,
+                    "kind": kind,
+                    "count": count,
+                    "rejected_count": rejected_count or len(rejected),
+                    "state": state,
+                    "retry_of": retry_of,
+                    "expires_at": format_time(expires_at) if expires_at else None,
+                    "phase_started_at": stamp,
+                    "created_at": stamp,
+                    "updated_at": stamp,
+                }
+            ).last_pk
+            db.conn.executemany(
+                "INSERT INTO devices (request_id, name, nickname, chunk_no, line, outcome) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    (request_id, name, nickname, index // chunk_size, line, PENDING)
+                    for index, (name, nickname, line) in enumerate(devices)
+                ),
+            )
+            db.conn.executemany(
+                "INSERT INTO chunks (request_id, chunk_no, size) VALUES (?, ?, ?)",
+                ((request_id, n, size) for n, size in enumerate(chunks)),
+            )
+            db.conn.executemany(
+                "INSERT INTO rejected_lines (request_id, line, value, reason) VALUES (?, ?, ?, ?)",
+                ((request_id, line, value, reason) for line, value, reason in rejected),
+            )
+            self._audit(request_id, requester, "requested", {"product_key": product_key, "count": count}, stamp)
+            if event:
+                self._enqueue(request_id, event[0], event[1], stamp)
+        return int(request_id)
+
+    def get(self, request_id: int) -> Request | None:
+        rows = list(self.db["requests"].rows_where("id = ?", [request_id]))
+        return Request.from_row(rows[0]) if rows else None
+
+    def requests(
+        self, *, states: Iterable[str] | None = None, channel: str | None = None, limit: int = 20
+    ) -> list[Request]:
+        """Newest first, optionally only in some states or from one channel."""
+        where, args = [], []
+        if states is not None:
+            states = list(states)
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            args.extend(states)
+        if channel is not None:
+            where.append("channel = ?")
+            args.append(channel)
+        rows = self.db["requests"].rows_where(
+            " AND ".join(where) or None, args, order_by="id DESC", limit=limit
+        )
+        return [Request.from_row(r) for r in rows]
+
+    def transition(
+        self,
+        request_id: int,
+        *,
+        from_states: Iterable[str],
+        to_state: str,
+        actor: str,
+        event: str,
+        now: datetime,
+        detail: dict[str, Any] | None = None,
+        notify: tuple[str, dict[str, Any]] | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Compare-and-set the state; with it, the audit row, the outbox event and ``fields``.
+
+        Returns ``False``, and changes nothing, when the request is not in one of ``from_states``.
+        """
+        from_states = list(from_states)
+        stamp = format_time(now)
+        values = {**{k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}}
+        values.update(state=to_state, updated_at=stamp)
+        assignments = ", ".join(f"{column} = ?" for column in values)
+        with self.db.atomic() as db:
+            cursor = db.conn.execute(
+                f"UPDATE requests SET {assignments} WHERE id = ? AND state IN ({', '.join('?' * len(from_states))})",
+                [*values.values(), request_id, *from_states],
+            )
+            if cursor.rowcount != 1:
+                return False
+            self._audit(request_id, actor, event, detail or {}, stamp)
+            if notify:
+                self._enqueue(request_id, notify[0], notify[1], stamp)
+        return True
+
+    def update_request(self, request_id: int, **fields: Any) -> None:
+        """Book-keeping that is not a state change (poll counters, the thread of a Slack message)."""
+        values = {k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}
+        with self.db.atomic() as db:
+            db["requests"].update(request_id, values)
+
+    # -- chunks and devices -------------------------------------------------------------------
+
+    def chunks(self, request_id: int) -> list[Chunk]:
+        return [Chunk.from_row(r) for r in self.db["chunks"].rows_where("request_id = ?", [request_id], order_by="chunk_no")]
+
+    def update_chunk(self, request_id: int, chunk_no: int, **fields: Any) -> None:
+        values = {k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}
+        with self.db.atomic() as db:
+            db["chunks"].update((request_id, chunk_no), values)
+
+    def chunk_for_apply_id(self, apply_id: int) -> Chunk | None:
+        rows = list(self.db["chunks"].rows_where("apply_id = ?", [apply_id]))
+        return Chunk.from_row(rows[0]) if rows else None
+
+    def device_names(self, request_id: int, chunk_no: int | None = None) -> list[tuple[str, str | None]]:
+        """``(name, nickname)`` in the order they were given."""
+        sql = "SELECT name, nickname FROM devices WHERE request_id = ?"
+        args: list[Any] = [request_id]
+        if chunk_no is not None:
+            sql += " AND chunk_no = ?"
+            args.append(chunk_no)
+        return [(r[0], r[1]) for r in self.db.execute(sql + " ORDER BY rowid", args).fetchall()]
+
+    def devices(self, request_id: int, *, outcome: str | None = None, limit: int | None = None) -> list[DeviceRow]:
+        sql = "SELECT name, nickname, chunk_no, line, outcome, reason, iot_id FROM devices WHERE request_id = ?"
+        args: list[Any] = [request_id]
+        if outcome is not None:
+            sql += " AND outcome = ?"
+            args.append(outcome)
+        sql += " ORDER BY rowid"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [DeviceRow(*r) for r in self.db.execute(sql, args).fetchall()]
+
+    def outcome_counts(self, request_id: int) -> dict[str, int]:
+        rows = self.db.execute("SELECT outcome, COUNT(*) FROM devices WHERE request_id = ? GROUP BY outcome", [request_id])
+        return {outcome: count for outcome, count in rows.fetchall()}
+
+    def add_devices(self, request_id: int, chunk_no: int, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Devices named by the platform (``BatchRegisterDevice``): ``(name, outcome, iot_id)``."""
+        with self.db.atomic() as db:
+            db.conn.executemany(
+                "INSERT OR IGNORE INTO devices (request_id, name, chunk_no, outcome, iot_id) VALUES (?, ?, ?, ?, ?)",
+                ((request_id, name, chunk_no, outcome, iot_id) for name, outcome, iot_id in rows),
+            )
+
+    def set_outcomes(self, request_id: int, rows: Iterable[tuple[str, str, str | None, str | None]]) -> None:
+        """Record ``(name, outcome, reason, iot_id)`` for devices of a request."""
+        with self.db.atomic() as db:
+            db.conn.executemany(
+                "UPDATE devices SET outcome = ?, reason = ?, iot_id = COALESCE(?, iot_id) WHERE request_id = ? AND name = ?",
+                ((outcome, reason, iot_id, request_id, name) for name, outcome, reason, iot_id in rows),
+            )
+
+    def rejected_lines(self, request_id: int) -> list[tuple[int, str, str]]:
+        rows = self.db.execute(
+            "SELECT line, value, reason FROM rejected_lines WHERE request_id = ? ORDER BY line", [request_id]
+        )
+        return [tuple(r) for r in rows.fetchall()]
+
+    # -- audit --------------------------------------------------------------------------------
+
+    def audit(self, request_id: int | None = None, *, limit: int = 500) -> list[AuditEntry]:
+        """The audit trail, oldest first (of one request, or of all)."""
+        where = "request_id = ?" if request_id is not None else None
+        rows = self.db["audit"].rows_where(where, [request_id] if request_id is not None else [], order_by="id", limit=limit)
+        return [
+            AuditEntry(r["request_id"], parse_time(r["at"]), r["actor"], r["event"], json.loads(r["detail"] or "{}"))  # type: ignore[arg-type]
+            for r in rows
+        ]
+
+    def record(self, request_id: int, actor: str, event: str, now: datetime, detail: dict[str, Any] | None = None) -> None:
+        """An audit row that goes with no state change (a denied click, an API error)."""
+        with self.db.atomic():
+            self._audit(request_id, actor, event, detail or {}, format_time(now))
+
+    def _audit(self, request_id: int, actor: str, event: str, detail: dict[str, Any], stamp: str) -> None:
+        self.db.conn.execute(
+            "INSERT INTO audit (request_id, at, actor, event, detail) VALUES (?, ?, ?, ?, ?)",
+            [request_id, stamp, actor, event, json.dumps(detail, ensure_ascii=False, default=str)],
+        )
+
+    # -- outbox -------------------------------------------------------------------------------
+
+    def enqueue(self, request_id: int, kind: str, payload: dict[str, Any], now: datetime) -> None:
+        with self.db.atomic():
+            self._enqueue(request_id, kind, payload, format_time(now))
+
+    def _enqueue(self, request_id: int, kind: str, payload: dict[str, Any], stamp: str) -> None:
+        self.db.conn.execute(
+            "INSERT INTO outbox (request_id, kind, payload, created_at, next_at) VALUES (?, ?, ?, ?, ?)",
+            [request_id, kind, json.dumps(payload, ensure_ascii=False, default=str), stamp, stamp],
+        )
+
+    def pending_events(self) -> Iterator[Event]:
+        """Every undelivered event, oldest first."""
+        rows = self.db.execute(
+            "SELECT id, request_id, kind, payload, attempts, next_at FROM outbox WHERE delivered_at IS NULL ORDER BY id"
+        ).fetchall()
+        for r in rows:
+            yield Event(r[0], r[1], r[2], json.loads(r[3]), r[4], parse_time(r[5]))
+
+    def next_event_time(self) -> datetime | None:
+        """When the next event can go: the earliest among the first undelivered event of each request."""
+        row = self.db.execute(
+            "SELECT MIN(next_at) FROM outbox AS o WHERE delivered_at IS NULL AND id ="
+            " (SELECT MIN(id) FROM outbox WHERE request_id = o.request_id AND delivered_at IS NULL)"
+        ).fetchone()
+        return parse_time(row[0]) if row and row[0] else None
+
+    def mark_delivered(self, event_id: int, now: datetime) -> None:
+        with self.db.atomic() as db:
+            db.conn.execute("UPDATE outbox SET delivered_at = ? WHERE id = ?", [format_time(now), event_id])
+
+    def mark_failed(self, event_id: int, error: str, next_at: datetime) -> None:
+        with self.db.atomic() as db:
+            db.conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_at = ? WHERE id = ?",
+                [error[:500], format_time(next_at), event_id],
+            )
+
+    def delivered_events(self, request_id: int) -> list[Event]:
+        rows = self.db.execute(
+            "SELECT id, request_id, kind, payload, attempts FROM outbox WHERE request_id = ? AND delivered_at IS NOT NULL ORDER BY id",
+            [request_id],
+        ).fetchall()
+        return [Event(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]

@@ -1,0 +1,376 @@
+"""The registration workflow against the emulator over HTTP, on one ManualClock (no sleeping).
+
+Each test reads as what an operator would see: the request's state, the notifications the front
+end got, the devices that exist on the platform afterwards, and the audit trail.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from bot import store as st
+from bot.aliyun.client import Credentials, IotClient, RetryPolicy
+from bot.aliyun.ratelimit import RateLimiter
+from bot.config import DEFAULT_QPS
+from bot.emulator import Emulator, FaultPlan
+from bot.jobs import InlineJobs
+from bot.registration import Conflict, NotAllowed, NotFound, Timing, Workflow
+from bot.store import Event, Store
+
+ALICE, BOB, CAROL = "U0ALICE", "U0BOB", "U0CAROL"
+
+
+@dataclass
+class RecordingNotifier:
+    """A front end that writes down what it is told, and can be made to fail."""
+
+    events: list[Event] = field(default_factory=list)
+    failures_left: int = 0
+
+    def deliver(self, event: Event) -> None:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise ConnectionError("front end unreachable")
+        self.events.append(event)
+
+    def kinds(self, request_id: int | None = None) -> list[str]:
+        return [e.kind for e in self.events if request_id is None or e.request_id == request_id]
+
+
+@dataclass
+class Harness:
+    emulator: Emulator
+    db_path: Path
+    timing: Timing
+    notifier: RecordingNotifier = field(default_factory=RecordingNotifier)
+
+    def __post_init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        """(Re)build the bot's side over the same database file: what a restart does."""
+        clock = self.emulator.clock
+        self.client = IotClient(
+            self.emulator.endpoint,
+            Credentials(self.emulator.access_key_id, self.emulator.access_key_secret),
+            clock=clock,
+            limiter=RateLimiter(DEFAULT_QPS, clock),
+            retry=RetryPolicy(max_attempts=4, deadline=30),
+        )
+        self.store = Store(self.db_path)
+        self.jobs = InlineJobs(clock)
+        self.workflow = Workflow(self.store, self.client, self.notifier, self.jobs, clock, self.timing)
+        self.jobs.bind(self.workflow)
+
+    def restart(self) -> int:
+        self.store.close()
+        self.client.close()
+        self.start()
+        return self.workflow.resume()
+
+    @property
+    def clock(self):
+        return self.emulator.clock
+
+    def state(self, request_id: int) -> str:
+        return self.store.get(request_id).state
+
+    def run_until(self, request_id: int, *states: str) -> str:
+        self.jobs.run_until(lambda: self.state(request_id) in states)
+        self.jobs.run_due()  # deliver what the last step enqueued
+        return self.state(request_id)
+
+    def register_calls(self, request_id: int) -> list[int]:
+        return [self.emulator.backend.application(c.apply_id).register_calls for c in self.store.chunks(request_id)]
+
+    def platform_devices(self) -> set[str]:
+        return {d.device_name for d in self.emulator.backend.devices(self.emulator.product_key)}
+
+
+@pytest.fixture
+def harness(emulator, tmp_path) -> Harness:
+    return Harness(emulator, tmp_path / "iotreg.db", Timing(poll_interval=1.0, poll_max_interval=4.0, approval_ttl=3600, phase_timeout=600))
+
+
+def names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}-{i:04d}" for i in range(1, n + 1)]
+
+
+def test_a_request_goes_from_names_to_registered_devices(harness):
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("meter", 5), origin="cli")
+    assert request.state == st.CHECKING
+    assert harness.run_until(request.id, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    assert harness.notifier.kinds() == ["created", "awaiting_approval"]
+    assert harness.platform_devices() == set()  # nothing exists before approval
+
+    harness.workflow.approve(request.id, BOB)
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
+    assert harness.notifier.kinds() == ["created", "awaiting_approval", "approved", "registering", "finished"]
+    assert harness.platform_devices() == set(names("meter", 5))
+    created = harness.store.devices(request.id, outcome=st.CREATED)
+    assert [d.name for d in created] == names("meter", 5) and all(d.iot_id for d in created)
+    assert harness.register_calls(request.id) == [1]
+    summary = harness.workflow.summary(request.id)
+    assert (summary.created, summary.failed, summary.invalid, summary.pending) == (5, 0, 0, 0)
+    trail = [(e.actor, e.event) for e in harness.store.audit(request.id)]
+    assert trail[0] == (ALICE, "requested") and (BOB, "approved") in trail and trail[-1] == ("iotreg", "registered")
+    assert harness.store.get(request.id).decided_by == BOB
+
+
+def test_more_names_than_a_chunk_take_one_approval_and_one_apply_id_per_chunk(harness):
+    harness.timing = Timing(poll_interval=1.0, chunk_size=4)
+    harness.start()
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("cam", 10), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    chunks = harness.store.chunks(request.id)
+    assert [c.size for c in chunks] == [4, 4, 2] and len({c.apply_id for c in chunks}) == 3
+    harness.workflow.approve(request.id, BOB)
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
+    assert harness.register_calls(request.id) == [1, 1, 1]
+    assert harness.platform_devices() == set(names("cam", 10))
+    assert harness.notifier.kinds().count("awaiting_approval") == 1 and harness.notifier.kinds().count("finished") == 1
+
+
+def test_a_failed_check_keeps_the_reasons_and_offers_the_valid_names_again(harness):
+    for existing in ("gate-0002", "gate-0004"):
+        harness.emulator.backend.add_device(harness.emulator.product_key, existing)
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("gate", 5), origin="cli")
+    assert harness.run_until(request.id, st.CHECK_FAILED, st.AWAITING_APPROVAL) == st.CHECK_FAILED
+    invalid = harness.store.devices(request.id, outcome=st.INVALID)
+    assert [d.name for d in invalid] == ["gate-0002", "gate-0004"]
+    assert all(d.reason for d in invalid)
+    event = harness.notifier.events[-1]
+    assert event.kind == "check_failed" and event.payload == {"invalid": 2, "valid": 3}
+
+    retry = harness.workflow.retry_valid(request.id, ALICE)
+    assert retry.retry_of == request.id and retry.count == 3
+    assert harness.run_until(retry.id, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    harness.workflow.approve(retry.id, BOB)
+    assert harness.run_until(retry.id, st.DONE) == st.DONE
+    assert harness.platform_devices() == set(names("gate", 5))
+    with pytest.raises(Conflict):
+        harness.workflow.retry_valid(retry.id, ALICE)
+
+
+def test_names_refused_at_once_end_in_a_failed_check_with_reasons(harness):
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, ["good-0001", "bad#name", "good-0002"], origin="cli")
+    assert harness.run_until(request.id, st.CHECK_FAILED, st.AWAITING_APPROVAL) == st.CHECK_FAILED
+    assert [d.name for d in harness.store.devices(request.id, outcome=st.INVALID)] == ["bad#name"]
+
+
+def test_the_requester_cannot_approve_their_own_request_unless_allowed(harness):
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("valve", 2), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    with pytest.raises(NotAllowed, match="someone else"):
+        harness.workflow.approve(request.id, ALICE)
+    assert harness.state(request.id) == st.AWAITING_APPROVAL
+    assert [e.event for e in harness.store.audit(request.id)][-1] == "approval_denied"
+    harness.workflow.approve(request.id, ALICE, allow_self=True)
+    assert harness.run_until(request.id, st.DONE) == st.DONE
+
+
+def test_two_approvers_at_once_register_exactly_once(harness):
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("pump", 3), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    results: dict[str, object] = {}
+    start = threading.Barrier(8)
+
+    def click(who: str) -> None:
+        start.wait()
+        try:
+            results[who] = harness.workflow.approve(request.id, who).state
+        except Conflict as exc:
+            results[who] = exc
+
+    clickers = [threading.Thread(target=click, args=(f"U0APPROVER{i}",)) for i in range(8)]
+    for t in clickers:
+        t.start()
+    for t in clickers:
+        t.join()
+    winners = [who for who, r in results.items() if r == st.APPROVED]
+    assert len(winners) == 1
+    losers = [r for r in results.values() if isinstance(r, Conflict)]
+    assert len(losers) == 7 and all(f"already approved by {winners[0]}" in str(r) for r in losers)
+    assert harness.run_until(request.id, st.DONE) == st.DONE
+    assert harness.register_calls(request.id) == [1]
+    assert harness.notifier.kinds(request.id).count("approved") == 1
+
+
+def test_a_rejected_request_registers_nothing_and_later_clicks_are_told_why(harness):
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("door", 2), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    harness.workflow.reject(request.id, BOB, "wrong product")
+    harness.jobs.run_until(lambda: False, timeout=30)
+    assert harness.state(request.id) == st.REJECTED and harness.store.get(request.id).reason == "wrong product"
+    with pytest.raises(Conflict, match=f"already rejected by {BOB}"):
+        harness.workflow.approve(request.id, CAROL)
+    assert harness.platform_devices() == set() and harness.register_calls(request.id) == [0]
+    assert harness.notifier.events[-1].payload == {"by": BOB, "reason": "wrong product"}
+
+
+def test_an_unanswered_request_expires_and_cannot_be_approved_after(harness):
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("light", 2), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    expires_at = harness.store.get(request.id).expires_at
+    harness.clock.advance(3599)
+    harness.jobs.run_due()
+    assert harness.state(request.id) == st.AWAITING_APPROVAL
+    assert harness.run_until(request.id, st.EXPIRED) == st.EXPIRED
+    assert harness.clock.now() >= expires_at
+    assert harness.notifier.kinds()[-1] == "expired"
+    with pytest.raises(Conflict, match="expired"):
+        harness.workflow.approve(request.id, BOB)
+
+
+def test_a_click_that_arrives_after_the_deadline_expires_the_request_itself(harness):
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("fan", 2), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    harness.clock.advance(3601)  # the scheduler has not run yet
+    with pytest.raises(Conflict, match="expired"):
+        harness.workflow.approve(request.id, BOB)
+    assert harness.state(request.id) == st.EXPIRED
+
+
+def test_cancel_before_approval_and_not_after(harness):
+    first = harness.workflow.submit(harness.emulator.product_key, ALICE, names("tap", 2), origin="cli")
+    harness.workflow.cancel(first.id, ALICE)
+    harness.jobs.run_until(lambda: False, timeout=30)
+    assert harness.state(first.id) == st.CANCELLED and harness.platform_devices() == set()
+    second = harness.workflow.submit(harness.emulator.product_key, ALICE, names("tap2", 2), origin="cli")
+    harness.run_until(second.id, st.AWAITING_APPROVAL)
+    harness.workflow.approve(second.id, BOB)
+    with pytest.raises(Conflict):
+        harness.workflow.cancel(second.id, ALICE)
+    with pytest.raises(NotFound):
+        harness.workflow.cancel(9999, ALICE)
+
+
+def test_auto_named_devices_follow_the_same_path(harness):
+    harness.timing = Timing(poll_interval=1.0, chunk_size=10)
+    harness.start()
+    request = harness.workflow.submit_count(harness.emulator.product_key, ALICE, 25, origin="cli")
+    assert request.state == st.AWAITING_APPROVAL and [c.size for c in harness.store.chunks(request.id)] == [10, 10, 5]
+    harness.workflow.approve(request.id, BOB)
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
+    created = harness.store.devices(request.id, outcome=st.CREATED)
+    assert len(created) == 25 and {d.name for d in created} == harness.platform_devices()
+    assert harness.emulator.gateway.calls["BatchRegisterDevice"] == 3
+
+
+def test_a_share_of_failed_creations_is_reported_per_device(make_emulator, tmp_path):
+    emulator = make_emulator(create_failure_rate=0.3)
+    harness = Harness(emulator, tmp_path / "db", Timing(poll_interval=1.0))
+    request = harness.workflow.submit(emulator.product_key, ALICE, names("node", 40), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    harness.workflow.approve(request.id, BOB)
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
+    summary = harness.workflow.summary(request.id)
+    failed = harness.store.devices(request.id, outcome=st.NOT_CREATED)
+    assert summary.created + summary.failed == 40 and 0 < summary.failed < 40
+    assert {d.name for d in failed}.isdisjoint(harness.platform_devices())
+    assert all(d.reason and d.reason != "not reported as created by the platform" for d in failed)
+
+
+def test_a_check_that_never_ends_fails_with_a_clear_reason(make_emulator, tmp_path):
+    emulator = make_emulator(check_seconds=10 * 3600)
+    harness = Harness(emulator, tmp_path / "db", Timing(poll_interval=1.0, poll_max_interval=30, phase_timeout=300))
+    request = harness.workflow.submit(emulator.product_key, ALICE, names("slow", 2), origin="cli")
+    assert harness.run_until(request.id, st.FAILED) == st.FAILED
+    assert harness.store.get(request.id).reason == "the check did not finish within 5 min; gave up waiting"
+    polls = emulator.gateway.calls["QueryBatchRegisterDeviceStatus"]
+    assert 10 <= polls <= 20  # backed off: one poll a second would have been 300
+
+
+def test_an_unknown_product_fails_at_once_naming_the_product(harness):
+    request = harness.workflow.submit("a1NoSuchProd", ALICE, names("x", 2), origin="cli")
+    assert harness.run_until(request.id, st.FAILED, st.AWAITING_APPROVAL) == st.FAILED
+    assert "product a1NoSuchProd does not exist" in harness.store.get(request.id).reason
+    assert harness.notifier.events[-1].kind == "finished" and harness.notifier.events[-1].payload["reason"]
+
+
+def test_platform_faults_slow_a_request_down_but_it_completes(harness):
+    harness.emulator.gateway.faults = FaultPlan(error_rate=0.3, throttle_rate=0.2, seed=3)
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("flaky", 30), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL, st.FAILED)
+    harness.workflow.approve(request.id, BOB)
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
+    assert harness.platform_devices() == set(names("flaky", 30))
+    assert harness.register_calls(request.id) == [1]
+    assert sum(n for (action, code), n in harness.emulator.gateway.outcomes.items() if code != "Success") > 0
+
+
+def test_notifications_that_fail_are_delivered_later_in_order(harness):
+    harness.notifier.failures_left = 3
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("bell", 2), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    harness.jobs.run_until(lambda: len(harness.notifier.events) == 2, timeout=120)
+    assert harness.notifier.kinds() == ["created", "awaiting_approval"]
+
+
+# -- restarts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop_at", ["submitted", "check_sent", "awaiting_approval", "approved"])
+def test_a_restart_at_any_state_finishes_the_request_once(harness, stop_at):
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("boot", 4), origin="cli")
+    if stop_at != "submitted":
+        harness.jobs.run_due()  # the check goes out
+    if stop_at in ("awaiting_approval", "approved"):
+        harness.run_until(request.id, st.AWAITING_APPROVAL)
+    if stop_at == "approved":
+        harness.workflow.approve(request.id, BOB)  # and the process dies before the step runs
+    assert harness.restart() == 1
+    if harness.state(request.id) == st.CHECKING or stop_at == "check_sent":
+        harness.run_until(request.id, st.AWAITING_APPROVAL)
+    if harness.state(request.id) == st.AWAITING_APPROVAL:
+        harness.workflow.approve(request.id, BOB)
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
+    assert harness.register_calls(request.id) == [1]
+    assert harness.platform_devices() == set(names("boot", 4))
+    assert harness.notifier.kinds(request.id).count("finished") == 1
+
+
+def test_a_crash_after_the_register_call_left_does_not_send_it_again(harness):
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("crash", 3), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    harness.workflow.approve(request.id, BOB)
+    chunk = harness.store.chunks(request.id)[0]
+    # The process wrote its intent, sent the call, and died before storing the answer.
+    harness.store.update_chunk(request.id, 0, register_sent_at=harness.clock.now())
+    harness.client.batch_register_device_with_apply_id(harness.emulator.product_key, chunk.apply_id)
+    harness.store.transition(request.id, from_states=[st.APPROVED], to_state=st.REGISTERING, actor="iotreg", event="registering", now=harness.clock.now())
+    harness.restart()
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
+    assert harness.register_calls(request.id) == [1]
+    assert "register_confirmed" in [e.event for e in harness.store.audit(request.id)]
+
+
+def test_a_crash_before_the_register_call_left_sends_it_once(harness):
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("early", 3), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    harness.workflow.approve(request.id, BOB)
+    harness.store.update_chunk(request.id, 0, register_sent_at=harness.clock.now())  # intent, then death
+    harness.restart()
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
+    assert harness.register_calls(request.id) == [1]
+
+
+def test_an_auto_named_chunk_of_unknown_fate_is_never_sent_twice(harness):
+    request = harness.workflow.submit_count(harness.emulator.product_key, ALICE, 5, origin="cli")
+    harness.workflow.approve(request.id, BOB)
+    harness.store.update_chunk(request.id, 0, register_sent_at=harness.clock.now())
+    harness.restart()
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.FAILED
+    assert "not sent again" in harness.store.get(request.id).reason
+    assert harness.emulator.gateway.calls["BatchRegisterDevice"] == 0
+
+
+def test_the_database_is_migrated_and_reopened_with_its_data(tmp_path):
+    store = Store(tmp_path / "x.db")
+    assert store.schema_version() == ["m001_initial"]
+    store.close()
+    assert Store(tmp_path / "x.db").schema_version() == ["m001_initial"]
