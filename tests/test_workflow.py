@@ -374,3 +374,20 @@ def test_the_database_is_migrated_and_reopened_with_its_data(tmp_path):
     assert store.schema_version() == ["m001_initial"]
     store.close()
     assert Store(tmp_path / "x.db").schema_version() == ["m001_initial"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_lost_answers_to_register_calls_never_cause_a_second_registration(harness, seed):
+    """5xx answers sent after the platform acted: the workflow asks for the status instead of resending."""
+    harness.timing = Timing(poll_interval=1.0, chunk_size=3)
+    harness.start()
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names(f"lost{seed}", 9), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    harness.emulator.gateway.faults = FaultPlan(error_rate=0.5, errors_take_effect=1.0, seed=seed)
+    harness.workflow.approve(request.id, BOB)
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
+    assert harness.register_calls(request.id) == [1, 1, 1]
+    assert harness.platform_devices() == set(names(f"lost{seed}", 9))
+    lost = harness.emulator.gateway.outcomes[("BatchRegisterDeviceWithApplyId", "InternalError")] + harness.emulator.gateway.outcomes[("BatchRegisterDeviceWithApplyId", "ServiceUnavailable")]
+    confirmed = [e for e in harness.store.audit(request.id) if e.event == "register_confirmed"]
+    assert lost >= 1 and len(confirmed) == lost  # every lost answer was settled by a status query
