@@ -142,7 +142,15 @@ class Workflow:
         jobs: Jobs,
         clock: Clock,
         timing: Timing | None = None,
+        *,
+        origins: frozenset[str] | None = None,
     ) -> None:
+        """``origins``: the front ends this workflow serves ("slack", "cli"); ``None`` for all.
+
+        Each process resumes and notifies only its own requests, so the bot and the CLI can share
+        one database without delivering each other's messages.
+        """
+        self.origins = origins
         self.store = store
         self.client = client
         self.notifier = notifier
@@ -344,7 +352,7 @@ class Workflow:
 
     def resume(self) -> int:
         """At start: wake every unfinished request and the outbox. Returns how many were woken."""
-        unfinished = self.store.requests(states=st.ACTIVE_STATES, limit=100_000)
+        unfinished = self.store.requests(states=st.ACTIVE_STATES, origins=self.origins, limit=100_000)
         for request in unfinished:
             self.jobs.wake(request.id)
         self.jobs.wake_outbox()
@@ -457,7 +465,8 @@ class Workflow:
                 self.store.update_chunk(request.id, chunk.chunk_no, register_confirmed_at=self.clock.now(), status=ApplyStatus.CREATE.value)
                 self.store.record(request.id, SYSTEM, "register_confirmed", self.clock.now(), {"apply_id": chunk.apply_id, "status": status.status.value})
                 return
-        self.store.update_chunk(request.id, chunk.chunk_no, register_sent_at=self.clock.now())
+        elif not self.store.claim_register(request.id, chunk.chunk_no, self.clock.now()):
+            return  # another process claimed this call a moment ago; its outcome is looked up next step
         self.client.batch_register_device_with_apply_id(request.product_key, chunk.apply_id)
         self.store.update_chunk(request.id, chunk.chunk_no, register_confirmed_at=self.clock.now(), status=ApplyStatus.CREATE.value)
         self.store.record(request.id, SYSTEM, "register_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": chunk.apply_id})
@@ -469,7 +478,8 @@ class Workflow:
                 "reached the platform, and it is not sent again to avoid creating them twice; "
                 f"check product {request.product_key} in the IoT Platform console"
             )
-        self.store.update_chunk(request.id, chunk.chunk_no, register_sent_at=self.clock.now())
+        if not self.store.claim_register(request.id, chunk.chunk_no, self.clock.now()):
+            return
         try:
             apply_id = self.client.batch_register_device(request.product_key, chunk.size)
         except errors.IotError as exc:
@@ -511,7 +521,7 @@ class Workflow:
         with self._outbox_lock:
             now = self.clock.now()
             blocked: set[int] = set()
-            for event in self.store.pending_events():
+            for event in self.store.pending_events(self.origins):
                 if event.request_id in blocked:
                     continue
                 blocked.add(event.request_id)  # later events of a request wait for this one
@@ -527,7 +537,7 @@ class Workflow:
                 self.store.mark_delivered(event.id, self.clock.now())
                 blocked.discard(event.request_id)
                 delivered += 1
-        next_at = self.store.next_event_time()
+        next_at = self.store.next_event_time(self.origins)
         if next_at is not None:
             self.jobs.wake_outbox(next_at)
         return delivered

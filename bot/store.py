@@ -340,10 +340,19 @@ class Store:
         return Request.from_row(rows[0]) if rows else None
 
     def requests(
-        self, *, states: Iterable[str] | None = None, channel: str | None = None, limit: int = 20
+        self,
+        *,
+        states: Iterable[str] | None = None,
+        channel: str | None = None,
+        origins: Iterable[str] | None = None,
+        limit: int = 20,
     ) -> list[Request]:
-        """Newest first, optionally only in some states or from one channel."""
+        """Newest first, optionally only in some states, from one channel, or from some origins."""
         where, args = [], []
+        if origins is not None:
+            origins = list(origins)
+            where.append(f"origin IN ({', '.join('?' * len(origins))})")
+            args.extend(origins)
         if states is not None:
             states = list(states)
             where.append(f"state IN ({', '.join('?' * len(states))})")
@@ -405,6 +414,15 @@ class Store:
         values = {k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}
         with self.db.atomic() as db:
             db["chunks"].update((request_id, chunk_no), values)
+
+    def claim_register(self, request_id: int, chunk_no: int, now: datetime) -> bool:
+        """Mark a chunk's register call as about to be sent; ``False`` if someone already has."""
+        with self.db.atomic() as db:
+            cursor = db.conn.execute(
+                "UPDATE chunks SET register_sent_at = ? WHERE request_id = ? AND chunk_no = ? AND register_sent_at IS NULL",
+                [format_time(now), request_id, chunk_no],
+            )
+            return cursor.rowcount == 1
 
     def chunk_for_apply_id(self, apply_id: int) -> Chunk | None:
         rows = list(self.db["chunks"].rows_where("apply_id = ?", [apply_id]))
@@ -490,20 +508,31 @@ class Store:
             [request_id, kind, json.dumps(payload, ensure_ascii=False, default=str), stamp, stamp],
         )
 
-    def pending_events(self) -> Iterator[Event]:
-        """Every undelivered event, oldest first."""
-        rows = self.db.execute(
-            "SELECT id, request_id, kind, payload, attempts, next_at FROM outbox WHERE delivered_at IS NULL ORDER BY id"
-        ).fetchall()
+    def pending_events(self, origins: Iterable[str] | None = None) -> Iterator[Event]:
+        """Every undelivered event (of requests from ``origins``, if given), oldest first."""
+        sql = "SELECT o.id, o.request_id, o.kind, o.payload, o.attempts, o.next_at FROM outbox AS o"
+        args: list[Any] = []
+        if origins is not None:
+            origins = list(origins)
+            sql += f" JOIN requests AS r ON r.id = o.request_id AND r.origin IN ({', '.join('?' * len(origins))})"
+            args.extend(origins)
+        rows = self.db.execute(sql + " WHERE o.delivered_at IS NULL ORDER BY o.id", args).fetchall()
         for r in rows:
             yield Event(r[0], r[1], r[2], json.loads(r[3]), r[4], parse_time(r[5]))
 
-    def next_event_time(self) -> datetime | None:
+    def next_event_time(self, origins: Iterable[str] | None = None) -> datetime | None:
         """When the next event can go: the earliest among the first undelivered event of each request."""
-        row = self.db.execute(
-            "SELECT MIN(next_at) FROM outbox AS o WHERE delivered_at IS NULL AND id ="
+        sql = (
+            "SELECT MIN(o.next_at) FROM outbox AS o JOIN requests AS r ON r.id = o.request_id"
+            " WHERE o.delivered_at IS NULL AND o.id ="
             " (SELECT MIN(id) FROM outbox WHERE request_id = o.request_id AND delivered_at IS NULL)"
-        ).fetchone()
+        )
+        args: list[Any] = []
+        if origins is not None:
+            origins = list(origins)
+            sql += f" AND r.origin IN ({', '.join('?' * len(origins))})"
+            args.extend(origins)
+        row = self.db.execute(sql, args).fetchone()
         return parse_time(row[0]) if row and row[0] else None
 
     def mark_delivered(self, event_id: int, now: datetime) -> None:
