@@ -161,6 +161,32 @@ class Workflow:
         self._locks_guard = threading.Lock()
         self._outbox_lock = threading.Lock()
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        notifier: Notifier,
+        jobs: Jobs,
+        clock: Clock,
+        *,
+        origins: frozenset[str] | None = None,
+        client: IotClient | None = None,
+    ) -> Workflow:
+        """The workflow over the configured database and IoT Platform account."""
+        return cls(
+            Store(settings.db_path),
+            client or IotClient.from_settings(settings, clock=clock),
+            notifier,
+            jobs,
+            clock,
+            Timing.from_settings(settings),
+            origins=origins,
+        )
+
+    def close(self) -> None:
+        self.client.close()
+        self.store.close()
+
     # -- front-end actions --------------------------------------------------------------------
 
     def submit(

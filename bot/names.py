@@ -1,0 +1,780 @@
+"""Device lists: read what operators upload or paste, and check every name before any API call.
+
+What is read:
+
+* a CSV with a header: a ``DeviceName`` column and optionally ``DeviceNickname`` (or ``Nickname``),
+  in any order, other columns ignored. Header names match ignoring case, surrounding spaces and
+  inner spaces, ``_`` and ``-``. The delimiter, comma, semicolon or tab (Excel in some locales and
+  Excel's "Unicode text"), is sniffed from the header line;
+* one name per line: a single column without a header, or plain text, where lines starting with
+  ``#`` are comments;
+* UTF-8 with or without a BOM, UTF-16 with a BOM (or recognisably without one), any line endings.
+
+The rules are the platform's (alibaba-iot-api.md, "Parameters and limits"): a DeviceName is 4 to 32
+characters of ``A-Z a-z 0-9 - _ @ . :``; a DeviceNickname is 4 to 64 characters of Chinese or
+Japanese characters, letters, digits and ``_``, where a Chinese or Japanese character counts 2.
+
+Problems come back two ways, by what the operator has to do:
+
+* a bad line is a :class:`Rejected` in :attr:`DeviceList.rejected`, with its physical line number,
+  the value and a reason to show as is; a repeated name is rejected with the line of its first
+  occurrence, and the first one is kept;
+* a file that is not a device list at all (a workbook, an HTML page, binary, empty, too large, a CSV
+  without a DeviceName column, or no valid name anywhere) raises :class:`DeviceListError` with a
+  message to show as is.
+
+:func:`parse_pasted` checks names typed after a command or pasted into a text box the same way.
+
+Files are read as a stream of bytes, a chunk at a time: only the valid devices (the output) and the
+first ``keep_rejected`` rejections are kept, so a million-line file costs about as much memory as the
+names in it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import re
+import unicodedata
+from array import array
+from collections.abc import Iterable, Iterator, MutableSequence
+from dataclasses import dataclass, field, replace
+from itertools import chain, repeat
+from typing import Any, BinaryIO, Literal
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "KEEP_REJECTED",
+    "Device",
+    "DeviceList",
+    "DeviceListError",
+    "Rejected",
+    "nickname_length",
+    "parse_pasted",
+    "read_device_file",
+    "validate_name",
+    "validate_nickname",
+]
+
+NAME_MIN, NAME_MAX = 4, 32
+NICKNAME_MIN, NICKNAME_MAX = 4, 64
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+#: Rejections kept in detail; the rest are only counted (a file of garbage must not fill memory).
+KEEP_REJECTED = 1000
+
+#: Anything a file can be given as: its bytes, a binary file object, or chunks (an HTTP body).
+Source = bytes | bytearray | memoryview | BinaryIO | Iterable[bytes]
+
+_CHUNK = 64 * 1024
+_HEAD = 4096  # bytes looked at before deciding what a file is
+_VALUE_SHOWN = 80  # longer values are cut in Rejected.value; the reason still counts the whole
+
+_NAME_CLASS = r"[A-Za-z0-9\-_@.:]"
+_NAME_RE = re.compile(f"{_NAME_CLASS}{{{NAME_MIN},{NAME_MAX}}}")
+_NAME_CHAR_RE = re.compile(_NAME_CLASS)
+# Chinese and Japanese characters, each counting 2: the iteration mark 々 and 〇, hiragana and
+# katakana (with ー), CJK ideographs and extension A.
+_CJK = "\u3005\u3007\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+_CJK_RE = re.compile(f"[{_CJK}]")
+_NICK_CLASS = f"[A-Za-z0-9_{_CJK}]"
+_NICK_RE = re.compile(f"{_NICK_CLASS}+")
+_NICK_CHAR_RE = re.compile(_NICK_CLASS)
+_NAME_RULE = "use letters, digits and - _ @ . :"
+_NICK_RULE = "use Chinese or Japanese characters, letters, digits and _"
+
+_DELIMITERS = ("\t", ";", ",")
+_NAME_HEADER = "devicename"
+_NICK_HEADERS = ("devicenickname", "nickname")
+# A first line of a headerless list that is one of these is a column title, not a device.
+_TITLE_WORDS = frozenset(
+    {"name", "names", "device", "devices", "devicenames", "deviceid", "serial", "serialnumber", "imei"}
+)
+# Control characters no text file has (tab, line ends, form feed and DOS's end-of-file ^Z aside).
+_CONTROL_RE = re.compile("[\x00-\x08\x0e-\x19\x1b-\x1f]")
+_CONTROL_BYTES_RE = re.compile(b"[\x00-\x08\x0e-\x19\x1b-\x1f]")
+_NEWLINE_RE = re.compile(r"\r\n|\r|\n")
+_PASTE_SEPARATORS = re.compile(r"[\s,;\uff0c\uff1b\u3001]+")  # also full-width ， ； and 、
+
+
+class DeviceListError(ValueError):
+    """The file or text is not a usable device list. The message says why and what to do.
+
+    ``rejected`` holds the first rejected lines when the list had lines but no valid name.
+    """
+
+    def __init__(self, message: str, rejected: Iterable[Rejected] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.rejected = list(rejected)
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A device to register: a valid DeviceName and, when given, a valid nickname."""
+
+    name: str
+    nickname: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A value that cannot be registered, where it was, and why (a reason to show as is).
+
+    ``line`` is the 1-based physical line of the file or text. Pasted text sets ``item``, the
+    value's position on its line, when a line holds several values, and leaves ``line`` None when
+    the whole text is one line (a command's arguments).
+    """
+
+    line: int | None
+    value: str
+    reason: str
+    item: int | None = None
+
+    @property
+    def where(self) -> str:
+        """``line 3``, ``line 3, item 2`` or ``item 2``."""
+        return _where(self.line, self.item)
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.value!r}: {self.reason}"
+
+
+@dataclass
+class DeviceList:
+    """The outcome of reading a device list.
+
+    ``devices`` are the valid names in file order, each once. ``rejected`` holds the first
+    :data:`KEEP_REJECTED` rejected lines in order; ``rejected_count`` counts them all, repeated
+    names included; ``duplicates`` counts the repeats alone. ``lines_read`` is the number of
+    physical lines, ``format`` ``"csv"`` for a file with a header, ``"text"`` for one name a line.
+    """
+
+    devices: list[Device]
+    rejected: list[Rejected] = field(default_factory=list)
+    rejected_count: int = 0
+    duplicates: int = 0
+    lines_read: int = 0
+    format: Literal["csv", "text"] = "text"
+
+
+# --- rules -----------------------------------------------------------------------------------
+
+
+def validate_name(name: str) -> str | None:
+    """Why ``name`` cannot be a DeviceName, or None when it can."""
+    if _NAME_RE.fullmatch(name):
+        return None
+    bad = _bad_characters(name, _NAME_CHAR_RE, _NAME_RULE)
+    if bad:
+        return bad
+    return _length_problem("", len(name), NAME_MIN, NAME_MAX, " characters")
+
+
+def validate_nickname(nickname: str) -> str | None:
+    """Why ``nickname`` cannot be a DeviceNickname, or None when it can."""
+    if not nickname.isascii():
+        nickname = unicodedata.normalize("NFC", nickname)
+    if not _NICK_RE.fullmatch(nickname):
+        bad = _bad_characters(nickname, _NICK_CHAR_RE, _NICK_RULE, " in a nickname")
+        if bad:
+            return bad
+    unit = " characters" if nickname.isascii() else " (Chinese and Japanese characters count 2)"
+    return _length_problem("nickname ", nickname_length(nickname), NICKNAME_MIN, NICKNAME_MAX, unit)
+
+
+def nickname_length(nickname: str) -> int:
+    """The length the platform counts: a Chinese or Japanese character counts 2."""
+    if nickname.isascii():
+        return len(nickname)
+    return len(nickname) + len(_CJK_RE.findall(nickname))
+
+
+def _length_problem(what: str, n: int, low: int, high: int, unit: str) -> str | None:
+    if n == 0:
+        return f"{what or 'name '}is empty"
+    if n < low:
+        if n == 1 and unit == " characters":
+            unit = " character"
+        return f"{what}too short: {n}{unit}, at least {low}"
+    if n > high:
+        return f"{what}too long: {n}{unit}, at most {high}"
+    return None
+
+
+def _bad_characters(value: str, allowed: re.Pattern[str], rule: str, where: str = "") -> str:
+    """``'#' is not allowed: <rule>``, ``'=', a space and '!' are not allowed: <rule>``, or "" when
+    every character is allowed."""
+    seen: dict[str, None] = {}
+    for char in value:
+        if not allowed.match(char):
+            seen.setdefault(char)
+    if not seen:
+        return ""
+    shown = [_describe_character(c) for c in list(seen)[:3]]
+    if len(seen) > 3:
+        shown.append(f"{len(seen) - 3} more")
+    listed = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+    if all(_is_full_width(c, allowed) for c in seen):
+        # Typed with a Chinese or Japanese input method on: say so, it is not obvious on screen.
+        return f"full-width characters are not allowed{where} ({listed}): type them half-width"
+    return f"{listed} {'is' if len(seen) == 1 else 'are'} not allowed{where}: {rule}"
+
+
+def _describe_character(char: str) -> str:
+    if char == " ":
+        return "a space"
+    if char == "\t":
+        return "a tab"
+    if not char.isprintable() or char.isspace():
+        return f"an invisible character (U+{ord(char):04X})"
+    return f'"{char}"' if char == "'" else f"'{char}'"
+
+
+def _is_full_width(char: str, allowed: re.Pattern[str]) -> bool:
+    if unicodedata.east_asian_width(char) != "F":
+        return False
+    return bool(allowed.match(unicodedata.normalize("NFKC", char)))
+
+
+def _where(line: int | None, item: int | None) -> str:
+    if item is None:
+        return f"line {line}"
+    if line is None:
+        return f"item {item}"
+    return f"line {line}, item {item}"
+
+
+def _where_of(place: int | tuple[int | None, int | None]) -> str:
+    return _where(*place) if isinstance(place, tuple) else _where(place, None)
+
+
+class _Collector:
+    """Checks values, keeps the valid ones once each (the first time) and the first rejections.
+
+    Sized for a million names: while reading it keeps the names in a list and a set (for repeats)
+    and where each came from in a compact array; the set goes before the :class:`Device` objects
+    are made, at the end. The line of a repeat's first occurrence is looked up then too, and only
+    for the repeats whose rejection is kept.
+    """
+
+    def __init__(self, keep_rejected: int, *, pasted: bool = False) -> None:
+        self.rejected: list[Rejected] = []
+        self.rejected_count = 0
+        self.duplicates = 0
+        self._keep = keep_rejected
+        self._names: list[str] = []
+        self._nicknames: list[str | None] | None = None  # beside _names, from the first nickname on
+        self._seen: set[str] = set()
+        # Where _names[i] came from: a line number, or (line, item) for pasted text.
+        self._places: MutableSequence[Any] = [] if pasted else array("I")
+        self._repeats: list[tuple[int, str]] = []  # (index in rejected, name) to complete at the end
+
+    def add(self, name: str, nickname: str | None, line: int | None, item: int | None = None) -> None:
+        """Check one value (and its nickname) found at ``line``/``item``."""
+        if not _NAME_RE.fullmatch(name):
+            # Past the rejections kept in detail, counting is enough: skip working out why.
+            self.reject(name, (validate_name(name) or "") if self._room() else "", line, item)
+            return
+        if len(name) == len(_NAME_HEADER) and name.lower() == _NAME_HEADER:
+            self.reject(name, "this is a header line, not a device: delete the line", line, item)
+            return
+        if nickname is not None:
+            if not nickname.isascii():
+                nickname = unicodedata.normalize("NFC", nickname)
+            reason = validate_nickname(nickname)
+            if reason is not None:
+                self.reject(nickname, reason, line, item)
+                return
+        if name in self._seen:
+            self.duplicates += 1
+            if self.reject(name, "duplicate", line, item):
+                self._repeats.append((len(self.rejected) - 1, name))
+            return
+        self._seen.add(name)
+        self._places.append(line if item is None else (line, item))
+        if nickname is not None or self._nicknames is not None:
+            self._nicknames_so_far().append(nickname)
+        self._names.append(name)
+
+    def extend(self, names: list[str], nicknames: list[str | None] | None, lines: Iterable[int]) -> bool:
+        """Add names known to be valid (with valid nicknames) unless one is a repeat.
+
+        Returns False, having added nothing, when a name repeats: the caller then goes line by line.
+        """
+        fresh = set(names)
+        if len(fresh) != len(names) or not self._seen.isdisjoint(fresh):
+            return False
+        self._seen |= fresh
+        self._places.extend(lines)
+        if nicknames is not None and any(nicknames):
+            self._nicknames_so_far().extend(nicknames)
+        elif self._nicknames is not None:
+            self._nicknames.extend([None] * len(names))
+        self._names.extend(names)
+        return True
+
+    def _nicknames_so_far(self) -> list[str | None]:
+        if self._nicknames is None:
+            self._nicknames = [None] * len(self._names)
+        return self._nicknames
+
+    def _devices(self) -> list[Device]:
+        """The devices, made a slice at a time while the list of names is emptied."""
+        names, nicknames = self._names, self._nicknames
+        self._names, self._nicknames, self._places = [], None, []
+        devices: list[Device] = []
+        step = 1 << 16
+        while names:
+            devices.extend(map(Device, names[:step], nicknames[:step] if nicknames else repeat(None)))
+            del names[:step]
+            if nicknames:
+                del nicknames[:step]
+        return devices
+
+    def _room(self) -> bool:
+        return len(self.rejected) < self._keep
+
+    def reject(self, value: str, reason: str, line: int | None, item: int | None = None) -> bool:
+        """Count a rejection; True when it is kept in detail."""
+        self.rejected_count += 1
+        if not self._room():
+            return False
+        if len(value) > _VALUE_SHOWN:
+            value = value[: _VALUE_SHOWN - 1] + "…"
+        self.rejected.append(Rejected(line, value, reason, item))
+        return True
+
+    def result(self, lines_read: int, format: Literal["csv", "text"], empty_message: str) -> DeviceList:
+        """The outcome; raises :class:`DeviceListError` when no name is valid."""
+        if self._repeats:
+            wanted = {name for _, name in self._repeats}
+            first = {name: place for name, place in zip(self._names, self._places) if name in wanted}
+            for index, name in self._repeats:
+                self.rejected[index] = replace(
+                    self.rejected[index], reason=f"duplicate of {_where_of(first[name])}"
+                )
+        if not self._names:
+            if not self.rejected_count:
+                raise DeviceListError(empty_message)
+            raise DeviceListError(_nothing_valid(self.rejected, self.rejected_count), self.rejected)
+        self._seen = set()  # free it before making the devices, when memory peaks
+        devices = self._devices()
+        return DeviceList(
+            devices=devices,
+            rejected=self.rejected,
+            rejected_count=self.rejected_count,
+            duplicates=self.duplicates,
+            lines_read=lines_read,
+            format=format,
+        )
+
+
+def _nothing_valid(rejected: list[Rejected], count: int) -> str:
+    first = "; ".join(str(r) for r in rejected[:3])
+    more = "; …" if count > 3 else ""
+    return f"no valid device names ({count} rejected: {first}{more})"
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def read_device_file(
+    data: Source,
+    *,
+    filename: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    keep_rejected: int = KEEP_REJECTED,
+) -> DeviceList:
+    """Read and check a device list from its bytes, a binary file object or an iterable of chunks.
+
+    ``filename`` only names the file in messages. Raises :class:`DeviceListError` when the whole
+    file must be refused, including when it is larger than ``max_bytes`` (counted while reading,
+    so an endless stream is refused too) or has no valid name.
+    """
+    subject = _Subject(filename)
+    reader = _LineReader(_chunks(data, max_bytes, subject), subject)
+    try:
+        return _read_lines(reader, subject, keep_rejected)
+    finally:
+        reader.close()
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """How messages call the file: by its name when known."""
+
+    filename: str | None
+
+    @property
+    def this(self) -> str:  # "this is an HTML page"
+        return self.filename or "this"
+
+    def __str__(self) -> str:  # "this file is empty"
+        return self.filename or "this file"
+
+
+def _chunks(data: Source, max_bytes: int, subject: _Subject) -> Iterator[bytes]:
+    too_large = f"{subject} is larger than {_size(max_bytes)}: split the list into smaller files"
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data).cast("B")
+        if view.nbytes > max_bytes:
+            raise DeviceListError(too_large)
+        for start in range(0, view.nbytes, _CHUNK):
+            yield bytes(view[start : start + _CHUNK])
+        return
+    if isinstance(data, str):
+        raise TypeError("read_device_file() needs bytes; use parse_pasted() for text")
+    read = getattr(data, "read", None)
+    source: Iterable[bytes] = iter(lambda: read(_CHUNK), b"") if read else data  # type: ignore[misc]
+    total = 0
+    for chunk in source:
+        if isinstance(chunk, str):
+            raise TypeError("read_device_file() needs bytes: open the file in binary mode")
+        if not chunk:
+            continue
+        total += len(chunk)
+        if total > max_bytes:
+            raise DeviceListError(too_large)
+        yield bytes(chunk)
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("MB", 1024 * 1024), ("KB", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} bytes"
+
+
+class _LineReader:
+    """Decodes chunks into batches of physical lines (split at CR, LF or CRLF), after checking that
+    the file is text at all. ``count`` is the number of lines handed out so far."""
+
+    def __init__(self, chunks: Iterator[bytes], subject: _Subject) -> None:
+        self._chunks = chunks
+        self._subject = subject
+        self._encoding = "utf-8"
+        self.count = 0
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close:
+            close()
+
+    def __iter__(self) -> Iterator[list[str]]:
+        head = b""
+        for chunk in self._chunks:  # gather enough to recognise the file, even from tiny chunks
+            head += chunk
+            if len(head) >= _HEAD:
+                break
+        if not head:
+            raise DeviceListError(f"{self._subject} is empty")
+        self._encoding, head = self._sniff(head)
+        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder(self._encoding)(), translate=True)
+        tail = ""
+        checked = False
+        for chunk in chain((head,), self._chunks):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise self._undecodable(decoder, chunk, tail, exc) from None
+            if not checked and text:
+                self._check_start(text)
+                checked = True
+            if "\x00" in text:
+                raise DeviceListError(self._binary())
+            lines = (tail + text).split("\n")
+            tail = lines.pop()
+            if lines:
+                self.count += len(lines)
+                yield lines
+        try:
+            text = tail + decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:  # the file ends in the middle of a character
+            raise self._undecodable(decoder, b"", tail, exc) from None
+        if not checked:
+            self._check_start(text)
+        if "\x00" in text:
+            raise DeviceListError(self._binary())
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        if lines:
+            self.count += len(lines)
+            yield lines
+
+    def _sniff(self, head: bytes) -> tuple[str, bytes]:
+        """The encoding, and the head without its BOM; refuse what is plainly not text."""
+        this = self._subject.this
+        if head.startswith(b"PK\x03\x04"):
+            raise DeviceListError(f"{this} looks like an Excel workbook or a zip file: save it as CSV")
+        if head.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
+            raise DeviceListError(f"{this} looks like an old Excel workbook (.xls): save it as CSV")
+        if head.startswith(codecs.BOM_UTF8):
+            return "utf-8", head[3:]
+        if head.startswith(codecs.BOM_UTF16_LE):
+            return "utf-16-le", head[2:]
+        if head.startswith(codecs.BOM_UTF16_BE):
+            return "utf-16-be", head[2:]
+        if b"\x00" in head:
+            # UTF-16 without a BOM: in text of ASCII characters every other byte is zero.
+            even, odd = head[0:256:2], head[1:256:2]
+            if len(head) >= 8 and not odd.strip(b"\x00") and b"\x00" not in even:
+                return "utf-16-le", head
+            if len(head) >= 8 and not even.strip(b"\x00") and b"\x00" not in odd:
+                return "utf-16-be", head
+            raise DeviceListError(self._binary())
+        if _CONTROL_BYTES_RE.search(head):
+            raise DeviceListError(self._binary())
+        return "utf-8", head
+
+    def _check_start(self, text: str) -> None:
+        start = text[:_HEAD].lower()
+        # Slack answers a download it does not authorise with its sign-in page.
+        if "<!doctype html" in start or "<html" in start:
+            raise DeviceListError(f"{self._subject.this} is an HTML page, not a device list")
+        if _CONTROL_RE.search(start):
+            raise DeviceListError(self._binary())
+
+    def _binary(self) -> str:
+        return f"{self._subject.this} is a binary file, not a device list: upload a CSV or a text file"
+
+    def _undecodable(
+        self, decoder: io.IncrementalNewlineDecoder, chunk: bytes, tail: str, exc: UnicodeDecodeError
+    ) -> DeviceListError:
+        # The decoder still holds the bytes it kept from the last chunk: with this chunk, they lead
+        # up to the bad byte at exc.start.
+        pending = decoder.getstate()[0]
+        good = (pending + chunk)[: exc.start].decode(self._encoding, "replace")
+        line = self.count + len(_NEWLINE_RE.findall(tail + good)) + 1
+        label = "UTF-8" if self._encoding == "utf-8" else "UTF-16"
+        return DeviceListError(
+            f"line {line} of {self._subject} is not {label} text: save the list as "
+            '"CSV UTF-8" (in Excel: Save As, CSV UTF-8) or as UTF-8 text'
+        )
+
+
+def _read_lines(reader: _LineReader, subject: _Subject, keep: int) -> DeviceList:
+    collector = _Collector(keep)
+    batches = iter(reader)
+    # Blank lines and comments may come before the header or the first name.
+    first, line_no, only_comments, rest = "", 0, False, []
+    for lines in batches:
+        for index, raw in enumerate(lines):
+            first = raw.strip()
+            if first and not first.startswith("#"):
+                line_no = reader.count - len(lines) + index + 1
+                rest = lines[index + 1 :]
+                break
+            only_comments = only_comments or bool(first)
+        else:
+            continue
+        break
+    else:
+        raise DeviceListError(
+            f"{subject} has no device names, only comments" if only_comments else f"{subject} is empty"
+        )
+    more = chain((rest,), batches)
+
+    delimiter, cells = _sniff_header(first)
+    keys = [_header_key(c) for c in cells]
+    if _NAME_HEADER in keys:
+        name_at = keys.index(_NAME_HEADER)
+        nick_at = next((keys.index(k) for k in _NICK_HEADERS if k in keys), None)
+        if delimiter is None:
+            _read_one_a_line(more, line_no + 1, collector, comments=False)
+        else:
+            _read_csv_rows(more, line_no + 1, collector, delimiter, name_at, nick_at)
+        return collector.result(reader.count, "csv", f"{subject} has a header but no device names")
+    if delimiter is not None or keys[0] in _NICK_HEADERS:
+        found = ", ".join(repr(c.strip()) for c in cells if c.strip())
+        raise DeviceListError(
+            f"{subject} has no DeviceName column (the first line has {found}): put the device names "
+            'in a column titled "DeviceName" (and nicknames in "DeviceNickname"), or list one name a line'
+        )
+    # One name a line without a header: this first line is a name already.
+    if keys[0] in _TITLE_WORDS:
+        reason = 'looks like a column title: title the column "DeviceName" or delete the line'
+        collector.reject(first, reason, line_no)
+    else:
+        collector.add(_unquote(first), None, line_no)
+    _read_one_a_line(more, line_no + 1, collector, comments=True)
+    return collector.result(reader.count, "text", f"{subject} has no device names")
+
+
+def _sniff_header(line: str) -> tuple[str | None, list[str]]:
+    """The delimiter and the cells of the first line; None when it has no delimiter at all."""
+    present = [d for d in _DELIMITERS if d in line]
+    split = {d: _split(line, d) for d in present}
+    for d, cells in split.items():
+        if _NAME_HEADER in (_header_key(c) for c in cells):
+            return d, cells
+    if not present:
+        return None, [line]
+    busiest = max(present, key=line.count)
+    return busiest, split[busiest]
+
+
+def _header_key(cell: str) -> str:
+    return re.sub(r"[\s_\-]", "", cell).lower()
+
+
+def _split(line: str, delimiter: str) -> list[str]:
+    if '"' not in line:
+        return line.split(delimiter)
+    try:
+        return next(csv.reader((line,), delimiter=delimiter, skipinitialspace=True, strict=False))
+    except csv.Error:  # a quoted value over the csv module's field size limit
+        return line.split(delimiter)
+
+
+def _unquote(value: str) -> str:
+    """``"name"`` as a spreadsheet quotes a lone value, without the quotes."""
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        return value[1:-1].replace('""', '"').strip()
+    return value
+
+
+# The fast paths below check a whole batch of lines with one regular expression, and fall back to
+# going line by line (the reference behaviour) for a batch with anything unusual in it: a bad name,
+# a repeat, a quote, whitespace other than spaces and tabs, a header word. They only ever accept
+# lines the line-by-line code would accept the same way.
+_PLAIN_NAMES_RE = re.compile(rf"(?:{_NAME_RE.pattern}\n)*{_NAME_RE.pattern}")
+_ONE_A_LINE_RE = re.compile(rf"^[ \t]*(?:({_NAME_RE.pattern})[ \t]*|)$", re.M)
+_ONE_A_LINE_COMMENTS_RE = re.compile(rf"^[ \t]*(?:({_NAME_RE.pattern})[ \t]*|#.*|)$", re.M)
+
+
+def _read_one_a_line(
+    batches: Iterable[list[str]], line_no: int, collector: _Collector, *, comments: bool
+) -> None:
+    pattern = _ONE_A_LINE_COMMENTS_RE if comments else _ONE_A_LINE_RE
+    for lines in batches:
+        start, line_no = line_no, line_no + len(lines)
+        joined = "\n".join(lines)
+        if _NAME_HEADER not in joined.lower():
+            # Most often every line is a name and nothing else: then the lines are the names.
+            names = lines if _PLAIN_NAMES_RE.fullmatch(joined) else pattern.findall(joined)
+            if len(names) == len(lines):
+                if "" not in names:
+                    if collector.extend(names, None, range(start, line_no)):
+                        continue
+                else:
+                    kept = [(n, i) for i, n in enumerate(names, start) if n]
+                    if collector.extend([n for n, _ in kept], None, (i for _, i in kept)):
+                        continue
+        add = collector.add
+        for number, raw in enumerate(lines, start):
+            value = raw.strip()
+            if not value or (comments and value[0] == "#"):
+                continue
+            if value[0] == '"':
+                value = _unquote(value)
+            add(value, None, number)
+
+
+_SAFE_NICKNAME_LENGTHS = frozenset({0, *range(NICKNAME_MIN, NICKNAME_MAX // 2 + 1)})
+
+
+def _csv_row_pattern(delimiter: str, name_at: int, nick_at: int | None) -> re.Pattern[str]:
+    d = re.escape(delimiter)
+    fields = []
+    for at in range(max(name_at, -1 if nick_at is None else nick_at) + 1):
+        if at == name_at:
+            fields.append(rf"[ \t]*(?P<name>{_NAME_RE.pattern})[ \t]*")
+        elif at == nick_at:
+            fields.append(rf"[ \t]*(?P<nick>{_NICK_CLASS}{{0,{NICKNAME_MAX}}})[ \t]*")
+        else:
+            fields.append(rf"[^{d}\n]*")
+    row = d.join(fields) + rf"(?:{d}[^\n]*)?"
+    return re.compile(rf"^(?:{row}|[ \t{d}]*)$", re.M)
+
+
+def _read_csv_rows(
+    batches: Iterable[list[str]],
+    line_no: int,
+    collector: _Collector,
+    delimiter: str,
+    name_at: int,
+    nick_at: int | None,
+) -> None:
+    pattern = _csv_row_pattern(delimiter, name_at, nick_at)
+    nick_first = nick_at is not None and nick_at < name_at
+    for lines in batches:
+        start, line_no = line_no, line_no + len(lines)
+        if _csv_batch(lines, start, collector, pattern, nick_at is not None, nick_first):
+            continue
+        for number, raw in enumerate(lines, start):
+            cells = raw.split(delimiter) if '"' not in raw else _split(raw, delimiter)
+            name = cells[name_at].strip() if name_at < len(cells) else ""
+            nickname = cells[nick_at].strip() if nick_at is not None and nick_at < len(cells) else ""
+            if name:
+                collector.add(name, nickname or None, number)
+            elif any(c.strip() for c in cells):
+                collector.reject(raw.strip(), "no DeviceName on this line", number)
+
+
+def _csv_batch(
+    lines: list[str],
+    start: int,
+    collector: _Collector,
+    pattern: re.Pattern[str],
+    nicks: bool,
+    nick_first: bool,
+) -> bool:
+    """Take a batch of CSV rows in one go when every row is plainly fine; False to go row by row."""
+    joined = "\n".join(lines)
+    if '"' in joined or _NAME_HEADER in joined.lower():
+        return False
+    if not joined.isascii() and not unicodedata.is_normalized("NFC", joined):
+        return False
+    rows = pattern.findall(joined)
+    if len(rows) != len(lines):
+        return False
+    if not nicks:
+        names, nicknames = rows, None
+    else:
+        names, nicks_found = map(list, zip(*rows))
+        if nick_first:
+            names, nicks_found = nicks_found, names
+        # Nicknames of 4 to 32 characters are within the limits however many characters count 2.
+        if not set(map(len, nicks_found)) <= _SAFE_NICKNAME_LENGTHS and any(
+            not NICKNAME_MIN <= nickname_length(k) <= NICKNAME_MAX for k in nicks_found if k
+        ):
+            return False
+        nicknames = [k or None for k in nicks_found]
+    if "" not in names:
+        return collector.extend(names, nicknames, range(start, start + len(lines)))
+    kept = [i for i, n in enumerate(names) if n]
+    return collector.extend(
+        [names[i] for i in kept],
+        None if nicknames is None else [nicknames[i] for i in kept],
+        (start + i for i in kept),
+    )
+
+
+# --- pasted text -----------------------------------------------------------------------------
+
+
+def parse_pasted(text: str, *, keep_rejected: int = KEEP_REJECTED) -> DeviceList:
+    """Check names typed after a command or pasted into a text box.
+
+    Names are separated by spaces, commas, semicolons or new lines; lines starting with ``#`` are
+    comments. A rejection names its line, and its item when a line holds several names (only the
+    item when everything is on one line). Raises :class:`DeviceListError` when no name is valid.
+    """
+    lines = _NEWLINE_RE.split(text)
+    if lines and lines[-1] == "":
+        lines.pop()
+    filled = [raw for raw in lines if raw.strip() and not raw.strip().startswith("#")]
+    one_line = len(filled) == 1
+    collector = _Collector(keep_rejected, pasted=True)
+    for line_no, raw in enumerate(lines, 1):
+        if raw.strip().startswith("#"):
+            continue
+        values = [v for v in _PASTE_SEPARATORS.split(raw) if v]
+        for item, value in enumerate(values, 1):
+            if one_line:
+                collector.add(value, None, None, item)
+            else:
+                collector.add(value, None, line_no, item if len(values) > 1 else None)
+    return collector.result(len(lines), "text", "no device names given")
