@@ -19,7 +19,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
+from datetime import timedelta
+
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, JobEvent, JobExecutionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -57,6 +59,7 @@ class SchedulerJobs:
             timezone=timezone.utc,
         )
         self.scheduler.add_listener(self._on_error, EVENT_JOB_ERROR)
+        self.scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES)
 
     def bind(self, workflow: Workflow) -> None:
         self.workflow = workflow
@@ -78,9 +81,19 @@ class SchedulerJobs:
         at = at or datetime.now(timezone.utc)
         with self._lock:
             job = self.scheduler.get_job(job_id)
-            if job is not None and job.next_run_time is not None and job.next_run_time <= at:
+            # Before start() a job has no next_run_time attribute at all (APScheduler 3.x).
+            next_run = getattr(job, "next_run_time", None)
+            if next_run is not None and next_run <= at:
                 return
             self.scheduler.add_job(func, "date", run_date=at, args=args, id=job_id, replace_existing=True)
+
+    def _on_skipped(self, event: JobEvent) -> None:
+        """A wake that came while two steps of its request were already running: try again shortly."""
+        later = datetime.now(timezone.utc) + timedelta(seconds=1)
+        if event.job_id == OUTBOX:
+            self.wake_outbox(later)
+        elif event.job_id.startswith("request-"):
+            self.wake(int(event.job_id.removeprefix("request-")), later)
 
     @staticmethod
     def _on_error(event: JobExecutionEvent) -> None:

@@ -38,7 +38,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -53,6 +56,9 @@ from bot.store import Event, Request, Store
 log = logging.getLogger(__name__)
 
 SYSTEM = "iotreg"  # the actor of automatic steps in the audit trail
+CREATE_FINAL = frozenset({ApplyStatus.CREATE_SUCCESS.value, ApplyStatus.CREATE_FAILED.value})
+#: A chunk status of our own: its register call may or may not have reached the platform.
+UNKNOWN = "UNKNOWN"
 
 
 class Notifier(Protocol):
@@ -99,6 +105,9 @@ class Timing:
     approval_ttl: float = 24 * 3600.0
     max_errors: int = 3
     chunk_size: int = 10_000
+    #: How long another process's register call may be in flight before it counts as crashed:
+    #: longer than the client can spend on one call (IOT_RETRY_DEADLINE plus IOT_TIMEOUT).
+    claim_lease: float = 120.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Timing:
@@ -108,6 +117,7 @@ class Timing:
             phase_timeout=settings.poll_timeout,
             approval_ttl=settings.approval_ttl,
             chunk_size=min(settings.chunk_size, MAX_COUNT_PER_REGISTER),
+            claim_lease=settings.retry_deadline + settings.timeout * 2 + 30,
         )
 
     def next_poll(self, polls: int) -> float:
@@ -151,6 +161,7 @@ class Workflow:
         one database without delivering each other's messages.
         """
         self.origins = origins
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.store = store
         self.client = client
         self.notifier = notifier
@@ -370,7 +381,8 @@ class Workflow:
         """
         request = self._get(request_id)
         for chunk in self.store.chunks(request_id):
-            if chunk.apply_id and chunk.status in (ApplyStatus.CREATE_SUCCESS, ApplyStatus.CREATE_FAILED):
+            # Every chunk the platform took: even one iotreg gave up waiting for may have devices.
+            if chunk.apply_id and chunk.register_confirmed_at is not None:
                 for device in self.client.iter_devices_by_apply_id(chunk.apply_id):
                     yield request.product_key, device.name, device.device_secret, device.iot_id
 
@@ -394,10 +406,16 @@ class Workflow:
                 self._step(request)
             except errors.IotError as exc:
                 self._api_error(request, exc)
-            request = self._get(request_id)
-            if not request.final:
-                self.jobs.wake(request_id, self._next_wake(request))
-        self.jobs.wake_outbox()
+            except Exception:
+                # Not the platform's refusal but a fault of ours or of the wire: back off, keep
+                # the request scheduled, and let the job's error listener report it.
+                self.store.update_request(request_id, polls=request.polls + 1)
+                raise
+            finally:
+                request = self.store.get(request_id)
+                if request is not None and not request.final:
+                    self.jobs.wake(request_id, self._next_wake(request))
+                self.jobs.wake_outbox()
 
     def _step(self, request: Request) -> None:
         if self._phase_overdue(request):
@@ -454,69 +472,127 @@ class Workflow:
 
     def _advance_register(self, request: Request) -> None:
         for chunk in self.store.chunks(request.id):
-            if chunk.register_confirmed_at is None:
+            if chunk.register_confirmed_at is None and chunk.status != UNKNOWN:
                 if request.kind == "names":
                     self._register_checked_chunk(request, chunk)
                 else:
                     self._register_counted_chunk(request, chunk)
         progressed = False
         for chunk in self.store.chunks(request.id):
-            if chunk.status == ApplyStatus.CREATE:
+            if chunk.register_confirmed_at is not None and chunk.status not in CREATE_FINAL:
                 status = self.client.query_batch_register_device_status(request.product_key, chunk.apply_id)
-                if not status.status.running:
+                # Only CREATE_* is final here: a platform that still says CHECK_SUCCESS just after
+                # the register call has not started creating yet.
+                if status.status in CREATE_FINAL:
                     # Outcomes first, status after: a crash in between only repeats the collection.
                     self._collect(request, chunk, status)
                     self.store.update_chunk(request.id, chunk.chunk_no, status=status.status.value)
                     progressed = True
         self._reset_errors(request)
         chunks = self.store.chunks(request.id)
-        done = [c for c in chunks if c.status in (ApplyStatus.CREATE_SUCCESS, ApplyStatus.CREATE_FAILED)]
-        if progressed and len(done) < len(chunks):
-            self.store.enqueue(request.id, "progress", {"chunks_done": len(done), "chunks": len(chunks)}, self.clock.now())
-        if len(done) < len(chunks):
+        settled = [c for c in chunks if c.status in CREATE_FINAL or c.status == UNKNOWN]
+        if len(settled) < len(chunks):
+            if progressed:
+                self.store.enqueue(request.id, "progress", {"chunks_done": len(settled), "chunks": len(chunks)}, self.clock.now())
             self.store.update_request(request.id, polls=request.polls + 1)
             return
+        unknown = [c for c in chunks if c.status == UNKNOWN]
         counts = self.store.outcome_counts(request.id)
-        created = counts.get(st.CREATED, 0)
-        if created:
+        if unknown:
+            self._fail(request, "; ".join(c.error or "" for c in unknown))
+        elif counts.get(st.CREATED, 0):
             self._transition(request, st.REGISTERING, st.DONE, "registered", detail=counts, notify=("finished", {}))
         else:
             self._fail(request, "the platform created none of the devices")
 
+    def _claim(self, request: Request, chunk: st.Chunk) -> str:
+        """Whose turn it is to act on a chunk's register call: "send", "resolve" or "wait".
+
+        "resolve" means a call went out earlier and its effect is unknown: ours (an answer that
+        settled nothing) or a crashed process's (its lease ran out).
+        """
+        now = self.clock.now()
+        if chunk.register_sent_at is None:
+            return "send" if self.store.claim_register(request.id, chunk.chunk_no, self.owner, now) else "wait"
+        if chunk.claimed_by == self.owner:
+            return "resolve"
+        if (now - chunk.register_sent_at).total_seconds() < self.timing.claim_lease and _may_be_alive(chunk.claimed_by):
+            return "wait"  # another process may have the call in flight
+        return "resolve"
+
     def _register_checked_chunk(self, request: Request, chunk: st.Chunk) -> None:
-        if chunk.register_sent_at is not None:
-            # Sent before, outcome unknown (a crash, a timeout): ask the platform what happened.
+        turn = self._claim(request, chunk)
+        if turn == "wait":
+            return
+        if turn == "resolve":
+            # Sent before, outcome unknown: ask the platform what happened before sending anything.
             status = self.client.query_batch_register_device_status(request.product_key, chunk.apply_id)
             if status.status != ApplyStatus.CHECK_SUCCESS:
                 self.store.update_chunk(request.id, chunk.chunk_no, register_confirmed_at=self.clock.now(), status=ApplyStatus.CREATE.value)
                 self.store.record(request.id, SYSTEM, "register_confirmed", self.clock.now(), {"apply_id": chunk.apply_id, "status": status.status.value})
                 return
-        elif not self.store.claim_register(request.id, chunk.chunk_no, self.clock.now()):
-            return  # another process claimed this call a moment ago; its outcome is looked up next step
+            if not self.store.claim_register(request.id, chunk.chunk_no, self.owner, self.clock.now(), replacing=chunk.register_sent_at):
+                return  # someone else took it over at the same moment
         self.client.batch_register_device_with_apply_id(request.product_key, chunk.apply_id)
         self.store.update_chunk(request.id, chunk.chunk_no, register_confirmed_at=self.clock.now(), status=ApplyStatus.CREATE.value)
         self.store.record(request.id, SYSTEM, "register_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": chunk.apply_id})
 
     def _register_counted_chunk(self, request: Request, chunk: st.Chunk) -> None:
-        if chunk.register_sent_at is not None:
-            raise _Uncertain(
-                f"the call to create {chunk.size} device(s) (part {chunk.chunk_no + 1}) may or may not have "
+        turn = self._claim(request, chunk)
+        if turn == "wait":
+            return
+        if turn == "resolve":
+            # No ApplyId to look up, and sending again could create a second batch: never resend.
+            reason = (
+                f"the call to create {chunk.size:,} device(s) (part {chunk.chunk_no + 1}) may or may not have "
                 "reached the platform, and it is not sent again to avoid creating them twice; "
                 f"check product {request.product_key} in the IoT Platform console"
             )
-        if not self.store.claim_register(request.id, chunk.chunk_no, self.clock.now()):
+            self.store.update_chunk(request.id, chunk.chunk_no, status=UNKNOWN, error=reason)
+            self.store.record(request.id, SYSTEM, "register_unknown", self.clock.now(), {"chunk": chunk.chunk_no})
             return
         try:
             apply_id = self.client.batch_register_device(request.product_key, chunk.size)
         except errors.IotError as exc:
             if not exc.may_have_taken_effect:
                 # The platform did not act on it (refused, throttled, rejected): safe to try later.
-                self.store.update_chunk(request.id, chunk.chunk_no, register_sent_at=None)
+                self.store.release_register(request.id, chunk.chunk_no, self.owner)
             raise
         self.store.update_chunk(
             request.id, chunk.chunk_no, apply_id=apply_id, register_confirmed_at=self.clock.now(), status=ApplyStatus.CREATE.value
         )
         self.store.record(request.id, SYSTEM, "register_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": apply_id})
+
+    def _give_up_registering(self, request: Request, reason: str) -> None:
+        """Fail a registration, but first record every device the platform did create by now."""
+        for chunk in self.store.chunks(request.id):
+            if chunk.apply_id is None or chunk.register_confirmed_at is None and chunk.register_sent_at is None:
+                continue
+            if chunk.status in CREATE_FINAL:
+                continue
+            try:
+                status = self.client.query_batch_register_device_status(request.product_key, chunk.apply_id)
+                if status.status in CREATE_FINAL:
+                    self._collect(request, chunk, status)
+                    self.store.update_chunk(request.id, chunk.chunk_no, status=status.status.value)
+                    continue
+                self._collect_partial(request, chunk)
+            except errors.IotError as exc:
+                log.warning("request #%d: could not collect ApplyId %s before giving up: %s", request.id, chunk.apply_id, exc)
+        self.store.set_reasons(
+            request.id,
+            st.PENDING,
+            "not confirmed: the platform had not finished when iotreg stopped waiting; see `iotreg status`",
+        )
+        self._fail(request, reason)
+
+    def _collect_partial(self, request: Request, chunk: st.Chunk) -> None:
+        """The devices a still-running creation has made so far."""
+        created = [(d.name, d.iot_id) for d in self.client.iter_devices_by_apply_id(chunk.apply_id)]
+        if request.kind == "count":
+            self.store.add_devices(request.id, chunk.chunk_no, ((name, st.CREATED, iot_id) for name, iot_id in created))
+        else:
+            self.store.set_outcomes(request.id, [(name, st.CREATED, None, iot_id) for name, iot_id in created])
 
     def _collect(self, request: Request, chunk: st.Chunk, status: BatchStatus) -> None:
         """Record each device's outcome for a chunk whose creation has ended."""
@@ -611,19 +687,22 @@ class Workflow:
         waited = (self.clock.now() - request.phase_started_at).total_seconds()
         if waited <= self.timing.phase_timeout:
             return False
-        phase = "the check" if request.state == st.CHECKING else "the registration"
-        self._fail(request, f"{phase} did not finish within {_duration(self.timing.phase_timeout)}; gave up waiting")
+        if request.state == st.CHECKING:
+            self._fail(request, f"the check did not finish within {_duration(self.timing.phase_timeout)}; gave up waiting")
+        else:
+            self._give_up_registering(
+                request, f"the registration did not finish within {_duration(self.timing.phase_timeout)}; gave up waiting"
+            )
         return True
 
     def _api_error(self, request: Request, exc: errors.IotError) -> None:
-        if isinstance(exc, _Uncertain):
-            self._fail(request, str(exc))
-            return
         errors_in_row = request.errors_in_row + (0 if exc.retryable else 1)
         self.store.record(request.id, SYSTEM, "api_error", self.clock.now(), {"code": exc.code, "message": exc.message, "request_id": exc.request_id})
         # A check the platform refuses outright (no such product, malformed key) will not get better.
         final_at_once = isinstance(exc, errors.BusinessError) and not exc.retryable and request.state == st.CHECKING
-        if final_at_once or errors_in_row >= self.timing.max_errors:
+        if request.state == st.REGISTERING and errors_in_row >= self.timing.max_errors:
+            self._give_up_registering(request, _explain(exc, request))
+        elif final_at_once or errors_in_row >= self.timing.max_errors:
             self._fail(request, _explain(exc, request))
         else:
             log.warning("request #%d: %s", request.id, exc)
@@ -642,8 +721,22 @@ class Workflow:
         return now + timedelta(seconds=self.timing.next_poll(max(0, request.polls - 1)))
 
 
-class _Uncertain(errors.IotError):
-    """An earlier call's effect cannot be known and must not be risked again."""
+def _may_be_alive(owner: str | None) -> bool:
+    """Whether the process behind an owner token (``host:pid:nonce``) may still be running.
+
+    Only a process on this host can be seen to be gone; one elsewhere is given its lease.
+    """
+    host, _, rest = (owner or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _device_row(device: Any) -> tuple[str, str | None, int | None]:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import sqlite3
 import threading
+from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 
 from sqlite_utils import Database, Migrations
 
-#: Request states. Final states never change again.
+#: Request states. Final states have no work left (a failed check can still be dismissed: cancelled).
 CHECKING = "checking"
 CHECK_FAILED = "check_failed"
 AWAITING_APPROVAL = "awaiting_approval"
@@ -130,6 +131,12 @@ def m001_initial(db: Database) -> None:
     db["outbox"].create_index(["delivered_at", "next_at"])
 
 
+@migrations()
+def m002_register_claim_owner(db: Database) -> None:
+    """Who claimed a register call, so another process can tell a live call from a crashed one."""
+    db["chunks"].add_column("claimed_by", str)
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """A registration request as stored."""
@@ -183,6 +190,7 @@ class Chunk:
     register_sent_at: datetime | None
     register_confirmed_at: datetime | None
     error: str | None
+    claimed_by: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Chunk:
@@ -243,7 +251,8 @@ class Store:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        migrations.apply(self.db)
+        with self._write():  # two processes starting at once migrate one after the other
+            migrations.apply(self.db)
 
     # -- connections --------------------------------------------------------------------------
 
@@ -254,12 +263,35 @@ class Store:
         if db is None:
             conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+            # FULL: a commit survives a power cut too, not only a process crash. A register claim
+            # that a power cut undid could let a call that did go out be sent again.
+            conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             db = self._local.db = Database(conn)
             with self._connections_lock:
                 self._connections.append(conn)
         return db
+
+    @contextmanager
+    def _write(self) -> Iterator[Database]:
+        """A write transaction that takes the write lock first (``BEGIN IMMEDIATE``).
+
+        A deferred ``BEGIN`` reads first and fails at once with "database is locked" when another
+        process wrote in between; an immediate one waits its turn (up to the 30 s busy timeout).
+        Nested calls (sqlite-utils' own ``atomic``) become savepoints inside it.
+        """
+        db = self.db
+        if db.conn.in_transaction:
+            with db.atomic():
+                yield db
+            return
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.conn.rollback()
+            raise
+        db.conn.commit()
 
     def close(self) -> None:
         with self._connections_lock:
@@ -296,7 +328,7 @@ class Store:
     ) -> int:
         """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines."""
         stamp = format_time(now)
-        with self.db.atomic() as db:
+        with self._write() as db:
             request_id = db["requests"].insert(
                 {
                     "product_key": product_key,
@@ -387,7 +419,7 @@ class Store:
         values = {**{k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}}
         values.update(state=to_state, updated_at=stamp)
         assignments = ", ".join(f"{column} = ?" for column in values)
-        with self.db.atomic() as db:
+        with self._write() as db:
             cursor = db.conn.execute(
                 f"UPDATE requests SET {assignments} WHERE id = ? AND state IN ({', '.join('?' * len(from_states))})",
                 [*values.values(), request_id, *from_states],
@@ -402,7 +434,7 @@ class Store:
     def update_request(self, request_id: int, **fields: Any) -> None:
         """Book-keeping that is not a state change (poll counters, the thread of a Slack message)."""
         values = {k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}
-        with self.db.atomic() as db:
+        with self._write() as db:
             db["requests"].update(request_id, values)
 
     # -- chunks and devices -------------------------------------------------------------------
@@ -412,17 +444,35 @@ class Store:
 
     def update_chunk(self, request_id: int, chunk_no: int, **fields: Any) -> None:
         values = {k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}
-        with self.db.atomic() as db:
+        with self._write() as db:
             db["chunks"].update((request_id, chunk_no), values)
 
-    def claim_register(self, request_id: int, chunk_no: int, now: datetime) -> bool:
-        """Mark a chunk's register call as about to be sent; ``False`` if someone already has."""
-        with self.db.atomic() as db:
+    def claim_register(
+        self, request_id: int, chunk_no: int, owner: str, now: datetime, *, replacing: datetime | None = None
+    ) -> bool:
+        """Claim a chunk's register call before sending it; ``False`` if another claim got there first.
+
+        With ``replacing``, take over a claim whose ``register_sent_at`` is that time (a crashed
+        process's, or one's own after an answer that settled nothing), and only that one.
+        """
+        condition = "register_sent_at IS NULL" if replacing is None else "register_sent_at = ?"
+        args: list[Any] = [format_time(now), owner, request_id, chunk_no]
+        if replacing is not None:
+            args.append(format_time(replacing))
+        with self._write() as db:
             cursor = db.conn.execute(
-                "UPDATE chunks SET register_sent_at = ? WHERE request_id = ? AND chunk_no = ? AND register_sent_at IS NULL",
-                [format_time(now), request_id, chunk_no],
+                f"UPDATE chunks SET register_sent_at = ?, claimed_by = ? WHERE request_id = ? AND chunk_no = ? AND {condition}",
+                args,
             )
             return cursor.rowcount == 1
+
+    def release_register(self, request_id: int, chunk_no: int, owner: str) -> None:
+        """Give up a claim whose call certainly did not reach the platform."""
+        with self._write() as db:
+            db.conn.execute(
+                "UPDATE chunks SET register_sent_at = NULL, claimed_by = NULL WHERE request_id = ? AND chunk_no = ? AND claimed_by = ?",
+                [request_id, chunk_no, owner],
+            )
 
     def chunk_for_apply_id(self, apply_id: int) -> Chunk | None:
         rows = list(self.db["chunks"].rows_where("apply_id = ?", [apply_id]))
@@ -454,7 +504,7 @@ class Store:
 
     def add_devices(self, request_id: int, chunk_no: int, rows: Iterable[tuple[str, str, str]]) -> None:
         """Devices named by the platform (``BatchRegisterDevice``): ``(name, outcome, iot_id)``."""
-        with self.db.atomic() as db:
+        with self._write() as db:
             db.conn.executemany(
                 "INSERT OR IGNORE INTO devices (request_id, name, chunk_no, outcome, iot_id) VALUES (?, ?, ?, ?, ?)",
                 ((request_id, name, chunk_no, outcome, iot_id) for name, outcome, iot_id in rows),
@@ -462,10 +512,18 @@ class Store:
 
     def set_outcomes(self, request_id: int, rows: Iterable[tuple[str, str, str | None, str | None]]) -> None:
         """Record ``(name, outcome, reason, iot_id)`` for devices of a request."""
-        with self.db.atomic() as db:
+        with self._write() as db:
             db.conn.executemany(
                 "UPDATE devices SET outcome = ?, reason = ?, iot_id = COALESCE(?, iot_id) WHERE request_id = ? AND name = ?",
                 ((outcome, reason, iot_id, request_id, name) for name, outcome, reason, iot_id in rows),
+            )
+
+    def set_reasons(self, request_id: int, outcome: str, reason: str) -> None:
+        """Give every device of ``outcome`` that has no reason yet this one."""
+        with self._write() as db:
+            db.conn.execute(
+                "UPDATE devices SET reason = ? WHERE request_id = ? AND outcome = ? AND reason IS NULL",
+                [reason, request_id, outcome],
             )
 
     def rejected_lines(self, request_id: int) -> list[tuple[int, str, str]]:
@@ -487,7 +545,7 @@ class Store:
 
     def record(self, request_id: int, actor: str, event: str, now: datetime, detail: dict[str, Any] | None = None) -> None:
         """An audit row that goes with no state change (a denied click, an API error)."""
-        with self.db.atomic():
+        with self._write():
             self._audit(request_id, actor, event, detail or {}, format_time(now))
 
     def _audit(self, request_id: int, actor: str, event: str, detail: dict[str, Any], stamp: str) -> None:
@@ -499,7 +557,7 @@ class Store:
     # -- outbox -------------------------------------------------------------------------------
 
     def enqueue(self, request_id: int, kind: str, payload: dict[str, Any], now: datetime) -> None:
-        with self.db.atomic():
+        with self._write():
             self._enqueue(request_id, kind, payload, format_time(now))
 
     def _enqueue(self, request_id: int, kind: str, payload: dict[str, Any], stamp: str) -> None:
@@ -536,11 +594,11 @@ class Store:
         return parse_time(row[0]) if row and row[0] else None
 
     def mark_delivered(self, event_id: int, now: datetime) -> None:
-        with self.db.atomic() as db:
+        with self._write() as db:
             db.conn.execute("UPDATE outbox SET delivered_at = ? WHERE id = ?", [format_time(now), event_id])
 
     def mark_failed(self, event_id: int, error: str, next_at: datetime) -> None:
-        with self.db.atomic() as db:
+        with self._write() as db:
             db.conn.execute(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_at = ? WHERE id = ?",
                 [error[:500], format_time(next_at), event_id],

@@ -286,3 +286,32 @@ def test_status_lists_and_paging():
     assert "s" * 32 not in repr(devices)
     pages = [dict(parse_qsl(urlsplit(r.url).query))["CurrentPage"] for r in adapter.requests[1:]]
     assert pages == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [(200, "<html>cut"), (200, {"RequestId": "r", "Success": True, "Data": {}})],
+    ids=["unreadable-200", "success-without-apply-id"],
+)
+def test_an_unusable_success_to_a_creating_call_says_it_may_have_run_and_is_not_resent(answer):
+    client, adapter, _ = make_client([answer, ok({"ApplyId": 2})])
+    with pytest.raises(errors.IotError) as info:
+        client.batch_register_device("a1ProductKey", 5)
+    assert info.value.may_have_taken_effect
+    assert len(adapter.requests) == 1
+
+
+def test_a_body_that_breaks_off_is_a_transport_error_that_may_have_run():
+    client, adapter, _ = make_client([requests.exceptions.ChunkedEncodingError("broke off"), ok({"ApplyId": 2})])
+    with pytest.raises(errors.TransportError) as info:
+        client.batch_register_device_with_apply_id("a1ProductKey", 2)
+    assert info.value.may_have_taken_effect and len(adapter.requests) == 1
+
+
+def test_device_secrets_in_an_unreadable_page_never_reach_the_error(caplog):
+    caplog.set_level(logging.DEBUG)
+    leaked = "DeviceSecret=" + "f" * 32
+    client, _, _ = make_client([(200, "{\"ApplyDeviceList\": [" + leaked)], max_attempts=1)
+    with pytest.raises(errors.IotError) as info:
+        client.query_page_by_apply_id(5)
+    assert leaked not in str(info.value) and "f" * 32 not in caplog.text

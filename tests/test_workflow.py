@@ -369,11 +369,27 @@ def test_an_auto_named_chunk_of_unknown_fate_is_never_sent_twice(harness):
     assert harness.emulator.gateway.calls["BatchRegisterDevice"] == 0
 
 
-def test_the_database_is_migrated_and_reopened_with_its_data(tmp_path):
-    store = Store(tmp_path / "x.db")
-    assert store.schema_version() == ["m001_initial"]
-    store.close()
-    assert Store(tmp_path / "x.db").schema_version() == ["m001_initial"]
+def test_an_older_database_is_migrated_in_place_with_its_data(emulator, tmp_path):
+    import sqlite3
+
+    from sqlite_utils import Database
+
+    path = tmp_path / "old.db"
+    old = Database(sqlite3.connect(path))
+    st.migrations.apply(old, stop_before="m002_register_claim_owner")  # as an older iotreg left it
+    old["requests"].insert({"id": 7, "product_key": emulator.product_key, "requester": ALICE, "origin": "cli", "kind": "names",
+                            "count": 2, "state": st.CHECKING, "created_at": "2026-01-05T09:00:00+00:00", "updated_at": "2026-01-05T09:00:00+00:00"})
+    old["chunks"].insert({"request_id": 7, "chunk_no": 0, "size": 2})
+    old["devices"].insert_all([{"request_id": 7, "name": n, "chunk_no": 0, "outcome": st.PENDING} for n in names("legacy", 2)])
+    old.conn.close()
+
+    harness = Harness(emulator, path, Timing(poll_interval=1.0))
+    assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner"]
+    assert harness.workflow.resume() == 1  # the old request is picked up where it was
+    assert harness.run_until(7, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    harness.workflow.approve(7, BOB)
+    assert harness.run_until(7, st.DONE, st.FAILED) == st.DONE
+    assert harness.platform_devices() == set(names("legacy", 2))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -391,3 +407,86 @@ def test_lost_answers_to_register_calls_never_cause_a_second_registration(harnes
     lost = harness.emulator.gateway.outcomes[("BatchRegisterDeviceWithApplyId", "InternalError")] + harness.emulator.gateway.outcomes[("BatchRegisterDeviceWithApplyId", "ServiceUnavailable")]
     confirmed = [e for e in harness.store.audit(request.id) if e.event == "register_confirmed"]
     assert lost >= 1 and len(confirmed) == lost  # every lost answer was settled by a status query
+
+
+# -- what the review found: every created device is accounted for, whatever goes wrong ---------
+
+
+def test_giving_up_on_a_slow_registration_still_records_the_devices_created_so_far(make_emulator, tmp_path):
+    emulator = make_emulator(create_seconds=10 * 3600)
+    harness = Harness(emulator, tmp_path / "db", Timing(poll_interval=1.0, poll_max_interval=30, phase_timeout=300))
+    request = harness.workflow.submit(emulator.product_key, ALICE, names("tardy", 3), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    harness.workflow.approve(request.id, BOB)
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.FAILED
+    assert "did not finish within 5 min" in harness.store.get(request.id).reason
+    pending = harness.store.devices(request.id, outcome=st.PENDING)
+    assert [d.name for d in pending] == names("tardy", 3)
+    assert all(d.reason.startswith("not confirmed") for d in pending)
+
+
+def test_an_auto_named_part_of_unknown_fate_does_not_hide_the_parts_that_were_created(harness):
+    harness.timing = Timing(poll_interval=1.0, chunk_size=5)
+    harness.start()
+    request = harness.workflow.submit_count(harness.emulator.product_key, ALICE, 10, origin="cli")
+    harness.workflow.approve(request.id, BOB)
+    # Part 2's call went out from a process that died before storing the answer.
+    harness.store.update_chunk(request.id, 1, register_sent_at=harness.clock.now(), claimed_by="elsewhere:1:dead")
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.FAILED
+    assert "part 2" in harness.store.get(request.id).reason and "not sent again" in harness.store.get(request.id).reason
+    assert len(harness.store.devices(request.id, outcome=st.CREATED)) == 5  # part 1, recorded
+    assert harness.emulator.gateway.calls["BatchRegisterDevice"] == 1
+
+
+def test_a_register_call_in_flight_in_another_process_is_waited_for_not_repeated(harness):
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("twin", 2), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    harness.workflow.approve(request.id, BOB)
+    harness.store.transition(request.id, from_states=[st.APPROVED], to_state=st.REGISTERING, actor="iotreg", event="registering", now=harness.clock.now())
+    # Another live process (on another host) claimed the call a moment ago.
+    harness.store.update_chunk(request.id, 0, register_sent_at=harness.clock.now(), claimed_by="other-host:4242:abcd")
+    harness.workflow.advance(request.id)
+    assert harness.register_calls(request.id) == [0]
+    assert harness.state(request.id) == st.REGISTERING
+    # It never confirms: once its lease runs out, this process looks the ApplyId up and sends once.
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
+    assert harness.register_calls(request.id) == [1]
+
+
+def test_an_unexpected_error_in_a_step_keeps_the_request_scheduled(harness, monkeypatch):
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("glitch", 2), origin="cli")
+    real = harness.client.query_batch_register_device_status
+    calls = {"n": 0}
+
+    def broken_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ValueError("invalid literal for int() with base 10: 'x'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(harness.client, "query_batch_register_device_status", broken_once)
+    with pytest.raises(ValueError):
+        harness.jobs.run_due()  # submits the check, then the first poll breaks
+    assert f"request-{request.id}" in harness.jobs.scheduled()
+    assert harness.run_until(request.id, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+
+
+def test_a_status_that_lags_behind_the_register_call_is_not_taken_as_the_end(harness, monkeypatch):
+    from bot.aliyun.client import ApplyStatus, BatchStatus
+
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("lag", 2), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    real = harness.client.query_batch_register_device_status
+    lagging = {"left": 2}
+
+    def lag(product_key, apply_id):
+        if harness.emulator.backend.application(apply_id).register_calls and lagging["left"]:
+            lagging["left"] -= 1
+            return BatchStatus(ApplyStatus.CHECK_SUCCESS, (), (), (), "lagging")
+        return real(product_key, apply_id)
+
+    monkeypatch.setattr(harness.client, "query_batch_register_device_status", lag)
+    harness.workflow.approve(request.id, BOB)
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
+    assert lagging["left"] == 0
+    assert [d.name for d in harness.store.devices(request.id, outcome=st.CREATED)] == names("lag", 2)

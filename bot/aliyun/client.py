@@ -376,6 +376,11 @@ class IotClient:
             raise errors.TransportError(
                 f"no answer from {self.endpoint} within {self.timeout:g}s", action=action, may_have_taken_effect=True
             ) from None
+        except requests.exceptions.RequestException as exc:
+            # A body cut off mid-read, a broken encoding: the request was sent and may have run.
+            raise errors.TransportError(
+                f"the answer from {self.endpoint} broke off: {type(exc).__name__}", action=action, may_have_taken_effect=True
+            ) from None
         elapsed = self.clock.monotonic() - started
         return self._decode(action, response, elapsed)
 
@@ -385,11 +390,16 @@ class IotClient:
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            text = response.text[:200].strip()
-            message = f"HTTP {response.status_code} with a body that is not JSON: {text!r}"
+            message = f"HTTP {response.status_code} with a body that is not JSON ({response.headers.get('Content-Type', 'no content type')})"
+            if response.status_code >= 400:
+                # An error page from a proxy is worth quoting; a 2xx body may hold DeviceSecrets.
+                message += f": {response.text[:200].strip()!r}"
             if response.status_code >= 500:
                 raise errors.ServiceError(message, http_status=response.status_code, action=action, may_have_taken_effect=True)
-            raise errors.RequestError(message, http_status=response.status_code, action=action)
+            # A 2xx we cannot read may still have been carried out.
+            raise errors.RequestError(
+                message, http_status=response.status_code, action=action, may_have_taken_effect=response.status_code < 300
+            )
         request_id = str(body.get("RequestId", ""))
         log.debug("%s -> HTTP %d in %.0f ms (RequestId %s)", action, response.status_code, elapsed * 1000, request_id)
         if response.status_code >= 400:
@@ -416,7 +426,8 @@ def _apply_id(data: Mapping, action: str) -> int:
     try:
         return int(data["ApplyId"])
     except (KeyError, TypeError, ValueError):
-        raise errors.RequestError("the answer carries no ApplyId", action=action) from None
+        # The platform said Success: the call was carried out, we just cannot tell its ApplyId.
+        raise errors.RequestError("the answer carries no ApplyId", action=action, may_have_taken_effect=True) from None
 
 
 def _names(wrapper: Mapping | None, key: str) -> tuple[str, ...]:
