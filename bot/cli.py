@@ -406,6 +406,27 @@ def credentials(apply_id: int, output: Path, product_key: str | None, force: boo
 
 
 @cli.command()
+@click.option("--port", type=click.IntRange(1, 65535), help="HTTP port [default: PORT or 3000].")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Interface to listen on (HTTP mode).")
+def serve(port: int | None, host: str) -> None:
+    """Run the Slack bot: HTTP on PORT at POST /slack/events (GET /healthz), or Socket Mode when
+    SLACK_APP_TOKEN is set."""
+    from bot import server
+
+    settings = load_settings()
+    try:
+        settings.require("slack_bot_token", "slack_signing_secret", "access_key_id", "access_key_secret")
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if settings.slack_app_token:
+        click.echo("iotreg: connecting to Slack over Socket Mode", err=True)
+        server.socket_mode(settings)
+    else:
+        click.echo(f"iotreg: serving Slack on http://{host}:{port or settings.port}/slack/events", err=True)
+        server.Server(settings, host=host, port=port).run()
+
+
+@cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option(
     "--port", default=8700, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port."

@@ -57,6 +57,16 @@ class Settings:
     poll_timeout: float = 3600.0
     approval_ttl: float = 24 * 3600.0
     chunk_size: int = 10_000
+    slack_bot_token: str | None = dataclasses.field(default=None, repr=False)
+    slack_signing_secret: str | None = dataclasses.field(default=None, repr=False)
+    slack_app_token: str | None = dataclasses.field(default=None, repr=False)
+    slack_api_url: str = "https://slack.com/api/"
+    port: int = 3000
+    approvers: tuple[str, ...] = ()
+    allow_self_approval: bool = False
+    notify_channel: str | None = None
+    credentials_dm: bool = True
+    workers: int = 16
 
     # Names of the environment variables behind the fields above, for error messages.
     ENV_NAMES = MappingProxyType(
@@ -76,6 +86,16 @@ class Settings:
             "poll_timeout": "IOTREG_POLL_TIMEOUT",
             "approval_ttl": "IOTREG_APPROVAL_TTL",
             "chunk_size": "IOTREG_CHUNK_SIZE",
+            "slack_bot_token": "SLACK_BOT_TOKEN",
+            "slack_signing_secret": "SLACK_SIGNING_SECRET",
+            "slack_app_token": "SLACK_APP_TOKEN",
+            "slack_api_url": "SLACK_API_URL",
+            "port": "PORT",
+            "approvers": "IOTREG_APPROVERS",
+            "allow_self_approval": "IOTREG_ALLOW_SELF_APPROVAL",
+            "notify_channel": "IOTREG_NOTIFY_CHANNEL",
+            "credentials_dm": "IOTREG_CREDENTIALS_DM",
+            "workers": "IOTREG_WORKERS",
         }
     )
 
@@ -103,6 +123,16 @@ class Settings:
             poll_timeout=env.duration("IOTREG_POLL_TIMEOUT", 3600.0, minimum=1),
             approval_ttl=env.duration("IOTREG_APPROVAL_TTL", 24 * 3600.0, minimum=1),
             chunk_size=int(env.number("IOTREG_CHUNK_SIZE", 10_000, minimum=1, integer=True)),
+            slack_bot_token=env.token("SLACK_BOT_TOKEN", "xoxb-"),
+            slack_signing_secret=env.text("SLACK_SIGNING_SECRET"),
+            slack_app_token=env.token("SLACK_APP_TOKEN", "xapp-"),
+            slack_api_url=(env.url("SLACK_API_URL") or "https://slack.com/api").rstrip("/") + "/",
+            port=int(env.number("PORT", 3000, minimum=1, integer=True)),
+            approvers=env.slack_ids("IOTREG_APPROVERS"),
+            allow_self_approval=env.flag("IOTREG_ALLOW_SELF_APPROVAL", False),
+            notify_channel=env.text("IOTREG_NOTIFY_CHANNEL"),
+            credentials_dm=env.flag("IOTREG_CREDENTIALS_DM", True),
+            workers=int(env.number("IOTREG_WORKERS", 16, minimum=2, integer=True)),
         )
 
     @classmethod
@@ -149,6 +179,33 @@ class _Env:
         if value < minimum:
             raise ConfigError(f"{name}: {raw} is below the minimum of {minimum:g}")
         return value
+
+    def token(self, name: str, prefix: str) -> str | None:
+        value = self.text(name)
+        if value is not None and not value.startswith(prefix):
+            raise ConfigError(f"{name}: expected a token starting with {prefix!r}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: {raw!r} is not true or false")
+
+    def slack_ids(self, name: str) -> tuple[str, ...]:
+        """A comma-separated list of user ids (U…, W…) and user group ids (S…)."""
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        ids = tuple(part.strip() for part in raw.split(",") if part.strip())
+        bad = [i for i in ids if not re.fullmatch(r"[UWS][A-Z0-9]{2,}", i)]
+        if bad:
+            raise ConfigError(f"{name}: {', '.join(bad)} is not a Slack user id (U…) or user group id (S…)")
+        return ids
 
     def duration(self, name: str, default: float, *, minimum: float) -> float:
         """Seconds, or a number with a unit: ``90``, ``2.5``, ``30s``, ``15m``, ``24h``, ``7d``."""

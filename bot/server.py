@@ -1,0 +1,69 @@
+"""``iotreg serve``: the bot behind gunicorn in HTTP mode, or connected over Socket Mode.
+
+HTTP mode runs one gunicorn worker with threads (``gthread``): one process, so one scheduler and
+one writer of the database, as the deployment needs; threads for concurrent acks. The bot is built
+inside the worker (``load``), after the fork, so no thread or SQLite connection crosses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from bot.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Server(BaseApplication):
+    def __init__(self, settings: Settings, *, host: str = "0.0.0.0", port: int | None = None, build: Any = None) -> None:
+        self.settings = settings
+        self.options = {
+            "bind": f"{host}:{port or settings.port}",
+            "workers": 1,
+            "worker_class": "gthread",
+            "threads": settings.workers,
+            "timeout": 60,
+            "graceful_timeout": 30,
+            "keepalive": 5,
+            "worker_exit": _worker_exit,
+        }
+        self.build = build  # a callable returning a started Bot (tests, emulator mode)
+        self.bot = None
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from bot.slack.app import create_app
+
+        bot = self.build() if self.build else create_app(self.settings)
+        bot.start()
+        _running.append(bot)
+        return bot.wsgi()
+
+
+_running: list[Any] = []
+
+
+def _worker_exit(server: Any, worker: Any) -> None:
+    while _running:
+        _running.pop().stop()
+
+
+def socket_mode(settings: Settings, build: Any = None) -> None:
+    """Connect to Slack over Socket Mode (no public URL) and run until interrupted."""
+    from slack_bolt.adapter.socket_mode import SocketModeHandler
+
+    from bot.slack.app import create_app
+
+    bot = build() if build else create_app(settings)
+    bot.start()
+    try:
+        SocketModeHandler(bot.app, settings.slack_app_token).start()
+    finally:
+        bot.stop()

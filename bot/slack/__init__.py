@@ -1,0 +1,1 @@
+"""The Slack front end: /devices, the upload modal, approval buttons and threaded results."""

@@ -1,0 +1,111 @@
+"""The buttons: approve, reject, retry with the valid names, cancel, send me the credentials.
+
+Every click is acknowledged first, then checked on the server (who clicked, whether the request
+can still take it); a click that changes nothing is answered, ephemerally, with why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from slack_bolt import Ack, App
+from slack_sdk import WebClient
+
+from bot import report
+from bot.registration import Conflict, NotAllowed, NotFound, WorkflowError
+from bot.slack import blocks
+from bot.slack.deps import Deps
+from bot.store import Request
+
+log = logging.getLogger(__name__)
+
+
+def register(app: App, deps: Deps) -> None:
+    def on(action_id: str, handle: Callable[[Deps, Request, str], str | None]) -> None:
+        @app.action(action_id)
+        def clicked(ack: Ack, body: dict, action: dict, client: WebClient) -> None:
+            ack()
+            user = body["user"]["id"]
+            channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+            answer = dispatch(deps, handle, action.get("value", ""), user)
+            if answer and channel:
+                client.chat_postEphemeral(channel=channel, user=user, text=answer)
+
+    on(blocks.APPROVE, approve)
+    on(blocks.REJECT, reject)
+    on(blocks.RETRY_VALID, retry_valid)
+    on(blocks.CANCEL, cancel)
+    on(blocks.CREDENTIALS, send_credentials)
+
+
+def dispatch(deps: Deps, handle: Callable[[Deps, Request, str], str | None], value: str, user: str) -> str | None:
+    if not value.isdigit():
+        return "This button is not tied to a registration request."
+    request = deps.workflow.get(int(value))
+    if request is None:
+        return f"Request #{value} no longer exists."
+    try:
+        return handle(deps, request, user)
+    except NotAllowed as exc:
+        return f"{str(exc)[0].upper()}{str(exc)[1:]}."
+    except Conflict as exc:
+        return f"Nothing changed: {exc}."
+    except (NotFound, WorkflowError) as exc:
+        return str(exc)
+
+
+def approve(deps: Deps, request: Request, user: str) -> str | None:
+    reason = deps.approvers.why_not(user)
+    if reason:
+        deps.workflow.store.record(request.id, user, "approval_denied", deps.workflow.clock.now(), {"why": "not an approver"})
+        return reason
+    deps.workflow.approve(request.id, user, allow_self=deps.allow_self_approval)
+    return None
+
+
+def reject(deps: Deps, request: Request, user: str) -> str | None:
+    if user == request.requester:
+        deps.workflow.cancel(request.id, user)  # the requester withdrawing their own request
+        return None
+    reason = deps.approvers.why_not(user)
+    if reason:
+        return reason
+    deps.workflow.reject(request.id, user)
+    return None
+
+
+def retry_valid(deps: Deps, request: Request, user: str) -> str | None:
+    if user != request.requester and deps.approvers.why_not(user) is not None:
+        return f"Only {blocks.user(request.requester)} or an approver can retry request #{request.id}."
+    new = deps.workflow.retry_valid(request.id, user)
+    return f"Request #{new.id} checks the {new.count:,} valid names of #{request.id}."
+
+
+def cancel(deps: Deps, request: Request, user: str) -> str | None:
+    if user != request.requester and deps.approvers.why_not(user) is not None:
+        return f"Only {blocks.user(request.requester)} or an approver can cancel request #{request.id}."
+    deps.workflow.cancel(request.id, user)
+    return None
+
+
+def send_credentials(deps: Deps, request: Request, user: str) -> str | None:
+    if not deps.credentials_dm:
+        return "Sending credentials in Slack is turned off here; ask an operator for `iotreg credentials`."
+    if not deps.approvers.may_see(user, request):
+        deps.workflow.store.record(request.id, user, "credentials_denied", deps.workflow.clock.now())
+        return f"Only {blocks.user(request.requester)} and the approvers can get the credentials of request #{request.id}."
+    rows = list(deps.workflow.credentials(request.id))
+    if not rows:
+        return f"Request #{request.id} has no registered device."
+    client = deps.approvers.client
+    dm = client.conversations_open(users=user)["channel"]["id"]
+    client.files_upload_v2(
+        channel=dm,
+        content="".join(report.credentials_csv(rows)),
+        filename=f"credentials-{request.product_key}-{request.id}.csv",
+        title=f"Device credentials, request #{request.id}",
+        initial_comment=f"The credentials of the {len(rows):,} devices of request #{request.id}. Keep this file private; delete this message once you have stored it.",
+    )
+    deps.workflow.store.record(request.id, user, "credentials_sent", deps.workflow.clock.now(), {"devices": len(rows)})
+    return f"Sent the credentials of {len(rows):,} devices to you in a direct message."

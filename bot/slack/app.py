@@ -1,0 +1,163 @@
+"""The composition root: settings in, a running bot out.
+
+:func:`create_app` builds the Slack Web API client (with retries for 429, 5xx and connection
+errors), the IoT client, the store, the workflow, the scheduler and the Bolt app, and registers the
+listeners of :mod:`commands`, :mod:`views` and :mod:`actions`. Nothing else constructs these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from slack_bolt import App, BoltResponse
+from slack_bolt.adapter.wsgi import SlackRequestHandler
+from slack_sdk import WebClient
+from slack_sdk.http_retry.builtin_handlers import (
+    ConnectionErrorRetryHandler,
+    RateLimitErrorRetryHandler,
+    ServerErrorRetryHandler,
+)
+
+from bot.aliyun.client import IotClient
+from bot.clock import Clock, SystemClock
+from bot.config import Settings
+from bot.jobs import SchedulerJobs
+from bot.registration import Jobs, Timing, Workflow
+from bot.slack import actions, commands, views
+from bot.slack.approvers import Approvers
+from bot.slack.deps import Deps
+from bot.slack.notifier import SlackNotifier
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+EVENTS_PATH = "/slack/events"
+
+
+@dataclasses.dataclass
+class Bot:
+    """The running parts of one deployment."""
+
+    app: App
+    workflow: Workflow
+    jobs: Jobs
+    web_client: WebClient
+    settings: Settings
+
+    def start(self) -> None:
+        """Start the scheduler and resume every unfinished request (one scheduler per deployment)."""
+        if isinstance(self.jobs, SchedulerJobs):
+            self.jobs.start()
+        resumed = self.workflow.resume()
+        log.info("iotreg started; %d unfinished request(s) resumed", resumed)
+
+    def stop(self) -> None:
+        if isinstance(self.jobs, SchedulerJobs):
+            self.jobs.shutdown(wait=True)
+        self.workflow.close()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        try:
+            self.workflow.store.db.execute("SELECT 1").fetchone()
+            database = "ok"
+        except Exception as exc:  # noqa: BLE001 - a health check reports, it does not raise
+            database = f"error: {type(exc).__name__}"
+        scheduler = not isinstance(self.jobs, SchedulerJobs) or self.jobs.scheduler.running
+        pending = sum(1 for _ in self.workflow.store.pending_events(self.workflow.origins))
+        ok = database == "ok" and scheduler
+        return ok, {"ok": ok, "database": database, "scheduler": "running" if scheduler else "stopped", "pending_notifications": pending}
+
+    def wsgi(self) -> Callable[[dict, Callable], Iterable[bytes]]:
+        """The WSGI application: ``POST /slack/events`` for Slack, ``GET /healthz`` for the platform."""
+        handler = SlackRequestHandler(self.app, path=EVENTS_PATH)
+
+        def application(environ: dict, start_response: Callable) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") == "/healthz" and environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
+                ok, body = self.health()
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "application/json")])
+                return [json.dumps(body).encode()]
+            return handler(environ, start_response)
+
+        return application
+
+
+def slack_web_client(settings: Settings) -> WebClient:
+    """slack-sdk's client on the configured API host, retrying 429 (honouring Retry-After), 5xx and
+    connection errors before giving the failure to the outbox, which tries again later."""
+    return WebClient(
+        token=settings.slack_bot_token,
+        base_url=settings.slack_api_url,
+        timeout=30,
+        retry_handlers=[
+            RateLimitErrorRetryHandler(max_retry_count=3),
+            ServerErrorRetryHandler(max_retry_count=2),
+            ConnectionErrorRetryHandler(max_retry_count=2),
+        ],
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    iot_client: IotClient | None = None,
+    web_client: WebClient | None = None,
+    jobs: Jobs | None = None,
+    label: str = "",
+) -> Bot:
+    """Build the whole bot from settings. Tests and the demo pass their own clock, clients or jobs."""
+    settings.require("slack_bot_token", "slack_signing_secret")
+    if iot_client is None:
+        settings.require("access_key_id", "access_key_secret")
+    clock = clock or SystemClock()
+    web_client = web_client or slack_web_client(settings)
+    jobs = jobs or SchedulerJobs(workers=max(4, settings.workers // 2))
+    approvers = Approvers(web_client, settings.approvers, clock)
+    notifier = SlackNotifier(
+        web_client, approvers, notify_channel=settings.notify_channel, credentials_dm=settings.credentials_dm, label=label
+    )
+    workflow = Workflow(
+        Store(settings.db_path),
+        iot_client or IotClient.from_settings(settings, clock=clock),
+        notifier,
+        jobs,
+        clock,
+        Timing.from_settings(settings),
+        origins=frozenset({"slack"}),
+    )
+    notifier.bind(workflow)
+    jobs.bind(workflow)  # type: ignore[attr-defined]
+    app = App(
+        token=settings.slack_bot_token,
+        signing_secret=settings.slack_signing_secret,
+        client=web_client,
+        # Listeners ack first and then download, parse and call IoT Platform in this pool: sized so
+        # slow work never delays another request's ack.
+        listener_executor=ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="listener"),
+    )
+    deps = Deps(
+        workflow=workflow,
+        approvers=approvers,
+        bot_token=settings.slack_bot_token or "",
+        api_url=settings.slack_api_url,
+        allow_self_approval=settings.allow_self_approval,
+        credentials_dm=settings.credentials_dm,
+        label=label,
+    )
+    commands.register(app, deps)
+    views.register(app, deps)
+    actions.register(app, deps)
+
+    @app.error
+    def on_error(error: Exception, body: dict, logger: logging.Logger) -> BoltResponse:
+        # The one place a listener's unexpected failure is caught: logged, and answered with a
+        # message instead of an HTTP 500 (which Slack shows as a bare "failed" error).
+        logger.exception("listener failed: %s", error)
+        return BoltResponse(status=200, body="Sorry, that did not work because of an error on iotreg's side; it has been logged.")
+
+    return Bot(app=app, workflow=workflow, jobs=jobs, web_client=web_client, settings=settings)

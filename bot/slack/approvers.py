@@ -1,0 +1,73 @@
+"""Who may approve, checked on the server at every click.
+
+``IOTREG_APPROVERS`` lists user ids (``U…``) and user group ids (``S…``); groups are resolved with
+``usergroups.users.list`` and cached for a few minutes (a Tier 2 method). An empty list means anyone
+may approve. Either way the requester may not approve their own request unless
+``IOTREG_ALLOW_SELF_APPROVAL`` is set: that rule lives in the workflow, so every front end obeys it.
+If a group cannot be resolved the check fails closed: nobody is let in on a guess.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
+
+from bot.clock import Clock
+from bot.store import Request
+
+log = logging.getLogger(__name__)
+
+GROUP_CACHE_SECONDS = 300.0
+
+
+class Approvers:
+    def __init__(self, client: WebClient, ids: Sequence[str], clock: Clock, *, cache_seconds: float = GROUP_CACHE_SECONDS) -> None:
+        self.client = client
+        self.users = frozenset(i for i in ids if i[0] in "UW")
+        self.groups = tuple(i for i in ids if i[0] == "S")
+        self.clock = clock
+        self.cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def anyone(self) -> bool:
+        return not self.users and not self.groups
+
+    def describe(self) -> str:
+        """The approvers, as mentions (empty when anyone may approve)."""
+        return ", ".join([f"<@{u}>" for u in sorted(self.users)] + [f"<!subteam^{g}>" for g in self.groups])
+
+    def why_not(self, user_id: str) -> str | None:
+        """``None`` if ``user_id`` may approve; otherwise the reason, to tell them."""
+        if self.anyone or user_id in self.users:
+            return None
+        for group in self.groups:
+            try:
+                if user_id in self._members(group):
+                    return None
+            except SlackApiError as exc:
+                log.warning("could not resolve approver group %s: %s", group, exc.response.get("error"))
+                return f"I could not check the approver group right now ({exc.response.get('error')}); try again in a minute."
+        return f"You are not one of the approvers for device registrations ({self.describe()})."
+
+    def may_see(self, user_id: str, request: Request) -> bool:
+        """The requester, whoever decided, and the approvers: who may receive device credentials."""
+        if user_id in (request.requester, request.decided_by):
+            return True
+        return not self.anyone and self.why_not(user_id) is None
+
+    def _members(self, group: str) -> frozenset[str]:
+        now = self.clock.monotonic()
+        with self._lock:
+            cached = self._cache.get(group)
+            if cached and now - cached[0] < self.cache_seconds:
+                return cached[1]
+        members = frozenset(self.client.usergroups_users_list(usergroup=group)["users"])
+        with self._lock:
+            self._cache[group] = (now, members)
+        return members

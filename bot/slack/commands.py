@@ -1,0 +1,122 @@
+"""``/devices``: one slash command, acknowledged at once, its slow work done after the ack."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import uuid
+
+from slack_bolt import Ack, App
+from slack_sdk import WebClient
+
+from bot import store as st
+from bot.names import DeviceListError, parse_pasted
+from bot.registration import Conflict, NotFound, WorkflowError
+from bot.slack import blocks
+from bot.slack.deps import Deps
+
+PRODUCT_KEY = re.compile(r"[A-Za-z0-9]{4,32}")
+MAX_COUNT = 1_000_000
+
+
+def register(app: App, deps: Deps) -> None:
+    @app.command(blocks.COMMAND)
+    def devices(ack: Ack, command: dict, client: WebClient) -> None:
+        try:
+            words = shlex.split(command.get("text") or "")
+        except ValueError:
+            words = (command.get("text") or "").split()
+        verb = words[0].lower() if words else "help"
+        user, channel = command["user_id"], command["channel_id"]
+        if verb == "register":
+            register_command(ack, client, deps, command, words[1:])
+        elif verb == "status" and len(words) == 2:
+            ack(text=status(deps, words[1]))
+        elif verb == "list":
+            ack(text=listing(deps, channel))
+        elif verb == "cancel" and len(words) == 2:
+            ack(text=cancel(deps, words[1], user))
+        else:
+            prefix = "" if verb == "help" else f"I don't know `{blocks.escape(' '.join(words))}`.\n"
+            ack(text=prefix + blocks.help_text())
+
+
+def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, args: list[str]) -> None:
+    usage = f"Usage: `{blocks.COMMAND} register <ProductKey>` (then upload a file), add names after it, or `--count N`."
+    if not args:
+        ack(text=usage)
+        return
+    product_key, rest = args[0], args[1:]
+    if not PRODUCT_KEY.fullmatch(product_key):
+        ack(text=f"`{blocks.escape(product_key)}` is not a ProductKey: it is letters and digits, like `a1BwAGVxxxx`. {usage}")
+        return
+    user, channel = command["user_id"], command["channel_id"]
+    if not rest:
+        ack()
+        metadata = {"channel": channel, "user": user, "product_key": product_key, "draft": uuid.uuid4().hex[:12]}
+        client.views_open(trigger_id=command["trigger_id"], view=blocks.register_modal(product_key, metadata, deps.label))
+        return
+    if rest[0] == "--count":
+        if len(rest) != 2 or not rest[1].isdigit() or not 1 <= int(rest[1]) <= MAX_COUNT:
+            ack(text=f"`--count` takes a number of devices from 1 to {MAX_COUNT:,}.")
+            return
+        ack(text=f"Asking for {int(rest[1]):,} devices in `{product_key}`…")
+        deps.workflow.submit_count(product_key, user, int(rest[1]), origin="slack", channel=channel)
+        return
+    try:
+        devices = parse_pasted(" ".join(rest))
+    except DeviceListError as exc:
+        ack(text=exc.message)
+        return
+    ack(text=f"Checking {blocks.plural(len(devices.devices), 'name')} for `{product_key}`…")
+    deps.workflow.submit(
+        product_key, user, devices.devices, origin="slack", channel=channel,
+        rejected=devices.rejected, rejected_count=devices.rejected_count,
+    )
+
+
+def find_request(deps: Deps, ref: str) -> st.Request | None:
+    """A request by its number (``12``, ``#12``) or by one of its ApplyIds."""
+    ref = ref.lstrip("#")
+    if not ref.isdigit():
+        return None
+    number = int(ref)
+    chunk = deps.workflow.store.chunk_for_apply_id(number)
+    if chunk is not None:
+        return deps.workflow.get(chunk.request_id)
+    return deps.workflow.get(number)
+
+
+def status(deps: Deps, ref: str) -> str:
+    request = find_request(deps, ref)
+    if request is None:
+        return f"There is no request or ApplyId `{blocks.escape(ref)}`. `{blocks.COMMAND} list` shows this channel's requests."
+    apply_ids = [c.apply_id for c in deps.workflow.store.chunks(request.id) if c.apply_id]
+    return blocks.status_text(deps.workflow.summary(request.id), apply_ids)
+
+
+def listing(deps: Deps, channel: str) -> str:
+    store = deps.workflow.store
+    rows = [(r, store.outcome_counts(r.id).get(st.CREATED, 0)) for r in store.requests(channel=channel, limit=10)]
+    return blocks.list_text(rows)
+
+
+def cancel(deps: Deps, ref: str, user: str) -> str:
+    request = find_request(deps, ref)
+    if request is None:
+        return f"There is no request `{blocks.escape(ref)}`."
+    if user != request.requester and deps.approvers.why_not(user) is not None:
+        return f"Only {blocks.user(request.requester)} or an approver can cancel request #{request.id}."
+    try:
+        deps.workflow.cancel(request.id, user)
+    except (Conflict, NotFound, WorkflowError) as exc:
+        return f"Request #{request.id} cannot be cancelled: {exc}."
+    return f"Request #{request.id} is cancelled; nothing was registered."
+
+
+def metadata_of(view: dict) -> dict:
+    try:
+        return json.loads(view.get("private_metadata") or "{}")
+    except ValueError:
+        return {}

@@ -1,0 +1,56 @@
+"""The upload modal's submission: quick checks answered in the modal, the rest after the ack."""
+
+from __future__ import annotations
+
+import logging
+
+from slack_bolt import Ack, App
+from slack_sdk import WebClient
+
+from bot.names import DeviceList, DeviceListError, parse_pasted
+from bot.slack import blocks
+from bot.slack.commands import metadata_of
+from bot.slack.deps import Deps
+from bot.slack.files import fetch_device_list
+
+log = logging.getLogger(__name__)
+ACCEPTED = (".csv", ".txt")
+
+
+def register(app: App, deps: Deps) -> None:
+    @app.view(blocks.VIEW_REGISTER)
+    def submitted(ack: Ack, body: dict, view: dict, client: WebClient) -> None:
+        meta = metadata_of(view)
+        values = view.get("state", {}).get("values", {})
+        files = ((values.get(blocks.FILE_BLOCK) or {}).get(blocks.FILE_BLOCK) or {}).get("files") or []
+        pasted = ((values.get(blocks.NAMES_BLOCK) or {}).get(blocks.NAMES_BLOCK) or {}).get("value") or ""
+        user = body["user"]["id"]
+        if not meta.get("channel") or not meta.get("product_key"):
+            ack(response_action="errors", errors={blocks.NAMES_BLOCK: "This form has lost its context; run /devices register again."})
+            return
+        if not files and not pasted.strip():
+            ack(response_action="errors", errors={blocks.NAMES_BLOCK: "Upload a CSV or TXT file above, or paste device names here."})
+            return
+        if files and pasted.strip():
+            ack(response_action="errors", errors={blocks.NAMES_BLOCK: "Use the file or this box, not both."})
+            return
+        if files and not str(files[0].get("name", "")).lower().endswith(ACCEPTED) and files[0].get("filetype") not in ("csv", "text"):
+            ack(response_action="errors", errors={blocks.FILE_BLOCK: "Upload a .csv or .txt file (save a workbook as CSV first)."})
+            return
+        ack()
+        channel, product_key = meta["channel"], meta["product_key"]
+        try:
+            devices = read_submission(deps, files, pasted)
+        except DeviceListError as exc:
+            client.chat_postEphemeral(channel=channel, user=user, text=f"Your device list for `{blocks.escape(product_key)}` was not used: {exc.message}")
+            return
+        deps.workflow.submit(
+            product_key, user, devices.devices, origin="slack", channel=channel,
+            rejected=devices.rejected, rejected_count=devices.rejected_count,
+        )
+
+
+def read_submission(deps: Deps, files: list[dict], pasted: str) -> DeviceList:
+    if files:
+        return fetch_device_list(files[0], token=deps.bot_token, api_url=deps.api_url)
+    return parse_pasted(pasted)

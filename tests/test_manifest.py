@@ -1,0 +1,85 @@
+"""manifest.yml and the code agree: the command, the URLs, and exactly the scopes the code needs."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+from bot.slack import blocks
+from bot.slack.app import EVENTS_PATH
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = yaml.safe_load((ROOT / "manifest.yml").read_text(encoding="utf-8"))
+SLACK_CODE = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "bot" / "slack").glob("*.py") if p.name != "fake.py")
+
+#: The bot scope each Web API method the code calls needs (api.slack.com/methods).
+SCOPE_OF = {
+    "chat_postMessage": "chat:write",
+    "chat_update": "chat:write",
+    "chat_postEphemeral": "chat:write",
+    "views_open": None,  # needs only a trigger_id
+    "views_update": None,
+    "files_upload_v2": "files:write",
+    "files_info": "files:read",
+    "conversations_open": "im:write",
+    "usergroups_users_list": "usergroups:read",
+}
+
+
+def test_the_one_command_is_the_one_the_code_listens_to():
+    commands = [c["command"] for c in MANIFEST["features"]["slash_commands"]]
+    assert commands == [blocks.COMMAND]
+    assert "@app.command(blocks.COMMAND)" in SLACK_CODE
+    assert len(commands[0]) <= 32
+
+
+def test_requests_go_to_the_path_the_server_serves():
+    urls = [c["url"] for c in MANIFEST["features"]["slash_commands"]] + [MANIFEST["settings"]["interactivity"]["request_url"]]
+    assert all(url.endswith(EVENTS_PATH) for url in urls)
+    assert MANIFEST["settings"]["interactivity"]["is_enabled"] is True  # buttons and the modal need it
+
+
+def test_scopes_are_exactly_what_the_code_calls():
+    called = set(re.findall(r"client\.(\w+)\(", SLACK_CODE))
+    unknown = called - SCOPE_OF.keys()
+    assert not unknown, f"add the scope of {unknown} to SCOPE_OF and the manifest"
+    needed = {"commands", "files:read"} | {SCOPE_OF[m] for m in called if SCOPE_OF[m]}
+    assert set(MANIFEST["oauth_config"]["scopes"]["bot"]) == needed
+
+
+def action_ids(content) -> set[str]:
+    found = set()
+    if isinstance(content, dict):
+        if "action_id" in content and content.get("type") == "button":
+            found.add(content["action_id"])
+        for value in content.values():
+            found |= action_ids(value)
+    elif isinstance(content, list):
+        for value in content:
+            found |= action_ids(value)
+    return found
+
+
+def test_every_button_the_bot_shows_has_a_listener():
+    from datetime import datetime, timezone
+
+    from bot import store as st
+    from bot.registration import Summary
+    from bot.store import Request
+
+    now = datetime(2026, 1, 5, tzinfo=timezone.utc)
+    request = Request(7, "a1Prod", "U1", "slack", "C1", "", "names", 3, 0, st.AWAITING_APPROVAL, None, None, None, now, None, 0, now, 0, now, now)
+    waiting = blocks.anchor(request, Summary(request, 0, 0, 0, 3, 0))[1]
+    done_request = dataclasses_replace(request, state=st.DONE)
+    done = blocks.anchor(done_request, Summary(done_request, 3, 0, 0, 0, 0), credentials_button=True)[1]
+    failed_check = blocks.check_failed_reply(request, [], 1, 2)[1]
+    shown = action_ids([waiting, done, failed_check])
+    registered = {getattr(blocks, name) for name in re.findall(r"on\(blocks\.(\w+),", SLACK_CODE)}
+    assert shown == registered == set(blocks.ACTION_IDS)
+    assert "@app.view(blocks.VIEW_REGISTER)" in SLACK_CODE
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
