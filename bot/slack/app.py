@@ -133,7 +133,6 @@ def create_app(
     notifier.bind(workflow)
     jobs.bind(workflow)  # type: ignore[attr-defined]
     app = App(
-        token=settings.slack_bot_token,
         signing_secret=settings.slack_signing_secret,
         client=web_client,
         # Listeners ack first and then download, parse and call IoT Platform in this pool: sized so

@@ -1,0 +1,447 @@
+"""The Slack front end as people use it: signed requests over HTTP to the real Bolt app, a local fake
+Slack recording everything the bot sends, and the IoT Platform emulator behind it.
+
+The workflow's steps run when a test says so (``scenario.drive``), on the emulator's manual clock;
+what Bolt's listeners do after their ack is waited for as a condition.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import threading
+import time
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import pytest
+
+from bot import store as st
+from bot.config import Settings
+from bot.jobs import InlineJobs
+from bot.slack import blocks
+from bot.slack.app import Bot, create_app
+from bot.slack.fake import FakeSlack, Workspace, file_input_value, plain_text_value
+
+SIGNING_SECRET = "test-signing-secret-0123456789"
+OPS, NOTICES = "C0OPS", "C0NOTICES"
+ALICE, BOB, CAROL, DAVE = "U0ALICE", "U0BOB", "U0CAROL", "U0DAVE"
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return bool(condition())
+
+
+@dataclass
+class Scenario:
+    emulator: object
+    fake: FakeSlack
+    env: dict
+    bot: Bot | None = None
+    server: WSGIServer | None = None
+    ws: Workspace | None = None
+
+    def start_bot(self) -> None:
+        settings = Settings.from_env(self.env)
+        self.jobs = InlineJobs(self.emulator.clock)
+        self.bot = create_app(settings, clock=self.emulator.clock, jobs=self.jobs)
+        self.bot.start()
+        self.server = make_server("127.0.0.1", 0, self.bot.wsgi(), server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.ws = Workspace(self.fake, SIGNING_SECRET, app_url=f"http://127.0.0.1:{self.server.server_port}/slack/events")
+
+    def stop_bot(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.bot.app.listener_runner.listener_executor.shutdown(wait=True)
+        self.bot.stop()
+
+    @property
+    def store(self):
+        return self.bot.workflow.store
+
+    def request(self, request_id: int = 1) -> st.Request:
+        assert wait_until(lambda: self.store.get(request_id) is not None), f"request #{request_id} was never created"
+        return self.store.get(request_id)
+
+    def wait_state(self, request_id: int, *states: str) -> str:
+        """For what a listener does after its ack (in Bolt's thread pool)."""
+        wait_until(lambda: self.store.get(request_id) is not None and self.store.get(request_id).state in states)
+        return self.store.get(request_id).state
+
+    def drive(self, request_id: int, *states: str) -> str:
+        """Run the workflow (polls, notifications) on the manual clock until the request is in ``states``."""
+        self.request(request_id)  # created by a listener after its ack
+        self.jobs.run_until(lambda: self.store.get(request_id).state in states)
+        self.jobs.run_due()
+        return self.store.get(request_id).state
+
+    def anchor(self, request_id: int = 1) -> dict:
+        ts = self.store.get(request_id).thread_ts
+        assert ts, "no anchor message was posted"
+        return next(m for m in self.fake.messages(OPS) if m["ts"] == ts)
+
+    def replies(self, request_id: int = 1) -> list[dict]:
+        return self.fake.thread(OPS, self.store.get(request_id).thread_ts)
+
+    def upload_devices(self, user: str, content: bytes, name: str = "devices.csv", product_key: str | None = None) -> None:
+        """``user`` runs /devices register, and submits the modal with a file."""
+        answer = self.ws.command(user, OPS, f"register {product_key or self.emulator.product_key}")
+        assert answer.status_code == 200
+        view = self.fake.wait_for(lambda: next(iter(self.fake.views.values()), None))
+        file = self.fake.add_file(content, name=name, filetype=name.rsplit(".", 1)[-1], mimetype="text/csv")
+        submitted = self.ws.submit_view(user, view, {blocks.FILE_BLOCK: {blocks.FILE_BLOCK: file_input_value(file)}})
+        assert submitted.status_code == 200 and not submitted.content.strip()
+
+
+@pytest.fixture
+def scenario(make_emulator, tmp_path):
+    emulator = make_emulator(check_seconds=2, create_seconds=3)
+    fake = FakeSlack(bot_token="xoxb-test-token").start()
+    fake.add_channel(OPS, "iot-ops")
+    fake.add_channel(NOTICES, "iot-notices")
+    fake.usergroups["S0LEADS"] = [CAROL]
+    env = {
+        **emulator.env(),
+        "SLACK_BOT_TOKEN": fake.bot_token,
+        "SLACK_SIGNING_SECRET": SIGNING_SECRET,
+        "SLACK_API_URL": fake.api_url,
+        "IOTREG_DB": str(tmp_path / "iotreg.db"),
+        "IOTREG_NOTIFY_CHANNEL": NOTICES,
+        "IOTREG_APPROVERS": f"{BOB},S0LEADS",
+        "IOTREG_POLL_INTERVAL": "1",
+        "IOTREG_APPROVAL_TTL": "1h",
+        "IOTREG_WORKERS": "4",
+    }
+    scenario = Scenario(emulator, fake, env)
+    scenario.start_bot()
+    yield scenario
+    scenario.stop_bot()
+    fake.stop()
+
+
+def sample_file(n: int, prefix: str = "cam", bad: bool = True) -> bytes:
+    rows = ["DeviceName,DeviceNickname"] + [f"{prefix}-{i:04d},camera_{i}" for i in range(1, n + 1)]
+    if bad:
+        rows += ["ab,", "bad#name,"]
+    return ("\n".join(rows) + "\n").encode()
+
+
+def buttons(message: dict) -> dict[str, dict]:
+    return {e["action_id"]: e for b in message.get("blocks", []) if b["type"] == "actions" for e in b["elements"]}
+
+
+def text_of(message: dict) -> str:
+    parts = [message.get("text", "")]
+    for block in message.get("blocks", []):
+        if block.get("text"):
+            parts.append(block["text"]["text"])
+        for element in block.get("elements", []):
+            if isinstance(element, dict) and "text" in element and isinstance(element["text"], str):
+                parts.append(element["text"])
+    return "\n".join(parts)
+
+
+# -- the conversation ----------------------------------------------------------------------------
+
+
+def test_the_whole_conversation_from_upload_to_registered_devices(scenario):
+    fake, ws = scenario.fake, scenario.ws
+    answer = ws.command(ALICE, OPS, f"register {scenario.emulator.product_key}")
+    assert answer.status_code == 200 and answer.elapsed.total_seconds() < 1.0
+    view = fake.wait_for(lambda: next(iter(fake.views.values()), None))
+    assert view["callback_id"] == blocks.VIEW_REGISTER and scenario.emulator.product_key in str(view["blocks"])
+
+    file = fake.add_file(sample_file(30), name="line-4.csv", filetype="csv", mimetype="text/csv")
+    submitted = ws.submit_view(ALICE, view, {blocks.FILE_BLOCK: {blocks.FILE_BLOCK: file_input_value(file)}})
+    assert submitted.status_code == 200 and submitted.elapsed.total_seconds() < 1.0
+    request = scenario.request(1)
+    assert fake.downloads[-1].authorization == f"Bearer {fake.bot_token}"
+    assert (request.requester, request.channel, request.count, request.rejected_count) == (ALICE, OPS, 30, 2)
+
+    assert scenario.drive(1, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    anchor = scenario.anchor(1)
+    assert set(buttons(anchor)) == {blocks.APPROVE, blocks.REJECT}
+    assert buttons(anchor)[blocks.APPROVE]["style"] == "primary"
+    assert buttons(anchor)[blocks.REJECT]["style"] == "danger" and "confirm" in buttons(anchor)[blocks.REJECT]
+    assert "Waiting for approval" in text_of(anchor) and f"<@{ALICE}>" in text_of(anchor)
+    skipped = text_of(scenario.replies(1)[0])
+    assert "2 lines" in skipped and "line 32" in skipped and "bad#name" in skipped
+
+    ws.click(BOB, anchor, blocks.APPROVE)
+    assert scenario.wait_state(1, st.APPROVED) == st.APPROVED
+    assert scenario.drive(1, st.DONE, st.FAILED) == st.DONE
+    anchor = scenario.anchor(1)
+    assert blocks.APPROVE not in buttons(anchor) and blocks.CREDENTIALS in buttons(anchor)
+    assert f"Approved by <@{BOB}>" in text_of(anchor) and "*30* registered" in text_of(anchor)
+    result = [r for r in scenario.replies(1) if "Request #1:" in text_of(r)]
+    assert len(result) == 1 and "30 registered" in text_of(result[0])
+    uploads = [u for u in fake.uploads.values() if u.channel == OPS]
+    assert len(uploads) == 1 and uploads[0].thread_ts == scenario.store.get(1).thread_ts
+    rows = list(csv.DictReader(io.StringIO(uploads[0].content.decode())))
+    assert len(rows) == 32 and {r["Outcome"] for r in rows} == {"registered", "rejected locally"}
+    assert len(fake.messages(NOTICES)) == 1 and "#1" in fake.messages(NOTICES)[0]["text"]
+    assert len(scenario.emulator.backend.devices(scenario.emulator.product_key)) == 30
+
+
+def test_credentials_go_by_dm_to_requester_and_approvers_only_and_never_to_a_channel(scenario):
+    fake, ws = scenario.fake, scenario.ws
+    scenario.upload_devices(ALICE, sample_file(3, bad=False))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    ws.click(BOB, scenario.anchor(1), blocks.APPROVE)
+    scenario.wait_state(1, st.APPROVED)
+    scenario.drive(1, st.DONE)
+
+    ws.click(DAVE, scenario.anchor(1), blocks.CREDENTIALS)
+    refusal = fake.wait_for(lambda: fake.ephemeral(OPS, DAVE))
+    assert "Only" in refusal[-1]["text"] and not fake.dm(DAVE)
+
+    ws.click(ALICE, scenario.anchor(1), blocks.CREDENTIALS)
+    fake.wait_for(lambda: [u for u in fake.uploads.values() if u.channel == fake.dm_channel(ALICE) and u.completed])
+    dm_upload = next(u for u in fake.uploads.values() if u.channel == fake.dm_channel(ALICE))
+    rows = list(csv.DictReader(io.StringIO(dm_upload.content.decode())))
+    secrets = {d.device_name: d.device_secret for d in scenario.emulator.backend.devices(scenario.emulator.product_key)}
+    assert {(r["DeviceName"], r["DeviceSecret"]) for r in rows} == set(secrets.items())
+    assert "Sent the credentials" in fake.wait_for(lambda: fake.ephemeral(OPS, ALICE))[-1]["text"]
+    everything_in_channels = str([fake.messages(c) for c in (OPS, NOTICES)]) + str(
+        [(u.content, u.initial_comment) for u in fake.uploads.values() if u.channel in (OPS, NOTICES)]
+    ) + str([fake.thread(OPS, m["ts"]) for m in fake.messages(OPS)])
+    assert not any(secret in everything_in_channels for secret in secrets.values())
+
+
+def test_a_failed_check_lists_the_reasons_and_offers_a_retry_with_the_valid_names(scenario):
+    backend, pk = scenario.emulator.backend, scenario.emulator.product_key
+    backend.add_device(pk, "cam-0002")
+    scenario.upload_devices(ALICE, sample_file(4, bad=False))
+    assert scenario.drive(1, st.CHECK_FAILED, st.AWAITING_APPROVAL) == st.CHECK_FAILED
+    reply = scenario.replies(1)[-1]
+    assert "cam-0002" in text_of(reply) and "refused 1 name" in text_of(reply)
+    assert set(buttons(reply)) == {blocks.RETRY_VALID, blocks.CANCEL}
+    assert buttons(reply)[blocks.RETRY_VALID]["text"]["text"] == "Retry with the 3 valid names"
+
+    scenario.ws.click(ALICE, reply, blocks.RETRY_VALID)
+    retry = scenario.request(2)
+    assert retry.retry_of == 1 and retry.count == 3 and retry.channel == OPS
+    assert scenario.drive(2, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    scenario.ws.click(CAROL, scenario.anchor(2), blocks.APPROVE)  # CAROL approves through the S0LEADS group
+    scenario.wait_state(2, st.APPROVED)
+    assert scenario.drive(2, st.DONE) == st.DONE
+
+
+def test_rejection_replaces_the_buttons_and_registers_nothing(scenario):
+    scenario.upload_devices(ALICE, sample_file(2, bad=False))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.ws.click(BOB, scenario.anchor(1), blocks.REJECT)
+    scenario.wait_state(1, st.REJECTED)
+    scenario.jobs.run_due()
+    anchor = scenario.anchor(1)
+    assert not buttons(anchor) and f"Rejected by <@{BOB}>" in text_of(anchor)
+    assert scenario.emulator.backend.devices(scenario.emulator.product_key) == []
+
+
+def test_someone_who_may_not_approve_is_told_why_and_nothing_changes(scenario):
+    scenario.upload_devices(ALICE, sample_file(2, bad=False))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.ws.click(DAVE, scenario.anchor(1), blocks.APPROVE)
+    told = scenario.fake.wait_for(lambda: scenario.fake.ephemeral(OPS, DAVE))
+    assert "not one of the approvers" in told[-1]["text"]
+    assert scenario.store.get(1).state == st.AWAITING_APPROVAL
+    assert [e.event for e in scenario.store.audit(1)][-1] == "approval_denied"
+
+
+def test_the_requester_cannot_approve_their_own_request(scenario):
+    scenario.env["IOTREG_APPROVERS"] = ALICE  # even when listed as an approver
+    scenario.stop_bot()
+    scenario.start_bot()
+    scenario.upload_devices(ALICE, sample_file(2, bad=False))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.ws.click(ALICE, scenario.anchor(1), blocks.APPROVE)
+    told = scenario.fake.wait_for(lambda: scenario.fake.ephemeral(OPS, ALICE))
+    assert "someone else has to approve it" in told[-1]["text"]
+    assert scenario.store.get(1).state == st.AWAITING_APPROVAL
+
+
+def test_two_approvers_clicking_at_once_register_once(scenario):
+    scenario.upload_devices(ALICE, sample_file(3, bad=False))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    anchor = scenario.anchor(1)  # both see the same message
+    clicks = [threading.Thread(target=scenario.ws.click, args=(who, anchor, blocks.APPROVE)) for who in (BOB, CAROL, BOB)]
+    for click in clicks:
+        click.start()
+    for click in clicks:
+        click.join()
+    told = scenario.fake.wait_for(lambda: len(scenario.fake.ephemeral(OPS, BOB) + scenario.fake.ephemeral(OPS, CAROL)) >= 2 or None)
+    assert told and all("already approved" in m["text"] for m in scenario.fake.ephemeral(OPS, BOB) + scenario.fake.ephemeral(OPS, CAROL))
+    assert scenario.drive(1, st.DONE) == st.DONE
+    apply_id = scenario.store.chunks(1)[0].apply_id
+    assert scenario.emulator.backend.application(apply_id).register_calls == 1
+    assert [e.event for e in scenario.store.audit(1)].count("approved") == 1
+
+
+def test_an_unanswered_request_expires_and_the_message_says_so(scenario):
+    scenario.upload_devices(ALICE, sample_file(2, bad=False))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.emulator.clock.advance(3600)
+    assert scenario.drive(1, st.EXPIRED) == st.EXPIRED
+    assert not buttons(scenario.anchor(1)) and "Expired" in text_of(scenario.anchor(1))
+    anchor = scenario.anchor(1)
+    with_buttons = {**next(v for v in anchor["history"] if blocks.APPROVE in buttons(v)), "ts": anchor["ts"]}
+    scenario.ws.click(BOB, with_buttons, blocks.APPROVE)  # from a client that had not refreshed
+    assert "expired" in scenario.fake.wait_for(lambda: scenario.fake.ephemeral(OPS, BOB))[-1]["text"]
+
+
+def test_buttons_on_old_messages_work_after_a_restart(scenario):
+    scenario.upload_devices(ALICE, sample_file(2, bad=False))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    anchor = scenario.anchor(1)
+    scenario.stop_bot()
+    scenario.start_bot()  # a new process over the same database
+    scenario.ws.click(BOB, anchor, blocks.APPROVE)
+    scenario.wait_state(1, st.APPROVED)
+    assert scenario.drive(1, st.DONE) == st.DONE
+    assert "*2* registered" in text_of(scenario.anchor(1))
+
+
+def test_a_click_for_a_request_that_does_not_exist_is_answered(scenario):
+    scenario.upload_devices(ALICE, sample_file(2, bad=False))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.ws.click(BOB, scenario.anchor(1), blocks.APPROVE, value="999")
+    assert "no longer exists" in scenario.fake.wait_for(lambda: scenario.fake.ephemeral(OPS, BOB))[-1]["text"]
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+def test_names_typed_after_the_command_need_no_modal(scenario):
+    answer = scenario.ws.command(ALICE, OPS, f"register {scenario.emulator.product_key} inline-0001 inline-0002 no")
+    assert answer.status_code == 200 and "Checking 2 names" in answer.text
+    request = scenario.request(1)
+    assert request.count == 2 and request.rejected_count == 1
+    assert scenario.drive(1, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    assert not scenario.fake.views
+
+
+def test_platform_named_devices_from_a_count(scenario):
+    answer = scenario.ws.command(ALICE, OPS, f"register {scenario.emulator.product_key} --count 5")
+    assert "5 devices" in answer.text
+    scenario.request(1)
+    scenario.jobs.run_due()
+    scenario.ws.click(BOB, scenario.anchor(1), blocks.APPROVE)
+    scenario.wait_state(1, st.APPROVED)
+    assert scenario.drive(1, st.DONE) == st.DONE
+    assert len(scenario.emulator.backend.devices(scenario.emulator.product_key)) == 5
+
+
+@pytest.mark.parametrize("text", ["", "help", "frobnicate", "register", "status"])
+def test_help_and_mistakes_get_a_short_usage(scenario, text):
+    answer = scenario.ws.command(ALICE, OPS, text)
+    assert answer.status_code == 200
+    assert "/devices register" in answer.text
+
+
+def test_a_malformed_product_key_is_refused_at_once(scenario):
+    answer = scenario.ws.command(ALICE, OPS, "register not-a-key!")
+    assert "is not a ProductKey" in answer.text and not scenario.fake.views
+
+
+def test_status_list_and_cancel(scenario):
+    scenario.upload_devices(ALICE, sample_file(2, bad=False))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    apply_id = scenario.store.chunks(1)[0].apply_id
+    for ref in ("1", "#1", str(apply_id)):
+        assert "Request #1" in scenario.ws.command(DAVE, OPS, f"status {ref}").text
+    assert "no request or ApplyId" in scenario.ws.command(DAVE, OPS, "status 4242").text
+    assert "#1" in scenario.ws.command(DAVE, OPS, "list").text
+    assert "Only" in scenario.ws.command(DAVE, OPS, "cancel 1").text
+    assert "cancelled" in scenario.ws.command(ALICE, OPS, "cancel 1").text
+    assert scenario.store.get(1).state == st.CANCELLED
+
+
+# -- the modal and the file ------------------------------------------------------------------------
+
+
+def test_an_empty_modal_is_answered_with_a_field_error(scenario):
+    scenario.ws.command(ALICE, OPS, f"register {scenario.emulator.product_key}")
+    view = scenario.fake.wait_for(lambda: next(iter(scenario.fake.views.values()), None))
+    answer = scenario.ws.submit_view(ALICE, view, {})
+    assert answer.json()["response_action"] == "errors" and blocks.NAMES_BLOCK in answer.json()["errors"]
+    assert scenario.store.get(1) is None
+
+
+def test_pasted_names_in_the_modal(scenario):
+    scenario.ws.command(ALICE, OPS, f"register {scenario.emulator.product_key}")
+    view = scenario.fake.wait_for(lambda: next(iter(scenario.fake.views.values()), None))
+    scenario.ws.submit_view(ALICE, view, {blocks.NAMES_BLOCK: {blocks.NAMES_BLOCK: plain_text_value("paste-0001\npaste-0002")}})
+    assert scenario.request(1).count == 2
+
+
+def test_a_broken_file_is_explained_to_the_uploader_only(scenario):
+    scenario.upload_devices(ALICE, b"<!DOCTYPE html><html>nope</html>", name="devices.csv")
+    told = scenario.fake.wait_for(lambda: scenario.fake.ephemeral(OPS, ALICE))
+    assert "HTML page" in told[-1]["text"] or "web page" in told[-1]["text"]
+    assert scenario.store.get(1) is None and not scenario.fake.messages(OPS)
+
+
+def test_a_file_on_another_host_is_never_fetched_with_the_token(scenario):
+    scenario.ws.command(ALICE, OPS, f"register {scenario.emulator.product_key}")
+    view = scenario.fake.wait_for(lambda: next(iter(scenario.fake.views.values()), None))
+    file = scenario.fake.add_file(b"evil-0001\n", name="devices.csv")
+    file = {**file, "url_private_download": "http://203.0.113.9/steal/devices.csv", "url_private": "http://203.0.113.9/steal"}
+    scenario.ws.submit_view(ALICE, view, {blocks.FILE_BLOCK: {blocks.FILE_BLOCK: file_input_value(file)}})
+    told = scenario.fake.wait_for(lambda: scenario.fake.ephemeral(OPS, ALICE))
+    assert "not on Slack's file servers" in told[-1]["text"]
+    assert scenario.store.get(1) is None
+
+
+def test_a_redirect_away_from_slack_is_not_followed(scenario):
+    scenario.ws.command(ALICE, OPS, f"register {scenario.emulator.product_key}")
+    view = scenario.fake.wait_for(lambda: next(iter(scenario.fake.views.values()), None))
+    file = scenario.fake.add_file(b"redir-0001\n", name="devices.csv")
+    scenario.fake.add_redirect(file["url_private_download"], "http://203.0.113.9/collect")
+    scenario.ws.submit_view(ALICE, view, {blocks.FILE_BLOCK: {blocks.FILE_BLOCK: file_input_value(file)}})
+    assert "not on Slack's file servers" in scenario.fake.wait_for(lambda: scenario.fake.ephemeral(OPS, ALICE))[-1]["text"]
+
+
+# -- trust and failure --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "bad_signature", "expired"])
+def test_forged_or_stale_requests_are_refused_with_401(scenario, forgery):
+    ws = scenario.ws
+    if forgery == "expired":
+        ws = Workspace(scenario.fake, SIGNING_SECRET, app_url=scenario.ws.app_url, clock=lambda: time.time() - 600)
+    answer = ws.command(ALICE, OPS, f"register {scenario.emulator.product_key} a-forged-1", sign=forgery != "unsigned", bad_signature=forgery == "bad_signature")
+    assert answer.status_code == 401
+    assert scenario.store.get(1) is None
+
+
+def test_slack_outages_delay_messages_but_lose_none_and_post_none_twice(scenario):
+    scenario.fake.fail("chat.postMessage", status=503, times=4)
+    scenario.upload_devices(ALICE, sample_file(2, bad=False))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.jobs.run_until(lambda: bool(scenario.store.get(1).thread_ts), timeout=600)
+    scenario.jobs.run_until(lambda: not list(scenario.store.pending_events()), timeout=600)
+    anchors = [m for m in scenario.fake.messages(OPS) if "Device registration #1" in m.get("text", "")]
+    assert len(anchors) == 1 and set(buttons(anchors[0])) == {blocks.APPROVE, blocks.REJECT}
+
+
+def test_health_endpoint(scenario):
+    import requests
+
+    answer = requests.get(f"http://127.0.0.1:{scenario.server.server_port}/healthz", timeout=5)
+    assert answer.status_code == 200 and answer.json()["database"] == "ok"
