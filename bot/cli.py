@@ -406,6 +406,21 @@ def credentials(apply_id: int, output: Path, product_key: str | None, force: boo
 
 
 @cli.command()
+@click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Your own device list instead of the sample.")
+def demo(file: Path | None) -> None:
+    """Play a whole registration in Slack on this machine: the real bot, the IoT Platform emulator
+    and a stand-in for Slack. Nothing to set up."""
+    from bot.demo import DemoError, run_demo
+    from bot.names import DeviceListError
+
+    try:
+        result = run_demo(file, out=click.echo)
+    except (DemoError, DeviceListError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(0 if result.state == st.DONE else 1)
+
+
+@cli.command()
 @click.option("--port", type=click.IntRange(1, 65535), help="HTTP port [default: PORT or 3000].")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Interface to listen on (HTTP mode).")
 def serve(port: int | None, host: str) -> None:
