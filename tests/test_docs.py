@@ -27,6 +27,9 @@ def test_every_documented_setting_exists():
     assert documented <= set(Settings.ENV_NAMES.values())
 
 
-def test_ci_runs_the_readme_test_command():
-    command = re.search(r"```bash\n(pip install [^\n]+)\n```", README)[1]
-    assert command.rstrip() in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+def test_the_quick_start_is_two_commands_the_demo_and_what_ci_runs():
+    quick_start = re.search(r"## Quick start.*?```bash\n(.*?)```", README, re.DOTALL)[1].strip().splitlines()
+    assert len(quick_start) == 2
+    demo, tests = quick_start
+    assert demo.startswith("pip install") and demo.endswith("iotreg demo")
+    assert tests.startswith("pip install") and tests in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
