@@ -423,22 +423,27 @@ def demo(file: Path | None) -> None:
 @cli.command()
 @click.option("--port", type=click.IntRange(1, 65535), help="HTTP port [default: PORT or 3000].")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Interface to listen on (HTTP mode).")
-def serve(port: int | None, host: str) -> None:
+@click.option("--emulator", "use_emulator", is_flag=True, help="Use a built-in IoT Platform emulator instead of Alibaba Cloud (a trial in a real workspace).")
+def serve(port: int | None, host: str, use_emulator: bool) -> None:
     """Run the Slack bot: HTTP on PORT at POST /slack/events (GET /healthz), or Socket Mode when
     SLACK_APP_TOKEN is set."""
     from bot import server
 
     settings = load_settings()
+    needed = ["slack_bot_token", "slack_signing_secret"] + ([] if use_emulator else ["access_key_id", "access_key_secret"])
     try:
-        settings.require("slack_bot_token", "slack_signing_secret", "access_key_id", "access_key_secret")
+        settings.require(*needed)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    build = server.emulator_bot(settings) if use_emulator else None
+    if use_emulator:
+        click.echo("iotreg: EMULATOR MODE: devices are created on a built-in emulator, not on Alibaba Cloud", err=True)
     if settings.slack_app_token:
         click.echo("iotreg: connecting to Slack over Socket Mode", err=True)
-        server.socket_mode(settings)
+        server.socket_mode(settings, build=build)
     else:
         click.echo(f"iotreg: serving Slack on http://{host}:{port or settings.port}/slack/events", err=True)
-        server.Server(settings, host=host, port=port).run()
+        server.Server(settings, host=host, port=port, build=build).run()
 
 
 @cli.command()

@@ -55,6 +55,33 @@ def _worker_exit(server: Any, worker: Any) -> None:
         _running.pop().stop()
 
 
+EMULATOR_LABEL = ":test_tube: *EMULATOR MODE*: devices are created on iotreg's built-in emulator, not on Alibaba Cloud."
+
+
+def emulator_bot(settings: Settings) -> Any:
+    """A builder of the bot backed by an embedded IoT Platform emulator, every message labelled so."""
+
+    def build() -> Any:
+        import dataclasses
+
+        from bot.aliyun.client import IotClient
+        from bot.emulator import Emulator
+        from bot.slack.app import create_app
+
+        emulator = Emulator(port=0).start()  # built in the serving process, after any fork
+        trial = dataclasses.replace(
+            settings,
+            endpoint=emulator.endpoint,
+            access_key_id=emulator.access_key_id,
+            access_key_secret=emulator.access_key_secret,
+            instance_id=None,
+        )
+        log.warning("emulator mode: IoT Platform calls go to %s (products: %s)", emulator.endpoint, ", ".join(emulator.product_keys))
+        return create_app(trial, iot_client=IotClient.from_settings(trial), label=EMULATOR_LABEL)
+
+    return build
+
+
 def socket_mode(settings: Settings, build: Any = None) -> None:
     """Connect to Slack over Socket Mode (no public URL) and run until interrupted."""
     from slack_bolt.adapter.socket_mode import SocketModeHandler

@@ -85,3 +85,30 @@ def test_serve_runs_the_bot_behind_gunicorn_from_command_to_registered_devices(m
             except subprocess.TimeoutExpired:
                 process.kill()
         assert process.returncode == 0
+
+
+def test_serve_with_the_emulator_labels_every_message(tmp_path):
+    port = free_port()
+    with FakeSlack() as fake:
+        fake.add_channel("C0OPS", "iot-ops")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ALIBABA_CLOUD_", "IOT_"))}
+        env.update({
+            "SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "SLACK_API_URL": fake.api_url,
+            "IOTREG_DB": str(tmp_path / "iotreg.db"), "IOTREG_POLL_INTERVAL": "0.2", "PORT": str(port),
+        })
+        process = subprocess.Popen([sys.executable, "-m", "bot", "serve", "--emulator", "--host", "127.0.0.1"], env=env, cwd=tmp_path,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200)
+            ws = Workspace(fake, SECRET, app_url=f"http://127.0.0.1:{port}/slack/events")
+            ws.command("U0ALICE", "C0OPS", "register a1EmuDemo01 trial-0001 trial-0002")
+            waiting = wait_until(lambda: next((m for m in fake.messages("C0OPS") if "Waiting for approval" in str(m.get("blocks"))), None))
+            assert waiting is not None
+            assert all("EMULATOR MODE" in str(m.get("blocks")) for m in fake.messages("C0OPS"))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        assert "EMULATOR MODE" in process.stdout.read()
