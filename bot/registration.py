@@ -56,6 +56,7 @@ from bot.store import Event, Request, Store
 log = logging.getLogger(__name__)
 
 SYSTEM = "iotreg"  # the actor of automatic steps in the audit trail
+MAX_DELIVERY_ATTEMPTS = 30
 CREATE_FINAL = frozenset({ApplyStatus.CREATE_SUCCESS.value, ApplyStatus.CREATE_FAILED.value})
 #: A chunk status of our own: its register call may or may not have reached the platform.
 UNKNOWN = "UNKNOWN"
@@ -342,15 +343,18 @@ class Workflow:
         valid = [d for d in self.store.devices(request_id) if d.outcome != st.INVALID]
         if not valid:
             raise WorkflowError(f"request #{request_id} has no valid name left to retry")
+        # The retry is still the original requester's request: whoever clicked, they may not
+        # approve it themselves, and the clicker is kept in the audit trail.
         new = self.submit(
             request.product_key,
-            actor,
+            request.requester,
             valid,
             origin=request.origin,
             channel=request.channel,
             retry_of=request_id,
         )
         self.store.record(request_id, actor, "retried", self.clock.now(), {"new_request": new.id})
+        self.store.record(new.id, actor, "retry_of", self.clock.now(), {"request": request_id})
         return new
 
     # -- queries ------------------------------------------------------------------------------
@@ -632,6 +636,14 @@ class Workflow:
                 try:
                     self.notifier.deliver(event)
                 except Exception as exc:  # noqa: BLE001 - the front end's failure must not lose the event
+                    if event.attempts + 1 >= MAX_DELIVERY_ATTEMPTS:
+                        # About two hours of trying: a fault that outlasts that would otherwise hold
+                        # back every later event of the request. Kept in the outbox, with its error.
+                        log.error("giving up on %s of request #%d after %d attempts: %s", event.kind, event.request_id, event.attempts + 1, exc)
+                        self.store.mark_failed(event.id, f"gave up: {type(exc).__name__}: {exc}", now)
+                        self.store.mark_delivered(event.id, now)
+                        blocked.discard(event.request_id)
+                        continue
                     delay = min(300.0, 2.0 ** min(event.attempts, 8))
                     log.warning("delivering %s of request #%d failed (%s); again in %.0fs", event.kind, event.request_id, exc, delay)
                     self.store.mark_failed(event.id, f"{type(exc).__name__}: {exc}", now + timedelta(seconds=delay))

@@ -137,6 +137,14 @@ def m002_register_claim_owner(db: Database) -> None:
     db["chunks"].add_column("claimed_by", str)
 
 
+@migrations()
+def m003_notification_steps(db: Database) -> None:
+    """Steps of a notification already done (so a redelivery repeats none), and a request's
+    Slack channel that turned out unusable."""
+    db["notified_steps"].create({"event_id": int, "step": str}, pk=("event_id", "step"))
+    db["requests"].add_column("slack_error", str)
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """A registration request as stored."""
@@ -161,6 +169,7 @@ class Request:
     errors_in_row: int
     created_at: datetime
     updated_at: datetime
+    slack_error: str | None = None
 
     @property
     def final(self) -> bool:
@@ -603,6 +612,14 @@ class Store:
                 "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_at = ? WHERE id = ?",
                 [error[:500], format_time(next_at), event_id],
             )
+
+    def step_done(self, event_id: int, step: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM notified_steps WHERE event_id = ? AND step = ?", [event_id, step]).fetchone()
+        return row is not None
+
+    def mark_step(self, event_id: int, step: str) -> None:
+        with self._write() as db:
+            db.conn.execute("INSERT OR IGNORE INTO notified_steps (event_id, step) VALUES (?, ?)", [event_id, step])
 
     def delivered_events(self, request_id: int) -> list[Event]:
         rows = self.db.execute(

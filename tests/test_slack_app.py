@@ -217,7 +217,7 @@ def test_credentials_go_by_dm_to_requester_and_approvers_only_and_never_to_a_cha
     rows = list(csv.DictReader(io.StringIO(dm_upload.content.decode())))
     secrets = {d.device_name: d.device_secret for d in scenario.emulator.backend.devices(scenario.emulator.product_key)}
     assert {(r["DeviceName"], r["DeviceSecret"]) for r in rows} == set(secrets.items())
-    assert "Sent the credentials" in fake.wait_for(lambda: fake.ephemeral(OPS, ALICE))[-1]["text"]
+    assert "arrive in a direct message" in fake.wait_for(lambda: fake.ephemeral(OPS, ALICE))[-1]["text"]
     everything_in_channels = str([fake.messages(c) for c in (OPS, NOTICES)]) + str(
         [(u.content, u.initial_comment) for u in fake.uploads.values() if u.channel in (OPS, NOTICES)]
     ) + str([fake.thread(OPS, m["ts"]) for m in fake.messages(OPS)])
@@ -359,17 +359,41 @@ def test_a_malformed_product_key_is_refused_at_once(scenario):
     assert "is not a ProductKey" in answer.text and not scenario.fake.views
 
 
+def answered(scenario, user: str, text: str) -> str:
+    """What /devices answered, after its ack, through the command's response_url."""
+    before = len(scenario.fake.responses)
+    assert scenario.ws.command(user, OPS, text).status_code == 200
+    return scenario.fake.wait_for(lambda: scenario.fake.responses[before:] and scenario.fake.responses[-1].payload["text"])
+
+
 def test_status_list_and_cancel(scenario):
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
     scenario.drive(1, st.AWAITING_APPROVAL)
     apply_id = scenario.store.chunks(1)[0].apply_id
     for ref in ("1", "#1", str(apply_id)):
-        assert "Request #1" in scenario.ws.command(DAVE, OPS, f"status {ref}").text
-    assert "no request or ApplyId" in scenario.ws.command(DAVE, OPS, "status 4242").text
-    assert "#1" in scenario.ws.command(DAVE, OPS, "list").text
-    assert "Only" in scenario.ws.command(DAVE, OPS, "cancel 1").text
-    assert "cancelled" in scenario.ws.command(ALICE, OPS, "cancel 1").text
+        assert "Request #1" in answered(scenario, DAVE, f"status {ref}")
+    assert "no request or ApplyId" in answered(scenario, DAVE, "status 4242")
+    assert "#1" in answered(scenario, DAVE, "list")
+    assert "Only" in answered(scenario, DAVE, "cancel 1")
+    assert "cancelled" in answered(scenario, ALICE, "cancel 1")
     assert scenario.store.get(1).state == st.CANCELLED
+
+
+def test_a_request_from_another_channel_is_not_shown_to_just_anyone(scenario):
+    scenario.fake.add_channel("C0PRIVATE", "secret-project", private=True)
+    scenario.ws.command(ALICE, "C0PRIVATE", f"register {scenario.emulator.product_key} hidden-0001")
+    scenario.request(1)
+    assert "no request or ApplyId" in answered(scenario, DAVE, "status 1")
+    assert "Request #1" in answered(scenario, BOB, "status 1")  # an approver
+
+
+def test_commands_answer_within_the_ack_even_when_slack_is_slow_to_resolve_groups(scenario):
+    scenario.upload_devices(ALICE, sample_file(2, bad=False))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.fake.delay("usergroups.users.list", 4.0)
+    answer = scenario.ws.command(DAVE, OPS, "cancel 1")
+    assert answer.status_code == 200 and answer.elapsed.total_seconds() < 1.0
+    assert "Only" in scenario.fake.wait_for(lambda: scenario.fake.responses and scenario.fake.responses[-1].payload["text"], timeout=15)
 
 
 # -- the modal and the file ------------------------------------------------------------------------
@@ -445,3 +469,76 @@ def test_health_endpoint(scenario):
 
     answer = requests.get(f"http://127.0.0.1:{scenario.server.server_port}/healthz", timeout=5)
     assert answer.status_code == 200 and answer.json()["database"] == "ok"
+
+
+# -- what review found: permanent errors, partial deliveries, double clicks -------------------------
+
+
+def finish_one(scenario, n: int = 2, bad: bool = False) -> None:
+    scenario.upload_devices(ALICE, sample_file(n, bad=bad))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.ws.click(BOB, scenario.anchor(1), blocks.APPROVE)
+    scenario.wait_state(1, st.APPROVED)
+    scenario.drive(1, st.DONE)
+
+
+def results_in_thread(scenario) -> list[dict]:
+    return [r for r in scenario.replies(1) if "Request #1:" in text_of(r)]
+
+
+def test_a_notice_channel_the_bot_is_not_in_does_not_repeat_the_result(scenario):
+    scenario.fake.add_channel(NOTICES, "iot-notices", bot_member=False)
+    finish_one(scenario, n=25)
+    scenario.jobs.run_until(lambda: not list(scenario.store.pending_events()), timeout=3600)
+    assert len(results_in_thread(scenario)) == 1
+    assert len([u for u in scenario.fake.uploads.values() if u.channel == OPS]) == 1
+    assert "notice_failed" in [e.event for e in scenario.store.audit(1)]
+
+
+def test_a_result_file_that_fails_to_upload_is_sent_later_without_repeating_the_reply(scenario):
+    scenario.fake.fail("files.getUploadURLExternal", error="internal_error", times=2)
+    finish_one(scenario, n=25)
+    scenario.jobs.run_until(lambda: not list(scenario.store.pending_events()), timeout=3600)
+    assert len(results_in_thread(scenario)) == 1
+    assert len([u for u in scenario.fake.uploads.values() if u.channel == OPS and u.completed]) == 1
+
+
+def test_a_channel_the_bot_is_not_in_is_explained_to_the_requester_by_dm(scenario):
+    scenario.fake.add_channel("C0NOBOT", "no-bot-here", bot_member=False)
+    answer = scenario.ws.command(ALICE, "C0NOBOT", f"register {scenario.emulator.product_key} lonely-0001")
+    assert answer.status_code == 200
+    scenario.request(1)
+    scenario.jobs.run_until(lambda: bool(scenario.fake.dm(ALICE)), timeout=60)
+    assert "/invite @iotreg" in scenario.fake.dm(ALICE)[-1]["text"]
+    scenario.jobs.run_until(lambda: False, timeout=30)
+    assert scenario.store.get(1).state == st.CANCELLED
+    assert not list(scenario.store.pending_events())
+
+
+def test_a_deleted_request_message_is_posted_again(scenario):
+    from slack_sdk import WebClient
+
+    scenario.upload_devices(ALICE, sample_file(2, bad=False))
+    scenario.drive(1, st.AWAITING_APPROVAL)
+    old = scenario.anchor(1)
+    WebClient(token=scenario.fake.bot_token, base_url=scenario.fake.api_url).chat_delete(channel=OPS, ts=old["ts"])
+    scenario.ws.click(BOB, old, blocks.APPROVE, channel=OPS)  # from a client that still shows it
+    scenario.wait_state(1, st.APPROVED)
+    scenario.drive(1, st.DONE)
+    scenario.jobs.run_until(lambda: not list(scenario.store.pending_events()), timeout=600)
+    assert scenario.store.get(1).thread_ts != old["ts"]
+    assert "*2* registered" in text_of(scenario.anchor(1))
+
+
+def test_a_double_click_on_the_credentials_button_sends_one_file(scenario):
+    finish_one(scenario)
+    scenario.fake.delay("conversations.open", 1.0)  # the export takes a moment
+    anchor = scenario.anchor(1)
+    first = scenario.ws.click(ALICE, anchor, blocks.CREDENTIALS)
+    second = scenario.ws.click(ALICE, anchor, blocks.CREDENTIALS)
+    assert first.elapsed.total_seconds() < 1.0 and second.elapsed.total_seconds() < 1.0
+    told = scenario.fake.wait_for(lambda: len(scenario.fake.ephemeral(OPS, ALICE)) >= 2 and scenario.fake.ephemeral(OPS, ALICE))
+    assert "on its way" in told[-1]["text"]
+    scenario.fake.wait_for(lambda: [u for u in scenario.fake.uploads.values() if u.channel == scenario.fake.dm_channel(ALICE) and u.completed])
+    scenario.bot.deps.background.shutdown(wait=True)
+    assert len([u for u in scenario.fake.uploads.values() if u.channel == scenario.fake.dm_channel(ALICE)]) == 1

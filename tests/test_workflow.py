@@ -384,7 +384,7 @@ def test_an_older_database_is_migrated_in_place_with_its_data(emulator, tmp_path
     old.conn.close()
 
     harness = Harness(emulator, path, Timing(poll_interval=1.0))
-    assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner"]
+    assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner", "m003_notification_steps"]
     assert harness.workflow.resume() == 1  # the old request is picked up where it was
     assert harness.run_until(7, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
     harness.workflow.approve(7, BOB)
@@ -490,3 +490,15 @@ def test_a_status_that_lags_behind_the_register_call_is_not_taken_as_the_end(har
     assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
     assert lagging["left"] == 0
     assert [d.name for d in harness.store.devices(request.id, outcome=st.CREATED)] == names("lag", 2)
+
+
+def test_a_retry_clicked_by_someone_else_is_still_the_requesters_and_they_cannot_approve_it(harness):
+    harness.emulator.backend.add_device(harness.emulator.product_key, "own-0001")
+    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("own", 3), origin="cli")
+    harness.run_until(request.id, st.CHECK_FAILED)
+    retry = harness.workflow.retry_valid(request.id, BOB)  # a colleague clicks Retry
+    assert retry.requester == ALICE
+    harness.run_until(retry.id, st.AWAITING_APPROVAL)
+    with pytest.raises(NotAllowed):
+        harness.workflow.approve(retry.id, ALICE)
+    assert ("U0BOB", "retry_of") in [(e.actor, e.event) for e in harness.store.audit(retry.id)]

@@ -16,6 +16,7 @@ from bot import report
 from bot.registration import Conflict, NotAllowed, NotFound, WorkflowError
 from bot.slack import blocks
 from bot.slack.deps import Deps
+from bot.slack.views import tell
 from bot.store import Request
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def register(app: App, deps: Deps) -> None:
             channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
             answer = dispatch(deps, handle, action.get("value", ""), user)
             if answer and channel:
-                client.chat_postEphemeral(channel=channel, user=user, text=answer)
+                tell(client, channel, user, answer)
 
     on(blocks.APPROVE, approve)
     on(blocks.REJECT, reject)
@@ -95,17 +96,35 @@ def send_credentials(deps: Deps, request: Request, user: str) -> str | None:
     if not deps.approvers.may_see(user, request):
         deps.workflow.store.record(request.id, user, "credentials_denied", deps.workflow.clock.now())
         return f"Only {blocks.user(request.requester)} and the approvers can get the credentials of request #{request.id}."
-    rows = list(deps.workflow.credentials(request.id))
-    if not rows:
-        return f"Request #{request.id} has no registered device."
+    key = (request.id, user)
+    with deps.lock:
+        if key in deps.in_flight:
+            return "Your credentials file is on its way; it will arrive in a direct message."
+        deps.in_flight.add(key)
+    deps.background.submit(export_credentials, deps, request, user)
+    return f"Preparing the credentials of request #{request.id}; they will arrive in a direct message."
+
+
+def export_credentials(deps: Deps, request: Request, user: str) -> None:
+    """Fetch every device's secret from IoT Platform and DM it as a CSV file (never stored)."""
     client = deps.approvers.client
-    dm = client.conversations_open(users=user)["channel"]["id"]
-    client.files_upload_v2(
-        channel=dm,
-        content="".join(report.credentials_csv(rows)),
-        filename=f"credentials-{request.product_key}-{request.id}.csv",
-        title=f"Device credentials, request #{request.id}",
-        initial_comment=f"The credentials of the {len(rows):,} devices of request #{request.id}. Keep this file private; delete this message once you have stored it.",
-    )
-    deps.workflow.store.record(request.id, user, "credentials_sent", deps.workflow.clock.now(), {"devices": len(rows)})
-    return f"Sent the credentials of {len(rows):,} devices to you in a direct message."
+    try:
+        rows = list(deps.workflow.credentials(request.id))
+        dm = client.conversations_open(users=user)["channel"]["id"]
+        if not rows:
+            client.chat_postMessage(channel=dm, text=f"Request #{request.id} has no registered device.")
+            return
+        client.files_upload_v2(
+            channel=dm,
+            content="".join(report.credentials_csv(rows)),
+            filename=f"credentials-{request.product_key}-{request.id}.csv",
+            title=f"Device credentials, request #{request.id}",
+            initial_comment=f"The credentials of the {len(rows):,} devices of request #{request.id}. Keep this file private; delete this message once you have stored it.",
+        )
+        deps.workflow.store.record(request.id, user, "credentials_sent", deps.workflow.clock.now(), {"devices": len(rows)})
+    except Exception as exc:  # noqa: BLE001 - this thread is an edge: the clicker must hear something
+        log.exception("sending the credentials of request #%d failed", request.id)
+        client.chat_postMessage(channel=user, text=f"The credentials of request #{request.id} could not be sent ({type(exc).__name__}); try the button again later.")
+    finally:
+        with deps.lock:
+            deps.in_flight.discard((request.id, user))

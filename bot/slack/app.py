@@ -48,6 +48,7 @@ class Bot:
     jobs: Jobs
     web_client: WebClient
     settings: Settings
+    deps: Deps | None = None
 
     def start(self) -> None:
         """Start the scheduler and resume every unfinished request (one scheduler per deployment)."""
@@ -57,6 +58,8 @@ class Bot:
         log.info("iotreg started; %d unfinished request(s) resumed", resumed)
 
     def stop(self) -> None:
+        if self.deps is not None:
+            self.deps.background.shutdown(wait=True)
         if isinstance(self.jobs, SchedulerJobs):
             self.jobs.shutdown(wait=True)
         self.workflow.close()
@@ -159,4 +162,4 @@ def create_app(
         logger.exception("listener failed: %s", error)
         return BoltResponse(status=200, body="Sorry, that did not work because of an error on iotreg's side; it has been logged.")
 
-    return Bot(app=app, workflow=workflow, jobs=jobs, web_client=web_client, settings=settings)
+    return Bot(app=app, workflow=workflow, jobs=jobs, web_client=web_client, settings=settings, deps=deps)

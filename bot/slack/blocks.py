@@ -294,12 +294,12 @@ def help_text() -> str:
     return "\n".join(
         [
             f"*{COMMAND}* registers IoT devices on Alibaba Cloud IoT Platform, after an approval.",
-            f"• `{COMMAND} register <ProductKey>`: upload a CSV/TXT file or paste names",
-            f"• `{COMMAND} register <ProductKey> name1 name2 …`: names right in the command",
-            f"• `{COMMAND} register <ProductKey> --count N`: N devices named by the platform",
-            f"• `{COMMAND} status <request id or ApplyId>`: where a request stands",
+            f"• `{COMMAND} register &lt;ProductKey&gt;`: upload a CSV/TXT file or paste names",
+            f"• `{COMMAND} register &lt;ProductKey&gt; name1 name2 …`: names right in the command",
+            f"• `{COMMAND} register &lt;ProductKey&gt; --count N`: N devices named by the platform",
+            f"• `{COMMAND} status &lt;request id or ApplyId&gt;`: where a request stands",
             f"• `{COMMAND} list`: recent requests in this channel",
-            f"• `{COMMAND} cancel <request id>`: withdraw a request before it is approved",
+            f"• `{COMMAND} cancel &lt;request id&gt;`: withdraw a request before it is approved",
             f"• `{COMMAND} help`: this message",
         ]
     )

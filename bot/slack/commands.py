@@ -7,7 +7,7 @@ import re
 import shlex
 import uuid
 
-from slack_bolt import Ack, App
+from slack_bolt import Ack, App, Respond
 from slack_sdk import WebClient
 
 from bot import store as st
@@ -22,7 +22,7 @@ MAX_COUNT = 1_000_000
 
 def register(app: App, deps: Deps) -> None:
     @app.command(blocks.COMMAND)
-    def devices(ack: Ack, command: dict, client: WebClient) -> None:
+    def devices(ack: Ack, command: dict, client: WebClient, respond: Respond) -> None:
         try:
             words = shlex.split(command.get("text") or "")
         except ValueError:
@@ -32,18 +32,21 @@ def register(app: App, deps: Deps) -> None:
         if verb == "register":
             register_command(ack, client, deps, command, words[1:])
         elif verb == "status" and len(words) == 2:
-            ack(text=status(deps, words[1]))
+            ack()  # answers come after the ack: they read the database and may ask Slack
+            respond(text=status(deps, words[1], user, channel))
         elif verb == "list":
-            ack(text=listing(deps, channel))
+            ack()
+            respond(text=listing(deps, channel))
         elif verb == "cancel" and len(words) == 2:
-            ack(text=cancel(deps, words[1], user))
+            ack()
+            respond(text=cancel(deps, words[1], user))
         else:
             prefix = "" if verb == "help" else f"I don't know `{blocks.escape(' '.join(words))}`.\n"
             ack(text=prefix + blocks.help_text())
 
 
 def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, args: list[str]) -> None:
-    usage = f"Usage: `{blocks.COMMAND} register <ProductKey>` (then upload a file), add names after it, or `--count N`."
+    usage = f"Usage: `{blocks.COMMAND} register &lt;ProductKey&gt;` (then upload a file), add names after it, or `--count N`."
     if not args:
         ack(text=usage)
         return
@@ -88,8 +91,10 @@ def find_request(deps: Deps, ref: str) -> st.Request | None:
     return deps.workflow.get(number)
 
 
-def status(deps: Deps, ref: str) -> str:
+def status(deps: Deps, ref: str, user: str, channel: str) -> str:
     request = find_request(deps, ref)
+    if request is not None and channel != request.channel and user != request.requester and deps.approvers.why_not(user) is not None:
+        request = None  # a request from another channel is not everyone's to see
     if request is None:
         return f"There is no request or ApplyId `{blocks.escape(ref)}`. `{blocks.COMMAND} list` shows this channel's requests."
     apply_ids = [c.apply_id for c in deps.workflow.store.chunks(request.id) if c.apply_id]

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from urllib.parse import urljoin, urlsplit
 
 import requests
+from urllib3.util import parse_url
 
 from bot.names import DEFAULT_MAX_BYTES, DeviceList, DeviceListError, read_device_file
 
@@ -50,14 +51,12 @@ def fetch_device_list(
     if not url:
         raise DownloadError(f"Slack gave no download address for {name}; upload it again.")
     hosts = allowed_hosts(api_url)
-    insecure_ok = urlsplit(api_url).scheme == "http"  # a local test server
+    insecure_ok = urlsplit(api_url).scheme == "http"  # a local test server: http, and its own port
     session = session or requests.Session()
     response = None
     try:
         for _ in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
-            if (parts.hostname or "").lower() not in hosts or (parts.scheme != "https" and not insecure_ok):
-                raise DownloadError(f"{name} is not on Slack's file servers ({parts.hostname}); it was not downloaded.")
+            url = checked_url(url, hosts, insecure_ok, name)
             response = session.get(url, headers={"Authorization": f"Bearer {token}"}, stream=True, allow_redirects=False, timeout=timeout)
             if response.is_redirect:
                 url = urljoin(url, response.headers.get("Location", ""))
@@ -79,6 +78,32 @@ def fetch_device_list(
     finally:
         if response is not None:
             response.close()
+
+
+def checked_url(url: str, hosts: frozenset[str], insecure_ok: bool, name: str) -> str:
+    """The URL rebuilt from its parts if it may receive the token, else :class:`DownloadError`.
+
+    It is parsed once, with the parser ``requests`` itself uses (urllib3), and the request goes to
+    the URL rebuilt from those parts: no second parser can read another host into it. Anything
+    ambiguous is refused: credentials in the URL, a backslash, a port other than the scheme's.
+    """
+    refused = DownloadError(f"{name} is not on Slack's file servers; it was not downloaded.")
+    if "\\" in url or any(ord(c) < 33 for c in url):
+        raise refused
+    try:
+        parts = parse_url(url)
+    except ValueError:
+        raise refused from None
+    scheme = (parts.scheme or "").lower()
+    host = (parts.host or "").lower().rstrip(".")
+    default_port = {"https": 443, "http": 80}.get(scheme)
+    if parts.auth or host not in hosts or default_port is None or (scheme == "http" and not insecure_ok):
+        raise refused
+    if parts.port not in (None, default_port) and not insecure_ok:
+        raise refused
+    port = f":{parts.port}" if parts.port not in (None, default_port) else ""
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{scheme}://{host}{port}{parts.path or '/'}{query}"
 
 
 def _chunks(response: requests.Response) -> Iterator[bytes]:

@@ -10,12 +10,14 @@ stored), so a repeated event updates rather than posts again.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
 
 from bot import report
 from bot import store as st
-from bot.registration import Workflow
+from bot.registration import Workflow, WorkflowError
 from bot.slack import blocks
 from bot.slack.approvers import Approvers
 from bot.store import Event, Request
@@ -44,32 +46,49 @@ class SlackNotifier:
         self.workflow = workflow
 
     def deliver(self, event: Event) -> None:
+        """Carry out the event's steps that are not done yet; each is recorded once it is."""
         assert self.workflow is not None, "bind() the workflow first"
         request = self.workflow.get(event.request_id)
         if request is None or not request.channel:
             return
-        if event.kind == "created":
-            self._update_anchor(request)
-            if request.rejected_count:
-                self._reply(request, *blocks.rejected_lines_reply(self.workflow.store.rejected_lines(request.id), request.rejected_count))
-        elif event.kind == "check_failed":
-            self._update_anchor(request)
-            summary = self.workflow.summary(request.id)
-            invalid = self.workflow.store.devices(request.id, outcome=st.INVALID, limit=blocks.INLINE_DEVICES)
-            self._reply(request, *blocks.check_failed_reply(request, invalid, summary.invalid, request.count - summary.invalid))
-        elif event.kind == "progress":
-            self._update_anchor(request, progress=(event.payload.get("chunks_done", 0), event.payload.get("chunks", 0)))
-        elif event.kind == "finished":
-            self._update_anchor(request)
-            self._post_result(request)
-        else:  # awaiting_approval, approved, rejected, cancelled, expired, registering
-            self._update_anchor(request)
+        if request.slack_error:
+            if event.kind == "finished":
+                self._once(event, "dm_result", lambda: self._dm_result(request))
+            return
+        store = self.workflow.store
+        steps: list[tuple[str, Callable[[], None]]] = []
+        if event.kind == "progress":
+            steps.append(("anchor", lambda: self._update_anchor(request, progress=(event.payload.get("chunks_done", 0), event.payload.get("chunks", 0)))))
+        else:
+            steps.append(("anchor", lambda: self._update_anchor(request)))
+        if event.kind == "created" and request.rejected_count:
+            steps.append(("skipped", lambda: self._reply(request, *blocks.rejected_lines_reply(store.rejected_lines(request.id), request.rejected_count))))
+        if event.kind == "check_failed":
+            steps.append(("check_failed", lambda: self._check_failed(request)))
+        if event.kind == "finished":
+            steps.append(("result", lambda: self._post_result(request)))
+            steps.append(("result_file", lambda: self._post_result_file(request)))
+            steps.append(("notice", lambda: self._notice(request)))
+        for name, step in steps:
+            try:
+                self._once(event, name, step)
+            except _ChannelUnusable as exc:
+                self._give_up_on_channel(request, exc.error)
+                return
+
+    def _once(self, event: Event, name: str, step: Callable[[], None]) -> None:
+        assert self.workflow is not None
+        if self.workflow.store.step_done(event.id, name):
+            return
+        step()
+        self.workflow.store.mark_step(event.id, name)
 
     # -- steps ------------------------------------------------------------------------------------
 
     def _update_anchor(self, request: Request, progress: tuple[int, int] | None = None) -> None:
-        """Post the anchor the first time, update it after."""
+        """Post the anchor the first time, update it after (and post it again if it was deleted)."""
         assert self.workflow is not None
+        request = self.workflow.get(request.id) or request
         text, content = blocks.anchor(
             request,
             self.workflow.summary(request.id),
@@ -79,9 +98,19 @@ class SlackNotifier:
             label=self.label,
         )
         if request.thread_ts:
-            self.client.chat_update(channel=request.channel, ts=request.thread_ts, text=text, blocks=content)
-            return
-        posted = self.client.chat_postMessage(channel=request.channel, text=text, blocks=content)
+            try:
+                self.client.chat_update(channel=request.channel, ts=request.thread_ts, text=text, blocks=content)
+                return
+            except SlackApiError as exc:
+                if exc.response.get("error") not in ("message_not_found", "cant_update_message"):
+                    raise
+                log.warning("request #%d: its message is gone (%s); posting it again", request.id, exc.response.get("error"))
+        try:
+            posted = self.client.chat_postMessage(channel=request.channel, text=text, blocks=content)
+        except SlackApiError as exc:
+            if exc.response.get("error") in UNUSABLE_CHANNEL:
+                raise _ChannelUnusable(exc.response.get("error")) from exc
+            raise
         self.workflow.store.update_request(request.id, thread_ts=posted["ts"], channel=posted["channel"])
 
     def _reply(self, request: Request, text: str, content: blocks.Blocks, *, broadcast: bool = False) -> None:
@@ -91,25 +120,93 @@ class SlackNotifier:
             content = [blocks.context(self.label), *content]
         self.client.chat_postMessage(channel=request.channel, thread_ts=thread_ts, text=text, blocks=content, reply_broadcast=broadcast)
 
-    def _post_result(self, request: Request) -> None:
+    def _check_failed(self, request: Request) -> None:
+        assert self.workflow is not None
+        summary = self.workflow.summary(request.id)
+        invalid = self.workflow.store.devices(request.id, outcome=st.INVALID, limit=blocks.INLINE_DEVICES)
+        self._reply(request, *blocks.check_failed_reply(request, invalid, summary.invalid, request.count - summary.invalid))
+
+    def _result_reply(self, request: Request) -> tuple[str, blocks.Blocks]:
         assert self.workflow is not None
         store = self.workflow.store
         summary = self.workflow.summary(request.id)
-        total = summary.total + summary.rejected_locally
-        with_file = total > blocks.INLINE_DEVICES
         failed = store.devices(request.id, outcome=st.NOT_CREATED, limit=blocks.INLINE_DEVICES)
         if len(failed) < blocks.INLINE_DEVICES and request.final:
             failed += store.devices(request.id, outcome=st.PENDING, limit=blocks.INLINE_DEVICES - len(failed))
+        with_file = self._with_file(request)
         created = [] if with_file else store.devices(request.id, outcome=st.CREATED)
-        self._reply(request, *blocks.result_reply(summary, failed, created, with_file=with_file))
-        if with_file:
-            thread_ts = self.workflow.get(request.id).thread_ts
-            self.client.files_upload_v2(
-                channel=request.channel,
-                thread_ts=thread_ts,
-                content=report.outcomes_csv(store, request.id),
-                filename=f"registration-{request.id}-{request.product_key}.csv",
-                title=f"Device registration #{request.id}: every device's outcome",
-            )
-        if self.notify_channel:
-            self.client.chat_postMessage(channel=self.notify_channel, text=(f"{self.label} " if self.label else "") + blocks.notice(summary))
+        return blocks.result_reply(summary, failed, created, with_file=with_file)
+
+    def _with_file(self, request: Request) -> bool:
+        assert self.workflow is not None
+        summary = self.workflow.summary(request.id)
+        return summary.total + summary.rejected_locally > blocks.INLINE_DEVICES
+
+    def _post_result(self, request: Request) -> None:
+        self._reply(request, *self._result_reply(request))
+
+    def _post_result_file(self, request: Request, channel: str | None = None, thread_ts: str | None = None) -> None:
+        assert self.workflow is not None
+        if not self._with_file(request):
+            return
+        if channel is None:
+            channel, thread_ts = request.channel, self.workflow.get(request.id).thread_ts
+        self.client.files_upload_v2(
+            channel=channel,
+            thread_ts=thread_ts,
+            content=report.outcomes_csv(self.workflow.store, request.id),
+            filename=f"registration-{request.id}-{request.product_key}.csv",
+            title=f"Device registration #{request.id}: every device's outcome",
+        )
+
+    def _notice(self, request: Request) -> None:
+        """The one-line notice in the team's channel: worth a try, never worth holding the result back."""
+        assert self.workflow is not None
+        if not self.notify_channel:
+            return
+        text = (f"{self.label} " if self.label else "") + blocks.notice(self.workflow.summary(request.id))
+        try:
+            self.client.chat_postMessage(channel=self.notify_channel, text=text)
+        except SlackApiError as exc:
+            error = exc.response.get("error")
+            if error not in UNUSABLE_CHANNEL:
+                raise
+            log.warning("no notice in %s: %s (invite the bot to that channel)", self.notify_channel, error)
+            self.workflow.store.record(request.id, "iotreg", "notice_failed", self.workflow.clock.now(), {"channel": self.notify_channel, "error": error})
+
+    def _give_up_on_channel(self, request: Request, error: str) -> None:
+        """The request's channel cannot take the bot's messages: tell the requester, stop the request."""
+        assert self.workflow is not None
+        self.workflow.store.update_request(request.id, slack_error=error)
+        self.workflow.store.record(request.id, "iotreg", "slack_channel_unusable", self.workflow.clock.now(), {"error": error})
+        stopped = ""
+        try:
+            self.workflow.cancel(request.id, "iotreg")
+            stopped = " The request was cancelled; nothing was registered."
+        except WorkflowError:
+            stopped = " Its result will come to you here."
+        dm = self.client.conversations_open(users=request.requester)["channel"]["id"]
+        self.client.chat_postMessage(
+            channel=dm,
+            text=(
+                f"I could not post device registration #{request.id} in <#{request.channel}> (Slack said `{error}`). "
+                f"Invite me there with `/invite @iotreg`, or use a channel I am in, and run `{blocks.COMMAND}` again.{stopped}"
+            ),
+        )
+
+    def _dm_result(self, request: Request) -> None:
+        assert self.workflow is not None
+        dm = self.client.conversations_open(users=request.requester)["channel"]["id"]
+        text, content = self._result_reply(request)
+        posted = self.client.chat_postMessage(channel=dm, text=text, blocks=content)
+        self._post_result_file(request, channel=dm, thread_ts=posted["ts"])
+
+
+#: Errors that say the request's channel will not take the bot's messages, however often it tries.
+UNUSABLE_CHANNEL = frozenset({"channel_not_found", "not_in_channel", "is_archived", "restricted_action", "no_permission"})
+
+
+class _ChannelUnusable(Exception):
+    def __init__(self, error: str) -> None:
+        super().__init__(error)
+        self.error = error

@@ -6,6 +6,7 @@ import logging
 
 from slack_bolt import Ack, App
 from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError
 
 from bot.names import DeviceList, DeviceListError, parse_pasted
 from bot.slack import blocks
@@ -38,16 +39,32 @@ def register(app: App, deps: Deps) -> None:
             ack(response_action="errors", errors={blocks.FILE_BLOCK: "Upload a .csv or .txt file (save a workbook as CSV first)."})
             return
         ack()
-        channel, product_key = meta["channel"], meta["product_key"]
-        try:
-            devices = read_submission(deps, files, pasted)
-        except DeviceListError as exc:
-            client.chat_postEphemeral(channel=channel, user=user, text=f"Your device list for `{blocks.escape(product_key)}` was not used: {exc.message}")
-            return
-        deps.workflow.submit(
-            product_key, user, devices.devices, origin="slack", channel=channel,
-            rejected=devices.rejected, rejected_count=devices.rejected_count,
-        )
+        deps.background.submit(take_list, deps, client, meta["channel"], meta["product_key"], user, files, pasted)
+
+
+def take_list(deps: Deps, client: WebClient, channel: str, product_key: str, user: str, files: list[dict], pasted: str) -> None:
+    """After the ack: download, read and submit the list, or tell the uploader why not."""
+    try:
+        devices = read_submission(deps, files, pasted)
+    except DeviceListError as exc:
+        tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` was not used: {exc.message}")
+        return
+    except Exception:  # noqa: BLE001 - this thread is an edge: the uploader must hear something
+        log.exception("reading a submitted device list failed")
+        tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` could not be read because of an error on iotreg's side; it has been logged.")
+        return
+    deps.workflow.submit(
+        product_key, user, devices.devices, origin="slack", channel=channel,
+        rejected=devices.rejected, rejected_count=devices.rejected_count,
+    )
+
+
+def tell(client: WebClient, channel: str, user: str, text: str) -> None:
+    """A message for one person: ephemeral in the channel, or by DM if the bot cannot post there."""
+    try:
+        client.chat_postEphemeral(channel=channel, user=user, text=text)
+    except SlackApiError:
+        client.chat_postMessage(channel=user, text=text)
 
 
 def read_submission(deps: Deps, files: list[dict], pasted: str) -> DeviceList:
