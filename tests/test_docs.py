@@ -33,3 +33,17 @@ def test_the_quick_start_is_two_commands_the_demo_and_what_ci_runs():
     demo, tests = quick_start
     assert demo.startswith("pip install") and demo.endswith("iotreg demo")
     assert tests.startswith("pip install") and tests in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("variable", sorted(Settings.ENV_NAMES.values()))
+def test_every_setting_is_in_the_env_example(variable):
+    example = (ROOT / ".env.example").read_text(encoding="utf-8")
+    assert re.search(rf"^#? ?{variable}=", example, re.MULTILINE), f"{variable} missing from .env.example"
+
+
+def test_the_env_example_parses_and_sets_no_secret():
+    from bot.config import read_env_file
+
+    values = read_env_file(ROOT / ".env.example")
+    assert values["ALIBABA_CLOUD_ACCESS_KEY_SECRET"] == "" and values["SLACK_BOT_TOKEN"] == ""
+    Settings.from_env(values)  # every value in it is well-formed
