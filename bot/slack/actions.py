@@ -26,18 +26,26 @@ def register(app: App, deps: Deps) -> None:
     def on(action_id: str, handle: Callable[[Deps, Request, str], str | None]) -> None:
         @app.action(action_id)
         def clicked(ack: Ack, body: dict, action: dict, client: WebClient) -> None:
-            ack()
+            ack()  # the click is checked and carried out off Bolt's listener threads
             user = body["user"]["id"]
             channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
-            answer = dispatch(deps, handle, action.get("value", ""), user)
-            if answer and channel:
-                tell(client, channel, user, answer)
+            deps.background.submit(carry_out, deps, client, handle, action.get("value", ""), user, channel)
 
     on(blocks.APPROVE, approve)
     on(blocks.REJECT, reject)
     on(blocks.RETRY_VALID, retry_valid)
     on(blocks.CANCEL, cancel)
     on(blocks.CREDENTIALS, send_credentials)
+
+
+def carry_out(deps: Deps, client: WebClient, handle: Callable[[Deps, Request, str], str | None], value: str, user: str, channel: str | None) -> None:
+    try:
+        answer = dispatch(deps, handle, value, user)
+    except Exception:  # noqa: BLE001 - this thread is an edge: the clicker must hear something
+        log.exception("a button click failed")
+        answer = "Sorry, that did not work because of an error on iotreg's side; it has been logged."
+    if answer and channel:
+        tell(client, channel, user, answer)
 
 
 def dispatch(deps: Deps, handle: Callable[[Deps, Request, str], str | None], value: str, user: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shlex
 import uuid
@@ -16,6 +17,7 @@ from bot.registration import Conflict, NotFound, WorkflowError
 from bot.slack import blocks
 from bot.slack.deps import Deps
 
+log = logging.getLogger(__name__)
 PRODUCT_KEY = re.compile(r"[A-Za-z0-9]{4,32}")
 MAX_COUNT = 1_000_000
 
@@ -31,15 +33,15 @@ def register(app: App, deps: Deps) -> None:
         user, channel = command["user_id"], command["channel_id"]
         if verb == "register":
             register_command(ack, client, deps, command, words[1:])
-        elif verb == "status" and len(words) == 2:
-            ack()  # answers come after the ack: they read the database and may ask Slack
-            respond(text=status(deps, words[1], user, channel))
+        elif verb in ("status", "cancel") and len(words) == 2:
+            # Answered after the ack, off Bolt's listener threads: they read the database and may
+            # ask Slack, and must never hold up another request's ack.
+            ack()
+            answer = status if verb == "status" else cancel
+            deps.background.submit(reply, respond, answer, deps, words[1], user, channel)
         elif verb == "list":
             ack()
-            respond(text=listing(deps, channel))
-        elif verb == "cancel" and len(words) == 2:
-            ack()
-            respond(text=cancel(deps, words[1], user))
+            deps.background.submit(reply, respond, listing, deps, channel)
         else:
             prefix = "" if verb == "help" else f"I don't know `{blocks.escape(' '.join(words))}`.\n"
             ack(text=prefix + blocks.help_text())
@@ -65,7 +67,7 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
             ack(text=f"`--count` takes a number of devices from 1 to {MAX_COUNT:,}.")
             return
         ack(text=f"Asking for {int(rest[1]):,} devices in `{product_key}`…")
-        deps.workflow.submit_count(product_key, user, int(rest[1]), origin="slack", channel=channel)
+        deps.background.submit(deps.workflow.submit_count, product_key, user, int(rest[1]), origin="slack", channel=channel)
         return
     try:
         devices = parse_pasted(" ".join(rest))
@@ -73,10 +75,20 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
         ack(text=exc.message)
         return
     ack(text=f"Checking {blocks.plural(len(devices.devices), 'name')} for `{product_key}`…")
-    deps.workflow.submit(
-        product_key, user, devices.devices, origin="slack", channel=channel,
+    deps.background.submit(
+        deps.workflow.submit, product_key, user, devices.devices, origin="slack", channel=channel,
         rejected=devices.rejected, rejected_count=devices.rejected_count,
     )
+
+
+def reply(respond: Respond, answer, *args) -> None:
+    """Compute an answer and send it through the command's response_url (in the background pool)."""
+    try:
+        text = answer(*args)
+    except Exception:  # noqa: BLE001 - this thread is an edge: the user must hear something
+        log.exception("answering /devices failed")
+        text = "Sorry, that did not work because of an error on iotreg's side; it has been logged."
+    respond(text=text)
 
 
 def find_request(deps: Deps, ref: str) -> st.Request | None:
@@ -107,7 +119,7 @@ def listing(deps: Deps, channel: str) -> str:
     return blocks.list_text(rows)
 
 
-def cancel(deps: Deps, ref: str, user: str) -> str:
+def cancel(deps: Deps, ref: str, user: str, channel: str = "") -> str:
     request = find_request(deps, ref)
     if request is None:
         return f"There is no request `{blocks.escape(ref)}`."

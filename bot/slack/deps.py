@@ -19,9 +19,9 @@ class Deps:
     allow_self_approval: bool = False
     credentials_dm: bool = True
     label: str = ""  # shown on every message and modal, e.g. in emulator mode
-    #: Slow work after an ack (downloads, credential exports) runs here, not in Bolt's listener
-    #: pool, so no amount of it can delay another request's ack.
-    background: Executor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="slow"))
+    #: Everything after an ack (answers, clicks, downloads, credential exports) runs here, not in
+    #: Bolt's listener pool, so no amount of it can delay another request's ack.
+    background: Executor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="after-ack"))
     #: (request, user) pairs whose credentials file is being prepared: a second click waits.
     in_flight: set[tuple[int, str]] = dataclasses.field(default_factory=set)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)

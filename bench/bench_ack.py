@@ -1,0 +1,187 @@
+"""Ack latency: how fast `iotreg serve` answers Slack, beside a Bolt app that only acks.
+
+Both run under the same production server settings (gunicorn, one gthread worker, IOTREG_WORKERS
+threads), each in its own process, against the same local fake Slack. 50 concurrent streams send
+signed `/devices` commands (help, list, status) and button clicks (Approve on a finished request,
+which the bot must check and answer). Rounds alternate between the two apps so that the machine's
+noise falls on both alike. Targets: p99 under 150 ms, and within 1.3 times the minimal app's p99.
+
+    python bench/bench_ack.py [--streams 50] [--requests 20] [--rounds 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import requests  # noqa: E402
+from common import percentile, report, table  # noqa: E402
+
+from bot.clock import SystemClock  # noqa: E402
+from bot.emulator import Emulator  # noqa: E402
+from bot.slack import blocks  # noqa: E402
+from bot.slack.fake import FakeSlack, Workspace  # noqa: E402
+
+SECRET = "bench-signing-secret"
+OPS = "C0OPS"
+
+
+def serve_minimal(port: int) -> None:
+    """The baseline: a Bolt app that acks every command and click and does nothing else."""
+    from slack_bolt import App
+    from slack_bolt.adapter.wsgi import SlackRequestHandler
+    from slack_sdk import WebClient
+
+    from bot.config import Settings
+    from bot.server import Server
+
+    settings = Settings.from_env(os.environ)
+
+    class Minimal:
+        def __init__(self) -> None:
+            self.app = App(signing_secret=settings.slack_signing_secret, client=WebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url))
+            self.app.command(blocks.COMMAND)(lambda ack: ack(text="ok"))
+            for action_id in blocks.ACTION_IDS:
+                self.app.action(action_id)(lambda ack: ack())
+
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+        def wsgi(self):
+            return SlackRequestHandler(self.app)
+
+    Server(settings, host="127.0.0.1", port=port, build=Minimal).run()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], env: dict, port: int) -> subprocess.Popen:
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            requests.post(f"http://127.0.0.1:{port}/slack/events", timeout=1)
+            return process
+        except requests.RequestException:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"{command} did not start")
+
+
+def load(ws: Workspace, anchor: dict, streams: int, per_stream: int) -> list[float]:
+    """``streams`` concurrent people, each sending ``per_stream`` requests; latencies in ms."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    go = threading.Barrier(streams)
+    texts = ["help", "list", "status 1"]
+
+    def person(n: int) -> None:
+        user = f"U0LOAD{n:03d}"
+        go.wait()
+        for i in range(per_stream):
+            if i % 4 == 3:
+                answer = ws.click(user, anchor, blocks.APPROVE, channel=OPS)
+            else:
+                answer = ws.command(user, OPS, texts[i % 3])
+            assert answer.status_code == 200, answer.status_code
+            with lock:
+                latencies.append(answer.elapsed.total_seconds() * 1000)
+
+    threads = [threading.Thread(target=person, args=(n,)) for n in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=50)
+    parser.add_argument("--requests", type=int, default=20, help="per stream and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--serve-minimal", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_minimal:
+        serve_minimal(args.serve_minimal)
+        return
+    if args.quick:
+        args.streams, args.requests, args.rounds = 10, 4, 1
+
+    emulator = Emulator(clock=SystemClock(), check_seconds=0.1, create_seconds=0.1).start()
+    fake = FakeSlack().start()
+    fake.add_channel(OPS, "iot-ops")
+    workdir = Path(__import__("tempfile").mkdtemp(prefix="iotreg-bench-"))
+    env = {
+        **os.environ, **emulator.env(),
+        "SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "SLACK_API_URL": fake.api_url,
+        "IOTREG_DB": str(workdir / "iotreg.db"), "IOTREG_POLL_INTERVAL": "0.2", "IOTREG_WORKERS": "16",
+        "IOTREG_APPROVERS": "U0BOB",
+    }
+    bot_port, minimal_port = free_port(), free_port()
+    bot = start([sys.executable, "-m", "bot", "serve", "--host", "127.0.0.1", "--port", str(bot_port)], env, bot_port)
+    minimal = start([sys.executable, __file__, "--serve-minimal", str(minimal_port)], env, minimal_port)
+    try:
+        apps = {
+            "iotreg serve": Workspace(fake, SECRET, app_url=f"http://127.0.0.1:{bot_port}/slack/events"),
+            "minimal Bolt app (ack only)": Workspace(fake, SECRET, app_url=f"http://127.0.0.1:{minimal_port}/slack/events"),
+        }
+        # One finished request, so that /devices status and the Approve clicks have something to check.
+        ws = apps["iotreg serve"]
+        ws.command("U0ALICE", OPS, f"register {emulator.product_key} bench-0001 bench-0002")
+        anchor = fake.wait_for(lambda: next((m for m in fake.messages(OPS) if blocks.APPROVE in str(m.get("blocks"))), None), timeout=30)
+        ws.click("U0BOB", anchor, blocks.APPROVE)
+        fake.wait_for(lambda: "registered" in str(fake.messages(OPS)[0].get("blocks")) or None, timeout=30)
+
+        samples: dict[str, list[float]] = {name: [] for name in apps}
+        load(ws, anchor, 5, 4)  # warm both up
+        load(apps["minimal Bolt app (ack only)"], anchor, 5, 4)
+        for _ in range(args.rounds):
+            for name, workspace in apps.items():
+                samples[name] += load(workspace, anchor, args.streams, args.requests)
+    finally:
+        for process in (bot, minimal):
+            process.terminate()
+            process.wait(20)
+        fake.stop()
+        emulator.stop()
+
+    ours, base = samples["iotreg serve"], samples["minimal Bolt app (ack only)"]
+    rows = [
+        [name, len(s), f"{percentile(s, 50):.1f}", f"{percentile(s, 99):.1f}", f"{max(s):.1f}"]
+        for name, s in samples.items()
+    ]
+    ratio = percentile(ours, 99) / percentile(base, 99)
+    verdict = [
+        ["p99 under 150 ms", f"{percentile(ours, 99):.1f} ms", "PASS" if percentile(ours, 99) < 150 else "MISS"],
+        ["p99 within 1.3x the minimal app's", f"{ratio:.2f}x", "PASS" if ratio <= 1.3 else "MISS"],
+    ]
+    report(
+        "Ack latency",
+        f"{args.streams} concurrent streams × {args.requests} requests × {args.rounds} rounds per app (commands and clicks, "
+        "signed), gunicorn 1 worker × 16 threads, load generated on the same machine.\n\n"
+        + table(["app", "requests", "p50 ms", "p99 ms", "max ms"], rows)
+        + "\n\n"
+        + table(["target", "measured", ""], verdict),
+    )
+
+
+if __name__ == "__main__":
+    main()
