@@ -1,0 +1,30 @@
+"""Run every benchmark in bench/, one after the other; each prints its figures and appends them to
+bench/RESULTS.md. Not part of the test suite: a full run takes a few minutes.
+
+    python bench/run.py            # all of them
+    python bench/run.py --quick    # each on a small run: checks the scripts work
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = ["bench_files.py", "bench_client.py", "bench_approval.py", "bench_ack.py"]
+
+
+def main() -> int:
+    failed = []
+    for script in BENCHMARKS:
+        print(f"\n=== {script} ===", flush=True)
+        if subprocess.run([sys.executable, str(HERE / script), *sys.argv[1:]]).returncode != 0:
+            failed.append(script)
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
