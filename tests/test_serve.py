@@ -64,7 +64,7 @@ def test_serve_runs_the_bot_behind_gunicorn_from_command_to_registered_devices(m
 
             ws = Workspace(fake, SECRET, app_url=f"http://127.0.0.1:{port}/slack/events")
             answer = ws.command("U0ALICE", "C0OPS", f"register {emulator.product_key} served-0001 served-0002")
-            assert answer.status_code == 200 and "Checking 2 names" in answer.text
+            assert answer.status_code == 200 and "checking 2 names" in answer.text
 
             def anchor_with(action_id: str):
                 messages = fake.messages("C0OPS")

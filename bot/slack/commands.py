@@ -66,19 +66,22 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
         if len(rest) != 2 or not rest[1].isdigit() or not 1 <= int(rest[1]) <= MAX_COUNT:
             ack(text=f"`--count` takes a number of devices from 1 to {MAX_COUNT:,}.")
             return
-        ack(text=f"Asking for {int(rest[1]):,} devices in `{product_key}`…")
-        deps.background.submit(deps.workflow.submit_count, product_key, user, int(rest[1]), origin="slack", channel=channel)
+        # Stored before the ack (a few milliseconds): once told "asking", the user never loses it.
+        request = deps.workflow.submit_count(product_key, user, int(rest[1]), origin="slack", channel=channel)
+        ack(text=f"Request #{request.id}: asking for {int(rest[1]):,} devices in `{product_key}`…")
         return
     try:
         devices = parse_pasted(" ".join(rest))
     except DeviceListError as exc:
         ack(text=exc.message)
         return
-    ack(text=f"Checking {blocks.plural(len(devices.devices), 'name')} for `{product_key}`…")
-    deps.background.submit(
-        deps.workflow.submit, product_key, user, devices.devices, origin="slack", channel=channel,
+    # Stored before the ack: a command's text holds a few hundred names at most, milliseconds to
+    # store, and once told "checking" the user must never lose the request to a restart.
+    request = deps.workflow.submit(
+        product_key, user, devices.devices, origin="slack", channel=channel,
         rejected=devices.rejected, rejected_count=devices.rejected_count,
     )
+    ack(text=f"Request #{request.id}: checking {blocks.plural(len(devices.devices), 'name')} for `{product_key}`…")
 
 
 def reply(respond: Respond, answer, *args) -> None:
