@@ -35,6 +35,17 @@ log = logging.getLogger(__name__)
 OUTBOX = "outbox"
 
 
+class _SkippedWakes(logging.Filter):
+    """APScheduler warns of every wake skipped because two steps already run; iotreg reschedules
+    those itself (``SchedulerJobs._on_skipped``), so the warning is noise in the bot's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
+logging.getLogger("apscheduler.scheduler").addFilter(_SkippedWakes())
+
+
 def advance_request(workflow: Workflow, request_id: int) -> None:
     """The job behind every request: one step of the workflow."""
     workflow.advance(request_id)

@@ -1,0 +1,222 @@
+"""Crash drill: kill `iotreg serve` with SIGKILL at random moments, start it again, and check that
+nothing was lost or done twice.
+
+The IoT Platform emulator and the fake Slack run in this process (they outlive every kill); the bot
+runs as `iotreg serve` (gunicorn, the real scheduler, SQLite on disk). People send signed
+`/devices register` commands and an approver clicks Approve whenever an Approve button appears,
+retrying while the bot is down. A killer sends SIGKILL every 0.3 to 2.5 seconds (during checks,
+approvals, register calls, polls and posts alike) and starts the bot again. When the kills stop
+and every request has ended, it verifies:
+
+- every request reached a final state;
+- every ApplyId got at most one BatchRegisterDeviceWithApplyId (exactly one if it was registered);
+- every request that was registered got exactly one final result in its thread;
+- every device the platform created is recorded as created on its request, and no recorded device
+  is missing from the platform.
+
+    python drills/crash.py [--requests 40] [--kills 25] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import requests  # noqa: E402
+
+from bot import store as st  # noqa: E402
+from bot.clock import SystemClock  # noqa: E402
+from bot.emulator import Emulator  # noqa: E402
+from bot.slack import blocks  # noqa: E402
+from bot.slack.fake import FakeSlack, Workspace  # noqa: E402
+from bot.store import Store  # noqa: E402
+
+SECRET = "drill-signing-secret"
+OPS = "C0OPS"
+APPROVER = "U0BOB"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Bot:
+    """`iotreg serve` in a child process that can be killed and started again."""
+
+    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
+        self.env, self.port, self.log = env, port, log
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        with self.lock:
+            with self.log.open("a") as out:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "bot", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                    env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: gunicorn's master and worker
+                )
+            self.starts += 1
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the bot did not come back up; see " + str(self.log))
+
+    def kill(self) -> None:
+        with self.lock:
+            if self.process and self.process.poll() is None:
+                # The whole group at once, as when a container or a machine dies: master and worker.
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.process and self.process.poll() is None:
+                self.process.terminate()
+                self.process.wait(20)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--kills", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+
+    folder = Path(tempfile.mkdtemp(prefix="iotreg-drill-"))
+    emulator = Emulator(clock=SystemClock(), check_seconds=0.5, create_seconds=1.0, create_failure_rate=0.02, seed=args.seed).start()
+    fake = FakeSlack().start()
+    fake.add_channel(OPS, "iot-ops")
+    port = free_port()
+    env = {
+        **os.environ, **emulator.env(),
+        "SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "SLACK_API_URL": fake.api_url,
+        "IOTREG_DB": str(folder / "iotreg.db"), "IOTREG_POLL_INTERVAL": "0.2", "IOTREG_POLL_MAX_INTERVAL": "1",
+        "IOTREG_APPROVERS": APPROVER, "IOTREG_CHUNK_SIZE": "25",
+    }
+    bot = Bot(env, port, folder / "bot.log")
+    bot.start()
+    ws = Workspace(fake, SECRET, app_url=f"http://127.0.0.1:{port}/slack/events", timeout=5)
+    started = time.monotonic()
+    done = threading.Event()
+    kills = 0
+    sent_commands = 0
+    command_retries = 0
+
+    def send(fn, *a, **kw):
+        nonlocal command_retries
+        while not done.is_set():
+            try:
+                answer = fn(*a, **kw)
+                if answer.status_code == 200:
+                    return answer
+            except requests.RequestException:
+                pass
+            command_retries += 1
+            time.sleep(0.2)
+        return None
+
+    def people() -> None:
+        nonlocal sent_commands
+        for n in range(args.requests):
+            size = rng.choice([5, 20, 60])  # 60 names: three chunks of 25
+            names = " ".join(f"drill{n:03d}-{i:03d}" for i in range(size))
+            send(ws.command, f"U0USER{n % 7}", OPS, f"register {emulator.product_key} {names}")
+            sent_commands += 1
+            time.sleep(rng.uniform(0, 0.4))
+
+    def approver() -> None:
+        clicked: set[str] = set()
+        while not done.is_set():
+            for message in fake.messages(OPS):
+                if message["ts"] not in clicked and blocks.APPROVE in str(message.get("blocks")):
+                    if send(ws.click, APPROVER, message, blocks.APPROVE):
+                        clicked.add(message["ts"])
+            time.sleep(0.1)
+
+    def killer() -> None:
+        nonlocal kills
+        while not done.is_set() and kills < args.kills:
+            time.sleep(rng.uniform(0.3, 2.5))
+            bot.kill()
+            kills += 1
+            bot.start()
+
+    threads = [threading.Thread(target=t, daemon=True) for t in (people, approver, killer)]
+    for t in threads:
+        t.start()
+    threads[0].join()
+    threads[2].join()
+    store = Store(folder / "iotreg.db")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        requests_now = store.requests(limit=100_000)
+        pending = sum(1 for _ in store.pending_events())
+        if requests_now and all(r.final for r in requests_now) and pending == 0 and sent_commands == args.requests:
+            break
+        time.sleep(0.5)
+    done.set()
+    threads[1].join(5)
+    bot.stop()
+
+    # -- verification -------------------------------------------------------------------------
+    all_requests = store.requests(limit=100_000)
+    states = collections.Counter(r.state for r in all_requests)
+    register_calls = collections.Counter()
+    unaccounted = 0
+    missing = 0
+    duplicate_results = 0
+    missing_results = 0
+    for request in all_requests:
+        apply_ids = [c.apply_id for c in store.chunks(request.id) if c.apply_id]
+        for apply_id in apply_ids:
+            register_calls[emulator.backend.application(apply_id).register_calls] += 1
+        platform = {d.device_name for d in emulator.backend.devices(emulator.product_key) if d.apply_id in apply_ids}
+        recorded = {d.name for d in store.devices(request.id, outcome=st.CREATED)}
+        unaccounted += len(platform - recorded)
+        missing += len(recorded - platform)
+        if request.state in (st.DONE, st.FAILED) and request.decided_by:
+            results = [r for r in fake.thread(OPS, request.thread_ts) if f"Request #{request.id}:" in r.get("text", "")] if request.thread_ts else []
+            duplicate_results += max(0, len(results) - 1)
+            missing_results += 1 if not results else 0
+    created = sum(len(store.devices(r.id, outcome=st.CREATED)) for r in all_requests)
+    print(f"Crash drill (seed {args.seed}) in {time.monotonic() - started:.0f}s: {args.requests} commands sent "
+          f"({command_retries} retries while the bot was down), {kills} SIGKILLs, {bot.starts} starts")
+    print(f"  requests: {len(all_requests)}; final states: {dict(states)}; not final: {sum(1 for r in all_requests if not r.final)}")
+    print(f"  ApplyIds by register calls received: {dict(sorted(register_calls.items()))}  (more than 1: {sum(n for k, n in register_calls.items() if k > 1)})")
+    print(f"  devices created and recorded: {created:,}; created but not recorded: {unaccounted}; recorded but not created: {missing}")
+    print(f"  final results in threads: missing {missing_results}, duplicated {duplicate_results}")
+    ok = (
+        all(r.final for r in all_requests)
+        and not any(k > 1 for k in register_calls)
+        and unaccounted == 0 and missing == 0 and missing_results == 0 and duplicate_results == 0
+    )
+    print("PASS" if ok else "FAIL")
+    emulator.stop()
+    fake.stop()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
