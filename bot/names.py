@@ -94,6 +94,8 @@ _TITLE_WORDS = frozenset(
 _CONTROL_RE = re.compile("[\x00-\x08\x0e-\x19\x1b-\x1f]")
 _CONTROL_BYTES_RE = re.compile(b"[\x00-\x08\x0e-\x19\x1b-\x1f]")
 _NEWLINE_RE = re.compile(r"\r\n|\r|\n")
+# A row of only delimiters and whitespace (an empty spreadsheet row): a blank line.
+_EMPTY_ROW_RE = re.compile(r"[\s,;]*")
 _PASTE_SEPARATORS = re.compile(r"[\s,;\uff0c\uff1b\u3001]+")  # also full-width ， ； and 、
 
 
@@ -283,8 +285,8 @@ class _Collector:
             if not nickname.isascii():
                 nickname = unicodedata.normalize("NFC", nickname)
             reason = validate_nickname(nickname)
-            if reason is not None:
-                self.reject(nickname, reason, line, item)
+            if reason is not None:  # the line is the device's: listed under its name, the reason says why
+                self.reject(name, reason, line, item)
                 return
         if name in self._seen:
             self.duplicates += 1
@@ -517,13 +519,10 @@ class _LineReader:
         if head.startswith(codecs.BOM_UTF16_BE):
             return "utf-16-be", head[2:]
         if b"\x00" in head:
-            # UTF-16 without a BOM: in text of ASCII characters every other byte is zero.
-            even, odd = head[0:256:2], head[1:256:2]
-            if len(head) >= 8 and not odd.strip(b"\x00") and b"\x00" not in even:
-                return "utf-16-le", head
-            if len(head) >= 8 and not even.strip(b"\x00") and b"\x00" not in odd:
-                return "utf-16-be", head
-            raise DeviceListError(self._binary())
+            encoding = _utf16_without_bom(head)
+            if encoding is None:
+                raise DeviceListError(self._binary())
+            return encoding, head
         if _CONTROL_BYTES_RE.search(head):
             raise DeviceListError(self._binary())
         return "utf-8", head
@@ -554,14 +553,42 @@ class _LineReader:
         )
 
 
+def _utf16_without_bom(head: bytes) -> str | None:
+    """"utf-16-le" or "utf-16-be" when ``head`` reads as UTF-16 without a BOM, else None.
+
+    A list is mostly ASCII (names, delimiters, digits), whose high byte is zero: so many zero bytes
+    at odd positions and few at even ones is UTF-16-LE, the other way round UTF-16-BE. Chinese or
+    Japanese characters in between only lower the share. What decodes to control characters (NUL
+    pairs, escapes) is binary data after all.
+    """
+    pairs = len(head) // 2
+    if pairs < 4:
+        return None
+    head = head[: 2 * pairs]
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if odd * 10 > pairs * 3 and even * 10 < pairs:
+        encoding = "utf-16-le"
+    elif even * 10 > pairs * 3 and odd * 10 < pairs:
+        encoding = "utf-16-be"
+    else:
+        return None
+    text = head.decode(encoding, "replace")
+    if _CONTROL_RE.search(text) or "\ufffd" in text[:-1]:  # the last may be half a surrogate pair
+        return None
+    return encoding
+
+
 def _read_lines(reader: _LineReader, subject: _Subject, keep: int) -> DeviceList:
     collector = _Collector(keep)
     batches = iter(reader)
-    # Blank lines and comments may come before the header or the first name.
-    first, line_no, only_comments, rest = "", 0, False, []
+    # Blank lines, empty rows and comments may come before the header or the first name.
+    first, line_no, only_comments, empty_rows, rest = "", 0, False, False, []
     for lines in batches:
         for index, raw in enumerate(lines):
             first = raw.strip()
+            if first and first[0] in ",;" and _EMPTY_ROW_RE.fullmatch(first):
+                empty_rows = True
+                continue
             if first and not first.startswith("#"):
                 line_no = reader.count - len(lines) + index + 1
                 rest = lines[index + 1 :]
@@ -571,9 +598,14 @@ def _read_lines(reader: _LineReader, subject: _Subject, keep: int) -> DeviceList
             continue
         break
     else:
-        raise DeviceListError(
-            f"{subject} has no device names, only comments" if only_comments else f"{subject} is empty"
-        )
+        if only_comments:
+            raise DeviceListError(f"{subject} has no device names, only comments")
+        if empty_rows:
+            raise DeviceListError(
+                f"{subject} has no DeviceName column, only empty rows: put the device names in a column "
+                'titled "DeviceName" (and nicknames in "DeviceNickname"), or list one name a line'
+            )
+        raise DeviceListError(f"{subject} is empty")
     more = chain((rest,), batches)
 
     delimiter, cells = _sniff_header(first)
@@ -588,8 +620,9 @@ def _read_lines(reader: _LineReader, subject: _Subject, keep: int) -> DeviceList
         return collector.result(reader.count, "csv", f"{subject} has a header but no device names")
     if delimiter is not None or keys[0] in _NICK_HEADERS:
         found = ", ".join(repr(c.strip()) for c in cells if c.strip())
+        has = f" (the first line has {found})" if found else ""
         raise DeviceListError(
-            f"{subject} has no DeviceName column (the first line has {found}): put the device names "
+            f"{subject} has no DeviceName column{has}: put the device names "
             'in a column titled "DeviceName" (and nicknames in "DeviceNickname"), or list one name a line'
         )
     # One name a line without a header: this first line is a name already.
@@ -640,8 +673,8 @@ def _unquote(value: str) -> str:
 # a repeat, a quote, whitespace other than spaces and tabs, a header word. They only ever accept
 # lines the line-by-line code would accept the same way.
 _PLAIN_NAMES_RE = re.compile(rf"(?:{_NAME_RE.pattern}\n)*{_NAME_RE.pattern}")
-_ONE_A_LINE_RE = re.compile(rf"^[ \t]*(?:({_NAME_RE.pattern})[ \t]*|)$", re.M)
-_ONE_A_LINE_COMMENTS_RE = re.compile(rf"^[ \t]*(?:({_NAME_RE.pattern})[ \t]*|#.*|)$", re.M)
+_ONE_A_LINE_RE = re.compile(rf"^[ \t]*(?:({_NAME_RE.pattern})[ \t]*|(?:[,;][ \t,;]*)?)$", re.M)
+_ONE_A_LINE_COMMENTS_RE = re.compile(rf"^[ \t]*(?:({_NAME_RE.pattern})[ \t]*|#.*|(?:[,;][ \t,;]*)?)$", re.M)
 
 
 def _read_one_a_line(
@@ -666,6 +699,8 @@ def _read_one_a_line(
         for number, raw in enumerate(lines, start):
             value = raw.strip()
             if not value or (comments and value[0] == "#"):
+                continue
+            if value[0] in ",;" and _EMPTY_ROW_RE.fullmatch(value):
                 continue
             if value[0] == '"':
                 value = _unquote(value)

@@ -2,7 +2,7 @@
 
 Both are CSV that operators open in a spreadsheet, so no cell may run as a formula there: a value
 that begins with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is written with a leading
-``'`` (OWASP's advice for CSV injection), unless it is a valid DeviceName, whose characters
+``'`` (OWASP's advice for CSV injection), unless it is a valid DeviceName in the DeviceName column, whose characters
 (``A-Z a-z 0-9 - _ @ . :``) cannot form a formula that does anything, and which provisioning
 scripts must read back unchanged.
 """
@@ -33,15 +33,18 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_@.:")
 
 
-def safe_cell(value: object) -> str:
-    """``value`` as text a spreadsheet shows as text."""
+def safe_cell(value: object, *, device_name: bool = False) -> str:
+    """``value`` as text a spreadsheet shows as text. ``device_name``: the DeviceName column, where a
+    valid name stays byte for byte (scripts read it back)."""
     text = "" if value is None else str(value)
-    if text.startswith(_FORMULA_START) and not (4 <= len(text) <= 32 and set(text) <= _NAME_CHARS):
+    if text.startswith(_FORMULA_START) and not (device_name and 4 <= len(text) <= 32 and set(text) <= _NAME_CHARS):
         return "'" + text
     return text
 
 
 def _rows_to_csv(header: Iterable[str], rows: Iterable[Iterable[object]]) -> Iterator[str]:
+    header = list(header)
+    name_column = header.index("DeviceName")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(header)
@@ -49,7 +52,7 @@ def _rows_to_csv(header: Iterable[str], rows: Iterable[Iterable[object]]) -> Ite
     for row in rows:
         buffer.seek(0)
         buffer.truncate()
-        writer.writerow([safe_cell(v) for v in row])
+        writer.writerow([safe_cell(v, device_name=i == name_column) for i, v in enumerate(row)])
         yield buffer.getvalue()
 
 

@@ -15,6 +15,12 @@ and every request has ended, it verifies:
   is missing from the platform.
 
     python drills/crash.py [--requests 40] [--kills 25] [--seed N]
+    python drills/crash.py --kills 0 --platform-faults 0.3 --slack-faults 0.3   # faults, no kills
+
+``--platform-faults R`` has the emulator answer a share R of calls with 500/503 (half of them after
+acting, the answer lost), R/2 with Throttling.User, and add up to 0.3 s to calls;
+``--slack-faults R`` has the fake Slack answer a share R of posts, updates and uploads with 429
+(Retry-After 1), 500 or 503. Requests must still end, done or failed with the reason in the thread.
 """
 
 from __future__ import annotations
@@ -101,11 +107,20 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--kills", type=int, default=25)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--platform-faults", type=float, default=0.0)
+    parser.add_argument("--slack-faults", type=float, default=0.0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
     folder = Path(tempfile.mkdtemp(prefix="iotreg-drill-"))
     emulator = Emulator(clock=SystemClock(), check_seconds=0.5, create_seconds=1.0, create_failure_rate=0.02, seed=args.seed).start()
+    if args.platform_faults:
+        from bot.emulator import FaultPlan
+
+        emulator.gateway.faults = FaultPlan(
+            error_rate=args.platform_faults, throttle_rate=args.platform_faults / 2, errors_take_effect=0.5,
+            latency=0.3 * args.platform_faults, real_sleep=True, seed=args.seed,
+        )
     fake = FakeSlack().start()
     fake.add_channel(OPS, "iot-ops")
     port = free_port()
@@ -163,15 +178,33 @@ def main() -> int:
             kills += 1
             bot.start()
 
+    slack_faults = 0
+    calm = threading.Event()  # set once every request has ended: Slack recovers, the outbox drains
+
+    def slack_chaos() -> None:
+        """About once a second, with chance R, make one of the bot's Slack methods fail 1-3 times."""
+        nonlocal slack_faults
+        methods = ["chat.postMessage", "chat.update", "chat.postEphemeral", "files.getUploadURLExternal", "files.completeUploadExternal", "files.upload"]
+        while not calm.is_set() and args.slack_faults:
+            if rng.random() < args.slack_faults:
+                status = rng.choice([429, 500, 503])
+                fake.fail(rng.choice(methods), status=status, retry_after=1, times=rng.randint(1, 3))
+                slack_faults += 1
+            time.sleep(1.0)
+
+    threading.Thread(target=slack_chaos, daemon=True).start()
     threads = [threading.Thread(target=t, daemon=True) for t in (people, approver, killer)]
     for t in threads:
         t.start()
     threads[0].join()
     threads[2].join()
     store = Store(folder / "iotreg.db")
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         requests_now = store.requests(limit=100_000)
+        if requests_now and all(r.final for r in requests_now) and sent_commands == args.requests:
+            calm.set()
+            fake.clear_faults()
         pending = sum(1 for _ in store.pending_events())
         if requests_now and all(r.final for r in requests_now) and pending == 0 and sent_commands == args.requests:
             break
@@ -196,6 +229,8 @@ def main() -> int:
         recorded = {d.name for d in store.devices(request.id, outcome=st.CREATED)}
         unaccounted += len(platform - recorded)
         missing += len(recorded - platform)
+        if request.state == st.FAILED and not request.reason:
+            missing_results += 1  # a failure must say why
         if request.state in (st.DONE, st.FAILED) and request.decided_by:
             results = [r for r in fake.thread(OPS, request.thread_ts) if f"Request #{request.id}:" in r.get("text", "")] if request.thread_ts else []
             duplicate_results += max(0, len(results) - 1)
@@ -203,7 +238,12 @@ def main() -> int:
     created = sum(len(store.devices(r.id, outcome=st.CREATED)) for r in all_requests)
     print(f"Crash drill (seed {args.seed}) in {time.monotonic() - started:.0f}s: {args.requests} commands sent "
           f"({command_retries} retries while the bot was down), {kills} SIGKILLs, {bot.starts} starts")
+    faults = sum(n for (_, code), n in emulator.gateway.outcomes.items() if code != "Success")
+    print(f"  faults injected: IoT Platform {faults:,} error answers; Slack {slack_faults:,} failing methods")
     print(f"  requests: {len(all_requests)}; final states: {dict(states)}; not final: {sum(1 for r in all_requests if not r.final)}")
+    for request in all_requests:
+        if request.state == st.FAILED:
+            print(f"    #{request.id} failed: {request.reason}")
     print(f"  ApplyIds by register calls received: {dict(sorted(register_calls.items()))}  (more than 1: {sum(n for k, n in register_calls.items() if k > 1)})")
     print(f"  devices created and recorded: {created:,}; created but not recorded: {unaccounted}; recorded but not created: {missing}")
     print(f"  final results in threads: missing {missing_results}, duplicated {duplicate_results}")

@@ -538,11 +538,6 @@ def test_garbage_commands_leave_the_bot_working(bot_under_fire):
     bot_under_fire.assert_still_working()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/slack/commands.py find_request and register_command: str.isdigit() accepts '²' and "
-    "numbers past SQLite's INTEGER, so int() or the query raises and the user gets the generic error",
-)
 @pytest.mark.parametrize("text", ["status ²", "cancel ²", "status 99999999999999999999", f"register {PRODUCT} --count ²"])
 def test_a_number_that_is_not_one_is_answered_as_such(bot_under_fire, text):
     assert GENERIC_ERROR not in answered(bot_under_fire, text)
@@ -586,11 +581,6 @@ def test_a_signed_body_that_is_no_interaction_is_refused_without_a_500(bot_under
     bot_under_fire.assert_still_working()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/slack/app.py Bot.wsgi: an exception raised by Bolt before any listener (a payload that "
-    "is not JSON, an empty actions list) escapes the WSGI app and wsgiref answers HTTP 500",
-)
 @pytest.mark.parametrize("case", ["payload is not JSON", "payload is empty", "actions is empty"])
 def test_a_signed_payload_bolt_cannot_parse_is_not_answered_with_a_500(bot_under_fire, case):
     fire = bot_under_fire
@@ -613,11 +603,6 @@ def test_a_button_value_that_is_no_request_number_is_explained(bot_under_fire, v
     fire.assert_still_working()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/slack/actions.py dispatch: value.isdigit() accepts '²' (int() raises) and 20-digit numbers "
-    "(SQLite raises OverflowError): the clicker is told of an error on iotreg's side",
-)
 @pytest.mark.parametrize("value", ["²", "99999999999999999999"])
 def test_a_tampered_number_in_a_button_is_explained(bot_under_fire, value):
     fire = bot_under_fire
@@ -663,11 +648,6 @@ def test_a_submission_whose_metadata_is_garbage_is_told_to_start_again(bot_under
     fire.assert_still_working()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/slack/commands.py metadata_of returns any JSON value, not only an object; views.py then "
-    "calls .get on a list/int/str/None and the modal gets a plain-text error body Slack cannot show",
-)
 @pytest.mark.parametrize("metadata", ["[1, 2]", "null", "42", '"C0OPS"'])
 def test_a_submission_whose_metadata_is_not_an_object_is_told_to_start_again(bot_under_fire, metadata):
     payload = bot_under_fire.submission()

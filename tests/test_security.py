@@ -345,11 +345,6 @@ def test_outcome_and_credentials_csv_neutralise_every_formula_from_the_platform(
     assert [r["IotId"] for r in rows] == ["'" + v for v in HOSTILE_TEXT]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/report.py safe_cell: the exemption for valid DeviceNames applies in every column, so a "
-    "nickname, reason or IotId such as -Pump or @Pump reaches the spreadsheet as a formula",
-)
 def test_only_the_devicename_column_keeps_name_shaped_values_that_start_like_a_formula(tmp_path):
     name_shaped = ["-Pump", "@Pump", "-1-1", "@A1:A9", "-Pump", "@Pump", "-1-1"]
     store, request_id = report_of(tmp_path, [None, *name_shaped[1:]], name_shaped, name_shaped, [])
@@ -457,12 +452,6 @@ def test_a_forged_submission_for_another_channel_and_product_registers_and_appro
     assert scenario.emulator.backend.devices(PRODUCT) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/slack/views.py submitted: private_metadata is trusted as is (its 'user' is never compared "
-    "with the submitter, its product_key never re-checked), so a forged one opens a request in a channel "
-    "the submitter is not in and he is told nothing",
-)
 def test_a_forged_submission_for_another_channel_is_refused_in_the_modal(scenario):
     answer = forge(scenario, DAVE, ELSEWHERE)
     scenario.jobs.run_due()
@@ -471,15 +460,12 @@ def test_a_forged_submission_for_another_channel_is_refused_in_the_modal(scenari
     assert scenario.store.get(1) is None and not scenario.fake.messages(PRIVATE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/slack/blocks.py anchor()/notice(): the fallback text and the notice put product_key into "
-    "mrkdwn unescaped; only the modal's path (unchecked private_metadata) can bring one with <!channel>",
-)
-def test_a_product_key_from_a_forged_submission_cannot_ping_the_channel(scenario):
-    forge(scenario, DAVE, {**ELSEWHERE, "channel": OPS, "user": DAVE, "product_key": "<!channel>"})
-    scenario.request(1)
-    scenario.jobs.run_until(lambda: scenario.store.get(1).final)
-    scenario.jobs.run_until(lambda: not list(scenario.store.pending_events()), timeout=600)
-    posted = [c.params for c in scenario.fake.calls if c.method in ("chat.postMessage", "chat.update")]
-    assert posted and not [p for p in posted if "<!channel>" in json.dumps(p)]
+def test_a_product_key_can_never_ping_a_channel():
+    """Whatever reaches a message as a ProductKey (the modal now refuses such a key) is shown, not run."""
+    from bot.registration import Summary
+
+    now = datetime(2026, 1, 5, tzinfo=timezone.utc)
+    request = st.Request(1, "<!channel>", ALICE, "slack", OPS, "", "names", 2, 0, st.DONE, None, BOB, now, None, None, 0, now, 0, now, now)
+    summary = Summary(request, 2, 0, 0, 0, 0)
+    text, content = blocks.anchor(request, summary)
+    assert "<!channel>" not in text + json.dumps(content) + blocks.notice(summary)

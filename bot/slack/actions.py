@@ -7,6 +7,7 @@ can still take it); a click that changes nothing is answered, ephemerally, with 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 from slack_bolt import Ack, App
@@ -49,7 +50,7 @@ def carry_out(deps: Deps, client: WebClient, handle: Callable[[Deps, Request, st
 
 
 def dispatch(deps: Deps, handle: Callable[[Deps, Request, str], str | None], value: str, user: str) -> str | None:
-    if not value.isdigit():
+    if not re.fullmatch(r"[0-9]{1,18}", value or ""):
         return "This button is not tied to a registration request."
     request = deps.workflow.get(int(value))
     if request is None:

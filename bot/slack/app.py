@@ -84,7 +84,12 @@ class Bot:
                 ok, body = self.health()
                 start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "application/json")])
                 return [json.dumps(body).encode()]
-            return handler(environ, start_response)
+            try:
+                return handler(environ, start_response)
+            except Exception:  # noqa: BLE001 - the edge: Bolt could not parse a signed body
+                log.exception("a request Bolt could not handle")
+                start_response("400 Bad Request", [("Content-Type", "text/plain; charset=utf-8")])
+                return [b"iotreg could not read this request"]
 
         return application
 

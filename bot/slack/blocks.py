@@ -184,7 +184,7 @@ def anchor(
                 "elements": [button("Send me the device credentials", CREDENTIALS, str(request.id))],
             }
         )
-    text = f"Device registration #{request.id} ({request.product_key}): {request.state.replace('_', ' ')}"
+    text = f"Device registration #{request.id} ({escape(request.product_key)}): {request.state.replace('_', ' ')}"
     return text, blocks
 
 
@@ -240,7 +240,7 @@ def result_reply(summary: Summary, failed: Sequence[DeviceRow], created: Sequenc
 def notice(summary: Summary, permalink_hint: str = "") -> str:
     request = summary.request
     return (
-        f"Device registration #{request.id} in product {request.product_key} ({user(request.requester)}): "
+        f"Device registration #{request.id} in product {escape(request.product_key)} ({user(request.requester)}): "
         f"{request.state.replace('_', ' ')}. {outcome_line(summary).replace('*', '')}{permalink_hint}"
     )
 

@@ -63,7 +63,7 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
         client.views_open(trigger_id=command["trigger_id"], view=blocks.register_modal(product_key, metadata, deps.label))
         return
     if rest[0] == "--count":
-        if len(rest) != 2 or not rest[1].isdigit() or not 1 <= int(rest[1]) <= MAX_COUNT:
+        if len(rest) != 2 or not re.fullmatch(r"[0-9]{1,7}", rest[1]) or not 1 <= int(rest[1]) <= MAX_COUNT:
             ack(text=f"`--count` takes a number of devices from 1 to {MAX_COUNT:,}.")
             return
         # Stored before the ack (a few milliseconds): once told "asking", the user never loses it.
@@ -94,12 +94,15 @@ def reply(respond: Respond, answer, *args) -> None:
     respond(text=text)
 
 
+NUMBER = re.compile(r"#?([0-9]{1,18})")  # ASCII digits only, and within SQLite's INTEGER
+
+
 def find_request(deps: Deps, ref: str) -> st.Request | None:
     """A request by its number (``12``, ``#12``) or by one of its ApplyIds."""
-    ref = ref.lstrip("#")
-    if not ref.isdigit():
+    match = NUMBER.fullmatch(ref)
+    if not match:
         return None
-    number = int(ref)
+    number = int(match[1])
     chunk = deps.workflow.store.chunk_for_apply_id(number)
     if chunk is not None:
         return deps.workflow.get(chunk.request_id)
@@ -136,7 +139,9 @@ def cancel(deps: Deps, ref: str, user: str, channel: str = "") -> str:
 
 
 def metadata_of(view: dict) -> dict:
+    """The modal's private_metadata, or ``{}`` when it is not the object iotreg put there."""
     try:
-        return json.loads(view.get("private_metadata") or "{}")
+        meta = json.loads(view.get("private_metadata") or "{}")
     except ValueError:
         return {}
+    return meta if isinstance(meta, dict) else {}

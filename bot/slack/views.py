@@ -10,7 +10,7 @@ from slack_sdk.errors import SlackApiError
 
 from bot.names import DeviceList, DeviceListError, parse_pasted
 from bot.slack import blocks
-from bot.slack.commands import metadata_of
+from bot.slack.commands import PRODUCT_KEY, metadata_of
 from bot.slack.deps import Deps
 from bot.slack.files import fetch_device_list
 
@@ -22,11 +22,18 @@ def register(app: App, deps: Deps) -> None:
     @app.view(blocks.VIEW_REGISTER)
     def submitted(ack: Ack, body: dict, view: dict, client: WebClient) -> None:
         meta = metadata_of(view)
-        values = view.get("state", {}).get("values", {})
+        values = (view.get("state") or {}).get("values") or {}
         files = ((values.get(blocks.FILE_BLOCK) or {}).get(blocks.FILE_BLOCK) or {}).get("files") or []
         pasted = ((values.get(blocks.NAMES_BLOCK) or {}).get(blocks.NAMES_BLOCK) or {}).get("value") or ""
-        user = body["user"]["id"]
-        if not meta.get("channel") or not meta.get("product_key"):
+        user = (body.get("user") or {}).get("id") if isinstance(body.get("user"), dict) else None
+        # The context must be the one iotreg put there for this person: the submitter named in it,
+        # a ProductKey that passes the command's check.
+        if (
+            not user
+            or not meta.get("channel")
+            or meta.get("user") != user
+            or not PRODUCT_KEY.fullmatch(str(meta.get("product_key", "")))
+        ):
             ack(response_action="errors", errors={blocks.NAMES_BLOCK: "This form has lost its context; run /devices register again."})
             return
         if not files and not pasted.strip():
