@@ -734,18 +734,124 @@ def _read_csv_rows(
 ) -> None:
     pattern = _csv_row_pattern(delimiter, name_at, nick_at)
     nick_first = nick_at is not None and nick_at < name_at
+    rows = _CsvRows(collector, delimiter, name_at, nick_at)
     for lines in batches:
         start, line_no = line_no, line_no + len(lines)
-        if _csv_batch(lines, start, collector, pattern, nick_at is not None, nick_first):
+        if not rows.open and _csv_batch(lines, start, collector, pattern, nick_at is not None, nick_first):
             continue
+        rows.feed(lines, start)
+    rows.finish()
+
+
+#: Lines a quoted cell may run over before its opening quote is taken for one never closed.
+_QUOTED_LINES_MAX = 100
+_LINE_BREAK_REASON = "a line break inside quotes (lines {} to {}): a name or nickname cannot span lines"
+_NEVER_CLOSED_REASON = 'a quote (") opened on this line is never closed: close it or delete it'
+
+
+def _csv_line_patterns(delimiter: str) -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+    """Patterns whose fullmatch tells, as the csv module reads (skipinitialspace, not strict), that
+    rows are complete at the end of their lines: for a line that starts a row, for a line that
+    starts inside a quoted cell, and for lines joined with "\\n". A row that is not complete at the
+    end of its line ends inside quotes."""
+    d = re.escape(delimiter)
+    after_quote = rf'"(?:[^"{d}\n][^{d}\n]*)?'  # the closing quote; anything after it is plain text
+    cell = rf' *(?:"(?:[^"\n]|"")*{after_quote}|[^ "{d}\n][^{d}\n]*)?'
+    row = rf"{cell}(?:{d}{cell})*"
+    closing = rf'(?:[^"\n]|"")*{after_quote}(?:{d}{cell})*'
+    return re.compile(row), re.compile(closing), re.compile(rf"(?:{row}\n)*{row}")
+
+
+class _CsvRows:
+    """CSV rows line by line (the reference behaviour the fast path must match).
+
+    A quoted cell may run over line breaks: its row is read from all its physical lines and counted
+    at the first. A name or nickname with a line break in it is rejected; a line break in another
+    column is allowed. A quote still open after :data:`_QUOTED_LINES_MAX` lines, or at the end of
+    the file, rejects the line that opened it, and the lines after it are read as rows again.
+    """
+
+    def __init__(self, collector: _Collector, delimiter: str, name_at: int, nick_at: int | None) -> None:
+        self._collector = collector
+        self._delimiter = delimiter
+        self._name_at = name_at
+        self._nick_at = nick_at
+        self._complete, self._closing, self._all_complete = _csv_line_patterns(delimiter)
+        self.open: list[str] = []  # the lines so far of a row that ends inside quotes
+        self._open_at = 0
+
+    def feed(self, lines: list[str], start: int) -> None:
+        if not self.open:
+            joined = "\n".join(lines)
+            if '"' not in joined:
+                self._rows(lines, start, [raw.split(self._delimiter) for raw in lines])
+                return
+            if self._all_complete.fullmatch(joined):  # no quote left open: one csv reader for all
+                try:
+                    parsed = list(csv.reader(lines, delimiter=self._delimiter, skipinitialspace=True, strict=False))
+                except csv.Error:  # a quoted value over the csv module's field size limit: line by line
+                    pass
+                else:
+                    self._rows(lines, start, parsed)
+                    return
         for number, raw in enumerate(lines, start):
-            cells = raw.split(delimiter) if '"' not in raw else _split(raw, delimiter)
+            if self.open:
+                self.open.append(raw)
+                if self._closing.fullmatch(raw):
+                    self._quoted_row()
+                elif len(self.open) > _QUOTED_LINES_MAX:
+                    self._never_closed()
+            elif '"' in raw and not self._complete.fullmatch(raw):
+                self.open, self._open_at = [raw], number
+            else:
+                self._row(raw, number)
+
+    def finish(self) -> None:
+        while self.open:
+            self._never_closed()
+
+    def _rows(self, lines: list[str], start: int, parsed: list[list[str]]) -> None:
+        """Rows of one line each, with their cells."""
+        name_at, nick_at, add = self._name_at, self._nick_at, self._collector.add
+        for number, (raw, cells) in enumerate(zip(lines, parsed, strict=True), start):
             name = cells[name_at].strip() if name_at < len(cells) else ""
             nickname = cells[nick_at].strip() if nick_at is not None and nick_at < len(cells) else ""
             if name:
-                collector.add(name, nickname or None, number)
+                add(name, nickname or None, number)
             elif any(c.strip() for c in cells):
-                collector.reject(raw.strip(), "no DeviceName on this line", number)
+                self._collector.reject(raw.strip(), "no DeviceName on this line", number)
+
+    def _cells(self, row: str) -> tuple[list[str], str, str]:
+        cells = row.split(self._delimiter) if '"' not in row else _split(row, self._delimiter)
+        name = cells[self._name_at].strip() if self._name_at < len(cells) else ""
+        nick_at = self._nick_at
+        nickname = cells[nick_at].strip() if nick_at is not None and nick_at < len(cells) else ""
+        return cells, name, nickname
+
+    def _row(self, raw: str, number: int) -> None:
+        cells, name, nickname = self._cells(raw)
+        if name:
+            self._collector.add(name, nickname or None, number)
+        elif any(c.strip() for c in cells):
+            self._collector.reject(raw.strip(), "no DeviceName on this line", number)
+
+    def _quoted_row(self) -> None:
+        lines, first = self.open, self._open_at
+        self.open = []
+        row = "\n".join(lines)
+        cells, name, nickname = self._cells(row)
+        if "\n" in name or "\n" in nickname:
+            reason = _LINE_BREAK_REASON.format(first, first + len(lines) - 1)
+            self._collector.reject(name or row.strip(), reason, first)
+        else:
+            self._row(row, first)
+
+    def _never_closed(self) -> None:
+        lines, first = self.open, self._open_at
+        self.open = []
+        _, name, _ = self._cells(lines[0])
+        self._collector.reject(name or lines[0].strip(), _NEVER_CLOSED_REASON, first)
+        self.feed(lines[1:], first + 1)
 
 
 def _csv_batch(

@@ -435,20 +435,24 @@ class Workflow:
             self._advance_register(request)
 
     def _advance_check(self, request: Request) -> None:
+        submitted: set[int] = set()
         for chunk in self.store.chunks(request.id):
             if chunk.apply_id is None and chunk.status is None:
                 names = self.store.device_names(request.id, chunk.chunk_no)
                 try:
-                    submitted = self.client.batch_check_device_names(request.product_key, names)
+                    answer = self.client.batch_check_device_names(request.product_key, names)
                 except errors.NamesRefused as exc:
                     # Refused at once, no ApplyId: the same outcome as an asynchronous CHECK_FAILED.
                     self.store.set_outcomes(request.id, [(d.name, st.INVALID, d.reason, None) for d in exc.invalid])
                     self.store.update_chunk(request.id, chunk.chunk_no, status=ApplyStatus.CHECK_FAILED.value)
                     continue
-                self.store.update_chunk(request.id, chunk.chunk_no, apply_id=submitted.apply_id, status=ApplyStatus.CHECK.value)
-                self.store.record(request.id, SYSTEM, "check_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": submitted.apply_id})
+                self.store.update_chunk(request.id, chunk.chunk_no, apply_id=answer.apply_id, status=ApplyStatus.CHECK.value)
+                self.store.record(request.id, SYSTEM, "check_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": answer.apply_id})
+                submitted.add(chunk.chunk_no)
         for chunk in self.store.chunks(request.id):
-            if chunk.status == ApplyStatus.CHECK:
+            # A check sent a moment ago cannot have ended: poll it at the next step, not now
+            # (half the status calls, and the quota they would take).
+            if chunk.status == ApplyStatus.CHECK and chunk.chunk_no not in submitted:
                 status = self.client.query_batch_register_device_status(request.product_key, chunk.apply_id)
                 if status.status == ApplyStatus.CHECK_FAILED:
                     self._record_invalid(request.id, status)
@@ -475,15 +479,18 @@ class Workflow:
             )
 
     def _advance_register(self, request: Request) -> None:
+        sent: set[int] = set()
         for chunk in self.store.chunks(request.id):
             if chunk.register_confirmed_at is None and chunk.status != UNKNOWN:
                 if request.kind == "names":
                     self._register_checked_chunk(request, chunk)
                 else:
                     self._register_counted_chunk(request, chunk)
+                sent.add(chunk.chunk_no)
         progressed = False
         for chunk in self.store.chunks(request.id):
-            if chunk.register_confirmed_at is not None and chunk.status not in CREATE_FINAL:
+            # As with checks: a creation submitted in this very step is polled at the next one.
+            if chunk.register_confirmed_at is not None and chunk.status not in CREATE_FINAL and chunk.chunk_no not in sent:
                 status = self.client.query_batch_register_device_status(request.product_key, chunk.apply_id)
                 # Only CREATE_* is final here: a platform that still says CHECK_SUCCESS just after
                 # the register call has not started creating yet.

@@ -236,6 +236,7 @@ def main() -> int:
             duplicate_results += max(0, len(results) - 1)
             missing_results += 1 if not results else 0
     created = sum(len(store.devices(r.id, outcome=st.CREATED)) for r in all_requests)
+    integrity = store.db.execute("PRAGMA integrity_check").fetchone()[0]
     print(f"Crash drill (seed {args.seed}) in {time.monotonic() - started:.0f}s: {args.requests} commands sent "
           f"({command_retries} retries while the bot was down), {kills} SIGKILLs, {bot.starts} starts")
     faults = sum(n for (_, code), n in emulator.gateway.outcomes.items() if code != "Success")
@@ -247,10 +248,12 @@ def main() -> int:
     print(f"  ApplyIds by register calls received: {dict(sorted(register_calls.items()))}  (more than 1: {sum(n for k, n in register_calls.items() if k > 1)})")
     print(f"  devices created and recorded: {created:,}; created but not recorded: {unaccounted}; recorded but not created: {missing}")
     print(f"  final results in threads: missing {missing_results}, duplicated {duplicate_results}")
+    print(f"  database after every kill: integrity_check {integrity}")
     ok = (
         all(r.final for r in all_requests)
         and not any(k > 1 for k in register_calls)
         and unaccounted == 0 and missing == 0 and missing_results == 0 and duplicate_results == 0
+        and integrity == "ok"
     )
     print("PASS" if ok else "FAIL")
     emulator.stop()

