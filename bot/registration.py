@@ -213,6 +213,7 @@ class Workflow:
         rejected: Sequence[Any] = (),
         rejected_count: int | None = None,
         retry_of: int | None = None,
+        upload_id: int | None = None,
     ) -> Request:
         """Open a request for ``devices`` (objects with ``name``/``nickname``/``line``, or names).
 
@@ -241,6 +242,7 @@ class Workflow:
             chunk_size=size,
             retry_of=retry_of,
             event=("created", {}),
+            upload_id=upload_id,
         )
         self._kick(request_id)
         return self._get(request_id)

@@ -145,6 +145,29 @@ def m003_notification_steps(db: Database) -> None:
     db["requests"].add_column("slack_error", str)
 
 
+@migrations()
+def m004_uploads(db: Database) -> None:
+    """Device lists submitted in Slack, recorded before the submission is acknowledged."""
+    db["uploads"].create(
+        {"id": int, "user": str, "channel": str, "product_key": str, "files": str, "pasted": str,
+         "created_at": str, "done_at": str, "request_id": int},
+        pk="id",
+    )
+    db["uploads"].create_index(["done_at"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Upload:
+    """A device list someone submitted, to be read (once) into a request."""
+
+    id: int
+    user: str
+    channel: str
+    product_key: str
+    files: list[dict[str, Any]]
+    pasted: str
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """A registration request as stored."""
@@ -334,6 +357,7 @@ class Store:
         retry_of: int | None = None,
         expires_at: datetime | None = None,
         event: tuple[str, dict[str, Any]] | None = None,
+        upload_id: int | None = None,
     ) -> int:
         """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines."""
         stamp = format_time(now)
@@ -374,6 +398,9 @@ class Store:
             self._audit(request_id, requester, "requested", {"product_key": product_key, "count": count}, stamp)
             if event:
                 self._enqueue(request_id, event[0], event[1], stamp)
+            if upload_id is not None:
+                # In the same transaction: an upload read again after a crash cannot make a second request.
+                db.conn.execute("UPDATE uploads SET done_at = ?, request_id = ? WHERE id = ?", [stamp, request_id, upload_id])
         return int(request_id)
 
     def get(self, request_id: int) -> Request | None:
@@ -540,6 +567,34 @@ class Store:
             "SELECT line, value, reason FROM rejected_lines WHERE request_id = ? ORDER BY line", [request_id]
         )
         return [tuple(r) for r in rows.fetchall()]
+
+    # -- uploads ------------------------------------------------------------------------------
+
+    def add_upload(self, *, user: str, channel: str, product_key: str, files: list[dict[str, Any]], pasted: str, now: datetime) -> int:
+        with self._write() as db:
+            cursor = db.conn.execute(
+                "INSERT INTO uploads (user, channel, product_key, files, pasted, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [user, channel, product_key, json.dumps(files), pasted, format_time(now)],
+            )
+            return int(cursor.lastrowid)
+
+    def finish_upload(self, upload_id: int, now: datetime) -> None:
+        """An upload that made no request (its list was refused, and the uploader told)."""
+        with self._write() as db:
+            db.conn.execute("UPDATE uploads SET done_at = ? WHERE id = ? AND done_at IS NULL", [format_time(now), upload_id])
+
+    def upload(self, upload_id: int) -> Upload | None:
+        found = [u for u in self._uploads("id = ? AND done_at IS NULL", [upload_id])]
+        return found[0] if found else None
+
+    def unread_uploads(self) -> list[Upload]:
+        return self._uploads("done_at IS NULL", [])
+
+    def _uploads(self, where: str, args: list[Any]) -> list[Upload]:
+        rows = self.db.execute(
+            f"SELECT id, user, channel, product_key, files, pasted FROM uploads WHERE {where} ORDER BY id", args
+        ).fetchall()
+        return [Upload(r[0], r[1], r[2], r[3], json.loads(r[4] or "[]"), r[5] or "") for r in rows]
 
     # -- audit --------------------------------------------------------------------------------
 

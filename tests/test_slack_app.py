@@ -542,3 +542,17 @@ def test_a_double_click_on_the_credentials_button_sends_one_file(scenario):
     scenario.fake.wait_for(lambda: [u for u in scenario.fake.uploads.values() if u.channel == scenario.fake.dm_channel(ALICE) and u.completed])
     scenario.bot.deps.background.shutdown(wait=True)
     assert len([u for u in scenario.fake.uploads.values() if u.channel == scenario.fake.dm_channel(ALICE)]) == 1
+
+
+def test_an_upload_interrupted_by_a_restart_is_read_when_the_bot_starts_again(scenario):
+    file = scenario.fake.add_file(b"resumed-0001\nresumed-0002\n", name="devices.txt", filetype="txt")
+    # A submission recorded (before its ack), and the process gone before it read the list.
+    scenario.store.add_upload(user=ALICE, channel=OPS, product_key=scenario.emulator.product_key, files=[file], pasted="", now=scenario.emulator.clock.now())
+    scenario.stop_bot()
+    scenario.start_bot()
+    request = scenario.request(1)
+    assert (request.requester, request.count) == (ALICE, 2)
+    assert scenario.store.unread_uploads() == []
+    scenario.stop_bot()
+    scenario.start_bot()  # and read once only
+    assert scenario.store.get(2) is None

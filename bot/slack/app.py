@@ -55,7 +55,8 @@ class Bot:
         if isinstance(self.jobs, SchedulerJobs):
             self.jobs.start()
         resumed = self.workflow.resume()
-        log.info("iotreg started; %d unfinished request(s) resumed", resumed)
+        uploads = views.resume_uploads(self.deps, self.web_client) if self.deps is not None else 0
+        log.info("iotreg started; %d unfinished request(s) and %d unread upload(s) resumed", resumed, uploads)
 
     def stop(self) -> None:
         if self.deps is not None:

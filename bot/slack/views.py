@@ -13,6 +13,7 @@ from bot.slack import blocks
 from bot.slack.commands import PRODUCT_KEY, metadata_of
 from bot.slack.deps import Deps
 from bot.slack.files import fetch_device_list
+from bot.store import Upload
 
 log = logging.getLogger(__name__)
 ACCEPTED = (".csv", ".txt")
@@ -45,25 +46,44 @@ def register(app: App, deps: Deps) -> None:
         if files and not str(files[0].get("name", "")).lower().endswith(ACCEPTED) and files[0].get("filetype") not in ("csv", "text"):
             ack(response_action="errors", errors={blocks.FILE_BLOCK: "Upload a .csv or .txt file (save a workbook as CSV first)."})
             return
+        # Recorded before the ack, so that a restart between the two cannot lose the list: the
+        # form has closed for the uploader by then. Read after the ack (a download can be slow).
+        upload_id = deps.workflow.store.add_upload(
+            user=user, channel=meta["channel"], product_key=meta["product_key"], files=files, pasted=pasted, now=deps.workflow.clock.now()
+        )
         ack()
-        deps.background.submit(take_list, deps, client, meta["channel"], meta["product_key"], user, files, pasted)
+        deps.background.submit(take_list, deps, client, deps.workflow.store.upload(upload_id))
 
 
-def take_list(deps: Deps, client: WebClient, channel: str, product_key: str, user: str, files: list[dict], pasted: str) -> None:
-    """After the ack: download, read and submit the list, or tell the uploader why not."""
+def take_list(deps: Deps, client: WebClient, upload: Upload | None) -> None:
+    """After the ack (or at start, for one a restart interrupted): read the list into a request, or
+    tell the uploader why not. Either way the upload is done once."""
+    if upload is None:
+        return
+    channel, product_key, user = upload.channel, upload.product_key, upload.user
     try:
-        devices = read_submission(deps, files, pasted)
+        devices = read_submission(deps, upload.files, upload.pasted)
     except DeviceListError as exc:
         tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` was not used: {exc.message}")
+        deps.workflow.store.finish_upload(upload.id, deps.workflow.clock.now())
         return
     except Exception:  # noqa: BLE001 - this thread is an edge: the uploader must hear something
         log.exception("reading a submitted device list failed")
         tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` could not be read because of an error on iotreg's side; it has been logged.")
+        deps.workflow.store.finish_upload(upload.id, deps.workflow.clock.now())
         return
     deps.workflow.submit(
         product_key, user, devices.devices, origin="slack", channel=channel,
-        rejected=devices.rejected, rejected_count=devices.rejected_count,
+        rejected=devices.rejected, rejected_count=devices.rejected_count, upload_id=upload.id,
     )
+
+
+def resume_uploads(deps: Deps, client: WebClient) -> int:
+    """At start: read the lists a restart interrupted."""
+    unread = deps.workflow.store.unread_uploads()
+    for upload in unread:
+        deps.background.submit(take_list, deps, client, upload)
+    return len(unread)
 
 
 def tell(client: WebClient, channel: str, user: str, text: str) -> None:
