@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,21 +27,13 @@ from bot.clock import SystemClock  # noqa: E402
 from bot.config import Settings  # noqa: E402
 from bot.emulator import Emulator  # noqa: E402
 from bot.registration import Timing  # noqa: E402
+from bot.server import serve_locally  # noqa: E402
 from bot.slack import blocks  # noqa: E402
 from bot.slack.app import create_app  # noqa: E402
 from bot.slack.fake import FakeSlack, Workspace  # noqa: E402
 
 SECRET = "bench-signing-secret"
 OPS = "C0OPS"
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def one_run(create_seconds: float, poll: float, n: int) -> tuple[float, int, float]:
@@ -61,8 +50,7 @@ def one_run(create_seconds: float, poll: float, n: int) -> tuple[float, int, flo
     )
     bot = create_app(settings)
     bot.start()
-    server = make_server("127.0.0.1", 0, bot.wsgi(), server_class=_Server, handler_class=_Quiet)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_locally(bot.wsgi())
     ws = Workspace(fake, SECRET, app_url=f"http://127.0.0.1:{server.server_port}/slack/events")
     try:
         names = " ".join(f"bench-{i:05d}" for i in range(n))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import getpass
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -158,7 +158,7 @@ def drive(workflow, jobs, request: Request, *, yes: bool, skip_invalid: bool, ou
         if valid and (skip_invalid or (not yes and click.confirm(f"Register the {valid:,} valid name(s) in a new request?"))):
             request = workflow.retry_valid(request.id, user)
             return drive(workflow, jobs, request, yes=yes, skip_invalid=False, output=output)
-        click.echo(f"Nothing was registered. Fix the names above and run again, or add --skip-invalid.", err=True)
+        click.echo("Nothing was registered. Fix the names above and run again, or add --skip-invalid.", err=True)
         return finish(workflow, request, output)
     if request.state == st.AWAITING_APPROVAL:
         question = f"Register {request.count:,} device(s) in product {request.product_key}?"

@@ -12,19 +12,17 @@ import json
 import re
 import secrets
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from bot.clock import SystemClock
 from bot.config import Settings
 from bot.emulator import DEMO_PRODUCT_KEY, Emulator
+from bot.server import serve_locally
 from bot.slack import blocks
 from bot.slack.app import create_app
 from bot.slack.fake import FakeSlack, Workspace, file_input_value
@@ -58,15 +56,6 @@ class DemoResult:
 
 def sample_devices() -> bytes:
     return resources.files("bot").joinpath("data/sample_devices.csv").read_bytes()
-
-
-class _QuietServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 class Transcript:
@@ -192,8 +181,7 @@ def run_demo(
     )
     bot = create_app(settings)
     bot.start()
-    server = make_server("127.0.0.1", 0, bot.wsgi(), server_class=_QuietServer, handler_class=_QuietHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_locally(bot.wsgi())
     ws = Workspace(fake, secret, app_url=f"http://127.0.0.1:{server.server_port}/slack/events")
     transcript = Transcript(fake, out)
 

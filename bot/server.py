@@ -8,7 +8,11 @@ inside the worker (``load``), after the fork, so no thread or SQLite connection 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from gunicorn.app.base import BaseApplication
 
@@ -94,3 +98,20 @@ def socket_mode(settings: Settings, build: Any = None) -> None:
         SocketModeHandler(bot.app, settings.slack_app_token).start()
     finally:
         bot.stop()
+
+
+class _LocalServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def serve_locally(application: Callable, host: str = "127.0.0.1", port: int = 0) -> WSGIServer:
+    """The WSGI app on a threaded local server, started in the background (``server_port`` tells
+    where). For the demo, the benchmarks and the tests: production runs gunicorn (:class:`Server`)."""
+    server = make_server(host, port, application, server_class=_LocalServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server

@@ -19,16 +19,15 @@ process is the point, and each test ends by showing that a real command and a re
 from __future__ import annotations
 
 import copy
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIServer
 
 import pytest
+from support import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,6 +38,7 @@ from bot.emulator import Emulator
 from bot.jobs import InlineJobs
 from bot.names import Device, DeviceList, DeviceListError, parse_pasted, read_device_file, validate_name, validate_nickname
 from bot.slack import blocks
+from bot.server import serve_locally
 from bot.slack.app import Bot, create_app
 from bot.slack.fake import (
     FakeSlack,
@@ -360,24 +360,6 @@ ALICE, BOB, DAVE = "U0ALICE", "U0BOB", "U0DAVE"
 GENERIC_ERROR = "error on iotreg's side"
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return bool(condition())
-
-
 @dataclass
 class UnderFire:
     """One running bot (real Bolt app over HTTP, fake Slack, emulator) and a request awaiting approval."""
@@ -471,8 +453,7 @@ def bot_under_fire(tmp_path_factory):
     jobs = InlineJobs(clock)
     bot = create_app(Settings.from_env(env), clock=clock, jobs=jobs)
     bot.start()
-    server = make_server("127.0.0.1", 0, bot.wsgi(), server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server = serve_locally(bot.wsgi())
     ws = Workspace(fake, SIGNING_SECRET, app_url=f"http://127.0.0.1:{server.server_port}/slack/events")
 
     assert ws.command(ALICE, OPS, f"register {PRODUCT} fire-0001 fire-0002").status_code == 200

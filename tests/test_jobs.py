@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from bot import store as st
 from bot.aliyun.client import Credentials, IotClient

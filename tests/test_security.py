@@ -18,15 +18,14 @@ import csv
 import io
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIServer
 
 import pytest
+from support import wait_until
 
 from bot import report
 from bot import store as st
@@ -34,6 +33,7 @@ from bot.config import Settings
 from bot.jobs import InlineJobs
 from bot.names import validate_name
 from bot.slack import blocks
+from bot.server import serve_locally
 from bot.slack.app import Bot, create_app
 from bot.slack.fake import (
     FakeSlack,
@@ -55,24 +55,6 @@ PRODUCT, OTHER_PRODUCT = "a1TestProd1", "a1OtherProd1"
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return bool(condition())
-
-
 @dataclass
 class Scenario:
     emulator: Any
@@ -86,8 +68,7 @@ class Scenario:
         self.jobs = InlineJobs(self.emulator.clock)
         self.bot = create_app(Settings.from_env(self.env), clock=self.emulator.clock, jobs=self.jobs)
         self.bot.start()
-        self.server = make_server("127.0.0.1", 0, self.bot.wsgi(), server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.server = serve_locally(self.bot.wsgi())
         self.ws = Workspace(self.fake, SIGNING_SECRET, app_url=f"http://127.0.0.1:{self.server.server_port}/slack/events")
 
     def stop_bot(self) -> None:

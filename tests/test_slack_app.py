@@ -12,39 +12,22 @@ import io
 import threading
 import time
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIServer
 
 import pytest
+from support import wait_until
 
 from bot import store as st
 from bot.config import Settings
 from bot.jobs import InlineJobs
 from bot.slack import blocks
+from bot.server import serve_locally
 from bot.slack.app import Bot, create_app
 from bot.slack.fake import FakeSlack, Workspace, file_input_value, plain_text_value
 
 SIGNING_SECRET = "test-signing-secret-0123456789"
 OPS, NOTICES = "C0OPS", "C0NOTICES"
 ALICE, BOB, CAROL, DAVE = "U0ALICE", "U0BOB", "U0CAROL", "U0DAVE"
-
-
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return bool(condition())
 
 
 @dataclass
@@ -61,8 +44,7 @@ class Scenario:
         self.jobs = InlineJobs(self.emulator.clock)
         self.bot = create_app(settings, clock=self.emulator.clock, jobs=self.jobs)
         self.bot.start()
-        self.server = make_server("127.0.0.1", 0, self.bot.wsgi(), server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve_locally(self.bot.wsgi())
         self.ws = Workspace(self.fake, SIGNING_SECRET, app_url=f"http://127.0.0.1:{self.server.server_port}/slack/events")
 
     def stop_bot(self) -> None:
