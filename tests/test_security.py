@@ -19,25 +19,17 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 import pytest
-from support import wait_until
+from support import SIGNING_SECRET, SlackScenario, slack_scenario, wait_until
 
 from bot import report
 from bot import store as st
-from bot.config import Settings
-from bot.jobs import InlineJobs
 from bot.names import validate_name
 from bot.slack import blocks
-from bot.server import serve_locally
-from bot.slack.app import Bot, create_app
 from bot.slack.fake import (
-    FakeSlack,
-    Workspace,
     block_actions_payload,
     file_input_value,
     interaction_body,
@@ -45,7 +37,6 @@ from bot.slack.fake import (
     view_submission_payload,
 )
 
-SIGNING_SECRET = "test-signing-secret-0123456789"
 BOT_TOKEN = "xoxb-test-token-5f1c0de"
 OPS, NOTICES, PRIVATE = "C0OPS", "C0NOTICES", "C0PRIVATE"
 ALICE, BOB, CAROL, DAVE, ERIN = "U0ALICE", "U0BOB", "U0CAROL", "U0DAVE", "U0ERIN"
@@ -55,42 +46,7 @@ PRODUCT, OTHER_PRODUCT = "a1TestProd1", "a1OtherProd1"
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-@dataclass
-class Scenario:
-    emulator: Any
-    fake: FakeSlack
-    env: dict
-    bot: Bot | None = None
-    server: WSGIServer | None = None
-    ws: Workspace | None = None
-
-    def start_bot(self) -> None:
-        self.jobs = InlineJobs(self.emulator.clock)
-        self.bot = create_app(Settings.from_env(self.env), clock=self.emulator.clock, jobs=self.jobs)
-        self.bot.start()
-        self.server = serve_locally(self.bot.wsgi())
-        self.ws = Workspace(self.fake, SIGNING_SECRET, app_url=f"http://127.0.0.1:{self.server.server_port}/slack/events")
-
-    def stop_bot(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.bot.app.listener_runner.listener_executor.shutdown(wait=True)
-        self.bot.stop()
-
-    @property
-    def store(self) -> st.Store:
-        return self.bot.workflow.store
-
-    def request(self, request_id: int = 1) -> st.Request:
-        assert wait_until(lambda: self.store.get(request_id) is not None), f"request #{request_id} was never created"
-        return self.store.get(request_id)
-
-    def drive(self, request_id: int, *states: str) -> str:
-        self.request(request_id)
-        self.jobs.run_until(lambda: self.store.get(request_id).state in states)
-        self.jobs.run_due()
-        return self.store.get(request_id).state
-
+class Scenario(SlackScenario):
     def anchor(self, request_id: int = 1) -> dict:
         request = self.store.get(request_id)
         return next(m for m in self.fake.messages(request.channel) if m["ts"] == request.thread_ts)
@@ -134,29 +90,12 @@ class Scenario:
 
 @pytest.fixture
 def scenario(make_emulator, tmp_path):
-    emulator = make_emulator(product_keys=(PRODUCT, OTHER_PRODUCT), check_seconds=2, create_seconds=3)
-    fake = FakeSlack(bot_token=BOT_TOKEN).start()
-    fake.add_channel(OPS, "iot-ops")
-    fake.add_channel(NOTICES, "iot-notices")
-    fake.add_channel(PRIVATE, "secret-project", private=True)
-    fake.usergroups["S0LEADS"] = [CAROL]
-    env = {
-        **emulator.env(),
-        "SLACK_BOT_TOKEN": fake.bot_token,
-        "SLACK_SIGNING_SECRET": SIGNING_SECRET,
-        "SLACK_API_URL": fake.api_url,
-        "IOTREG_DB": str(tmp_path / "iotreg.db"),
-        "IOTREG_NOTIFY_CHANNEL": NOTICES,
-        "IOTREG_APPROVERS": f"{BOB},S0LEADS",
-        "IOTREG_POLL_INTERVAL": "1",
-        "IOTREG_APPROVAL_TTL": "1h",
-        "IOTREG_WORKERS": "4",
-    }
-    scenario = Scenario(emulator, fake, env)
-    scenario.start_bot()
-    yield scenario
-    scenario.stop_bot()
-    fake.stop()
+    with slack_scenario(
+        Scenario, make_emulator(product_keys=(PRODUCT, OTHER_PRODUCT), check_seconds=2, create_seconds=3), tmp_path,
+        channels={OPS: {"name": "iot-ops"}, NOTICES: {"name": "iot-notices"}, PRIVATE: {"name": "secret-project", "private": True}},
+        notify_channel=NOTICES, approvers=f"{BOB},S0LEADS", usergroups={"S0LEADS": [CAROL]}, bot_token=BOT_TOKEN,
+    ) as scenario:
+        yield scenario
 
 
 # --- the conversation ----------------------------------------------------------------------------

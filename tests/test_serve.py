@@ -37,6 +37,15 @@ def wait_until(condition, timeout: float = 30.0):
     return condition()
 
 
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM, as a platform stops a web process; SIGKILL if it does not go within 20 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 def test_serve_runs_the_bot_behind_gunicorn_from_command_to_registered_devices(make_emulator, tmp_path):
     emulator = make_emulator(clock=SystemClock(), check_seconds=0.2, create_seconds=0.2)
     port = free_port()
@@ -79,11 +88,7 @@ def test_serve_runs_the_bot_behind_gunicorn_from_command_to_registered_devices(m
             assert {d.device_name for d in emulator.backend.devices(emulator.product_key)} == {"served-0001", "served-0002"}
             assert ws.command("U0ALICE", "C0OPS", "help", bad_signature=True).status_code == 401
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop(process)
         assert process.returncode == 0
 
 
@@ -106,9 +111,5 @@ def test_serve_with_the_emulator_labels_every_message(tmp_path):
             assert waiting is not None
             assert all("EMULATOR MODE" in str(m.get("blocks")) for m in fake.messages("C0OPS"))
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop(process)
         assert "EMULATOR MODE" in process.stdout.read()

@@ -11,66 +11,22 @@ import csv
 import io
 import threading
 import time
-from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
 import pytest
-from support import wait_until
+from support import SIGNING_SECRET, SlackScenario, slack_scenario, wait_until
 
 from bot import store as st
-from bot.config import Settings
-from bot.jobs import InlineJobs
 from bot.slack import blocks
-from bot.server import serve_locally
-from bot.slack.app import Bot, create_app
-from bot.slack.fake import FakeSlack, Workspace, file_input_value, plain_text_value
+from bot.slack.fake import Workspace, file_input_value, plain_text_value
 
-SIGNING_SECRET = "test-signing-secret-0123456789"
 OPS, NOTICES = "C0OPS", "C0NOTICES"
 ALICE, BOB, CAROL, DAVE = "U0ALICE", "U0BOB", "U0CAROL", "U0DAVE"
 
 
-@dataclass
-class Scenario:
-    emulator: object
-    fake: FakeSlack
-    env: dict
-    bot: Bot | None = None
-    server: WSGIServer | None = None
-    ws: Workspace | None = None
-
-    def start_bot(self) -> None:
-        settings = Settings.from_env(self.env)
-        self.jobs = InlineJobs(self.emulator.clock)
-        self.bot = create_app(settings, clock=self.emulator.clock, jobs=self.jobs)
-        self.bot.start()
-        self.server = serve_locally(self.bot.wsgi())
-        self.ws = Workspace(self.fake, SIGNING_SECRET, app_url=f"http://127.0.0.1:{self.server.server_port}/slack/events")
-
-    def stop_bot(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.bot.app.listener_runner.listener_executor.shutdown(wait=True)
-        self.bot.stop()
-
-    @property
-    def store(self):
-        return self.bot.workflow.store
-
-    def request(self, request_id: int = 1) -> st.Request:
-        assert wait_until(lambda: self.store.get(request_id) is not None), f"request #{request_id} was never created"
-        return self.store.get(request_id)
-
+class Scenario(SlackScenario):
     def wait_state(self, request_id: int, *states: str) -> str:
         """For what a listener does after its ack (in Bolt's thread pool)."""
         wait_until(lambda: self.store.get(request_id) is not None and self.store.get(request_id).state in states)
-        return self.store.get(request_id).state
-
-    def drive(self, request_id: int, *states: str) -> str:
-        """Run the workflow (polls, notifications) on the manual clock until the request is in ``states``."""
-        self.request(request_id)  # created by a listener after its ack
-        self.jobs.run_until(lambda: self.store.get(request_id).state in states)
-        self.jobs.run_due()
         return self.store.get(request_id).state
 
     def anchor(self, request_id: int = 1) -> dict:
@@ -93,28 +49,12 @@ class Scenario:
 
 @pytest.fixture
 def scenario(make_emulator, tmp_path):
-    emulator = make_emulator(check_seconds=2, create_seconds=3)
-    fake = FakeSlack(bot_token="xoxb-test-token").start()
-    fake.add_channel(OPS, "iot-ops")
-    fake.add_channel(NOTICES, "iot-notices")
-    fake.usergroups["S0LEADS"] = [CAROL]
-    env = {
-        **emulator.env(),
-        "SLACK_BOT_TOKEN": fake.bot_token,
-        "SLACK_SIGNING_SECRET": SIGNING_SECRET,
-        "SLACK_API_URL": fake.api_url,
-        "IOTREG_DB": str(tmp_path / "iotreg.db"),
-        "IOTREG_NOTIFY_CHANNEL": NOTICES,
-        "IOTREG_APPROVERS": f"{BOB},S0LEADS",
-        "IOTREG_POLL_INTERVAL": "1",
-        "IOTREG_APPROVAL_TTL": "1h",
-        "IOTREG_WORKERS": "4",
-    }
-    scenario = Scenario(emulator, fake, env)
-    scenario.start_bot()
-    yield scenario
-    scenario.stop_bot()
-    fake.stop()
+    with slack_scenario(
+        Scenario, make_emulator(check_seconds=2, create_seconds=3), tmp_path,
+        channels={OPS: {"name": "iot-ops"}, NOTICES: {"name": "iot-notices"}},
+        notify_channel=NOTICES, approvers=f"{BOB},S0LEADS", usergroups={"S0LEADS": [CAROL]},
+    ) as scenario:
+        yield scenario
 
 
 def sample_file(n: int, prefix: str = "cam", bad: bool = True) -> bytes:
