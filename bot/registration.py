@@ -49,6 +49,7 @@ from typing import Any, Protocol
 from bot import store as st
 from bot.aliyun import errors
 from bot.aliyun.client import MAX_COUNT_PER_REGISTER, ApplyStatus, BatchStatus, IotClient
+from bot.aliyun.ratelimit import SlotLater, deferring
 from bot.clock import Clock
 from bot.config import Settings
 from bot.store import Event, Request, Store
@@ -60,6 +61,10 @@ MAX_DELIVERY_ATTEMPTS = 30
 CREATE_FINAL = frozenset({ApplyStatus.CREATE_SUCCESS.value, ApplyStatus.CREATE_FAILED.value})
 #: A chunk status of our own: its register call may or may not have reached the platform.
 UNKNOWN = "UNKNOWN"
+#: A check or a status poll that would wait longer than this for its rate-limit slot books the slot
+#: and ends the step, which is woken again at the slot's time: a scheduler worker never sleeps
+#: through a queue of checks while other requests' steps have calls of their own to make.
+SLOT_PATIENCE = 0.1
 
 
 class Notifier(Protocol):
@@ -408,8 +413,11 @@ class Workflow:
             request = self.store.get(request_id)
             if request is None or request.final:
                 return
+            later: SlotLater | None = None
             try:
                 self._step(request)
+            except SlotLater as exc:
+                later = exc  # a call's slot is booked: the step goes on at its time
             except errors.IotError as exc:
                 self._api_error(request, exc)
             except Exception:
@@ -420,7 +428,8 @@ class Workflow:
             finally:
                 request = self.store.get(request_id)
                 if request is not None and not request.final:
-                    self.jobs.wake(request_id, self._next_wake(request))
+                    at = self._next_wake(request) if later is None else self.clock.now() + timedelta(seconds=later.wait)
+                    self.jobs.wake(request_id, at)
                 self.jobs.wake_outbox()
 
     def _step(self, request: Request) -> None:
@@ -437,6 +446,10 @@ class Workflow:
             self._advance_register(request)
 
     def _advance_check(self, request: Request) -> None:
+        with deferring(request.id, SLOT_PATIENCE):  # checks and polls: nothing is lost by doing them later
+            self._check_and_poll(request)
+
+    def _check_and_poll(self, request: Request) -> None:
         submitted: set[int] = set()
         for chunk in self.store.chunks(request.id):
             if chunk.apply_id is None and chunk.status is None:
@@ -493,7 +506,8 @@ class Workflow:
         for chunk in self.store.chunks(request.id):
             # As with checks: a creation submitted in this very step is polled at the next one.
             if chunk.register_confirmed_at is not None and chunk.status not in CREATE_FINAL and chunk.chunk_no not in sent:
-                status = self.client.query_batch_register_device_status(request.product_key, chunk.apply_id)
+                with deferring(request.id, SLOT_PATIENCE):
+                    status = self.client.query_batch_register_device_status(request.product_key, chunk.apply_id)
                 # Only CREATE_* is final here: a platform that still says CHECK_SUCCESS just after
                 # the register call has not started creating yet.
                 if status.status in CREATE_FINAL:

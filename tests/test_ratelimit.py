@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from bot.aliyun.ratelimit import RateLimiter
+from bot.aliyun.ratelimit import BOOKING_TTL, RateLimiter, SlotLater, deferring
 from bot.clock import ManualClock
 
 
@@ -85,3 +85,83 @@ def test_threads_share_the_quota():
 def test_quota_must_be_positive():
     with pytest.raises(ValueError, match="above 0"):
         RateLimiter({"BatchRegisterDevice": 0})
+
+
+CHECK = "BatchCheckDeviceNames"
+
+
+def test_a_deferring_caller_books_its_slot_and_takes_it_later_instead_of_sleeping():
+    clock = ManualClock()
+    limiter = RateLimiter({CHECK: 2}, clock, margin=0)
+    limiter.acquire(CHECK)
+    limiter.acquire(CHECK)  # the quota of the first second is spent
+    booked = {}
+    for holder in ("r1", "r2", "r3"):
+        with deferring(holder, patience=0.1), pytest.raises(SlotLater) as later:
+            limiter.acquire(CHECK)
+        booked[holder] = later.value.wait
+    assert clock.monotonic() == 0.0  # nobody slept
+    assert booked == {"r1": 1.0, "r2": 1.0, "r3": 2.0}  # booked in order, two to a second
+
+    clock.advance(0.5)
+    with deferring("r1", patience=0.1), pytest.raises(SlotLater) as early:
+        limiter.acquire(CHECK)
+    assert early.value.wait == pytest.approx(0.5)  # came back early: the same slot, still ahead
+
+    clock.advance(0.5)
+    sent = [0.0, 0.0]
+    for holder in ("r1", "r2"):
+        with deferring(holder, patience=0.1):
+            assert limiter.acquire(CHECK) == 0.0
+        sent.append(clock.monotonic())
+    # Someone who waits gets the slot after the booked ones, not one of theirs.
+    assert limiter.acquire(CHECK) == pytest.approx(1.0)
+    sent.append(clock.monotonic())
+    with deferring("r3", patience=0.1):
+        assert limiter.acquire(CHECK) == 0.0
+    sent.append(clock.monotonic())
+    assert sent == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]
+    assert calls_in_any_window(sent, 1.0) == 2
+
+
+def test_a_short_wait_within_patience_is_slept_not_booked():
+    clock = ManualClock()
+    limiter = RateLimiter({CHECK: 1}, clock, margin=0)
+    limiter.acquire(CHECK)
+    clock.advance(0.95)
+    with deferring("r1", patience=0.1):
+        assert limiter.acquire(CHECK) == pytest.approx(0.05)
+    assert clock.monotonic() == pytest.approx(1.0)
+
+
+def test_a_booking_missed_by_more_than_the_margin_is_replaced_by_a_new_slot():
+    clock = ManualClock()
+    limiter = RateLimiter({CHECK: 1}, clock, margin=0.1)
+    limiter.acquire(CHECK)
+    with deferring("r1", patience=0.1), pytest.raises(SlotLater) as later:
+        limiter.acquire(CHECK)
+    assert later.value.wait == pytest.approx(1.1)
+    clock.advance(1.1 + 0.04)  # late, but within half the margin: still its slot
+    with deferring("r1", patience=0.1):
+        assert limiter.acquire(CHECK) == 0.0
+    with deferring("r2", patience=0.1), pytest.raises(SlotLater):
+        limiter.acquire(CHECK)  # booked for 2.2
+    clock.advance(1.5)  # at 2.64: far past the slot, which could now crowd the next window
+    with deferring("r2", patience=0.1), pytest.raises(SlotLater) as again:
+        limiter.acquire(CHECK)
+    assert again.value.wait == pytest.approx(3.3 - 2.64)  # the missed slot still counts; a new one
+
+
+def test_a_holder_that_never_comes_back_is_forgotten():
+    clock = ManualClock()
+    limiter = RateLimiter({CHECK: 100}, clock, margin=0)
+    for _ in range(100):
+        limiter.acquire(CHECK)
+    for k in range(100):
+        with deferring(f"gone-{k}", patience=0.1), pytest.raises(SlotLater):
+            limiter.acquire(CHECK)
+    clock.advance(BOOKING_TTL + 5)
+    for k in range(10):
+        with deferring(f"new-{k}", patience=0.1):
+            limiter.acquire(CHECK)
+    assert len(limiter._booked) == 0  # noqa: SLF001 - the stale bookings went with the next call

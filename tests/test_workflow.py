@@ -162,6 +162,24 @@ def test_names_refused_at_once_end_in_a_failed_check_with_reasons(harness):
     assert [d.name for d in harness.store.devices(request.id, outcome=st.INVALID)] == ["bad#name"]
 
 
+def test_a_checked_request_is_not_held_up_behind_a_queue_of_other_requests_checks(harness):
+    first = harness.workflow.submit(harness.emulator.product_key, ALICE, names("early", 3), origin="cli")
+    harness.jobs.run_due()  # its check goes out now
+    started = harness.clock.monotonic()
+    # 60 more checks: six seconds of the check quota (10/s), booked in turn rather than slept through.
+    crowd = [harness.workflow.submit(harness.emulator.product_key, ALICE, names(f"late{r:02d}", 3), origin="cli") for r in range(60)]
+    harness.jobs.run_due()
+    assert harness.clock.monotonic() == started  # no step sat waiting for a slot
+    assert harness.run_until(first.id, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    assert harness.clock.monotonic() - started < 3.5  # its 2 s check and a poll, not the crowd's 6 s
+
+    harness.jobs.run_until(lambda: all(harness.state(r.id) == st.AWAITING_APPROVAL for r in crowd))
+    assert all(harness.state(r.id) == st.AWAITING_APPROVAL for r in crowd)
+    # Every check sent once, none refused for the quota, none lost to a booking.
+    assert harness.emulator.gateway.calls["BatchCheckDeviceNames"] == 61
+    assert not any(code == "Throttling.User" for (_, code) in harness.emulator.gateway.outcomes)
+
+
 def test_the_requester_cannot_approve_their_own_request_unless_allowed(harness):
     request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("valve", 2), origin="cli")
     harness.run_until(request.id, st.AWAITING_APPROVAL)
