@@ -437,17 +437,18 @@ def explain(big: Run, many: Run, c: float, k: float) -> str:
         "at a time, so a slow round trip leaves part of a second's quota unused."
     ]
     checks, statuses = times(many, "BatchCheckDeviceNames"), times(many, "QueryBatchRegisterDeviceStatus")
-    last_check = checks[-1]
+    first_check, last_check = checks[0], checks[-1]
+    check_limiter = DEFAULT_QPS["BatchCheckDeviceNames"] / 1.05
     before = sum(1 for at in statuses if at <= last_check)
-    after = len(statuses) - before
     lines.append(
-        f"- **2.** The {len(checks)} checks took {last_check:.1f} s, at their quota as the optimum counts. Until the last one, "
-        f"only {before} status calls went out, about one per check: the poll right after it, always answered CHECK. The next step "
-        f"of a request whose check had ended waited in the pool's queue behind the other requests' check steps, while all "
-        f"{WORKERS} scheduler workers slept in the limiter for a check slot. The other {after} status calls (check ended; "
-        f"right after the register call, always CREATE; creation ended) came after, at the status quota: "
-        f"{after / (many.seconds - last_check):.0f}/s for {many.seconds - last_check:.1f} s. "
-        f"{len(statuses)} status calls where {many.fewest['QueryBatchRegisterDeviceStatus']} would do."
+        f"- **2.** The {len(checks)} checks took {last_check:.1f} s where the optimum counts "
+        f"{len(checks) / DEFAULT_QPS['BatchCheckDeviceNames']:.0f} s: the first was answered at {first_check:.1f} s "
+        f"(the {len(many.sizes)} submit calls, which write each request, returned at {many.phases['submit calls returned']:.1f} s), "
+        f"and they went at {(len(checks) - 1) / (last_check - first_check):.1f}/s, the client's limiter allowing "
+        f"{check_limiter:.1f}/s (its 5% margin). A step whose check would wait for a slot books the slot and gives "
+        f"its worker back, so the other requests' status polls, register calls and pages went on meanwhile: {before} of the "
+        f"{len(statuses)} status calls before the last check. After it: {many.seconds - last_check:.1f} s, for the last "
+        f"request's {c:g} s check and {k:g} s creation, its polls, register call and page."
     )
     for run, label in [(big, "1"), (many, "2")]:
         throttled = [f"{SHORT[action]} at {at:.1f} s" for at, action, code, _ in run.timeline if code == THROTTLED]
