@@ -428,7 +428,10 @@ class Workflow:
             finally:
                 request = self.store.get(request_id)
                 if request is not None and not request.final:
-                    at = self._next_wake(request) if later is None else self.clock.now() + timedelta(seconds=later.wait)
+                    if later is None:
+                        at = self._next_wake(request)
+                    else:  # a little early: a late step would miss its slot, an early one waits out the rest
+                        at = self.clock.now() + timedelta(seconds=max(0.0, later.wait - SLOT_PATIENCE / 2))
                     self.jobs.wake(request_id, at)
                 self.jobs.wake_outbox()
 

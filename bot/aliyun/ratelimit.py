@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Hashable, Iterator, Mapping
 from contextvars import ContextVar
 
@@ -74,6 +74,8 @@ class RateLimiter:
         # in its own server-side window. A holder that comes later books a new slot.
         self._late: dict[str, float] = {}
         self._booked: dict[tuple[str, Hashable], float] = {}
+        #: Booked slots whose holder came back too late to use them, per action (each one a slot lost).
+        self.missed: Counter[str] = Counter()
         for action, qps in quotas.items():
             if qps <= 0:
                 raise ValueError(f"the quota for {action} must be above 0, not {qps}")
@@ -129,8 +131,11 @@ class RateLimiter:
             for key in [k for k, at in self._booked.items() if at < now - BOOKING_TTL]:
                 del self._booked[key]
         booked = self._booked.pop((action, holder), None)
-        if booked is None or now - booked > self._late[action]:
-            return None  # none, or missed: its slot stays counted, and a new one is reserved
+        if booked is None:
+            return None
+        if now - booked > self._late[action]:
+            self.missed[action] += 1
+            return None  # missed: its slot stays counted, and a new one is reserved
         if booked - now > patience:
             self._booked[(action, holder)] = booked
             raise SlotLater(action, booked - now)
