@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import logging
 import random
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 import requests
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from requests.adapters import BaseAdapter
 from urllib3.exceptions import NewConnectionError
 
@@ -37,7 +39,7 @@ class ScriptedAdapter(BaseAdapter):
         outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
         if isinstance(outcome, Exception):
             raise outcome
-        status, body = outcome
+        status, body, *headers = outcome
         response = requests.Response()
         response.status_code = status
         response.request = request
@@ -50,6 +52,7 @@ class ScriptedAdapter(BaseAdapter):
 
             response._content = json.dumps(body).encode()
             response.headers["Content-Type"] = "application/json"
+        response.headers.update(*headers)
         return response
 
     def close(self):
@@ -224,6 +227,32 @@ def test_names_travel_in_a_signed_form_body_like_the_official_sdk():
     assert query["Timestamp"] == clock.now().strftime("%Y-%m-%dT%H:%M:%SZ")
     signature = query.pop("Signature")
     assert signature == signature_for("POST", {**query, **form}, SECRET)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=16),
+                          st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=16)),
+                min_size=1, max_size=5))
+def test_the_form_body_is_what_the_official_sdk_would_send_for_any_text(devices):
+    client, adapter, _ = make_client([ok({"ApplyId": 1}) for _ in devices])
+    client.batch_check_device_names("a1ProductKey", devices)
+    form = {}
+    for n, (name, nickname) in enumerate(devices, start=1):
+        form[f"DeviceNameList.{n}.DeviceName"] = name
+        form[f"DeviceNameList.{n}.DeviceNickname"] = nickname
+    request = adapter.requests[0]
+    assert request.body == urlencode(form)  # the SDK's body: urlencode, a space as "+"
+    query = dict(parse_qsl(urlsplit(request.url).query, keep_blank_values=True))
+    assert query.pop("Signature") == signature_for("POST", {**query, **form}, SECRET)
+
+
+def test_a_redirect_is_reported_not_followed():
+    # A signed call has one destination: a proxy or a captive portal answering 302 is an error to
+    # show, not a place to send the AccessKeyId and the names.
+    client, adapter, _ = make_client([(302, "<html>moved</html>", {"Location": "http://elsewhere.test/"}), ok({})], max_attempts=1)
+    with pytest.raises(errors.RequestError, match="HTTP 302"):
+        client.query_batch_register_device_status("a1ProductKey", 5)
+    assert len(adapter.requests) == 1
 
 
 def test_names_without_nicknames_use_the_short_form():

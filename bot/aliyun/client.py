@@ -27,13 +27,12 @@ import logging
 import random
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from urllib.parse import urlencode
 
 import requests
 
 from bot.aliyun import errors
 from bot.aliyun.ratelimit import RateLimiter, shared_limiter
-from bot.aliyun.signing import percent_encode, signature_for
+from bot.aliyun.signing import encode_params, percent_encode, signature_for_encoded
 from bot.clock import Clock, SystemClock
 from bot.config import DEFAULT_QPS, Settings
 
@@ -169,6 +168,11 @@ class IotClient:
         self.region_id = region_id
         self.instance_id = instance_id
         self.session = session or _session_for(self.endpoint)
+        # Checked and normalised once (requests raises here on a malformed endpoint); each call then
+        # appends its query, already encoded, instead of having the whole URL parsed again.
+        base = requests.PreparedRequest()
+        base.prepare_url(f"{self.endpoint}/", None)
+        self._base_url: str = base.url or f"{self.endpoint}/"
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.clock = clock or SystemClock()
@@ -356,14 +360,22 @@ class IotClient:
         }
         if self.instance_id:
             query["IotInstanceId"] = self.instance_id
-        query["Signature"] = signature_for("POST", {**query, **form}, self.credentials.access_key_secret)
-        url = f"{self.endpoint}/?" + "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in query.items())
-        headers = {"Accept": "application/json"}
+        query_pairs, form_pairs = encode_params(query), encode_params(form)
+        signature = signature_for_encoded("POST", {**query_pairs, **form_pairs}, self.credentials.access_key_secret)
+        # Prepared here and handed to Session.send, as the official SDK does: no cookies, no
+        # redirects (a signed call has one destination), and the URL built from encoded parts.
+        request = requests.PreparedRequest()
+        request.prepare_method("POST")
+        request.url = f"{self._base_url}?{'&'.join(query_pairs.values())}&Signature={percent_encode(signature)}"
+        headers = {**self.session.headers, "Accept": "application/json"}
         if form:
             headers["Content-Type"] = "application/x-www-form-urlencoded; charset=utf-8"
+        request.prepare_headers(headers)
+        request.prepare_cookies({})
+        request.prepare_body(_form_body(form_pairs) if form else None, None)
         started = self.clock.monotonic()
         try:
-            response = self.session.post(url, data=urlencode(form) if form else None, headers=headers, timeout=self.timeout)
+            response = self.session.send(request, timeout=self.timeout, allow_redirects=False)
         except requests.exceptions.ConnectTimeout as exc:
             raise errors.TransportError(f"could not connect to {self.endpoint}: {_reason(exc)}", action=action) from None
         except requests.exceptions.ConnectionError as exc:
@@ -424,6 +436,12 @@ def _session_for(endpoint: str) -> requests.Session:
     session.verify = settings["verify"]
     session.trust_env = False
     return session
+
+
+def _form_body(encoded: Mapping[str, str]) -> str:
+    """The form body from the encoded pairs, with a space as "+" (as ``urlencode`` and the official
+    SDK send it): "%20" in an encoded pair can only stand for a space, a "%" being "%25"."""
+    return "&".join(encoded.values()).replace("%20", "+")
 
 
 def _as_pair(device: str | tuple[str, str | None] | object) -> tuple[str, str | None]:
