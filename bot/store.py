@@ -271,6 +271,11 @@ def format_time(value: datetime) -> str:
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
+def _assignments(values: dict[str, Any]) -> str:
+    """``a = ?, b = ?`` for column names of our own (never from input)."""
+    return ", ".join(f"{column} = ?" for column in values)
+
+
 def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
@@ -324,6 +329,13 @@ class Store:
             db.conn.rollback()
             raise
         db.conn.commit()
+
+    def _select(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows as dicts, by plain SQL: sqlite-utils' table objects look the schema up on every
+        use (a query for the view names, one for the table names), which the hot paths skip."""
+        cursor = self.db.conn.execute(sql, args)
+        columns = [d[0] for d in cursor.description]
+        return [dict(zip(columns, row)) for row in cursor.fetchall()]
 
     def close(self) -> None:
         with self._connections_lock:
@@ -404,7 +416,7 @@ class Store:
         return int(request_id)
 
     def get(self, request_id: int) -> Request | None:
-        rows = list(self.db["requests"].rows_where("id = ?", [request_id]))
+        rows = self._select("SELECT * FROM requests WHERE id = ?", [request_id])
         return Request.from_row(rows[0]) if rows else None
 
     def requests(
@@ -428,9 +440,8 @@ class Store:
         if channel is not None:
             where.append("channel = ?")
             args.append(channel)
-        rows = self.db["requests"].rows_where(
-            " AND ".join(where) or None, args, order_by="id DESC", limit=limit
-        )
+        condition = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._select(f"SELECT * FROM requests {condition} ORDER BY id DESC LIMIT ?", [*args, limit])
         return [Request.from_row(r) for r in rows]
 
     def transition(
@@ -454,10 +465,9 @@ class Store:
         stamp = format_time(now)
         values = {**{k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}}
         values.update(state=to_state, updated_at=stamp)
-        assignments = ", ".join(f"{column} = ?" for column in values)
         with self._write() as db:
             cursor = db.conn.execute(
-                f"UPDATE requests SET {assignments} WHERE id = ? AND state IN ({', '.join('?' * len(from_states))})",
+                f"UPDATE requests SET {_assignments(values)} WHERE id = ? AND state IN ({', '.join('?' * len(from_states))})",
                 [*values.values(), request_id, *from_states],
             )
             if cursor.rowcount != 1:
@@ -470,18 +480,24 @@ class Store:
     def update_request(self, request_id: int, **fields: Any) -> None:
         """Book-keeping that is not a state change (poll counters, the thread of a Slack message)."""
         values = {k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}
+        if not values:
+            return
         with self._write() as db:
-            db["requests"].update(request_id, values)
+            db.conn.execute(f"UPDATE requests SET {_assignments(values)} WHERE id = ?", [*values.values(), request_id])
 
     # -- chunks and devices -------------------------------------------------------------------
 
     def chunks(self, request_id: int) -> list[Chunk]:
-        return [Chunk.from_row(r) for r in self.db["chunks"].rows_where("request_id = ?", [request_id], order_by="chunk_no")]
+        return [Chunk.from_row(r) for r in self._select("SELECT * FROM chunks WHERE request_id = ? ORDER BY chunk_no", [request_id])]
 
     def update_chunk(self, request_id: int, chunk_no: int, **fields: Any) -> None:
         values = {k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}
+        if not values:
+            return
         with self._write() as db:
-            db["chunks"].update((request_id, chunk_no), values)
+            db.conn.execute(
+                f"UPDATE chunks SET {_assignments(values)} WHERE request_id = ? AND chunk_no = ?", [*values.values(), request_id, chunk_no]
+            )
 
     def claim_register(
         self, request_id: int, chunk_no: int, owner: str, now: datetime, *, replacing: datetime | None = None
@@ -511,7 +527,7 @@ class Store:
             )
 
     def chunk_for_apply_id(self, apply_id: int) -> Chunk | None:
-        rows = list(self.db["chunks"].rows_where("apply_id = ?", [apply_id]))
+        rows = self._select("SELECT * FROM chunks WHERE apply_id = ?", [apply_id])
         return Chunk.from_row(rows[0]) if rows else None
 
     def device_names(self, request_id: int, chunk_no: int | None = None) -> list[tuple[str, str | None]]:
@@ -600,8 +616,10 @@ class Store:
 
     def audit(self, request_id: int | None = None, *, limit: int = 500) -> list[AuditEntry]:
         """The audit trail, oldest first (of one request, or of all)."""
-        where = "request_id = ?" if request_id is not None else None
-        rows = self.db["audit"].rows_where(where, [request_id] if request_id is not None else [], order_by="id", limit=limit)
+        if request_id is None:
+            rows = self._select("SELECT * FROM audit ORDER BY id LIMIT ?", [limit])
+        else:
+            rows = self._select("SELECT * FROM audit WHERE request_id = ? ORDER BY id LIMIT ?", [request_id, limit])
         return [
             AuditEntry(r["request_id"], parse_time(r["at"]), r["actor"], r["event"], json.loads(r["detail"] or "{}"))  # type: ignore[arg-type]
             for r in rows
