@@ -115,8 +115,9 @@ def device_file() -> bytes:
     return ("\r\n".join(rows) + "\r\n").encode()
 
 
-def converse(scenario: Scenario) -> list[str]:
-    """Upload, approve, register, credentials (refused, failed, sent), status. Returns the secrets."""
+def converse(scenario: Scenario) -> tuple[list[str], list[str]]:
+    """Upload, approve, register, credentials (refused, failed, sent), status. Returns the secrets
+    and the bodies of the acks that answered commands."""
     fake, ws = scenario.fake, scenario.ws
     scenario.upload(ALICE, device_file())
     assert scenario.drive(1, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
@@ -132,12 +133,12 @@ def converse(scenario: Scenario) -> list[str]:
     assert "could not be sent" in fake.wait_for(lambda: [m for m in fake.dm(ALICE) if "could not be sent" in m.get("text", "")])[0]["text"]
     ws.click(ALICE, scenario.anchor(1), blocks.CREDENTIALS)
     fake.wait_for(lambda: [u for u in fake.uploads.values() if u.channel == fake.dm_channel(ALICE) and u.completed])
-    assert ws.command(ALICE, OPS, "status 1").status_code == 200
-    fake.wait_for(lambda: [r for r in fake.responses if "Request #1" in r.payload.get("text", "")])
+    status = ws.command(ALICE, OPS, "status 1")
+    assert status.status_code == 200 and "Request #1" in status.text  # answered in the ack
     scenario.bot.deps.background.shutdown(wait=True)  # every answer has been sent
     secrets = [d.device_secret for d in scenario.emulator.backend.devices(PRODUCT)]
     assert len(secrets) == 22 and all(secrets)
-    return secrets
+    return secrets, [status.text]
 
 
 def credentials_upload(scenario: Scenario):
@@ -150,7 +151,7 @@ def test_secrets_and_tokens_reach_no_message_no_upload_and_no_log_but_the_reques
     for name in list(logging.root.manager.loggerDict):  # loggers with a level of their own too
         caplog.set_level(logging.DEBUG, logger=name)
     fake = scenario.fake
-    secrets = converse(scenario)
+    secrets, acks = converse(scenario)
     needles = {f"the DeviceSecret of {d.device_name}": d.device_secret for d in scenario.emulator.backend.devices(PRODUCT)}
     needles |= {"the bot token": BOT_TOKEN, "the signing secret": SIGNING_SECRET, "the AccessKey secret": scenario.emulator.access_key_secret}
 
@@ -160,7 +161,7 @@ def test_secrets_and_tokens_reach_no_message_no_upload_and_no_log_but_the_reques
     # Everything the bot sent (messages, updates, ephemerals, views, files' metadata, replies to
     # commands), and the workspace as people see it: channels, threads, edits, DMs, ephemerals.
     slack_saw = [json.dumps(c.params, default=str) for c in fake.calls]
-    slack_saw += [json.dumps(r.payload) for r in fake.responses]
+    slack_saw += [json.dumps(r.payload) for r in fake.responses] + acks
     slack_saw += [json.dumps(v) for v in fake.views.values()]
     slack_saw += [u.content.decode("utf-8", "replace") + u.title + (u.initial_comment or "") for u in fake.uploads.values() if u.id != allowed.id]
     for channel in (OPS, NOTICES):

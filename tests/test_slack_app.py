@@ -282,9 +282,12 @@ def test_a_malformed_product_key_is_refused_at_once(scenario):
 
 
 def answered(scenario, user: str, text: str) -> str:
-    """What /devices answered, after its ack, through the command's response_url."""
+    """What /devices answered: in its ack, or after it through the command's response_url."""
     before = len(scenario.fake.responses)
-    assert scenario.ws.command(user, OPS, text).status_code == 200
+    ack = scenario.ws.command(user, OPS, text)
+    assert ack.status_code == 200
+    if ack.content:  # Bolt acks a text-only answer as text/plain, one with blocks as JSON
+        return ack.json()["text"] if "json" in ack.headers.get("Content-Type", "") else ack.text
     return scenario.fake.wait_for(lambda: scenario.fake.responses[before:] and scenario.fake.responses[-1].payload["text"])
 
 
@@ -316,6 +319,20 @@ def test_commands_answer_within_the_ack_even_when_slack_is_slow_to_resolve_group
     answer = scenario.ws.command(DAVE, OPS, "cancel 1")
     assert answer.status_code == 200 and answer.elapsed.total_seconds() < 1.0
     assert "Only" in scenario.fake.wait_for(lambda: scenario.fake.responses and scenario.fake.responses[-1].payload["text"], timeout=15)
+
+
+def test_a_status_that_needs_the_approver_group_is_answered_after_the_ack_not_in_it(scenario):
+    scenario.fake.add_channel("C0PRIVATE", "secret-project", private=True)
+    scenario.ws.command(ALICE, "C0PRIVATE", f"register {scenario.emulator.product_key} hidden-0001")
+    scenario.request(1)
+    scenario.fake.delay("usergroups.users.list", 4.0)
+    before = len(scenario.fake.responses)
+    answer = scenario.ws.command(DAVE, OPS, "status 1")  # another channel's request: is Dave an approver?
+    assert answer.status_code == 200 and answer.elapsed.total_seconds() < 1.0 and not answer.content
+    later = scenario.fake.wait_for(lambda: scenario.fake.responses[before:] and scenario.fake.responses[-1].payload["text"], timeout=15)
+    assert "no request or ApplyId" in later
+    # The group is cached now: the next answer needs no Slack call, and comes in the ack.
+    assert "no request or ApplyId" in scenario.ws.command(DAVE, OPS, "status 1").text
 
 
 # -- the modal and the file ------------------------------------------------------------------------

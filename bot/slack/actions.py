@@ -44,7 +44,7 @@ def carry_out(deps: Deps, client: WebClient, handle: Callable[[Deps, Request, st
         answer = dispatch(deps, handle, value, user)
     except Exception:  # noqa: BLE001 - this thread is an edge: the clicker must hear something
         log.exception("a button click failed")
-        answer = "Sorry, that did not work because of an error on iotreg's side; it has been logged."
+        answer = blocks.SORRY
     if answer and channel:
         tell(client, channel, user, answer)
 

@@ -28,7 +28,7 @@ from bot.clock import Clock, SystemClock
 from bot.config import Settings
 from bot.jobs import SchedulerJobs
 from bot.registration import Jobs, Timing, Workflow
-from bot.slack import actions, commands, views
+from bot.slack import actions, blocks, commands, views
 from bot.slack.approvers import Approvers
 from bot.slack.deps import Deps
 from bot.slack.notifier import SlackNotifier
@@ -166,6 +166,6 @@ def create_app(
         # The one place a listener's unexpected failure is caught: logged, and answered with a
         # message instead of an HTTP 500 (which Slack shows as a bare "failed" error).
         logger.exception("listener failed: %s", error)
-        return BoltResponse(status=200, body="Sorry, that did not work because of an error on iotreg's side; it has been logged.")
+        return BoltResponse(status=200, body=blocks.SORRY)
 
     return Bot(app=app, workflow=workflow, jobs=jobs, web_client=web_client, settings=settings, deps=deps)

@@ -55,6 +55,14 @@ class Approvers:
                 return f"I could not check the approver group right now ({exc.response.get('error')}); try again in a minute."
         return f"You are not one of the approvers for device registrations ({self.describe()})."
 
+    def answers_at_once(self, user_id: str) -> bool:
+        """Whether :meth:`why_not` can answer for ``user_id`` without asking Slack."""
+        if self.anyone or user_id in self.users:
+            return True
+        now = self.clock.monotonic()
+        with self._lock:
+            return all(g in self._cache and now - self._cache[g][0] < self.cache_seconds for g in self.groups)
+
     def may_see(self, user_id: str, request: Request) -> bool:
         """The requester, whoever decided, and the approvers: who may receive device credentials."""
         if user_id in (request.requester, request.decided_by):

@@ -20,6 +20,7 @@ from bot.registration import Summary
 from bot.store import DeviceRow, Request
 
 COMMAND = "/devices"
+SORRY = "Sorry, that did not work because of an error on iotreg's side; it has been logged."
 #: The callback of the upload modal and the action ids of every button: the manifest test checks them.
 VIEW_REGISTER = "register_devices"
 APPROVE = "approve_request"

@@ -33,15 +33,21 @@ def register(app: App, deps: Deps) -> None:
         user, channel = command["user_id"], command["channel_id"]
         if verb == "register":
             register_command(ack, client, deps, command, words[1:])
-        elif verb in ("status", "cancel") and len(words) == 2:
-            # Answered after the ack, off Bolt's listener threads: they read the database and may
-            # ask Slack, and must never hold up another request's ack.
-            ack()
-            answer = status if verb == "status" else cancel
-            deps.background.submit(reply, respond, answer, deps, words[1], user, channel)
+        elif verb == "status" and len(words) == 2:
+            # In the ack when the database alone can answer (reads never wait for a writer in WAL
+            # mode): no second trip to Slack. When the answer depends on an approver group that is
+            # not cached, after the ack, off Bolt's listener threads, so no ack waits on Slack.
+            answer = answer_now(status, deps, words[1], user, channel, ask_slack=False)
+            if answer is not None:
+                ack(text=answer)
+            else:
+                ack()
+                deps.background.submit(reply, respond, status, deps, words[1], user, channel)
+        elif verb == "cancel" and len(words) == 2:
+            ack()  # a write, and it may ask Slack whether the user is an approver
+            deps.background.submit(reply, respond, cancel, deps, words[1], user, channel)
         elif verb == "list":
-            ack()
-            deps.background.submit(reply, respond, listing, deps, channel)
+            ack(text=answer_now(listing, deps, channel))
         else:
             prefix = "" if verb == "help" else f"I don't know `{blocks.escape(' '.join(words))}`.\n"
             ack(text=prefix + blocks.help_text())
@@ -84,13 +90,22 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
     ack(text=f"Request #{request.id}: checking {blocks.plural(len(devices.devices), 'name')} for `{product_key}`…")
 
 
+def answer_now(answer, *args, **kwargs) -> str | None:
+    """An answer computed in the listener, for the ack itself."""
+    try:
+        return answer(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - this listener is an edge: the user must hear something
+        log.exception("answering /devices failed")
+        return blocks.SORRY
+
+
 def reply(respond: Respond, answer, *args) -> None:
     """Compute an answer and send it through the command's response_url (in the background pool)."""
     try:
         text = answer(*args)
     except Exception:  # noqa: BLE001 - this thread is an edge: the user must hear something
         log.exception("answering /devices failed")
-        text = "Sorry, that did not work because of an error on iotreg's side; it has been logged."
+        text = blocks.SORRY
     respond(text=text)
 
 
@@ -109,10 +124,15 @@ def find_request(deps: Deps, ref: str) -> st.Request | None:
     return deps.workflow.get(number)
 
 
-def status(deps: Deps, ref: str, user: str, channel: str) -> str:
+def status(deps: Deps, ref: str, user: str, channel: str, *, ask_slack: bool = True) -> str | None:
+    """The request's status; ``None`` when only Slack can say whether ``user`` may see it and
+    ``ask_slack`` is false."""
     request = find_request(deps, ref)
-    if request is not None and channel != request.channel and user != request.requester and deps.approvers.why_not(user) is not None:
-        request = None  # a request from another channel is not everyone's to see
+    if request is not None and channel != request.channel and user != request.requester:
+        if not ask_slack and not deps.approvers.answers_at_once(user):
+            return None
+        if deps.approvers.why_not(user) is not None:
+            request = None  # a request from another channel is not everyone's to see
     if request is None:
         return f"There is no request or ApplyId `{blocks.escape(ref)}`. `{blocks.COMMAND} list` shows this channel's requests."
     apply_ids = [c.apply_id for c in deps.workflow.store.chunks(request.id) if c.apply_id]
