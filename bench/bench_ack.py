@@ -6,7 +6,7 @@ signed `/devices` commands (help, list, status) and button clicks (Approve on a 
 which the bot must check and answer). Rounds alternate between the two apps so that the machine's
 noise falls on both alike. Targets: p99 under 150 ms, and within 1.3 times the minimal app's p99.
 
-    python bench/bench_ack.py [--streams 50] [--requests 20] [--rounds 3] [--quick]
+    python bench/bench_ack.py [--streams 50] [--requests 20] [--rounds 6] [--quick]
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=50)
     parser.add_argument("--requests", type=int, default=20, help="per stream and round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--serve-minimal", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
