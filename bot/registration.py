@@ -62,8 +62,10 @@ CREATE_FINAL = frozenset({ApplyStatus.CREATE_SUCCESS.value, ApplyStatus.CREATE_F
 #: A chunk status of our own: its register call may or may not have reached the platform.
 UNKNOWN = "UNKNOWN"
 #: A check or a status poll that would wait longer than this for its rate-limit slot books the slot
-#: and ends the step, which is woken again at the slot's time: a scheduler worker never sleeps
-#: through a queue of checks while other requests' steps have calls of their own to make.
+#: and ends the step, which is woken again just before the slot's time: scheduler workers do not
+#: sleep through a queue of checks or polls while other requests' steps have calls of their own to
+#: make. (Register calls and the pages of a finished creation still wait in the limiter: they are
+#: the work the quota is for, and a register call is claimed before it is sent.)
 SLOT_PATIENCE = 0.1
 
 
@@ -175,6 +177,7 @@ class Workflow:
         self.clock = clock
         self.timing = timing or Timing()
         self._locks: dict[int, threading.Lock] = {}
+        self._polls: dict[int, set[int]] = {}  # see _poll_round
         self._locks_guard = threading.Lock()
         self._outbox_lock = threading.Lock()
 
@@ -412,6 +415,7 @@ class Workflow:
         with self._lock(request_id):
             request = self.store.get(request_id)
             if request is None or request.final:
+                self._polls.pop(request_id, None)
                 return
             later: SlotLater | None = None
             try:
@@ -467,14 +471,17 @@ class Workflow:
                 self.store.update_chunk(request.id, chunk.chunk_no, apply_id=answer.apply_id, status=ApplyStatus.CHECK.value)
                 self.store.record(request.id, SYSTEM, "check_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": answer.apply_id})
                 submitted.add(chunk.chunk_no)
+        polled = self._poll_round(request.id)
         for chunk in self.store.chunks(request.id):
             # A check sent a moment ago cannot have ended: poll it at the next step, not now
             # (half the status calls, and the quota they would take).
-            if chunk.status == ApplyStatus.CHECK and chunk.chunk_no not in submitted:
+            if chunk.status == ApplyStatus.CHECK and chunk.chunk_no not in submitted and chunk.chunk_no not in polled:
                 status = self.client.query_batch_register_device_status(request.product_key, chunk.apply_id)
+                polled.add(chunk.chunk_no)
                 if status.status == ApplyStatus.CHECK_FAILED:
                     self._record_invalid(request.id, status)
                 self.store.update_chunk(request.id, chunk.chunk_no, status=status.status.value)
+        self._polls.pop(request.id, None)  # the round is complete
         self._reset_errors(request)
         statuses = [c.status for c in self.store.chunks(request.id)]
         if any(s == ApplyStatus.CHECK for s in statuses):
@@ -506,24 +513,31 @@ class Workflow:
                     self._register_counted_chunk(request, chunk)
                 sent.add(chunk.chunk_no)
         progressed = False
-        for chunk in self.store.chunks(request.id):
-            # As with checks: a creation submitted in this very step is polled at the next one.
-            if chunk.register_confirmed_at is not None and chunk.status not in CREATE_FINAL and chunk.chunk_no not in sent:
-                with deferring(request.id, SLOT_PATIENCE):
-                    status = self.client.query_batch_register_device_status(request.product_key, chunk.apply_id)
-                # Only CREATE_* is final here: a platform that still says CHECK_SUCCESS just after
-                # the register call has not started creating yet.
-                if status.status in CREATE_FINAL:
-                    # Outcomes first, status after: a crash in between only repeats the collection.
-                    self._collect(request, chunk, status)
-                    self.store.update_chunk(request.id, chunk.chunk_no, status=status.status.value)
-                    progressed = True
-        self._reset_errors(request)
-        chunks = self.store.chunks(request.id)
-        settled = [c for c in chunks if c.status in CREATE_FINAL or c.status == UNKNOWN]
-        if len(settled) < len(chunks):
-            if progressed:
+        polled = self._poll_round(request.id)
+        try:
+            for chunk in self.store.chunks(request.id):
+                # As with checks: a creation submitted in this very step is polled at the next one.
+                due = chunk.register_confirmed_at is not None and chunk.status not in CREATE_FINAL
+                if due and chunk.chunk_no not in sent and chunk.chunk_no not in polled:
+                    with deferring(request.id, SLOT_PATIENCE):
+                        status = self.client.query_batch_register_device_status(request.product_key, chunk.apply_id)
+                    polled.add(chunk.chunk_no)
+                    # Only CREATE_* is final here: a platform that still says CHECK_SUCCESS just after
+                    # the register call has not started creating yet.
+                    if status.status in CREATE_FINAL:
+                        # Outcomes first, status after: a crash in between only repeats the collection.
+                        self._collect(request, chunk, status)
+                        self.store.update_chunk(request.id, chunk.chunk_no, status=status.status.value)
+                        progressed = True
+        finally:
+            # Also when a later chunk's poll is deferred: the chunks that ended are news now.
+            chunks = self.store.chunks(request.id)
+            settled = [c for c in chunks if c.status in CREATE_FINAL or c.status == UNKNOWN]
+            if progressed and len(settled) < len(chunks):
                 self.store.enqueue(request.id, "progress", {"chunks_done": len(settled), "chunks": len(chunks)}, self.clock.now())
+        self._polls.pop(request.id, None)  # the round is complete
+        self._reset_errors(request)
+        if len(settled) < len(chunks):
             self.store.update_request(request.id, polls=request.polls + 1)
             return
         unknown = [c for c in chunks if c.status == UNKNOWN]
@@ -689,6 +703,16 @@ class Workflow:
         if request is None:
             raise NotFound(f"there is no request #{request_id}")
         return request
+
+    def _poll_round(self, request_id: int) -> set[int]:
+        """The chunks already polled in the request's round of polls in progress.
+
+        A round that a deferred poll (SlotLater) interrupts goes on from where it stopped at the
+        next step, instead of polling the first chunks again and never reaching the last; only a
+        complete round counts as a poll for the back-off. Kept in memory: after a restart a round
+        starts afresh. Called under the request's lock.
+        """
+        return self._polls.setdefault(request_id, set())
 
     def _lock(self, request_id: int) -> threading.Lock:
         with self._locks_guard:

@@ -180,6 +180,27 @@ def test_a_checked_request_is_not_held_up_behind_a_queue_of_other_requests_check
     assert not any(code == "Throttling.User" for (_, code) in harness.emulator.gateway.outcomes)
 
 
+def test_polls_of_a_many_part_request_go_round_every_part_and_back_off_when_the_quota_is_short(make_emulator, tmp_path):
+    emulator = make_emulator(create_seconds=60.0)
+    harness = Harness(emulator, tmp_path / "iotreg.db", Timing(poll_interval=1.0, poll_max_interval=30.0, chunk_size=2, phase_timeout=3600))
+    # Six parts, and room for only two status calls a second: a round of polls takes three seconds.
+    harness.client.limiter = RateLimiter({**DEFAULT_QPS, "QueryBatchRegisterDeviceStatus": 2}, harness.clock, margin=0)
+    request = harness.workflow.submit(emulator.product_key, ALICE, names("part", 12), origin="cli")
+    harness.run_until(request.id, st.AWAITING_APPROVAL)
+    harness.workflow.approve(request.id, BOB)
+    before = emulator.gateway.calls["QueryBatchRegisterDeviceStatus"]
+    started = harness.clock.monotonic()
+    assert harness.run_until(request.id, st.DONE, st.FAILED) == st.DONE
+    took = harness.clock.monotonic() - started
+    polls = emulator.gateway.calls["QueryBatchRegisterDeviceStatus"] - before
+    assert harness.platform_devices() == set(names("part", 12))
+    assert took < 60 + 30 + 3 + 1  # the creation, at most one back-off interval, one round
+    # Rounds of six, backing off: not two calls every second of the minute the creation took.
+    assert polls <= 6 * 9, polls
+    # The parts that ended in a round the quota cut short were reported as they ended.
+    assert harness.notifier.kinds(request.id).count("progress") >= 1
+
+
 def test_the_requester_cannot_approve_their_own_request_unless_allowed(harness):
     request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("valve", 2), origin="cli")
     harness.run_until(request.id, st.AWAITING_APPROVAL)
