@@ -148,11 +148,26 @@ def test_a_booking_missed_by_more_than_the_margin_is_replaced_by_a_new_slot():
         assert limiter.acquire(CHECK) == 0.0
     with deferring("r2", patience=0.1), pytest.raises(SlotLater):
         limiter.acquire(CHECK)  # booked for 2.2
-    clock.advance(1.5)  # at 2.64: far past the slot, which could now crowd the next window
+    with deferring("r3", patience=0.1), pytest.raises(SlotLater):
+        limiter.acquire(CHECK)  # booked for 3.3, counted from r2's slot
+    clock.advance(1.5)  # at 2.64: far past r2's slot; sending now could crowd r3's window
     with deferring("r2", patience=0.1), pytest.raises(SlotLater) as again:
         limiter.acquire(CHECK)
-    assert again.value.wait == pytest.approx(3.3 - 2.64)  # the missed slot still counts; a new one
+    assert again.value.wait == pytest.approx(4.4 - 2.64)  # the missed slot still counts; a new one after r3's
     assert limiter.missed == {CHECK: 1}
+
+
+def test_a_late_holder_whose_slot_is_the_last_one_handed_out_takes_it_late():
+    clock = ManualClock()
+    limiter = RateLimiter({CHECK: 1}, clock, margin=0.1)
+    limiter.acquire(CHECK)
+    with deferring("r1", patience=0.1), pytest.raises(SlotLater):
+        limiter.acquire(CHECK)  # booked for 1.1
+    clock.advance(1.6)
+    with deferring("r1", patience=0.1):
+        assert limiter.acquire(CHECK) == 0.0  # nobody was given a slot after it
+    assert limiter.missed == {}
+    assert limiter.acquire(CHECK) == pytest.approx(1.1)  # the next one counts from when it went
 
 
 def test_a_holder_that_never_comes_back_is_forgotten():

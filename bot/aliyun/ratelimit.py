@@ -6,7 +6,9 @@ is longer than the wait would have been.
 
 :class:`RateLimiter` keeps, per action, the times of the last *N* calls it let through, and lets a
 new one through only when the oldest of them is at least a window old: so no window of that length
-ever holds more than *N* calls, whatever the threads do. Callers reserve their slot under the lock
+ever holds more than *N* calls, whatever the threads do. (A booked slot, below, may be used up to
+half the margin late: then the guarantee is for a window of a second and half the margin, still
+longer than the platform's second.) Callers reserve their slot under the lock
 and wait outside it, so waiting threads queue in order and do not spin.
 
 A caller with better things to do than wait can say so with :func:`deferring`: a call that would
@@ -71,7 +73,8 @@ class RateLimiter:
         self._slots: dict[str, tuple[int, float]] = {}
         self._granted: dict[str, deque[float]] = {}
         # How late a booked slot may still be used: half the margin, so that the call still lands
-        # in its own server-side window. A holder that comes later books a new slot.
+        # in its own server-side window. A holder that comes later books a new slot, unless its
+        # slot is the last one handed out.
         self._late: dict[str, float] = {}
         self._booked: dict[tuple[str, Hashable], float] = {}
         #: Booked slots whose holder came back too late to use them, per action (each one a slot lost).
@@ -134,6 +137,10 @@ class RateLimiter:
         if booked is None:
             return None
         if now - booked > self._late[action]:
+            granted = self._granted[action]
+            if granted and granted[-1] == booked:
+                granted[-1] = now  # no slot was handed out after it: it can simply move to now
+                return now
             self.missed[action] += 1
             return None  # missed: its slot stays counted, and a new one is reserved
         if booked - now > patience:
