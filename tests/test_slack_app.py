@@ -335,6 +335,17 @@ def test_a_status_that_needs_the_approver_group_is_answered_after_the_ack_not_in
     assert "no request or ApplyId" in scenario.ws.command(DAVE, OPS, "status 1").text
 
 
+def test_status_and_list_of_big_requests_are_counted_after_the_ack_not_in_it(scenario):
+    scenario.ws.command(ALICE, OPS, f"register {scenario.emulator.product_key} --count 60000")
+    scenario.request(1)
+    for text in ("status 1", "list"):
+        before = len(scenario.fake.responses)
+        answer = scenario.ws.command(ALICE, OPS, text)
+        assert answer.status_code == 200 and not answer.content  # acked at once, empty
+        later = scenario.fake.wait_for(lambda: scenario.fake.responses[before:] and scenario.fake.responses[-1].payload["text"])
+        assert "#1" in later and "60,000" in later
+
+
 # -- the modal and the file ------------------------------------------------------------------------
 
 

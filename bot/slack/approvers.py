@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 GROUP_CACHE_SECONDS = 300.0
 
 
+class NeedsSlack(Exception):
+    """Whether a user may approve depends on a user group that is not cached."""
+
+
 class Approvers:
     def __init__(self, client: WebClient, ids: Sequence[str], clock: Clock, *, cache_seconds: float = GROUP_CACHE_SECONDS) -> None:
         self.client = client
@@ -42,26 +46,21 @@ class Approvers:
         """The approvers, as mentions (empty when anyone may approve)."""
         return ", ".join([f"<@{u}>" for u in sorted(self.users)] + [f"<!subteam^{g}>" for g in self.groups])
 
-    def why_not(self, user_id: str) -> str | None:
-        """``None`` if ``user_id`` may approve; otherwise the reason, to tell them."""
+    def why_not(self, user_id: str, *, ask_slack: bool = True) -> str | None:
+        """``None`` if ``user_id`` may approve; otherwise the reason, to tell them.
+
+        With ``ask_slack`` false, raise :class:`NeedsSlack` rather than look up a group not cached.
+        """
         if self.anyone or user_id in self.users:
             return None
         for group in self.groups:
             try:
-                if user_id in self._members(group):
+                if user_id in self._members(group, ask_slack):
                     return None
             except SlackApiError as exc:
                 log.warning("could not resolve approver group %s: %s", group, exc.response.get("error"))
                 return f"I could not check the approver group right now ({exc.response.get('error')}); try again in a minute."
         return f"You are not one of the approvers for device registrations ({self.describe()})."
-
-    def answers_at_once(self, user_id: str) -> bool:
-        """Whether :meth:`why_not` can answer for ``user_id`` without asking Slack."""
-        if self.anyone or user_id in self.users:
-            return True
-        now = self.clock.monotonic()
-        with self._lock:
-            return all(g in self._cache and now - self._cache[g][0] < self.cache_seconds for g in self.groups)
 
     def may_see(self, user_id: str, request: Request) -> bool:
         """The requester, whoever decided, and the approvers: who may receive device credentials."""
@@ -69,12 +68,14 @@ class Approvers:
             return True
         return not self.anyone and self.why_not(user_id) is None
 
-    def _members(self, group: str) -> frozenset[str]:
+    def _members(self, group: str, ask_slack: bool = True) -> frozenset[str]:
         now = self.clock.monotonic()
         with self._lock:
             cached = self._cache.get(group)
             if cached and now - cached[0] < self.cache_seconds:
                 return cached[1]
+        if not ask_slack:
+            raise NeedsSlack(group)
         members = frozenset(self.client.usergroups_users_list(usergroup=group)["users"])
         with self._lock:
             self._cache[group] = (now, members)

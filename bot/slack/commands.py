@@ -1,4 +1,5 @@
-"""``/devices``: one slash command, acknowledged at once, its slow work done after the ack."""
+"""``/devices``: one slash command, acknowledged at once; anything that may be slow (a call to
+Slack or IoT Platform, a write, counting a big request) is done after the ack."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ from bot import store as st
 from bot.names import DeviceListError, parse_pasted
 from bot.registration import Conflict, NotFound, WorkflowError
 from bot.slack import blocks
+from bot.slack.approvers import NeedsSlack
 from bot.slack.deps import Deps
 
 log = logging.getLogger(__name__)
 PRODUCT_KEY = re.compile(r"[A-Za-z0-9]{4,32}")
 MAX_COUNT = 1_000_000
+#: The most devices whose outcomes an answer in the ack may count (tens of milliseconds of reads).
+AT_ONCE_DEVICES = 50_000
 
 
 def register(app: App, deps: Deps) -> None:
@@ -34,20 +38,14 @@ def register(app: App, deps: Deps) -> None:
         if verb == "register":
             register_command(ack, client, deps, command, words[1:])
         elif verb == "status" and len(words) == 2:
-            # In the ack when the database alone can answer (reads never wait for a writer in WAL
-            # mode): no second trip to Slack. When the answer depends on an approver group that is
-            # not cached, after the ack, off Bolt's listener threads, so no ack waits on Slack.
-            answer = answer_now(status, deps, words[1], user, channel, ask_slack=False)
-            if answer is not None:
-                ack(text=answer)
-            else:
-                ack()
-                deps.background.submit(reply, respond, status, deps, words[1], user, channel)
+            in_ack_or_after(ack, respond, deps, status, words[1], user, channel)
         elif verb == "cancel" and len(words) == 2:
-            ack()  # a write, and it may ask Slack whether the user is an approver
+            # After the ack, off Bolt's listener threads: a write, and it may ask Slack whether
+            # the user is an approver; no ack may wait on either.
+            ack()
             deps.background.submit(reply, respond, cancel, deps, words[1], user, channel)
         elif verb == "list":
-            ack(text=answer_now(listing, deps, channel))
+            in_ack_or_after(ack, respond, deps, listing, channel)
         else:
             prefix = "" if verb == "help" else f"I don't know `{blocks.escape(' '.join(words))}`.\n"
             ack(text=prefix + blocks.help_text())
@@ -90,13 +88,20 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
     ack(text=f"Request #{request.id}: checking {blocks.plural(len(devices.devices), 'name')} for `{product_key}`…")
 
 
-def answer_now(answer, *args, **kwargs) -> str | None:
-    """An answer computed in the listener, for the ack itself."""
+def in_ack_or_after(ack: Ack, respond: Respond, deps: Deps, answer, *args) -> None:
+    """Answer in the ack itself when ``answer(deps, *args, at_once=True)`` can: a few reads of the
+    database (which never wait for a writer in WAL mode) and no call to Slack, so no second trip
+    through the response_url. Otherwise ack now and answer after, in the background pool."""
     try:
-        return answer(*args, **kwargs)
+        text = answer(deps, *args, at_once=True)
     except Exception:  # noqa: BLE001 - this listener is an edge: the user must hear something
         log.exception("answering /devices failed")
-        return blocks.SORRY
+        text = blocks.SORRY
+    if text is not None:
+        ack(text=text)
+    else:
+        ack()
+        deps.background.submit(reply, respond, answer, deps, *args)
 
 
 def reply(respond: Respond, answer, *args) -> None:
@@ -124,25 +129,32 @@ def find_request(deps: Deps, ref: str) -> st.Request | None:
     return deps.workflow.get(number)
 
 
-def status(deps: Deps, ref: str, user: str, channel: str, *, ask_slack: bool = True) -> str | None:
-    """The request's status; ``None`` when only Slack can say whether ``user`` may see it and
-    ``ask_slack`` is false."""
+def status(deps: Deps, ref: str, user: str, channel: str, *, at_once: bool = False) -> str | None:
+    """A request's status. ``at_once``: ``None`` instead when the answer needs Slack (is ``user``
+    in an approver group?) or counts more than :data:`AT_ONCE_DEVICES` devices."""
     request = find_request(deps, ref)
     if request is not None and channel != request.channel and user != request.requester:
-        if not ask_slack and not deps.approvers.answers_at_once(user):
+        try:
+            if deps.approvers.why_not(user, ask_slack=not at_once) is not None:
+                request = None  # a request from another channel is not everyone's to see
+        except NeedsSlack:
             return None
-        if deps.approvers.why_not(user) is not None:
-            request = None  # a request from another channel is not everyone's to see
     if request is None:
         return f"There is no request or ApplyId `{blocks.escape(ref)}`. `{blocks.COMMAND} list` shows this channel's requests."
+    if at_once and request.count > AT_ONCE_DEVICES:
+        return None
     apply_ids = [c.apply_id for c in deps.workflow.store.chunks(request.id) if c.apply_id]
     return blocks.status_text(deps.workflow.summary(request.id), apply_ids)
 
 
-def listing(deps: Deps, channel: str) -> str:
+def listing(deps: Deps, channel: str, *, at_once: bool = False) -> str | None:
+    """The channel's last ten requests. ``at_once``: ``None`` instead when they hold more than
+    :data:`AT_ONCE_DEVICES` devices to count."""
     store = deps.workflow.store
-    rows = [(r, store.outcome_counts(r.id).get(st.CREATED, 0)) for r in store.requests(channel=channel, limit=10)]
-    return blocks.list_text(rows)
+    requests = store.requests(channel=channel, limit=10)
+    if at_once and sum(r.count for r in requests) > AT_ONCE_DEVICES:
+        return None
+    return blocks.list_text([(r, store.outcome_counts(r.id).get(st.CREATED, 0)) for r in requests])
 
 
 def cancel(deps: Deps, ref: str, user: str, channel: str = "") -> str:
