@@ -425,9 +425,10 @@ class Store:
         states: Iterable[str] | None = None,
         channel: str | None = None,
         origins: Iterable[str] | None = None,
-        limit: int = 20,
+        limit: int | None = 20,
     ) -> list[Request]:
-        """Newest first, optionally only in some states, from one channel, or from some origins."""
+        """Newest first (``limit`` of them, or all with ``None``), optionally only in some states,
+        from one channel, or from some origins."""
         where, args = [], []
         if origins is not None:
             origins = list(origins)
@@ -441,7 +442,7 @@ class Store:
             where.append("channel = ?")
             args.append(channel)
         condition = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._select(f"SELECT * FROM requests {condition} ORDER BY id DESC LIMIT ?", [*args, limit])
+        rows = self._select(f"SELECT * FROM requests {condition} ORDER BY id DESC LIMIT ?", [*args, -1 if limit is None else limit])
         return [Request.from_row(r) for r in rows]
 
     def transition(

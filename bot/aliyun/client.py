@@ -367,7 +367,7 @@ class IotClient:
         request = requests.PreparedRequest()
         request.prepare_method("POST")
         request.url = f"{self._base_url}?{'&'.join(query_pairs.values())}&Signature={percent_encode(signature)}"
-        headers = {**self.session.headers, "Accept": "application/json"}
+        headers = {k: v for k, v in self.session.headers.items() if v is not None} | {"Accept": "application/json"}
         if form:
             headers["Content-Type"] = "application/x-www-form-urlencoded; charset=utf-8"
         request.prepare_headers(headers)
@@ -427,9 +427,12 @@ class IotClient:
 
 def _session_for(endpoint: str) -> requests.Session:
     """A pooled session whose proxy and CA settings (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE…)
-    are worked out once, here, by requests itself, instead of on every call: that per-call scan of
-    the environment was the whole difference in cost per call with the official SDK
-    (bench/bench_client.py)."""
+    are worked out once, here, by requests itself, instead of on every call (a scan of the whole
+    environment each time; bench/bench_client.py measures it).
+
+    A session passed to :class:`IotClient` instead is used as it is: its ``verify``, ``proxies``,
+    ``headers`` and mounted adapters apply, but, as calls go through ``Session.send``, not its
+    ``auth``, ``params`` or cookies, nor a CA bundle named only in the environment."""
     session = requests.Session()
     settings = session.merge_environment_settings(f"{endpoint}/", {}, None, None, None)
     session.proxies.update(settings["proxies"])
