@@ -271,6 +271,11 @@ def format_time(value: datetime) -> str:
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
+def _stored(fields: dict[str, Any]) -> dict[str, Any]:
+    """Column values as stored: times as text."""
+    return {k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}
+
+
 def _assignments(values: dict[str, Any]) -> str:
     """``a = ?, b = ?`` for column names of our own (never from input)."""
     return ", ".join(f"{column} = ?" for column in values)
@@ -336,6 +341,13 @@ class Store:
         cursor = self.db.conn.execute(sql, args)
         columns = [d[0] for d in cursor.description]
         return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+    def _update(self, table: str, where: str, args: Sequence[Any], fields: dict[str, Any]) -> None:
+        """Set ``fields`` on the rows of ``table`` that match ``where`` (both of our own, never input)."""
+        values = _stored(fields)
+        if values:
+            with self._write() as db:
+                db.conn.execute(f"UPDATE {table} SET {_assignments(values)} WHERE {where}", [*values.values(), *args])
 
     def close(self) -> None:
         with self._connections_lock:
@@ -464,7 +476,7 @@ class Store:
         """
         from_states = list(from_states)
         stamp = format_time(now)
-        values = {**{k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}}
+        values = _stored(fields)
         values.update(state=to_state, updated_at=stamp)
         with self._write() as db:
             cursor = db.conn.execute(
@@ -480,11 +492,7 @@ class Store:
 
     def update_request(self, request_id: int, **fields: Any) -> None:
         """Book-keeping that is not a state change (poll counters, the thread of a Slack message)."""
-        values = {k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}
-        if not values:
-            return
-        with self._write() as db:
-            db.conn.execute(f"UPDATE requests SET {_assignments(values)} WHERE id = ?", [*values.values(), request_id])
+        self._update("requests", "id = ?", [request_id], fields)
 
     # -- chunks and devices -------------------------------------------------------------------
 
@@ -492,13 +500,7 @@ class Store:
         return [Chunk.from_row(r) for r in self._select("SELECT * FROM chunks WHERE request_id = ? ORDER BY chunk_no", [request_id])]
 
     def update_chunk(self, request_id: int, chunk_no: int, **fields: Any) -> None:
-        values = {k: format_time(v) if isinstance(v, datetime) else v for k, v in fields.items()}
-        if not values:
-            return
-        with self._write() as db:
-            db.conn.execute(
-                f"UPDATE chunks SET {_assignments(values)} WHERE request_id = ? AND chunk_no = ?", [*values.values(), request_id, chunk_no]
-            )
+        self._update("chunks", "request_id = ? AND chunk_no = ?", [request_id, chunk_no], fields)
 
     def claim_register(
         self, request_id: int, chunk_no: int, owner: str, now: datetime, *, replacing: datetime | None = None
