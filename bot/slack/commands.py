@@ -92,11 +92,7 @@ def in_ack_or_after(ack: Ack, respond: Respond, deps: Deps, answer, *args) -> No
     """Answer in the ack itself when ``answer(deps, *args, at_once=True)`` can: a few reads of the
     database (which never wait for a writer in WAL mode) and no call to Slack, so no second trip
     through the response_url. Otherwise ack now and answer after, in the background pool."""
-    try:
-        text = answer(deps, *args, at_once=True)
-    except Exception:  # noqa: BLE001 - this listener is an edge: the user must hear something
-        log.exception("answering /devices failed")
-        text = blocks.SORRY
+    text = computed(answer, deps, *args, at_once=True)
     if text is not None:
         ack(text=text)
     else:
@@ -106,12 +102,16 @@ def in_ack_or_after(ack: Ack, respond: Respond, deps: Deps, answer, *args) -> No
 
 def reply(respond: Respond, answer, *args) -> None:
     """Compute an answer and send it through the command's response_url (in the background pool)."""
+    respond(text=computed(answer, *args))
+
+
+def computed(answer, *args, **kwargs) -> str | None:
+    """``answer(*args, **kwargs)``, or an apology if it failed: the user must hear something."""
     try:
-        text = answer(*args)
-    except Exception:  # noqa: BLE001 - this thread is an edge: the user must hear something
+        return answer(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - listeners and the background pool are edges
         log.exception("answering /devices failed")
-        text = blocks.SORRY
-    respond(text=text)
+        return blocks.SORRY
 
 
 NUMBER = re.compile(r"#?([0-9]{1,18})")  # ASCII digits only, and within SQLite's INTEGER
