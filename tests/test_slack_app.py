@@ -288,7 +288,12 @@ def answered(scenario, user: str, text: str) -> str:
     assert ack.status_code == 200
     if ack.content:  # Bolt acks a text-only answer as text/plain, one with blocks as JSON
         return ack.json()["text"] if "json" in ack.headers.get("Content-Type", "") else ack.text
-    return scenario.fake.wait_for(lambda: scenario.fake.responses[before:] and scenario.fake.responses[-1].payload["text"])
+    return response_after(scenario, before)
+
+
+def response_after(scenario, before: int, timeout: float = 5.0) -> str:
+    """The text of the first answer through a response_url after the first ``before`` ones."""
+    return scenario.fake.wait_for(lambda: scenario.fake.responses[before:] and scenario.fake.responses[before].payload["text"], timeout=timeout)
 
 
 def test_status_list_and_cancel(scenario):
@@ -316,9 +321,10 @@ def test_commands_answer_within_the_ack_even_when_slack_is_slow_to_resolve_group
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
     scenario.drive(1, st.AWAITING_APPROVAL)
     scenario.fake.delay("usergroups.users.list", 4.0)
+    before = len(scenario.fake.responses)
     answer = scenario.ws.command(DAVE, OPS, "cancel 1")
     assert answer.status_code == 200 and answer.elapsed.total_seconds() < 1.0
-    assert "Only" in scenario.fake.wait_for(lambda: scenario.fake.responses and scenario.fake.responses[-1].payload["text"], timeout=15)
+    assert "Only" in response_after(scenario, before, timeout=15)
 
 
 def test_a_status_that_needs_the_approver_group_is_answered_after_the_ack_not_in_it(scenario):
@@ -329,7 +335,7 @@ def test_a_status_that_needs_the_approver_group_is_answered_after_the_ack_not_in
     before = len(scenario.fake.responses)
     answer = scenario.ws.command(DAVE, OPS, "status 1")  # another channel's request: is Dave an approver?
     assert answer.status_code == 200 and answer.elapsed.total_seconds() < 1.0 and not answer.content
-    later = scenario.fake.wait_for(lambda: scenario.fake.responses[before:] and scenario.fake.responses[-1].payload["text"], timeout=15)
+    later = response_after(scenario, before, timeout=15)
     assert "no request or ApplyId" in later
     # The group is cached now: the next answer needs no Slack call, and comes in the ack.
     assert "no request or ApplyId" in scenario.ws.command(DAVE, OPS, "status 1").text
@@ -342,7 +348,7 @@ def test_status_and_list_of_big_requests_are_counted_after_the_ack_not_in_it(sce
         before = len(scenario.fake.responses)
         answer = scenario.ws.command(ALICE, OPS, text)
         assert answer.status_code == 200 and not answer.content  # acked at once, empty
-        later = scenario.fake.wait_for(lambda: scenario.fake.responses[before:] and scenario.fake.responses[-1].payload["text"])
+        later = response_after(scenario, before)
         assert "#1" in later and "60,000" in later
 
 
