@@ -27,9 +27,9 @@ import requests  # noqa: E402
 from common import percentile, report, table  # noqa: E402
 
 from bot.clock import SystemClock  # noqa: E402
-from bot.emulator import Emulator  # noqa: E402
+from bot.standins.emulator import Emulator  # noqa: E402
 from bot.slack import blocks  # noqa: E402
-from bot.slack.fake import FakeSlack, Workspace  # noqa: E402
+from bot.standins.slack import FakeSlack, Workspace  # noqa: E402
 
 SECRET = "bench-signing-secret"
 OPS = "C0OPS"

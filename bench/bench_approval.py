@@ -25,12 +25,12 @@ from common import median, report, table  # noqa: E402
 
 from bot.clock import SystemClock  # noqa: E402
 from bot.config import Settings  # noqa: E402
-from bot.emulator import Emulator  # noqa: E402
+from bot.standins.emulator import Emulator  # noqa: E402
 from bot.registration import Timing  # noqa: E402
 from bot.server import serve_locally  # noqa: E402
 from bot.slack import blocks  # noqa: E402
 from bot.slack.app import create_app  # noqa: E402
-from bot.slack.fake import FakeSlack, Workspace  # noqa: E402
+from bot.standins.slack import FakeSlack, Workspace  # noqa: E402
 
 SECRET = "bench-signing-secret"
 OPS = "C0OPS"

@@ -57,7 +57,7 @@ from common import median, percentile, report, table
 
 from bot.aliyun.client import Credentials, IotClient
 from bot.aliyun.ratelimit import RateLimiter
-from bot.emulator import DEMO_ACCESS_KEY_ID, DEMO_ACCESS_KEY_SECRET, DEMO_PRODUCT_KEY
+from bot.standins.emulator import DEMO_ACCESS_KEY_ID, DEMO_ACCESS_KEY_SECRET, DEMO_PRODUCT_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 BARE = "ours with a plain requests.Session (diagnostic)"

@@ -83,7 +83,7 @@ class Silent:
 
 def _serve_emulator(conn: Connection, check_seconds: float, create_seconds: float) -> None:
     """Child process: run the emulator until told to stop; answer "report" with its counts."""
-    from bot.emulator import Emulator
+    from bot.standins.emulator import Emulator
 
     emulator = Emulator(clock=SystemClock(), check_seconds=check_seconds, create_seconds=create_seconds).start()
     # Every answer's time, action, outcome and time spent in the gateway, for the timeline: the

@@ -17,6 +17,7 @@ import click
 
 from bot import __version__
 from bot import store as st
+from bot import wiring
 from bot.aliyun.client import ApplyStatus, IotClient
 from bot.aliyun.errors import IotError
 from bot.clock import SystemClock
@@ -309,7 +310,7 @@ def status(apply_id: int, product_key: str) -> None:
     """Ask IoT Platform where an ApplyId stands."""
     settings = load_settings()
     try:
-        with IotClient.from_settings(settings) as client:
+        with wiring.iot_client(settings) as client:
             result = client.query_batch_register_device_status(product_key, apply_id)
     except (ConfigError, IotError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -394,7 +395,7 @@ def credentials(apply_id: int, output: Path, product_key: str | None, force: boo
 
     existed = output.exists()
     try:
-        with IotClient.from_settings(settings) as client:
+        with wiring.iot_client(settings) as client:
             report.write_private(output, report.credentials_csv(rows()), overwrite=force)
     except FileExistsError:
         raise click.ClickException(f"{output} exists; add --force to overwrite it") from None
@@ -523,7 +524,7 @@ def emulator(
     """Run a local IoT Platform emulator until Ctrl-C: no Alibaba Cloud account needed."""
     import time
 
-    from bot import emulator as emu
+    from bot.standins import emulator as emu
 
     try:
         instance = emu.Emulator(

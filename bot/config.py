@@ -18,17 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
-#: Per-account QPS quotas of the IoT Platform for the operations iotreg calls
-#: (alibaba-iot-api.md, "Parameters and limits"). Every RAM user and process of an account shares them.
-DEFAULT_QPS: Mapping[str, float] = MappingProxyType(
-    {
-        "BatchCheckDeviceNames": 10,
-        "BatchRegisterDeviceWithApplyId": 500,
-        "BatchRegisterDevice": 10,
-        "QueryBatchRegisterDeviceStatus": 30,
-        "QueryPageByApplyId": 50,
-    }
-)
+from bot.aliyun.ratelimit import DEFAULT_QPS
 
 DEFAULT_REGION = "cn-shanghai"
 

@@ -21,11 +21,11 @@ from typing import Any
 
 from bot.clock import SystemClock
 from bot.config import Settings
-from bot.emulator import DEMO_PRODUCT_KEY, Emulator
+from bot.standins.emulator import DEMO_PRODUCT_KEY, Emulator
 from bot.server import serve_locally
 from bot.slack import blocks
 from bot.slack.app import create_app
-from bot.slack.fake import FakeSlack, Workspace, file_input_value
+from bot.standins.slack import FakeSlack, Workspace, file_input_value
 
 OPS, NOTICES = "C0IOTOPS", "C0NOTICES"
 ALICE, BOB = "U0ALICE", "U0BOB"

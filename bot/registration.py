@@ -47,6 +47,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from bot import store as st
+from bot import wiring
 from bot.aliyun import errors
 from bot.aliyun.client import MAX_COUNT_PER_REGISTER, ApplyStatus, BatchStatus, IotClient
 from bot.aliyun.ratelimit import SlotLater, deferring
@@ -195,7 +196,7 @@ class Workflow:
         """The workflow over the configured database and IoT Platform account."""
         return cls(
             Store(settings.db_path),
-            client or IotClient.from_settings(settings, clock=clock),
+            client or wiring.iot_client(settings, clock=clock),
             notifier,
             jobs,
             clock,

@@ -16,6 +16,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from gunicorn.app.base import BaseApplication
 
+from bot import wiring
 from bot.config import Settings
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def emulator_bot(settings: Settings) -> Any:
         import dataclasses
 
         from bot.aliyun.client import IotClient
-        from bot.emulator import Emulator
+        from bot.standins.emulator import Emulator
         from bot.slack.app import create_app
 
         emulator = Emulator(port=0).start()  # built in the serving process, after any fork
@@ -81,7 +82,7 @@ def emulator_bot(settings: Settings) -> Any:
             instance_id=None,
         )
         log.warning("emulator mode: IoT Platform calls go to %s (products: %s)", emulator.endpoint, ", ".join(emulator.product_keys))
-        return create_app(trial, iot_client=IotClient.from_settings(trial), label=EMULATOR_LABEL)
+        return create_app(trial, iot_client=wiring.iot_client(trial), label=EMULATOR_LABEL)
 
     return build
 

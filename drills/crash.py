@@ -44,9 +44,9 @@ import requests  # noqa: E402
 
 from bot import store as st  # noqa: E402
 from bot.clock import SystemClock  # noqa: E402
-from bot.emulator import Emulator  # noqa: E402
+from bot.standins.emulator import Emulator  # noqa: E402
 from bot.slack import blocks  # noqa: E402
-from bot.slack.fake import FakeSlack, Workspace  # noqa: E402
+from bot.standins.slack import FakeSlack, Workspace  # noqa: E402
 from bot.store import Store  # noqa: E402
 
 SECRET = "drill-signing-secret"
@@ -115,7 +115,7 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="iotreg-drill-"))
     emulator = Emulator(clock=SystemClock(), check_seconds=0.5, create_seconds=1.0, create_failure_rate=0.02, seed=args.seed).start()
     if args.platform_faults:
-        from bot.emulator import FaultPlan
+        from bot.standins.emulator import FaultPlan
 
         emulator.gateway.faults = FaultPlan(
             error_rate=args.platform_faults, throttle_rate=args.platform_faults / 2, errors_take_effect=0.5,

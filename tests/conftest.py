@@ -8,7 +8,7 @@ time (the official SDK's) are inside the 15-minute window. It exposes ``endpoint
 ``check_seconds`` (2) and CREATE ``create_seconds`` (3). QPS quotas are on; a test that needs more
 calls advances the clock a second or sets ``emulator.gateway.enforce_quotas = False``.
 
-``make_emulator(**options)``: the same with other :class:`~bot.emulator.Emulator` options.
+``make_emulator(**options)``: the same with other :class:`~bot.standins.emulator.Emulator` options.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 import pytest
 
 from bot.clock import ManualClock
-from bot.emulator import Emulator
+from bot.standins.emulator import Emulator
 
 EMULATOR_DEFAULTS: dict[str, object] = {
     "access_key_id": "test-key-id",

@@ -29,7 +29,7 @@ from bot.config import Settings  # noqa: E402
 from bot.jobs import InlineJobs  # noqa: E402
 from bot.server import serve_locally  # noqa: E402
 from bot.slack.app import create_app  # noqa: E402
-from bot.slack.fake import FakeSlack, Workspace  # noqa: E402
+from bot.standins.slack import FakeSlack, Workspace  # noqa: E402
 
 SIGNING_SECRET = "test-signing-secret-0123456789"
 

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from bot import wiring
 from bot.aliyun import errors
 from bot.aliyun.client import ApplyStatus, Credentials, IotClient, RetryPolicy
 from bot.aliyun.ratelimit import RateLimiter
@@ -148,7 +149,7 @@ def test_threads_sharing_the_limiter_never_hit_the_quota_on_the_real_clock(make_
 
 def test_settings_build_a_working_client(emulator):
     settings = Settings.from_env(emulator.env())
-    client = IotClient.from_settings(settings, clock=emulator.clock)
+    client = wiring.iot_client(settings, clock=emulator.clock)
     assert client.endpoint == emulator.endpoint
     apply_id = client.batch_check_device_names(emulator.product_key, ["from-settings-1"]).apply_id
     assert client.query_batch_register_device_status(emulator.product_key, apply_id).status is ApplyStatus.CHECK

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from bot.clock import ManualClock
-from bot.emulator.backend import (
+from bot.standins.emulator.backend import (
     FIRST_APPLY_ID,
     MSG_CREATE_FAILED,
     MSG_INVALID_NAME,

@@ -14,9 +14,9 @@ import requests
 
 from bot.aliyun.signing import percent_encode, signature_for, string_to_sign
 from bot.clock import ManualClock
-from bot.emulator import Emulator
-from bot.emulator.backend import FIRST_APPLY_ID, MSG_INVALID_NAME, IotBackend
-from bot.emulator.gateway import FaultPlan, Gateway, device_name_entries
+from bot.standins.emulator import Emulator
+from bot.standins.emulator.backend import FIRST_APPLY_ID, MSG_INVALID_NAME, IotBackend
+from bot.standins.emulator.gateway import FaultPlan, Gateway, device_name_entries
 
 KEY_ID = "test-key-id"
 SECRET = "test-key-secret"

@@ -34,13 +34,13 @@ from hypothesis import strategies as st
 from bot import store as sto
 from bot.clock import ManualClock
 from bot.config import Settings
-from bot.emulator import Emulator
+from bot.standins.emulator import Emulator
 from bot.jobs import InlineJobs
 from bot.names import Device, DeviceList, DeviceListError, parse_pasted, read_device_file, validate_name, validate_nickname
 from bot.slack import blocks
 from bot.server import serve_locally
 from bot.slack.app import Bot, create_app
-from bot.slack.fake import (
+from bot.standins.slack import (
     FakeSlack,
     Workspace,
     block_actions_payload,

@@ -25,7 +25,7 @@ from aliyunsdkiot.request.v20180120.QueryBatchRegisterDeviceStatusRequest import
 )
 from aliyunsdkiot.request.v20180120.QueryPageByApplyIdRequest import QueryPageByApplyIdRequest
 
-from bot.emulator import Emulator, FaultPlan
+from bot.standins.emulator import Emulator, FaultPlan
 
 
 class Sdk:

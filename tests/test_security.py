@@ -29,7 +29,7 @@ from bot import report
 from bot import store as st
 from bot.names import validate_name
 from bot.slack import blocks
-from bot.slack.fake import (
+from bot.standins.slack import (
     block_actions_payload,
     file_input_value,
     interaction_body,

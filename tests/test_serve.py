@@ -13,7 +13,7 @@ import requests
 
 from bot.clock import SystemClock
 from bot.slack import blocks
-from bot.slack.fake import FakeSlack, Workspace
+from bot.standins.slack import FakeSlack, Workspace
 
 SECRET = "serve-signing-secret"
 

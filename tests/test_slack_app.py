@@ -17,7 +17,7 @@ from support import SIGNING_SECRET, SlackScenario, slack_scenario, wait_until
 
 from bot import store as st
 from bot.slack import blocks
-from bot.slack.fake import Workspace, file_input_value, plain_text_value
+from bot.standins.slack import Workspace, file_input_value, plain_text_value
 
 OPS, NOTICES = "C0OPS", "C0NOTICES"
 ALICE, BOB, CAROL, DAVE = "U0ALICE", "U0BOB", "U0CAROL", "U0DAVE"

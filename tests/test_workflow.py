@@ -16,7 +16,7 @@ from bot import store as st
 from bot.aliyun.client import Credentials, IotClient, RetryPolicy
 from bot.aliyun.ratelimit import RateLimiter
 from bot.config import DEFAULT_QPS
-from bot.emulator import Emulator, FaultPlan
+from bot.standins.emulator import Emulator, FaultPlan
 from bot.jobs import InlineJobs
 from bot.registration import Conflict, NotAllowed, NotFound, Timing, Workflow
 from bot.store import Event, Store

@@ -31,10 +31,9 @@ from collections.abc import Iterable, Iterator, Mapping
 import requests
 
 from bot.aliyun import errors
-from bot.aliyun.ratelimit import RateLimiter, shared_limiter
+from bot.aliyun.ratelimit import DEFAULT_QPS, RateLimiter
 from bot.aliyun.signing import encode_params, percent_encode, signature_for_encoded
 from bot.clock import Clock, SystemClock
-from bot.config import DEFAULT_QPS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -178,24 +177,6 @@ class IotClient:
         self.clock = clock or SystemClock()
         self.limiter = limiter or RateLimiter(DEFAULT_QPS, self.clock)
         self.rng = rng or random.Random()
-
-    @classmethod
-    def from_settings(cls, settings: Settings, *, session: requests.Session | None = None, clock: Clock | None = None) -> IotClient:
-        """A client for the configured account, sharing the process-wide rate limiter."""
-        settings.require("access_key_id", "access_key_secret")
-        assert settings.access_key_id and settings.access_key_secret
-        clock = clock or SystemClock()
-        return cls(
-            settings.endpoint,
-            Credentials(settings.access_key_id, settings.access_key_secret),
-            region_id=settings.region_id,
-            instance_id=settings.instance_id,
-            session=session,
-            timeout=settings.timeout,
-            retry=RetryPolicy(max_attempts=settings.max_attempts, deadline=settings.retry_deadline),
-            limiter=shared_limiter(settings.access_key_id, settings.endpoint, settings.qps, clock),
-            clock=clock,
-        )
 
     def close(self) -> None:
         self.session.close()

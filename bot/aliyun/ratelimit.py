@@ -29,6 +29,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Hashable, Iterator, Mapping
 from contextvars import ContextVar
+from types import MappingProxyType
 
 from bot.clock import Clock, SystemClock
 
@@ -40,6 +41,18 @@ DEFAULT_MARGIN = 0.05
 BOOKING_TTL = 60.0
 
 _deferring: ContextVar[tuple[Hashable, float] | None] = ContextVar("iotreg_deferring", default=None)
+
+#: Per-account QPS quotas of the IoT Platform for the operations iotreg calls
+#: (alibaba-iot-api.md, "Parameters and limits"). Every RAM user and process of an account shares them.
+DEFAULT_QPS: Mapping[str, float] = MappingProxyType(
+    {
+        "BatchCheckDeviceNames": 10,
+        "BatchRegisterDeviceWithApplyId": 500,
+        "BatchRegisterDevice": 10,
+        "QueryBatchRegisterDeviceStatus": 30,
+        "QueryPageByApplyId": 50,
+    }
+)
 
 
 class SlotLater(Exception):

@@ -23,6 +23,7 @@ from slack_sdk.http_retry.builtin_handlers import (
     ServerErrorRetryHandler,
 )
 
+from bot import wiring
 from bot.aliyun.client import IotClient
 from bot.clock import Clock, SystemClock
 from bot.config import Settings
@@ -132,7 +133,7 @@ def create_app(
     )
     workflow = Workflow(
         Store(settings.db_path),
-        iot_client or IotClient.from_settings(settings, clock=clock),
+        iot_client or wiring.iot_client(settings, clock=clock),
         notifier,
         jobs,
         clock,

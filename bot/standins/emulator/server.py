@@ -1,6 +1,6 @@
 """HTTP for the emulator: reads the query string and form body, asks the gateway, writes JSON.
 
-Nothing here knows the API; :class:`~bot.emulator.gateway.Gateway` does. Standard library only:
+Nothing here knows the API; :class:`~bot.standins.emulator.gateway.Gateway` does. Standard library only:
 a :class:`~http.server.ThreadingHTTPServer` on daemon threads, speaking HTTP/1.1 with keep-alive.
 """
 
@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import urlsplit
 
-from bot.emulator.gateway import Gateway
+from bot.standins.emulator.gateway import Gateway
 
 __all__ = ["EmulatorServer"]
 

@@ -1,4 +1,4 @@
-"""The API gateway in front of :class:`~bot.emulator.backend.IotBackend`: the wire format, without HTTP.
+"""The API gateway in front of :class:`~bot.standins.emulator.backend.IotBackend`: the wire format, without HTTP.
 
 :meth:`Gateway.handle` takes a request's method and decoded parameters (query and form body) and
 returns ``(HTTP status, JSON object)``, doing what the platform's gateway does, in this order:
@@ -11,7 +11,7 @@ returns ``(HTTP status, JSON object)``, doing what the platform's gateway does, 
 3. the account's QPS quota per action on a sliding one-second window of the injected clock;
 4. injected faults (:class:`FaultPlan`), then the action's own required parameters;
 5. the backend, whose ``Data`` is wrapped in the success envelope, or whose
-   :class:`~bot.emulator.backend.BusinessFault` becomes HTTP 200 with ``Success: false``.
+   :class:`~bot.standins.emulator.backend.BusinessFault` becomes HTTP 200 with ``Success: false``.
 
 Envelopes and codes follow alibaba-iot-api.md ("Responses", "Errors").
 """
@@ -32,8 +32,8 @@ from urllib.parse import parse_qsl
 
 from bot.aliyun.signing import signature_for, string_to_sign
 from bot.clock import Clock
-from bot.config import DEFAULT_QPS
-from bot.emulator.backend import BusinessFault, IotBackend
+from bot.aliyun.ratelimit import DEFAULT_QPS
+from bot.standins.emulator.backend import BusinessFault, IotBackend
 
 __all__ = ["API_VERSION", "FaultPlan", "Gateway", "Response", "device_name_entries", "decode_params"]
 

@@ -1,6 +1,6 @@
 """The IoT Platform's batch-registration state, in memory: products, devices and applications.
 
-No HTTP and no signatures here (that is :mod:`bot.emulator.gateway`); every method takes the
+No HTTP and no signatures here (that is :mod:`bot.standins.emulator.gateway`); every method takes the
 operation's parameters as the wire carries them (strings, or ``None`` when absent) and returns the
 ``Data`` object of the response, with the exact wire keys (alibaba-iot-api.md, "Responses"). A
 business failure raises :class:`BusinessFault`, which the gateway turns into HTTP 200 with

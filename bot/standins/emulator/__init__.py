@@ -2,11 +2,11 @@
 
 Three layers, state apart from wire format:
 
-- :mod:`bot.emulator.backend`: products, devices and applications, an in-memory state machine on an
+- :mod:`bot.standins.emulator.backend`: products, devices and applications, an in-memory state machine on an
   injected clock;
-- :mod:`bot.emulator.gateway`: signature, credentials, timestamps, nonces, QPS quotas, injected
+- :mod:`bot.standins.emulator.gateway`: signature, credentials, timestamps, nonces, QPS quotas, injected
   faults and the JSON envelopes, as a pure ``handle(method, params) -> (status, body)``;
-- :mod:`bot.emulator.server`: a thin HTTP adapter.
+- :mod:`bot.standins.emulator.server`: a thin HTTP adapter.
 
 :class:`Emulator` builds and wires all three; ``iotreg emulator``, the tests' ``emulator`` fixture
 and the demo use it.
@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 
 from bot.clock import Clock, SystemClock
-from bot.config import DEFAULT_QPS
-from bot.emulator.backend import Application, BusinessFault, Device, IotBackend, Status
-from bot.emulator.gateway import FaultPlan, Gateway
-from bot.emulator.server import EmulatorServer
+from bot.aliyun.ratelimit import DEFAULT_QPS
+from bot.standins.emulator.backend import Application, BusinessFault, Device, IotBackend, Status
+from bot.standins.emulator.gateway import FaultPlan, Gateway
+from bot.standins.emulator.server import EmulatorServer
 
 __all__ = [
     "Application",
