@@ -55,14 +55,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import median, report, table  # noqa: E402
 
-from bot import store as st  # noqa: E402
+from bot.domain import FINAL_STATES, Outcome, State  # noqa: E402
 from bot.aliyun.client import MAX_PAGE_SIZE, Credentials, IotClient  # noqa: E402
 from bot.aliyun.ratelimit import RateLimiter  # noqa: E402
 from bot.clock import SystemClock  # noqa: E402
 from bot.config import DEFAULT_QPS  # noqa: E402
 from bot.jobs import InlineJobs, SchedulerJobs  # noqa: E402
 from bot.registration import Timing, Workflow, WorkflowError  # noqa: E402
-from bot.store import Event, Store  # noqa: E402
+from bot.store.sqlite import SqliteStore  # noqa: E402
+from bot.domain import Event  # noqa: E402
 
 ACTIONS = ["BatchCheckDeviceNames", "BatchRegisterDeviceWithApplyId", "QueryBatchRegisterDeviceStatus", "QueryPageByApplyId"]
 SHORT = {"BatchCheckDeviceNames": "check", "BatchRegisterDeviceWithApplyId": "register", "QueryBatchRegisterDeviceStatus": "status", "QueryPageByApplyId": "pages"}
@@ -190,7 +191,7 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
         clock=clock,
     )
     jobs = SchedulerJobs(workers=WORKERS)
-    workflow = Workflow(Store(folder / "iotreg.db"), client, Silent(), jobs, clock, Timing(poll_interval=poll, poll_max_interval=60.0))
+    workflow = Workflow(SqliteStore(folder / "iotreg.db"), client, Silent(), jobs, clock, Timing(poll_interval=poll, poll_max_interval=60.0))
     jobs.bind(workflow)
     jobs.start()
     product_key = emulator.env["product_key"]
@@ -198,7 +199,7 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
 
     def approve() -> None:
         while not finished.is_set():
-            for request in workflow.store.requests(states=[st.AWAITING_APPROVAL], limit=len(sizes)):
+            for request in workflow.store.requests(states=[State.AWAITING_APPROVAL], limit=len(sizes)):
                 try:
                     workflow.approve(request.id, "U0BOB")
                 except WorkflowError:
@@ -207,7 +208,7 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
 
     approver = threading.Thread(target=approve, daemon=True)
     approver.start()
-    final = ", ".join(f"'{s}'" for s in st.FINAL_STATES)
+    final = ", ".join(f"'{s}'" for s in FINAL_STATES)
     try:
         started, wall_started = time.monotonic(), clock.now()
         for r, n in enumerate(sizes):
@@ -226,9 +227,9 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
     outcomes, devices, answered, building = emulator.report()
     emulator.stop()
     db = workflow.store.db
-    recorded = dict(db.execute("SELECT name, iot_id FROM devices WHERE outcome = ?", [st.CREATED]).fetchall())
-    pending = db.execute("SELECT COUNT(*) FROM devices WHERE outcome = ?", [st.PENDING]).fetchone()[0]
-    done = db.execute("SELECT COUNT(*) FROM requests WHERE state = ?", [st.DONE]).fetchone()[0]
+    recorded = dict(db.execute("SELECT name, iot_id FROM devices WHERE outcome = ?", [Outcome.CREATED]).fetchall())
+    pending = db.execute("SELECT COUNT(*) FROM devices WHERE outcome = ?", [Outcome.PENDING]).fetchone()[0]
+    done = db.execute("SELECT COUNT(*) FROM requests WHERE state = ?", [State.DONE]).fetchone()[0]
     phases = _phases(workflow.store, wall_started, submitted)
     workflow.close()
     shutil.rmtree(folder, ignore_errors=True)
@@ -277,17 +278,17 @@ def fill(store: Store, rows: int, start: int) -> None:
     for offset in range(0, rows, CHUNK):
         n = min(CHUNK, rows - offset)
         request_id = store.create_request(
-            product_key="a1EmuDemo01", requester="U0ALICE", origin="cli", kind="names", count=n, state=st.DONE, now=now,
+            product_key="a1EmuDemo01", requester="U0ALICE", origin="cli", kind="names", count=n, state=State.DONE, now=now,
             devices=((f"old{start + offset + i:07d}", None, i + 1) for i in range(n)), chunks=[n],
         )
         with store._write() as db:  # noqa: SLF001 - set-up only: mark them created, as a finished request's are
-            db.conn.execute("UPDATE devices SET outcome = ?, iot_id = name || 'IotId000100' WHERE request_id = ?", [st.CREATED, request_id])
+            db.conn.execute("UPDATE devices SET outcome = ?, iot_id = name || 'IotId000100' WHERE request_id = ?", [Outcome.CREATED, request_id])
 
 
 def database_growth(levels: list[int], submit_names: int, repeat: int) -> list[list[object]]:
     folder = Path(tempfile.mkdtemp(prefix="iotreg-bench-db-"))
     clock = SystemClock()
-    store = Store(folder / "iotreg.db")
+    store = SqliteStore(folder / "iotreg.db")
     jobs = InlineJobs(clock)  # never run: only submit's own work is timed
     client = IotClient("http://127.0.0.1:9", Credentials("unused", "unused"))
     workflow = Workflow(store, client, Silent(), jobs, clock, Timing())

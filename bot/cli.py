@@ -16,13 +16,14 @@ from pathlib import Path
 import click
 
 from bot import __version__
-from bot import store as st
+from bot.domain import ACTIVE_STATES, FINAL_STATES, Outcome, State
+from bot.store import Store, open_store
 from bot import wiring
 from bot.aliyun.client import ApplyStatus, IotClient
 from bot.aliyun.errors import IotError
 from bot.clock import SystemClock
 from bot.config import ConfigError, Settings
-from bot.store import Event, Request
+from bot.domain import Event, Request
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,7 +65,7 @@ class TerminalNotifier:
     """The CLI's side of the workflow's notifications: one line per step, on standard error."""
 
     def __init__(self) -> None:
-        self.store: st.Store | None = None
+        self.store: Store | None = None
 
     def deliver(self, event: Event) -> None:
         assert self.store is not None
@@ -100,7 +101,7 @@ def describe_event(event: Event, request: Request) -> str | None:
         case "registering":
             return f"Request {n}: registering."
         case "finished":
-            if request.state == st.FAILED:
+            if request.state == State.FAILED:
                 return f"Request {n}: failed: {request.reason}."
             return f"Request {n}: registration finished."
         case _:
@@ -151,9 +152,9 @@ def wait_for(workflow, jobs, request_id: int, label: str, done_statuses: set[str
 def drive(workflow, jobs, request: Request, *, yes: bool, skip_invalid: bool, output: Path | None) -> int:
     """Take a CLI request from wherever it is to the end; returns the exit status."""
     user = operator()
-    if request.state == st.CHECKING:
-        request = wait_for(workflow, jobs, request.id, "Checking names", CHECK_DONE, set(st.FINAL_STATES) | {st.AWAITING_APPROVAL})
-    if request.state == st.CHECK_FAILED:
+    if request.state == State.CHECKING:
+        request = wait_for(workflow, jobs, request.id, "Checking names", CHECK_DONE, set(FINAL_STATES) | {State.AWAITING_APPROVAL})
+    if request.state == State.CHECK_FAILED:
         show_invalid(workflow.store, request.id)
         valid = request.count - workflow.summary(request.id).invalid
         if valid and (skip_invalid or (not yes and click.confirm(f"Register the {valid:,} valid name(s) in a new request?"))):
@@ -161,7 +162,7 @@ def drive(workflow, jobs, request: Request, *, yes: bool, skip_invalid: bool, ou
             return drive(workflow, jobs, request, yes=yes, skip_invalid=False, output=output)
         click.echo("Nothing was registered. Fix the names above and run again, or add --skip-invalid.", err=True)
         return finish(workflow, request, output)
-    if request.state == st.AWAITING_APPROVAL:
+    if request.state == State.AWAITING_APPROVAL:
         question = f"Register {request.count:,} device(s) in product {request.product_key}?"
         if yes or click.confirm(question):
             workflow.approve(request.id, user, allow_self=True)  # at the terminal, the operator approves
@@ -170,13 +171,13 @@ def drive(workflow, jobs, request: Request, *, yes: bool, skip_invalid: bool, ou
             jobs.run_due()
             return finish(workflow, workflow.get(request.id), output)
         request = workflow.get(request.id)
-    if request.state in (st.APPROVED, st.REGISTERING):
-        request = wait_for(workflow, jobs, request.id, "Registering", CREATE_DONE, set(st.FINAL_STATES))
+    if request.state in (State.APPROVED, State.REGISTERING):
+        request = wait_for(workflow, jobs, request.id, "Registering", CREATE_DONE, set(FINAL_STATES))
     return finish(workflow, request, output)
 
 
-def show_invalid(store: st.Store, request_id: int, limit: int = 20) -> None:
-    invalid = store.devices(request_id, outcome=st.INVALID)
+def show_invalid(store: Store, request_id: int, limit: int = 20) -> None:
+    invalid = store.devices(request_id, outcome=Outcome.INVALID)
     click.echo("Names the platform refused:", err=True)
     for device in invalid[:limit]:
         click.echo(f"  {device.name:<34} {device.reason}", err=True)
@@ -190,7 +191,7 @@ def finish(workflow, request: Request, output: Path | None) -> int:
 
     summary = workflow.summary(request.id)
     click.echo(f"\nRequest #{request.id} ({request.product_key}): {request.state.replace('_', ' ')}")
-    if request.reason and request.state not in (st.DONE,):
+    if request.reason and request.state not in (State.DONE,):
         click.echo(f"  reason: {request.reason}")
     rows = [
         ("registered", summary.created),
@@ -202,7 +203,7 @@ def finish(workflow, request: Request, output: Path | None) -> int:
     for label, count in rows:
         if count or label == "registered":
             click.echo(f"  {label:<18}{count:>10,}")
-    failed = workflow.store.devices(request.id, outcome=st.NOT_CREATED, limit=20)
+    failed = workflow.store.devices(request.id, outcome=Outcome.NOT_CREATED, limit=20)
     if failed:
         click.echo("Devices that failed:")
         for device in failed:
@@ -212,7 +213,7 @@ def finish(workflow, request: Request, output: Path | None) -> int:
     if output is not None:
         rows_written = report.write_outcomes(output, workflow.store, request.id)
         click.echo(f"Wrote {rows_written:,} device outcome(s) to {output}")
-    all_done = request.state == st.DONE and not (summary.failed or summary.invalid or summary.pending)
+    all_done = request.state == State.DONE and not (summary.failed or summary.invalid or summary.pending)
     return 0 if all_done else 1
 
 
@@ -287,7 +288,7 @@ def resume(request_ids: tuple[int, ...], yes: bool, output: Path | None) -> None
             if missing:
                 raise click.ClickException(f"no CLI request #{', #'.join(missing)}")
         else:
-            requests = workflow.store.requests(states=st.ACTIVE_STATES, origins=["cli"], limit=1000)
+            requests = workflow.store.requests(states=ACTIVE_STATES, origins=["cli"], limit=1000)
         if not requests:
             click.echo("No unfinished request.")
             return
@@ -321,21 +322,21 @@ def status(apply_id: int, product_key: str) -> None:
         click.echo(f"  {detail.name:<34} {detail.reason}")
     if len(result.details) > 20:
         click.echo(f"  … and {len(result.details) - 20:,} more")
-    from bot.store import Store
+    from bot.store import Store, open_store
 
-    chunk = Store(settings.db_path).chunk_for_apply_id(apply_id)
+    chunk = open_store(settings.db_path).chunk_for_apply_id(apply_id)
     if chunk is not None:
         click.echo(f"  part of request #{chunk.request_id}")
 
 
 @cli.command()
 @click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
-@click.option("--state", "states", multiple=True, type=click.Choice(sorted(st.FINAL_STATES | st.ACTIVE_STATES)), help="Only requests in this state (repeatable).")
+@click.option("--state", "states", multiple=True, type=click.Choice(sorted(FINAL_STATES | ACTIVE_STATES)), help="Only requests in this state (repeatable).")
 def requests(limit: int, states: tuple[str, ...]) -> None:
     """Recent requests, newest first, with their states and outcomes."""
-    from bot.store import Store
+    from bot.store import Store, open_store
 
-    store = Store(load_settings().db_path)
+    store = open_store(load_settings().db_path)
     rows = store.requests(states=states or None, limit=limit)
     if not rows:
         click.echo("No requests yet.")
@@ -345,7 +346,7 @@ def requests(limit: int, states: tuple[str, ...]) -> None:
         counts = store.outcome_counts(request.id)
         click.echo(
             f"{request.id:>5}  {request.created_at:%Y-%m-%d %H:%M}  {request.product_key:<12}  {request.state:<17}  "
-            f"{request.count:>8,}  {counts.get(st.CREATED, 0):>10,}  {request.requester}"
+            f"{request.count:>8,}  {counts.get(Outcome.CREATED, 0):>10,}  {request.requester}"
         )
 
 
@@ -353,9 +354,9 @@ def requests(limit: int, states: tuple[str, ...]) -> None:
 @click.argument("request_id", type=int)
 def audit(request_id: int) -> None:
     """The audit trail of a request: who did what, and when."""
-    from bot.store import Store
+    from bot.store import Store, open_store
 
-    store = Store(load_settings().db_path)
+    store = open_store(load_settings().db_path)
     entries = store.audit(request_id)
     if not entries:
         raise click.ClickException(f"there is no request #{request_id}")
@@ -376,12 +377,12 @@ def credentials(apply_id: int, output: Path, product_key: str | None, force: boo
     permissions. Secrets are never printed.
     """
     from bot import report
-    from bot.store import Store
+    from bot.store import Store, open_store
 
     settings = load_settings()
     if product_key is None:
-        chunk = Store(settings.db_path).chunk_for_apply_id(apply_id)
-        request = Store(settings.db_path).get(chunk.request_id) if chunk else None
+        chunk = open_store(settings.db_path).chunk_for_apply_id(apply_id)
+        request = open_store(settings.db_path).get(chunk.request_id) if chunk else None
         if request is None:
             raise click.UsageError(f"ApplyId {apply_id} is not in the local database: give --product-key")
         product_key = request.product_key
@@ -418,7 +419,7 @@ def demo(file: Path | None) -> None:
         result = run_demo(file, out=click.echo)
     except (DemoError, DeviceListError) as exc:
         raise click.ClickException(str(exc)) from None
-    sys.exit(0 if result.state == st.DONE else 1)
+    sys.exit(0 if result.state == State.DONE else 1)
 
 
 @cli.command()

@@ -46,14 +46,15 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from bot import store as st
+from bot.domain import ACTIVE_STATES, Chunk, Kind, Origin, Outcome, State
 from bot import wiring
 from bot.aliyun import errors
 from bot.aliyun.client import MAX_COUNT_PER_REGISTER, ApplyStatus, BatchStatus, IotClient
 from bot.aliyun.ratelimit import SlotLater, deferring
 from bot.clock import Clock
 from bot.config import Settings
-from bot.store import Event, Request, Store
+from bot.store import Store, open_store
+from bot.domain import Event, Request
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class Workflow:
     ) -> Workflow:
         """The workflow over the configured database and IoT Platform account."""
         return cls(
-            Store(settings.db_path),
+            open_store(settings.db_path),
             client or wiring.iot_client(settings, clock=clock),
             notifier,
             jobs,
@@ -218,7 +219,6 @@ class Workflow:
         *,
         origin: str,
         channel: str = "",
-        thread_ts: str = "",
         rejected: Sequence[Any] = (),
         rejected_count: int | None = None,
         retry_of: int | None = None,
@@ -239,10 +239,9 @@ class Workflow:
             requester=requester,
             origin=origin,
             channel=channel,
-            thread_ts=thread_ts,
-            kind="names",
+            kind=Kind.NAMES,
             count=len(rows),
-            state=st.CHECKING,
+            state=State.CHECKING,
             now=self.clock.now(),
             rejected=[(r.line, r.value, r.reason) for r in rejected],
             rejected_count=len(rejected) if rejected_count is None else rejected_count,
@@ -257,7 +256,7 @@ class Workflow:
         return self._get(request_id)
 
     def submit_count(
-        self, product_key: str, requester: str, count: int, *, origin: str, channel: str = "", thread_ts: str = ""
+        self, product_key: str, requester: str, count: int, *, origin: Origin, channel: str = ""
     ) -> Request:
         """Open a request for ``count`` devices named by the platform. Nothing to check: it waits for approval."""
         if count < 1:
@@ -270,10 +269,9 @@ class Workflow:
             requester=requester,
             origin=origin,
             channel=channel,
-            thread_ts=thread_ts,
-            kind="count",
+            kind=Kind.COUNT,
             count=count,
-            state=st.AWAITING_APPROVAL,
+            state=State.AWAITING_APPROVAL,
             now=now,
             chunks=chunks,
             expires_at=now + timedelta(seconds=self.timing.approval_ttl),
@@ -292,8 +290,8 @@ class Workflow:
         now = self.clock.now()
         won = self.store.transition(
             request_id,
-            from_states=[st.AWAITING_APPROVAL],
-            to_state=st.APPROVED,
+            from_states=[State.AWAITING_APPROVAL],
+            to_state=State.APPROVED,
             actor=actor,
             event="approved",
             now=now,
@@ -313,8 +311,8 @@ class Workflow:
         now = self.clock.now()
         if not self.store.transition(
             request_id,
-            from_states=[st.AWAITING_APPROVAL],
-            to_state=st.REJECTED,
+            from_states=[State.AWAITING_APPROVAL],
+            to_state=State.REJECTED,
             actor=actor,
             event="rejected",
             now=now,
@@ -333,8 +331,8 @@ class Workflow:
         now = self.clock.now()
         if not self.store.transition(
             request_id,
-            from_states=[st.CHECKING, st.AWAITING_APPROVAL, st.CHECK_FAILED],
-            to_state=st.CANCELLED,
+            from_states=[State.CHECKING, State.AWAITING_APPROVAL, State.CHECK_FAILED],
+            to_state=State.CANCELLED,
             actor=actor,
             event="cancelled",
             now=now,
@@ -349,9 +347,9 @@ class Workflow:
     def retry_valid(self, request_id: int, actor: str) -> Request:
         """A new request with only the names that passed the failed check (the platform never repairs one)."""
         request = self._get(request_id)
-        if request.state != st.CHECK_FAILED:
+        if request.state != State.CHECK_FAILED:
             raise Conflict(f"request #{request_id} is {request.state.replace('_', ' ')}, not a failed check", request)
-        valid = [d for d in self.store.devices(request_id) if d.outcome != st.INVALID]
+        valid = [d for d in self.store.devices(request_id) if d.outcome != Outcome.INVALID]
         if not valid:
             raise WorkflowError(f"request #{request_id} has no valid name left to retry")
         # The retry is still the original requester's request: whoever clicked, they may not
@@ -376,15 +374,15 @@ class Workflow:
     def summary(self, request_id: int) -> Summary:
         request = self._get(request_id)
         counts = self.store.outcome_counts(request_id)
-        pending = counts.get(st.PENDING, 0)
+        pending = counts.get(Outcome.PENDING, 0)
         if request.kind == "count":
             # Platform-named devices are only known once created.
             pending = max(0, request.count - sum(counts.values()))
         return Summary(
             request=request,
-            created=counts.get(st.CREATED, 0),
-            failed=counts.get(st.NOT_CREATED, 0),
-            invalid=counts.get(st.INVALID, 0),
+            created=counts.get(Outcome.CREATED, 0),
+            failed=counts.get(Outcome.NOT_CREATED, 0),
+            invalid=counts.get(Outcome.INVALID, 0),
             pending=pending,
             rejected_locally=request.rejected_count,
         )
@@ -405,7 +403,7 @@ class Workflow:
 
     def resume(self) -> int:
         """At start: wake every unfinished request and the outbox. Returns how many were woken."""
-        unfinished = self.store.requests(states=st.ACTIVE_STATES, origins=self.origins, limit=100_000)
+        unfinished = self.store.requests(states=ACTIVE_STATES, origins=self.origins, limit=100_000)
         for request in unfinished:
             self.jobs.wake(request.id)
         self.jobs.wake_outbox()
@@ -443,14 +441,14 @@ class Workflow:
     def _step(self, request: Request) -> None:
         if self._phase_overdue(request):
             return
-        if request.state == st.CHECKING:
+        if request.state == State.CHECKING:
             self._advance_check(request)
-        elif request.state == st.AWAITING_APPROVAL:
+        elif request.state == State.AWAITING_APPROVAL:
             self._expire_if_due(request)
-        elif request.state == st.APPROVED:
-            self._transition(request, st.APPROVED, st.REGISTERING, "registering", notify=("registering", {}))
+        elif request.state == State.APPROVED:
+            self._transition(request, State.APPROVED, State.REGISTERING, "registering", notify=("registering", {}))
             self._advance_register(self._get(request.id))
-        elif request.state == st.REGISTERING:
+        elif request.state == State.REGISTERING:
             self._advance_register(request)
 
     def _advance_check(self, request: Request) -> None:
@@ -466,7 +464,7 @@ class Workflow:
                     answer = self.client.batch_check_device_names(request.product_key, names)
                 except errors.NamesRefused as exc:
                     # Refused at once, no ApplyId: the same outcome as an asynchronous CHECK_FAILED.
-                    self.store.set_outcomes(request.id, [(d.name, st.INVALID, d.reason, None) for d in exc.invalid])
+                    self.store.set_outcomes(request.id, [(d.name, Outcome.INVALID, d.reason, None) for d in exc.invalid])
                     self.store.update_chunk(request.id, chunk.chunk_no, status=ApplyStatus.CHECK_FAILED.value)
                     continue
                 self.store.update_chunk(request.id, chunk.chunk_no, apply_id=answer.apply_id, status=ApplyStatus.CHECK.value)
@@ -490,15 +488,15 @@ class Workflow:
             return
         counts = self.store.outcome_counts(request.id)
         if ApplyStatus.CHECK_FAILED in statuses:
-            invalid = counts.get(st.INVALID, 0)
+            invalid = counts.get(Outcome.INVALID, 0)
             self._transition(
-                request, st.CHECKING, st.CHECK_FAILED, "check_failed",
+                request, State.CHECKING, State.CHECK_FAILED, "check_failed",
                 detail={"invalid": invalid}, reason=f"{invalid} name(s) did not pass the platform's check",
                 notify=("check_failed", {"invalid": invalid, "valid": sum(counts.values()) - invalid}),
             )
         else:
             self._transition(
-                request, st.CHECKING, st.AWAITING_APPROVAL, "checked",
+                request, State.CHECKING, State.AWAITING_APPROVAL, "checked",
                 detail={"apply_ids": [c.apply_id for c in self.store.chunks(request.id)]},
                 expires_at=self.clock.now() + timedelta(seconds=self.timing.approval_ttl),
                 notify=("awaiting_approval", {}),
@@ -545,12 +543,12 @@ class Workflow:
         counts = self.store.outcome_counts(request.id)
         if unknown:
             self._fail(request, "; ".join(c.error or "" for c in unknown))
-        elif counts.get(st.CREATED, 0):
-            self._transition(request, st.REGISTERING, st.DONE, "registered", detail=counts, notify=("finished", {}))
+        elif counts.get(Outcome.CREATED, 0):
+            self._transition(request, State.REGISTERING, State.DONE, "registered", detail=counts, notify=("finished", {}))
         else:
             self._fail(request, "the platform created none of the devices")
 
-    def _claim(self, request: Request, chunk: st.Chunk) -> str:
+    def _claim(self, request: Request, chunk: Chunk) -> str:
         """Whose turn it is to act on a chunk's register call: "send", "resolve" or "wait".
 
         "resolve" means a call went out earlier and its effect is unknown: ours (an answer that
@@ -565,7 +563,7 @@ class Workflow:
             return "wait"  # another process may have the call in flight
         return "resolve"
 
-    def _register_checked_chunk(self, request: Request, chunk: st.Chunk) -> None:
+    def _register_checked_chunk(self, request: Request, chunk: Chunk) -> None:
         turn = self._claim(request, chunk)
         if turn == "wait":
             return
@@ -582,7 +580,7 @@ class Workflow:
         self.store.update_chunk(request.id, chunk.chunk_no, register_confirmed_at=self.clock.now(), status=ApplyStatus.CREATE.value)
         self.store.record(request.id, SYSTEM, "register_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": chunk.apply_id})
 
-    def _register_counted_chunk(self, request: Request, chunk: st.Chunk) -> None:
+    def _register_counted_chunk(self, request: Request, chunk: Chunk) -> None:
         turn = self._claim(request, chunk)
         if turn == "wait":
             return
@@ -626,38 +624,38 @@ class Workflow:
                 log.warning("request #%d: could not collect ApplyId %s before giving up: %s", request.id, chunk.apply_id, exc)
         self.store.set_reasons(
             request.id,
-            st.PENDING,
+            Outcome.PENDING,
             "not confirmed: the platform had not finished when iotreg stopped waiting; see `iotreg status`",
         )
         self._fail(request, reason)
 
-    def _collect_partial(self, request: Request, chunk: st.Chunk) -> None:
+    def _collect_partial(self, request: Request, chunk: Chunk) -> None:
         """The devices a still-running creation has made so far."""
         created = [(d.name, d.iot_id) for d in self.client.iter_devices_by_apply_id(chunk.apply_id)]
         if request.kind == "count":
-            self.store.add_devices(request.id, chunk.chunk_no, ((name, st.CREATED, iot_id) for name, iot_id in created))
+            self.store.add_devices(request.id, chunk.chunk_no, ((name, Outcome.CREATED, iot_id) for name, iot_id in created))
         else:
-            self.store.set_outcomes(request.id, [(name, st.CREATED, None, iot_id) for name, iot_id in created])
+            self.store.set_outcomes(request.id, [(name, Outcome.CREATED, None, iot_id) for name, iot_id in created])
 
-    def _collect(self, request: Request, chunk: st.Chunk, status: BatchStatus) -> None:
+    def _collect(self, request: Request, chunk: Chunk, status: BatchStatus) -> None:
         """Record each device's outcome for a chunk whose creation has ended."""
         created = [(d.name, d.iot_id) for d in self.client.iter_devices_by_apply_id(chunk.apply_id)]
         if request.kind == "count":
-            self.store.add_devices(request.id, chunk.chunk_no, ((name, st.CREATED, iot_id) for name, iot_id in created))
+            self.store.add_devices(request.id, chunk.chunk_no, ((name, Outcome.CREATED, iot_id) for name, iot_id in created))
             return
         reasons = {d.name: d.reason for d in status.details}
         created_names = {name for name, _ in created}
-        rows: list[tuple[str, str, str | None, str | None]] = [(name, st.CREATED, None, iot_id) for name, iot_id in created]
+        rows: list[tuple[str, str, str | None, str | None]] = [(name, Outcome.CREATED, None, iot_id) for name, iot_id in created]
         for name, _ in self.store.device_names(request.id, chunk.chunk_no):
             if name not in created_names:
                 reason = reasons.get(name) or ("creation failed" if name in status.invalid else "not reported as created by the platform")
-                rows.append((name, st.NOT_CREATED, reason, None))
+                rows.append((name, Outcome.NOT_CREATED, reason, None))
         self.store.set_outcomes(request.id, rows)
 
     def _record_invalid(self, request_id: int, status: BatchStatus) -> None:
         reasons = {d.name: d.reason for d in status.details}
         self.store.set_outcomes(
-            request_id, [(name, st.INVALID, reasons.get(name) or "refused by the platform's check", None) for name in status.invalid]
+            request_id, [(name, Outcome.INVALID, reasons.get(name) or "refused by the platform's check", None) for name in status.invalid]
         )
 
     # -- the outbox ---------------------------------------------------------------------------
@@ -733,24 +731,24 @@ class Workflow:
 
     def _fail(self, request: Request, reason: str) -> None:
         self.store.transition(
-            request.id, from_states=[request.state], to_state=st.FAILED, actor=SYSTEM, event="failed",
+            request.id, from_states=[request.state], to_state=State.FAILED, actor=SYSTEM, event="failed",
             now=self.clock.now(), detail={"reason": reason}, reason=reason, notify=("finished", {"reason": reason}),
         )
 
     def _expire_if_due(self, request: Request) -> None:
-        if request.state == st.AWAITING_APPROVAL and request.expires_at and self.clock.now() >= request.expires_at:
+        if request.state == State.AWAITING_APPROVAL and request.expires_at and self.clock.now() >= request.expires_at:
             self.store.transition(
-                request.id, from_states=[st.AWAITING_APPROVAL], to_state=st.EXPIRED, actor=SYSTEM, event="expired",
+                request.id, from_states=[State.AWAITING_APPROVAL], to_state=State.EXPIRED, actor=SYSTEM, event="expired",
                 now=self.clock.now(), notify=("expired", {}),
             )
 
     def _phase_overdue(self, request: Request) -> bool:
-        if request.state not in (st.CHECKING, st.REGISTERING) or request.phase_started_at is None:
+        if request.state not in (State.CHECKING, State.REGISTERING) or request.phase_started_at is None:
             return False
         waited = (self.clock.now() - request.phase_started_at).total_seconds()
         if waited <= self.timing.phase_timeout:
             return False
-        if request.state == st.CHECKING:
+        if request.state == State.CHECKING:
             self._fail(request, f"the check did not finish within {_duration(self.timing.phase_timeout)}; gave up waiting")
         else:
             self._give_up_registering(
@@ -762,8 +760,8 @@ class Workflow:
         errors_in_row = request.errors_in_row + (0 if exc.retryable else 1)
         self.store.record(request.id, SYSTEM, "api_error", self.clock.now(), {"code": exc.code, "message": exc.message, "request_id": exc.request_id})
         # A check the platform refuses outright (no such product, malformed key) will not get better.
-        final_at_once = isinstance(exc, errors.BusinessError) and not exc.retryable and request.state == st.CHECKING
-        if request.state == st.REGISTERING and errors_in_row >= self.timing.max_errors:
+        final_at_once = isinstance(exc, errors.BusinessError) and not exc.retryable and request.state == State.CHECKING
+        if request.state == State.REGISTERING and errors_in_row >= self.timing.max_errors:
             self._give_up_registering(request, _explain(exc, request))
         elif final_at_once or errors_in_row >= self.timing.max_errors:
             self._fail(request, _explain(exc, request))
@@ -777,9 +775,9 @@ class Workflow:
 
     def _next_wake(self, request: Request) -> datetime:
         now = self.clock.now()
-        if request.state == st.AWAITING_APPROVAL and request.expires_at:
+        if request.state == State.AWAITING_APPROVAL and request.expires_at:
             return request.expires_at
-        if request.state == st.APPROVED:
+        if request.state == State.APPROVED:
             return now
         return now + timedelta(seconds=self.timing.next_poll(max(0, request.polls - 1)))
 
@@ -810,7 +808,7 @@ def _device_row(device: Any) -> tuple[str, str | None, int | None]:
 
 def _already(request: Request) -> str:
     state = request.state.replace("_", " ")
-    if request.decided_by and request.state in (st.APPROVED, st.REJECTED, st.CANCELLED, st.REGISTERING, st.DONE, st.FAILED):
+    if request.decided_by and request.state in (State.APPROVED, State.REJECTED, State.CANCELLED, State.REGISTERING, State.DONE, State.FAILED):
         verb = {"rejected": "rejected", "cancelled": "cancelled"}.get(request.state, "approved")
         return f"request #{request.id} was already {verb} by {request.decided_by}; it is {state} now"
     return f"request #{request.id} is {state}"

@@ -15,19 +15,12 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from bot import store as st
+from bot.domain import OUTCOME_LABELS, REJECTED_LABEL
+from bot.store import Store
 
 OUTCOME_HEADER = ("DeviceName", "DeviceNickname", "Outcome", "Reason", "IotId", "Line")
 CREDENTIALS_HEADER = ("ProductKey", "DeviceName", "DeviceSecret", "IotId")
 
-#: How each stored outcome reads to an operator.
-OUTCOME_LABELS = {
-    st.CREATED: "registered",
-    st.NOT_CREATED: "failed",
-    st.INVALID: "refused by check",
-    st.PENDING: "pending",
-}
-REJECTED_LABEL = "rejected locally"
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_@.:")
@@ -56,7 +49,7 @@ def _rows_to_csv(header: Iterable[str], rows: Iterable[Iterable[object]]) -> Ite
         yield buffer.getvalue()
 
 
-def outcome_rows(store: st.Store, request_id: int) -> Iterator[tuple[object, ...]]:
+def outcome_rows(store: Store, request_id: int) -> Iterator[tuple[object, ...]]:
     """Every device of a request with its outcome, then every line refused before any API call."""
     for device in store.devices(request_id):
         yield (
@@ -67,16 +60,16 @@ def outcome_rows(store: st.Store, request_id: int) -> Iterator[tuple[object, ...
             device.iot_id or "",
             device.line or "",
         )
-    for line, value, reason in store.rejected_lines(request_id):
-        yield (value, "", REJECTED_LABEL, reason, "", line)
+    for rejected in store.rejected_lines(request_id):
+        yield (rejected.value, "", REJECTED_LABEL, rejected.reason, "", rejected.line)
 
 
-def outcomes_csv(store: st.Store, request_id: int) -> str:
+def outcomes_csv(store: Store, request_id: int) -> str:
     """The outcome report of a request as CSV text (for an upload)."""
     return "".join(_rows_to_csv(OUTCOME_HEADER, outcome_rows(store, request_id)))
 
 
-def write_outcomes(path: Path, store: st.Store, request_id: int) -> int:
+def write_outcomes(path: Path, store: Store, request_id: int) -> int:
     """Write the outcome report to ``path``; returns the number of rows."""
     count = 0
     with path.open("w", encoding="utf-8-sig", newline="") as out:  # the BOM makes Excel read UTF-8

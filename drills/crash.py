@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import requests  # noqa: E402
 
-from bot import store as st  # noqa: E402
+from bot.domain import Outcome, State  # noqa: E402
 from bot.clock import SystemClock  # noqa: E402
 from bot.standins.emulator import Emulator  # noqa: E402
 from bot.slack import blocks  # noqa: E402
 from bot.standins.slack import FakeSlack, Workspace  # noqa: E402
-from bot.store import Store  # noqa: E402
+from bot.store.sqlite import SqliteStore  # noqa: E402
 
 SECRET = "drill-signing-secret"
 OPS = "C0OPS"
@@ -198,7 +198,7 @@ def main() -> int:
         t.start()
     threads[0].join()
     threads[2].join()
-    store = Store(folder / "iotreg.db")
+    store = SqliteStore(folder / "iotreg.db")
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         requests_now = store.requests(limit=100_000)
@@ -226,16 +226,16 @@ def main() -> int:
         for apply_id in apply_ids:
             register_calls[emulator.backend.application(apply_id).register_calls] += 1
         platform = {d.device_name for d in emulator.backend.devices(emulator.product_key) if d.apply_id in apply_ids}
-        recorded = {d.name for d in store.devices(request.id, outcome=st.CREATED)}
+        recorded = {d.name for d in store.devices(request.id, outcome=Outcome.CREATED)}
         unaccounted += len(platform - recorded)
         missing += len(recorded - platform)
-        if request.state == st.FAILED and not request.reason:
+        if request.state == State.FAILED and not request.reason:
             missing_results += 1  # a failure must say why
-        if request.state in (st.DONE, st.FAILED) and request.decided_by:
-            results = [r for r in fake.thread(OPS, request.thread_ts) if f"Request #{request.id}:" in r.get("text", "")] if request.thread_ts else []
+        if request.state in (State.DONE, State.FAILED) and request.decided_by:
+            results = [r for r in fake.thread(OPS, request.origin_data.get("thread_ts")) if f"Request #{request.id}:" in r.get("text", "")] if request.origin_data.get("thread_ts") else []
             duplicate_results += max(0, len(results) - 1)
             missing_results += 1 if not results else 0
-    created = sum(len(store.devices(r.id, outcome=st.CREATED)) for r in all_requests)
+    created = sum(len(store.devices(r.id, outcome=Outcome.CREATED)) for r in all_requests)
     integrity = store.db.execute("PRAGMA integrity_check").fetchone()[0]
     print(f"Crash drill (seed {args.seed}) in {time.monotonic() - started:.0f}s: {args.requests} commands sent "
           f"({command_retries} retries while the bot was down), {kills} SIGKILLs, {bot.starts} starts")
@@ -243,7 +243,7 @@ def main() -> int:
     print(f"  faults injected: IoT Platform {faults:,} error answers; Slack {slack_faults:,} failing methods")
     print(f"  requests: {len(all_requests)}; final states: {dict(states)}; not final: {sum(1 for r in all_requests if not r.final)}")
     for request in all_requests:
-        if request.state == st.FAILED:
+        if request.state == State.FAILED:
             print(f"    #{request.id} failed: {request.reason}")
     print(f"  ApplyIds by register calls received: {dict(sorted(register_calls.items()))}  (more than 1: {sum(n for k, n in register_calls.items() if k > 1)})")
     print(f"  devices created and recorded: {created:,}; created but not recorded: {unaccounted}; recorded but not created: {missing}")

@@ -24,7 +24,9 @@ from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bot import store as st  # noqa: E402
+from bot.domain import Request
+
+from bot.store.sqlite import SqliteStore  # noqa: E402
 from bot.config import Settings  # noqa: E402
 from bot.jobs import InlineJobs  # noqa: E402
 from bot.server import serve_locally  # noqa: E402
@@ -60,10 +62,10 @@ class SlackScenario:
         self.bot.stop()
 
     @property
-    def store(self) -> st.Store:
+    def store(self) -> SqliteStore:
         return self.bot.workflow.store
 
-    def request(self, request_id: int = 1) -> st.Request:
+    def request(self, request_id: int = 1) -> Request:
         assert wait_until(lambda: self.store.get(request_id) is not None), f"request #{request_id} was never created"
         return self.store.get(request_id)
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from bot.cli import cli
 from bot.clock import SystemClock
-from bot.store import Store
+from bot.store.sqlite import SqliteStore
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_file_or_count_not_both(run, live, tmp_path):
 def test_credentials_go_to_a_private_file_and_never_to_the_screen(run, live, tmp_path):
     devices = write(tmp_path / "d.txt", "secret-dev-01\nsecret-dev-02\n")
     assert run("register", devices, "-p", live.product_key, "--yes").exit_code == 0
-    apply_id = Store(tmp_path / "iotreg.db").chunks(1)[0].apply_id
+    apply_id = SqliteStore(tmp_path / "iotreg.db").chunks(1)[0].apply_id
     result = run("credentials", str(apply_id), "--output", "creds.csv")
     assert result.exit_code == 0 and "2 device(s)" in result.output
     mode = stat.S_IMODE(os.stat(tmp_path / "creds.csv").st_mode)
@@ -131,7 +131,7 @@ def test_requests_audit_and_status_show_what_happened(run, live, tmp_path):
     trail = run("audit", "1").output
     for step in ("requested", "check_submitted", "checked", "approved", "register_submitted", "registered"):
         assert step in trail
-    apply_id = Store(tmp_path / "iotreg.db").chunks(1)[0].apply_id
+    apply_id = SqliteStore(tmp_path / "iotreg.db").chunks(1)[0].apply_id
     status = run("status", str(apply_id), "-p", live.product_key)
     assert f"ApplyId {apply_id}" in status.output and "CREATE_SUCCESS" in status.output and "request #1" in status.output
     assert run("audit", "99").exit_code == 1
@@ -143,7 +143,7 @@ def test_resume_finishes_an_interrupted_request(run, live, tmp_path):
     from bot.aliyun.client import Credentials, IotClient
 
     clock = SystemClock()
-    store = Store(tmp_path / "iotreg.db")
+    store = SqliteStore(tmp_path / "iotreg.db")
     workflow = Workflow(store, IotClient(live.endpoint, Credentials(live.access_key_id, live.access_key_secret)), None, InlineJobs(clock), clock)
     request = workflow.submit(live.product_key, "cli:someone", ["resume-0001", "resume-0002"], origin="cli")
     store.close()  # the process that started it is gone

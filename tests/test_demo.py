@@ -4,7 +4,7 @@ import csv
 
 from click.testing import CliRunner
 
-from bot import store as st
+from bot.domain import State
 from bot.cli import cli
 from bot.demo import run_demo
 
@@ -13,7 +13,7 @@ def test_the_demo_plays_the_conversation_to_registered_devices():
     lines: list[str] = []
     result = run_demo(out=lines.append, check_seconds=0.2, create_seconds=0.3, poll_interval=0.1)
     transcript = "\n".join(lines)
-    assert result.state == st.DONE and result.registered == 289 and result.request_ids == [1, 2]
+    assert result.state == State.DONE and result.registered == 289 and result.request_ids == [1, 2]
     for step in (
         "@alice: /devices register a1EmuDemo01",
         "opens the form",

@@ -31,7 +31,9 @@ from support import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bot import store as sto
+from bot.domain import FINAL_STATES, State
+
+from bot.store.sqlite import SqliteStore
 from bot.clock import ManualClock
 from bot.config import Settings
 from bot.standins.emulator import Emulator
@@ -374,7 +376,7 @@ class UnderFire:
     view: dict
 
     @property
-    def store(self) -> sto.Store:
+    def store(self) -> SqliteStore:
         return self.bot.workflow.store
 
     def post(self, payload: Any) -> Any:
@@ -429,7 +431,7 @@ class UnderFire:
         before = len(self.fake.ephemeral(OPS, DAVE))
         assert self.ws.click(DAVE, self.anchor, blocks.APPROVE).status_code == 200
         assert "not one of the approvers" in self.told(DAVE, before)
-        assert self.store.get(1).state == sto.AWAITING_APPROVAL
+        assert self.store.get(1).state == State.AWAITING_APPROVAL
 
 
 @pytest.fixture(scope="module")
@@ -458,9 +460,9 @@ def bot_under_fire(tmp_path_factory):
 
     assert ws.command(ALICE, OPS, f"register {PRODUCT} fire-0001 fire-0002").status_code == 200
     assert wait_until(lambda: bot.workflow.store.get(1) is not None)
-    jobs.run_until(lambda: bot.workflow.store.get(1).state == sto.AWAITING_APPROVAL)
+    jobs.run_until(lambda: bot.workflow.store.get(1).state == State.AWAITING_APPROVAL)
     jobs.run_due()
-    ts = bot.workflow.store.get(1).thread_ts
+    ts = bot.workflow.store.get(1).origin_data.get("thread_ts")
     anchor = next(m for m in fake.messages(OPS) if m["ts"] == ts)
     ws.command(ALICE, OPS, f"register {PRODUCT}")
     view = fake.wait_for(lambda: next(iter(fake.views.values()), None))
@@ -519,7 +521,7 @@ def test_a_click_without_a_user_is_acknowledged_and_changes_nothing(bot_under_fi
     fire = bot_under_fire
     answer = fire.post(without(fire.click_payload(BOB), "user"))  # BOB's click, had it named him, would approve
     assert answer.status_code == 200
-    assert fire.store.get(1).state == sto.AWAITING_APPROVAL
+    assert fire.store.get(1).state == State.AWAITING_APPROVAL
     fire.assert_still_working()
 
 
@@ -532,7 +534,7 @@ def test_an_interaction_without_actions_is_refused_as_unhandled(bot_under_fire):
 def test_an_unknown_action_id_is_refused_as_unhandled(bot_under_fire):
     answer = bot_under_fire.post(bot_under_fire.click_payload(BOB, action_id="approve_everything"))
     assert answer.status_code == 404
-    assert bot_under_fire.store.get(1).state == sto.AWAITING_APPROVAL
+    assert bot_under_fire.store.get(1).state == State.AWAITING_APPROVAL
     bot_under_fire.assert_still_working()
 
 
@@ -560,7 +562,7 @@ def test_a_button_value_that_is_no_request_number_is_explained(bot_under_fire, v
     before = len(fire.fake.ephemeral(OPS, BOB))
     assert fire.post(fire.click_payload(BOB, value=value)).status_code == 200
     assert fire.told(BOB, before) == "This button is not tied to a registration request."
-    assert fire.store.get(1).state == sto.AWAITING_APPROVAL
+    assert fire.store.get(1).state == State.AWAITING_APPROVAL
     fire.assert_still_working()
 
 
@@ -575,7 +577,7 @@ def test_a_tampered_number_in_a_button_is_explained(bot_under_fire, value):
 def test_a_click_whose_user_is_not_an_object_is_acknowledged(bot_under_fire):
     fire = bot_under_fire
     assert fire.post({**fire.click_payload(BOB), "user": BOB}).status_code == 200
-    assert fire.store.get(1).state == sto.AWAITING_APPROVAL
+    assert fire.store.get(1).state == State.AWAITING_APPROVAL
     fire.assert_still_working()
 
 
@@ -632,7 +634,7 @@ def test_a_submission_without_a_view_is_refused_as_unhandled(bot_under_fire):
 def test_after_all_that_a_real_approval_still_registers(bot_under_fire):
     fire = bot_under_fire
     assert fire.ws.click(BOB, fire.anchor, blocks.APPROVE).status_code == 200
-    assert wait_until(lambda: fire.store.get(1).state != sto.AWAITING_APPROVAL)
-    fire.jobs.run_until(lambda: fire.store.get(1).state in sto.FINAL_STATES)
-    assert fire.store.get(1).state == sto.DONE
+    assert wait_until(lambda: fire.store.get(1).state != State.AWAITING_APPROVAL)
+    fire.jobs.run_until(lambda: fire.store.get(1).state in FINAL_STATES)
+    assert fire.store.get(1).state == State.DONE
     assert sorted(d.device_name for d in fire.emulator.backend.devices(PRODUCT)) == ["fire-0001", "fire-0002"]

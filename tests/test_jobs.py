@@ -9,12 +9,12 @@ import sys
 import threading
 import time
 
-from bot import store as st
+from bot.domain import State
 from bot.aliyun.client import Credentials, IotClient
 from bot.clock import SystemClock
 from bot.jobs import SchedulerJobs
 from bot.registration import Timing, Workflow
-from bot.store import Store
+from bot.store.sqlite import SqliteStore
 
 
 def wait_until(condition, timeout: float = 20.0, interval: float = 0.02) -> bool:
@@ -45,7 +45,7 @@ def test_the_scheduler_drives_a_request_and_resumes_it_after_a_restart(make_emul
     def start() -> tuple[Workflow, SchedulerJobs, Collecting]:
         jobs, notifier = SchedulerJobs(), Collecting()
         client = IotClient(emulator.endpoint, Credentials(emulator.access_key_id, emulator.access_key_secret), clock=clock)
-        workflow = Workflow(Store(tmp_path / "db"), client, notifier, jobs, clock, timing)
+        workflow = Workflow(SqliteStore(tmp_path / "db"), client, notifier, jobs, clock, timing)
         jobs.bind(workflow)
         jobs.start()
         workflow.resume()
@@ -53,14 +53,14 @@ def test_the_scheduler_drives_a_request_and_resumes_it_after_a_restart(make_emul
 
     workflow, jobs, notifier = start()
     request = workflow.submit(emulator.product_key, "U1", ["sched-0001", "sched-0002"], origin="slack")
-    assert wait_until(lambda: workflow.get(request.id).state == st.AWAITING_APPROVAL)
+    assert wait_until(lambda: workflow.get(request.id).state == State.AWAITING_APPROVAL)
     jobs.shutdown()
     workflow.store.close()
 
     workflow, jobs, notifier = start()  # a new process: the approval arrives after the restart
     try:
         workflow.approve(request.id, "U2")
-        assert wait_until(lambda: workflow.get(request.id).state == st.DONE)
+        assert wait_until(lambda: workflow.get(request.id).state == State.DONE)
         assert wait_until(lambda: "finished" in notifier.kinds)
         assert notifier.kinds == ["approved", "registering", "finished"]
         assert emulator.backend.application(workflow.store.chunks(request.id)[0].apply_id).register_calls == 1
@@ -76,17 +76,17 @@ def test_a_killed_cli_run_finishes_on_resume_without_a_second_registration(make_
     command = [sys.executable, "-m", "bot", "register", str(devices), "-p", emulator.product_key, "--yes"]
     process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        store = Store(tmp_path / "iotreg.db") if wait_until(lambda: (tmp_path / "iotreg.db").exists()) else None
+        store = SqliteStore(tmp_path / "iotreg.db") if wait_until(lambda: (tmp_path / "iotreg.db").exists()) else None
         assert store is not None
-        assert wait_until(lambda: (r := store.get(1)) is not None and r.state == st.REGISTERING)
+        assert wait_until(lambda: (r := store.get(1)) is not None and r.state == State.REGISTERING)
         process.send_signal(signal.SIGKILL)
         process.wait(10)
     finally:
         if process.poll() is None:
             process.kill()
-    assert store.get(1).state == st.REGISTERING
+    assert store.get(1).state == State.REGISTERING
     resumed = subprocess.run([sys.executable, "-m", "bot", "resume", "--yes"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
-    assert store.get(1).state == st.DONE
+    assert store.get(1).state == State.DONE
     assert [emulator.backend.application(c.apply_id).register_calls for c in store.chunks(1)] == [1, 1]
     assert len(emulator.backend.devices(emulator.product_key)) == 150

@@ -63,14 +63,17 @@ def action_ids(content) -> set[str]:
 def test_every_button_the_bot_shows_has_a_listener():
     from datetime import datetime, timezone
 
-    from bot import store as st
+    from bot.domain import Kind, Origin, Request, State
     from bot.registration import Summary
-    from bot.store import Request
 
     now = datetime(2026, 1, 5, tzinfo=timezone.utc)
-    request = Request(7, "a1Prod", "U1", "slack", "C1", "", "names", 3, 0, st.AWAITING_APPROVAL, None, None, None, now, None, 0, now, 0, now, now)
+    request = Request(
+        id=7, product_key="a1Prod", requester="U1", origin=Origin.SLACK, channel="C1", kind=Kind.NAMES, count=3,
+        rejected_count=0, state=State.AWAITING_APPROVAL, reason=None, decided_by=None, decided_at=None, expires_at=now,
+        retry_of=None, polls=0, phase_started_at=now, errors_in_row=0, created_at=now, updated_at=now,
+    )
     waiting = blocks.anchor(request, Summary(request, 0, 0, 0, 3, 0))[1]
-    done_request = dataclasses_replace(request, state=st.DONE)
+    done_request = dataclasses_replace(request, state=State.DONE)
     done = blocks.anchor(done_request, Summary(done_request, 3, 0, 0, 0, 0), credentials_button=True)[1]
     failed_check = blocks.check_failed_reply(request, [], 1, 2)[1]
     shown = action_ids([waiting, done, failed_check])

@@ -26,7 +26,8 @@ import pytest
 from support import SIGNING_SECRET, SlackScenario, slack_scenario, wait_until
 
 from bot import report
-from bot import store as st
+from bot.domain import Kind, Origin, Outcome, Request, State
+from bot.store.sqlite import SqliteStore
 from bot.names import validate_name
 from bot.slack import blocks
 from bot.standins.slack import (
@@ -49,7 +50,7 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 class Scenario(SlackScenario):
     def anchor(self, request_id: int = 1) -> dict:
         request = self.store.get(request_id)
-        return next(m for m in self.fake.messages(request.channel) if m["ts"] == request.thread_ts)
+        return next(m for m in self.fake.messages(request.channel) if m["ts"] == request.origin_data.get("thread_ts"))
 
     def open_modal(self, user: str, product_key: str = PRODUCT) -> dict:
         before = set(self.fake.views)
@@ -120,10 +121,10 @@ def converse(scenario: Scenario) -> tuple[list[str], list[str]]:
     and the bodies of the acks that answered commands."""
     fake, ws = scenario.fake, scenario.ws
     scenario.upload(ALICE, device_file())
-    assert scenario.drive(1, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    assert scenario.drive(1, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
     ws.click(BOB, scenario.anchor(1), blocks.APPROVE)
-    assert wait_until(lambda: scenario.store.get(1).state != st.AWAITING_APPROVAL)
-    assert scenario.drive(1, st.DONE, st.FAILED) == st.DONE
+    assert wait_until(lambda: scenario.store.get(1).state != State.AWAITING_APPROVAL)
+    assert scenario.drive(1, State.DONE, State.FAILED) == State.DONE
     scenario.jobs.run_until(lambda: not list(scenario.store.pending_events()), timeout=600)
 
     ws.click(DAVE, scenario.anchor(1), blocks.CREDENTIALS)
@@ -227,17 +228,17 @@ HOSTILE_TEXT = ["=cmd|' /C calc'!A0", "+1+1", "-2+3", "@SUM(1)", "\t=1+1", "\r=1
 NAMES = ["-dash-0001", "@at-0002", "-1-1", "plain-0003", "@a.b:c-0004", "-dash-0005", "plain-0006"]
 
 
-def report_of(tmp_path, nicknames, reasons, iot_ids, rejected) -> tuple[st.Store, int]:
+def report_of(tmp_path, nicknames, reasons, iot_ids, rejected) -> tuple[SqliteStore, int]:
     """A finished request whose devices came back from IoT Platform with these values."""
-    store = st.Store(tmp_path / "report.db")
+    store = SqliteStore(tmp_path / "report.db")
     request_id = store.create_request(
-        product_key=PRODUCT, requester=ALICE, origin="slack", kind="names", count=len(NAMES), state=st.DONE,
+        product_key=PRODUCT, requester=ALICE, origin="slack", kind="names", count=len(NAMES), state=State.DONE,
         now=datetime(2026, 1, 5, tzinfo=timezone.utc), chunks=[len(NAMES)],
         devices=[(n, k, i) for i, (n, k) in enumerate(zip(NAMES, nicknames), 2)],
         rejected=[(20 + i, value, reason) for i, (value, reason) in enumerate(rejected)],
     )  # fmt: skip
     store.set_outcomes(
-        request_id, [(n, st.NOT_CREATED if i % 2 else st.CREATED, r, d) for i, (n, r, d) in enumerate(zip(NAMES, reasons, iot_ids))]
+        request_id, [(n, Outcome.NOT_CREATED if i % 2 else Outcome.CREATED, r, d) for i, (n, r, d) in enumerate(zip(NAMES, reasons, iot_ids))]
     )
     return store, request_id
 
@@ -278,9 +279,9 @@ def test_a_line_refused_for_its_nickname_is_listed_under_its_device_name(tmp_pat
     from bot.names import read_device_file
 
     devices = read_device_file(b"DeviceName,DeviceNickname\nok-0001,Pump_1\nsec-0099,=1+2\n")
-    store = st.Store(tmp_path / "report.db")
+    store = SqliteStore(tmp_path / "report.db")
     request_id = store.create_request(
-        product_key=PRODUCT, requester=ALICE, origin="slack", kind="names", count=1, state=st.DONE,
+        product_key=PRODUCT, requester=ALICE, origin="slack", kind="names", count=1, state=State.DONE,
         now=datetime(2026, 1, 5, tzinfo=timezone.utc), chunks=[1], devices=[("ok-0001", "Pump_1", 2)],
         rejected=[(r.line, r.value, r.reason) for r in devices.rejected],
     )  # fmt: skip
@@ -298,7 +299,7 @@ def awaiting(scenario: Scenario, requester: str, names: str) -> int:
     answer = scenario.ws.command(requester, OPS, f"register {PRODUCT} {names}")
     assert answer.status_code == 200
     request_id = scenario.store.requests(limit=1)[0].id  # stored before the ack
-    assert scenario.drive(request_id, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    assert scenario.drive(request_id, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
     return request_id
 
 
@@ -310,7 +311,7 @@ def test_a_click_from_another_workspaces_user_approves_nothing_and_is_told_why(s
         assert scenario.act("U0PARTNER", anchor, action_id, str(first), team="T0PARTNER").status_code == 200
         told = scenario.told("U0PARTNER", seen)
         assert "not one of the approvers" in told or "Only" in told
-    assert scenario.store.get(first).state == st.AWAITING_APPROVAL
+    assert scenario.store.get(first).state == State.AWAITING_APPROVAL
     assert "approval_denied" in [e.event for e in scenario.store.audit(first)]
     scenario.jobs.run_due()
     assert scenario.emulator.backend.devices(PRODUCT) == []
@@ -328,8 +329,8 @@ def test_a_non_approver_cannot_reach_another_request_by_changing_a_buttons_value
             seen = len(scenario.fake.ephemeral(OPS, clicker))
             assert scenario.act(clicker, anchor, action_id, str(theirs)).status_code == 200
             assert refusal in scenario.told(clicker, seen), (clicker, action_id)
-    assert scenario.store.get(theirs).state == st.AWAITING_APPROVAL
-    assert scenario.store.get(mine).state == st.AWAITING_APPROVAL
+    assert scenario.store.get(theirs).state == State.AWAITING_APPROVAL
+    assert scenario.store.get(mine).state == State.AWAITING_APPROVAL
     assert [e.event for e in scenario.store.audit(theirs)].count("approval_denied") == 2
     assert not scenario.fake.dm(DAVE) and not scenario.fake.dm(ALICE)  # no credentials went anywhere
     scenario.jobs.run_due()
@@ -358,11 +359,11 @@ def test_a_forged_submission_for_another_channel_and_product_registers_and_appro
     answer = forge(scenario, DAVE, ELSEWHERE)
     assert answer.status_code == 200
     if wait_until(lambda: scenario.store.get(1) is not None, timeout=2):  # today it is opened (see below)
-        scenario.jobs.run_until(lambda: scenario.store.get(1).state != st.CHECKING)
-        assert scenario.store.get(1).state == st.AWAITING_APPROVAL  # an approver still has to say yes
+        scenario.jobs.run_until(lambda: scenario.store.get(1).state != State.CHECKING)
+        assert scenario.store.get(1).state == State.AWAITING_APPROVAL  # an approver still has to say yes
         scenario.emulator.clock.advance(3 * 3600)  # past the approval TTL: nobody did
         scenario.jobs.run_until(lambda: scenario.store.get(1).final)
-        assert scenario.store.get(1).state == st.EXPIRED
+        assert scenario.store.get(1).state == State.EXPIRED
         assert "approved" not in [e.event for e in scenario.store.audit(1)]
     assert scenario.emulator.backend.devices(OTHER_PRODUCT) == []
     assert scenario.emulator.backend.devices(PRODUCT) == []
@@ -381,7 +382,11 @@ def test_a_product_key_can_never_ping_a_channel():
     from bot.registration import Summary
 
     now = datetime(2026, 1, 5, tzinfo=timezone.utc)
-    request = st.Request(1, "<!channel>", ALICE, "slack", OPS, "", "names", 2, 0, st.DONE, None, BOB, now, None, None, 0, now, 0, now, now)
+    request = Request(
+        id=1, product_key="<!channel>", requester=ALICE, origin=Origin.SLACK, channel=OPS, kind=Kind.NAMES, count=2,
+        rejected_count=0, state=State.DONE, reason=None, decided_by=BOB, decided_at=now, expires_at=None, retry_of=None,
+        polls=0, phase_started_at=now, errors_in_row=0, created_at=now, updated_at=now,
+    )
     summary = Summary(request, 2, 0, 0, 0, 0)
     text, content = blocks.anchor(request, summary)
     assert "<!channel>" not in text + json.dumps(content) + blocks.notice(summary)

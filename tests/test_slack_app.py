@@ -15,7 +15,7 @@ import time
 import pytest
 from support import SIGNING_SECRET, SlackScenario, slack_scenario, wait_until
 
-from bot import store as st
+from bot.domain import State
 from bot.slack import blocks
 from bot.standins.slack import Workspace, file_input_value, plain_text_value
 
@@ -30,12 +30,12 @@ class Scenario(SlackScenario):
         return self.store.get(request_id).state
 
     def anchor(self, request_id: int = 1) -> dict:
-        ts = self.store.get(request_id).thread_ts
+        ts = self.store.get(request_id).origin_data.get("thread_ts")
         assert ts, "no anchor message was posted"
         return next(m for m in self.fake.messages(OPS) if m["ts"] == ts)
 
     def replies(self, request_id: int = 1) -> list[dict]:
-        return self.fake.thread(OPS, self.store.get(request_id).thread_ts)
+        return self.fake.thread(OPS, self.store.get(request_id).origin_data.get("thread_ts"))
 
     def upload_devices(self, user: str, content: bytes, name: str = "devices.csv", product_key: str | None = None) -> None:
         """``user`` runs /devices register, and submits the modal with a file."""
@@ -96,7 +96,7 @@ def test_the_whole_conversation_from_upload_to_registered_devices(scenario):
     assert fake.downloads[-1].authorization == f"Bearer {fake.bot_token}"
     assert (request.requester, request.channel, request.count, request.rejected_count) == (ALICE, OPS, 30, 2)
 
-    assert scenario.drive(1, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    assert scenario.drive(1, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
     anchor = scenario.anchor(1)
     assert set(buttons(anchor)) == {blocks.APPROVE, blocks.REJECT}
     assert buttons(anchor)[blocks.APPROVE]["style"] == "primary"
@@ -106,15 +106,15 @@ def test_the_whole_conversation_from_upload_to_registered_devices(scenario):
     assert "2 lines" in skipped and "line 32" in skipped and "bad#name" in skipped
 
     ws.click(BOB, anchor, blocks.APPROVE)
-    assert scenario.wait_state(1, st.APPROVED) == st.APPROVED
-    assert scenario.drive(1, st.DONE, st.FAILED) == st.DONE
+    assert scenario.wait_state(1, State.APPROVED) == State.APPROVED
+    assert scenario.drive(1, State.DONE, State.FAILED) == State.DONE
     anchor = scenario.anchor(1)
     assert blocks.APPROVE not in buttons(anchor) and blocks.CREDENTIALS in buttons(anchor)
     assert f"Approved by <@{BOB}>" in text_of(anchor) and "*30* registered" in text_of(anchor)
     result = [r for r in scenario.replies(1) if "Request #1:" in text_of(r)]
     assert len(result) == 1 and "30 registered" in text_of(result[0])
     uploads = [u for u in fake.uploads.values() if u.channel == OPS]
-    assert len(uploads) == 1 and uploads[0].thread_ts == scenario.store.get(1).thread_ts
+    assert len(uploads) == 1 and uploads[0].thread_ts == scenario.store.get(1).origin_data.get("thread_ts")
     rows = list(csv.DictReader(io.StringIO(uploads[0].content.decode())))
     assert len(rows) == 32 and {r["Outcome"] for r in rows} == {"registered", "rejected locally"}
     assert len(fake.messages(NOTICES)) == 1 and "#1" in fake.messages(NOTICES)[0]["text"]
@@ -124,10 +124,10 @@ def test_the_whole_conversation_from_upload_to_registered_devices(scenario):
 def test_credentials_go_by_dm_to_requester_and_approvers_only_and_never_to_a_channel(scenario):
     fake, ws = scenario.fake, scenario.ws
     scenario.upload_devices(ALICE, sample_file(3, bad=False))
-    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.drive(1, State.AWAITING_APPROVAL)
     ws.click(BOB, scenario.anchor(1), blocks.APPROVE)
-    scenario.wait_state(1, st.APPROVED)
-    scenario.drive(1, st.DONE)
+    scenario.wait_state(1, State.APPROVED)
+    scenario.drive(1, State.DONE)
 
     ws.click(DAVE, scenario.anchor(1), blocks.CREDENTIALS)
     refusal = fake.wait_for(lambda: fake.ephemeral(OPS, DAVE))
@@ -150,7 +150,7 @@ def test_a_failed_check_lists_the_reasons_and_offers_a_retry_with_the_valid_name
     backend, pk = scenario.emulator.backend, scenario.emulator.product_key
     backend.add_device(pk, "cam-0002")
     scenario.upload_devices(ALICE, sample_file(4, bad=False))
-    assert scenario.drive(1, st.CHECK_FAILED, st.AWAITING_APPROVAL) == st.CHECK_FAILED
+    assert scenario.drive(1, State.CHECK_FAILED, State.AWAITING_APPROVAL) == State.CHECK_FAILED
     reply = scenario.replies(1)[-1]
     assert "cam-0002" in text_of(reply) and "refused 1 name" in text_of(reply)
     assert set(buttons(reply)) == {blocks.RETRY_VALID, blocks.CANCEL}
@@ -159,17 +159,17 @@ def test_a_failed_check_lists_the_reasons_and_offers_a_retry_with_the_valid_name
     scenario.ws.click(ALICE, reply, blocks.RETRY_VALID)
     retry = scenario.request(2)
     assert retry.retry_of == 1 and retry.count == 3 and retry.channel == OPS
-    assert scenario.drive(2, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    assert scenario.drive(2, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
     scenario.ws.click(CAROL, scenario.anchor(2), blocks.APPROVE)  # CAROL approves through the S0LEADS group
-    scenario.wait_state(2, st.APPROVED)
-    assert scenario.drive(2, st.DONE) == st.DONE
+    scenario.wait_state(2, State.APPROVED)
+    assert scenario.drive(2, State.DONE) == State.DONE
 
 
 def test_rejection_replaces_the_buttons_and_registers_nothing(scenario):
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
-    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.drive(1, State.AWAITING_APPROVAL)
     scenario.ws.click(BOB, scenario.anchor(1), blocks.REJECT)
-    scenario.wait_state(1, st.REJECTED)
+    scenario.wait_state(1, State.REJECTED)
     scenario.jobs.run_due()
     anchor = scenario.anchor(1)
     assert not buttons(anchor) and f"Rejected by <@{BOB}>" in text_of(anchor)
@@ -178,11 +178,11 @@ def test_rejection_replaces_the_buttons_and_registers_nothing(scenario):
 
 def test_someone_who_may_not_approve_is_told_why_and_nothing_changes(scenario):
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
-    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.drive(1, State.AWAITING_APPROVAL)
     scenario.ws.click(DAVE, scenario.anchor(1), blocks.APPROVE)
     told = scenario.fake.wait_for(lambda: scenario.fake.ephemeral(OPS, DAVE))
     assert "not one of the approvers" in told[-1]["text"]
-    assert scenario.store.get(1).state == st.AWAITING_APPROVAL
+    assert scenario.store.get(1).state == State.AWAITING_APPROVAL
     assert [e.event for e in scenario.store.audit(1)][-1] == "approval_denied"
 
 
@@ -191,16 +191,16 @@ def test_the_requester_cannot_approve_their_own_request(scenario):
     scenario.stop_bot()
     scenario.start_bot()
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
-    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.drive(1, State.AWAITING_APPROVAL)
     scenario.ws.click(ALICE, scenario.anchor(1), blocks.APPROVE)
     told = scenario.fake.wait_for(lambda: scenario.fake.ephemeral(OPS, ALICE))
     assert "someone else has to approve it" in told[-1]["text"]
-    assert scenario.store.get(1).state == st.AWAITING_APPROVAL
+    assert scenario.store.get(1).state == State.AWAITING_APPROVAL
 
 
 def test_two_approvers_clicking_at_once_register_once(scenario):
     scenario.upload_devices(ALICE, sample_file(3, bad=False))
-    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.drive(1, State.AWAITING_APPROVAL)
     anchor = scenario.anchor(1)  # both see the same message
     clicks = [threading.Thread(target=scenario.ws.click, args=(who, anchor, blocks.APPROVE)) for who in (BOB, CAROL, BOB)]
     for click in clicks:
@@ -209,7 +209,7 @@ def test_two_approvers_clicking_at_once_register_once(scenario):
         click.join()
     told = scenario.fake.wait_for(lambda: len(scenario.fake.ephemeral(OPS, BOB) + scenario.fake.ephemeral(OPS, CAROL)) >= 2 or None)
     assert told and all("already approved" in m["text"] for m in scenario.fake.ephemeral(OPS, BOB) + scenario.fake.ephemeral(OPS, CAROL))
-    assert scenario.drive(1, st.DONE) == st.DONE
+    assert scenario.drive(1, State.DONE) == State.DONE
     apply_id = scenario.store.chunks(1)[0].apply_id
     assert scenario.emulator.backend.application(apply_id).register_calls == 1
     assert [e.event for e in scenario.store.audit(1)].count("approved") == 1
@@ -217,9 +217,9 @@ def test_two_approvers_clicking_at_once_register_once(scenario):
 
 def test_an_unanswered_request_expires_and_the_message_says_so(scenario):
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
-    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.drive(1, State.AWAITING_APPROVAL)
     scenario.emulator.clock.advance(3600)
-    assert scenario.drive(1, st.EXPIRED) == st.EXPIRED
+    assert scenario.drive(1, State.EXPIRED) == State.EXPIRED
     assert not buttons(scenario.anchor(1)) and "Expired" in text_of(scenario.anchor(1))
     anchor = scenario.anchor(1)
     with_buttons = {**next(v for v in anchor["history"] if blocks.APPROVE in buttons(v)), "ts": anchor["ts"]}
@@ -229,19 +229,19 @@ def test_an_unanswered_request_expires_and_the_message_says_so(scenario):
 
 def test_buttons_on_old_messages_work_after_a_restart(scenario):
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
-    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.drive(1, State.AWAITING_APPROVAL)
     anchor = scenario.anchor(1)
     scenario.stop_bot()
     scenario.start_bot()  # a new process over the same database
     scenario.ws.click(BOB, anchor, blocks.APPROVE)
-    scenario.wait_state(1, st.APPROVED)
-    assert scenario.drive(1, st.DONE) == st.DONE
+    scenario.wait_state(1, State.APPROVED)
+    assert scenario.drive(1, State.DONE) == State.DONE
     assert "*2* registered" in text_of(scenario.anchor(1))
 
 
 def test_a_click_for_a_request_that_does_not_exist_is_answered(scenario):
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
-    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.drive(1, State.AWAITING_APPROVAL)
     scenario.ws.click(BOB, scenario.anchor(1), blocks.APPROVE, value="999")
     assert "no longer exists" in scenario.fake.wait_for(lambda: scenario.fake.ephemeral(OPS, BOB))[-1]["text"]
 
@@ -254,7 +254,7 @@ def test_names_typed_after_the_command_need_no_modal(scenario):
     assert answer.status_code == 200 and "checking 2 names" in answer.text
     request = scenario.request(1)
     assert request.count == 2 and request.rejected_count == 1
-    assert scenario.drive(1, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    assert scenario.drive(1, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
     assert not scenario.fake.views
 
 
@@ -264,8 +264,8 @@ def test_platform_named_devices_from_a_count(scenario):
     scenario.request(1)
     scenario.jobs.run_due()
     scenario.ws.click(BOB, scenario.anchor(1), blocks.APPROVE)
-    scenario.wait_state(1, st.APPROVED)
-    assert scenario.drive(1, st.DONE) == st.DONE
+    scenario.wait_state(1, State.APPROVED)
+    assert scenario.drive(1, State.DONE) == State.DONE
     assert len(scenario.emulator.backend.devices(scenario.emulator.product_key)) == 5
 
 
@@ -298,7 +298,7 @@ def response_after(scenario, before: int, timeout: float = 5.0) -> str:
 
 def test_status_list_and_cancel(scenario):
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
-    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.drive(1, State.AWAITING_APPROVAL)
     apply_id = scenario.store.chunks(1)[0].apply_id
     for ref in ("1", "#1", str(apply_id)):
         assert "Request #1" in answered(scenario, DAVE, f"status {ref}")
@@ -306,7 +306,7 @@ def test_status_list_and_cancel(scenario):
     assert "#1" in answered(scenario, DAVE, "list")
     assert "Only" in answered(scenario, DAVE, "cancel 1")
     assert "cancelled" in answered(scenario, ALICE, "cancel 1")
-    assert scenario.store.get(1).state == st.CANCELLED
+    assert scenario.store.get(1).state == State.CANCELLED
 
 
 def test_a_request_from_another_channel_is_not_shown_to_just_anyone(scenario):
@@ -319,7 +319,7 @@ def test_a_request_from_another_channel_is_not_shown_to_just_anyone(scenario):
 
 def test_commands_answer_within_the_ack_even_when_slack_is_slow_to_resolve_groups(scenario):
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
-    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.drive(1, State.AWAITING_APPROVAL)
     scenario.fake.delay("usergroups.users.list", 4.0)
     before = len(scenario.fake.responses)
     answer = scenario.ws.command(DAVE, OPS, "cancel 1")
@@ -413,8 +413,8 @@ def test_forged_or_stale_requests_are_refused_with_401(scenario, forgery):
 def test_slack_outages_delay_messages_but_lose_none_and_post_none_twice(scenario):
     scenario.fake.fail("chat.postMessage", status=503, times=4)
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
-    scenario.drive(1, st.AWAITING_APPROVAL)
-    scenario.jobs.run_until(lambda: bool(scenario.store.get(1).thread_ts), timeout=600)
+    scenario.drive(1, State.AWAITING_APPROVAL)
+    scenario.jobs.run_until(lambda: bool(scenario.store.get(1).origin_data.get("thread_ts")), timeout=600)
     scenario.jobs.run_until(lambda: not list(scenario.store.pending_events()), timeout=600)
     anchors = [m for m in scenario.fake.messages(OPS) if "Device registration #1" in m.get("text", "")]
     assert len(anchors) == 1 and set(buttons(anchors[0])) == {blocks.APPROVE, blocks.REJECT}
@@ -432,10 +432,10 @@ def test_health_endpoint(scenario):
 
 def finish_one(scenario, n: int = 2, bad: bool = False) -> None:
     scenario.upload_devices(ALICE, sample_file(n, bad=bad))
-    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.drive(1, State.AWAITING_APPROVAL)
     scenario.ws.click(BOB, scenario.anchor(1), blocks.APPROVE)
-    scenario.wait_state(1, st.APPROVED)
-    scenario.drive(1, st.DONE)
+    scenario.wait_state(1, State.APPROVED)
+    scenario.drive(1, State.DONE)
 
 
 def results_in_thread(scenario) -> list[dict]:
@@ -467,7 +467,7 @@ def test_a_channel_the_bot_is_not_in_is_explained_to_the_requester_by_dm(scenari
     scenario.jobs.run_until(lambda: bool(scenario.fake.dm(ALICE)), timeout=60)
     assert "/invite @iotreg" in scenario.fake.dm(ALICE)[-1]["text"]
     scenario.jobs.run_until(lambda: False, timeout=30)
-    assert scenario.store.get(1).state == st.CANCELLED
+    assert scenario.store.get(1).state == State.CANCELLED
     assert not list(scenario.store.pending_events())
 
 
@@ -475,14 +475,14 @@ def test_a_deleted_request_message_is_posted_again(scenario):
     from slack_sdk import WebClient
 
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
-    scenario.drive(1, st.AWAITING_APPROVAL)
+    scenario.drive(1, State.AWAITING_APPROVAL)
     old = scenario.anchor(1)
     WebClient(token=scenario.fake.bot_token, base_url=scenario.fake.api_url).chat_delete(channel=OPS, ts=old["ts"])
     scenario.ws.click(BOB, old, blocks.APPROVE, channel=OPS)  # from a client that still shows it
-    scenario.wait_state(1, st.APPROVED)
-    scenario.drive(1, st.DONE)
+    scenario.wait_state(1, State.APPROVED)
+    scenario.drive(1, State.DONE)
     scenario.jobs.run_until(lambda: not list(scenario.store.pending_events()), timeout=600)
-    assert scenario.store.get(1).thread_ts != old["ts"]
+    assert scenario.store.get(1).origin_data.get("thread_ts") != old["ts"]
     assert "*2* registered" in text_of(scenario.anchor(1))
 
 
@@ -503,7 +503,7 @@ def test_a_double_click_on_the_credentials_button_sends_one_file(scenario):
 def test_an_upload_interrupted_by_a_restart_is_read_when_the_bot_starts_again(scenario):
     file = scenario.fake.add_file(b"resumed-0001\nresumed-0002\n", name="devices.txt", filetype="txt")
     # A submission recorded (before its ack), and the process gone before it read the list.
-    scenario.store.add_upload(user=ALICE, channel=OPS, product_key=scenario.emulator.product_key, files=[file], pasted="", now=scenario.emulator.clock.now())
+    scenario.store.add_upload(user=ALICE, channel=OPS, product_key=scenario.emulator.product_key, origin_data={"files": [file]}, pasted="", now=scenario.emulator.clock.now())
     scenario.stop_bot()
     scenario.start_bot()
     request = scenario.request(1)

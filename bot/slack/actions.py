@@ -18,7 +18,7 @@ from bot.registration import Conflict, NotAllowed, NotFound, WorkflowError
 from bot.slack import blocks
 from bot.slack.deps import Deps
 from bot.slack.views import tell
-from bot.store import Request
+from bot.domain import Request
 
 log = logging.getLogger(__name__)
 

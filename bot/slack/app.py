@@ -33,7 +33,7 @@ from bot.slack import actions, blocks, commands, views
 from bot.slack.approvers import Approvers
 from bot.slack.deps import Deps
 from bot.slack.notifier import SlackNotifier
-from bot.store import Store
+from bot.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def create_app(
         web_client, approvers, notify_channel=settings.notify_channel, credentials_dm=settings.credentials_dm, label=label
     )
     workflow = Workflow(
-        Store(settings.db_path),
+        open_store(settings.db_path),
         iot_client or wiring.iot_client(settings, clock=clock),
         notifier,
         jobs,

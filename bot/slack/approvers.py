@@ -17,7 +17,7 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
 from bot.clock import Clock
-from bot.store import Request
+from bot.domain import Request
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from bot import store as st
+from bot.domain import State
 from bot.registration import Summary
-from bot.store import DeviceRow, Request
+from bot.domain import DeviceRow, RejectedLine, Request
 
 COMMAND = "/devices"
 SORRY = "Sorry, that did not work because of an error on iotreg's side; it has been logged."
@@ -95,16 +95,16 @@ def bullet_list(lines: Iterable[str], total: int, limit: int = INLINE_DEVICES, m
 
 
 STATE_LINES = {
-    st.CHECKING: ":hourglass_flowing_sand: Checking the names with IoT Platform…",
-    st.CHECK_FAILED: ":x: Some names failed IoT Platform's check: nothing will be registered. See the thread.",
-    st.AWAITING_APPROVAL: ":raised_hand: Waiting for approval.",
-    st.APPROVED: ":white_check_mark: Approved; registration is starting.",
-    st.REGISTERING: ":gear: Registering…",
-    st.DONE: ":white_check_mark: Registration finished.",
-    st.FAILED: ":x: Registration failed.",
-    st.REJECTED: ":no_entry_sign: Rejected: nothing was registered.",
-    st.CANCELLED: ":heavy_multiplication_x: Cancelled: nothing was registered.",
-    st.EXPIRED: ":hourglass: Expired without approval: nothing was registered.",
+    State.CHECKING: ":hourglass_flowing_sand: Checking the names with IoT Platform…",
+    State.CHECK_FAILED: ":x: Some names failed IoT Platform's check: nothing will be registered. See the thread.",
+    State.AWAITING_APPROVAL: ":raised_hand: Waiting for approval.",
+    State.APPROVED: ":white_check_mark: Approved; registration is starting.",
+    State.REGISTERING: ":gear: Registering…",
+    State.DONE: ":white_check_mark: Registration finished.",
+    State.FAILED: ":x: Registration failed.",
+    State.REJECTED: ":no_entry_sign: Rejected: nothing was registered.",
+    State.CANCELLED: ":heavy_multiplication_x: Cancelled: nothing was registered.",
+    State.EXPIRED: ":hourglass: Expired without approval: nothing was registered.",
 }
 
 
@@ -129,31 +129,31 @@ def anchor(
         blocks.append(context(label))
     blocks.append(section(title))
     state_line = STATE_LINES[request.state]
-    if request.state == st.REGISTERING and progress:
+    if request.state == State.REGISTERING and progress:
         state_line += f" {progress[0]} of {plural(progress[1], 'part')} done."
-    if request.state in (st.APPROVED, st.REGISTERING, st.DONE, st.FAILED) and request.decided_by:
+    if request.state in (State.APPROVED, State.REGISTERING, State.DONE, State.FAILED) and request.decided_by:
         state_line += f"\nApproved by {user(request.decided_by)} at {when(request.decided_at)}."
-    if request.state == st.REJECTED:
+    if request.state == State.REJECTED:
         state_line = f":no_entry_sign: Rejected by {user(request.decided_by or '')} at {when(request.decided_at)}: nothing was registered."
         if request.reason:
             state_line += f"\n>{escape(request.reason)}"
-    if request.state == st.CANCELLED:
+    if request.state == State.CANCELLED:
         state_line = f":heavy_multiplication_x: Cancelled by {user(request.decided_by or '')} at {when(request.decided_at)}: nothing was registered."
-    if request.state == st.FAILED and request.reason:
+    if request.state == State.FAILED and request.reason:
         state_line += f"\n>{escape(request.reason)}"
-    if request.state in (st.DONE, st.FAILED):
+    if request.state in (State.DONE, State.FAILED):
         state_line += "\n" + outcome_line(summary)
     blocks.append(section(state_line))
     facts = []
     if summary.rejected_locally:
         facts.append(f"{plural(summary.rejected_locally, 'line')} of the list skipped (see the thread)")
-    if request.state == st.AWAITING_APPROVAL:
+    if request.state == State.AWAITING_APPROVAL:
         if request.expires_at:
             facts.append(f"expires {when(request.expires_at)}")
         facts.append(f"approvers: {approvers}" if approvers else "anyone but the requester may approve")
     if facts:
         blocks.append(context(" · ".join(facts)))
-    if request.state == st.AWAITING_APPROVAL:
+    if request.state == State.AWAITING_APPROVAL:
         value = str(request.id)
         blocks.append(
             {
@@ -177,7 +177,7 @@ def anchor(
                 ],
             }
         )
-    if credentials_button and request.state in (st.DONE, st.FAILED) and summary.created:
+    if credentials_button and request.state in (State.DONE, State.FAILED) and summary.created:
         blocks.append(
             {
                 "type": "actions",
@@ -203,8 +203,8 @@ def outcome_line(summary: Summary) -> str:
 # -- thread replies -----------------------------------------------------------------------------
 
 
-def rejected_lines_reply(rejected: Sequence[tuple[int, str, str]], total: int) -> tuple[str, Blocks]:
-    lines = (f"• {f'line {line}: ' if line else ''}`{escape(value)}`: {escape(reason)}" for line, value, reason in rejected)
+def rejected_lines_reply(rejected: Sequence[RejectedLine], total: int) -> tuple[str, Blocks]:
+    lines = (f"• {f'line {r.line}: ' if r.line else ''}`{escape(r.value)}`: {escape(r.reason)}" for r in rejected)
     text = f"{plural(total, 'line')} of the list could not be used and will be skipped:"
     return text, [section(text), section(bullet_list(lines, total, more=" (all listed in the result file)"))]
 
@@ -224,7 +224,7 @@ def check_failed_reply(request: Request, invalid: Sequence[DeviceRow], invalid_t
 def result_reply(summary: Summary, failed: Sequence[DeviceRow], created: Sequence[DeviceRow], *, with_file: bool) -> tuple[str, Blocks]:
     request = summary.request
     headline = f"Request #{request.id}: {outcome_line(summary)}"
-    if request.state == st.FAILED and request.reason:
+    if request.state == State.FAILED and request.reason:
         headline += f"\n>{escape(request.reason)}"
     blocks: Blocks = [section(headline)]
     if failed:
@@ -311,7 +311,7 @@ def status_text(summary: Summary, apply_ids: Sequence[int]) -> str:
     lines = [
         f"*Request #{request.id}* · product `{escape(request.product_key)}` · requested by {user(request.requester)} {when(request.created_at)}",
         f"State: *{request.state.replace('_', ' ')}*" + (f": {escape(request.reason)}" if request.reason else ""),
-        outcome_line(summary) if request.state in (st.DONE, st.FAILED, st.REGISTERING) else f"{plural(request.count, 'device')}",
+        outcome_line(summary) if request.state in (State.DONE, State.FAILED, State.REGISTERING) else f"{plural(request.count, 'device')}",
     ]
     if apply_ids:
         lines.append("ApplyId: " + ", ".join(str(a) for a in apply_ids))

@@ -12,7 +12,7 @@ import uuid
 from slack_bolt import Ack, App, Respond
 from slack_sdk import WebClient
 
-from bot import store as st
+from bot.domain import Outcome, Request
 from bot.names import DeviceListError, parse_pasted
 from bot.registration import Conflict, NotFound, WorkflowError
 from bot.slack import blocks
@@ -117,7 +117,7 @@ def computed(answer, *args, **kwargs) -> str | None:
 NUMBER = re.compile(r"#?([0-9]{1,18})")  # ASCII digits only, and within SQLite's INTEGER
 
 
-def find_request(deps: Deps, ref: str) -> st.Request | None:
+def find_request(deps: Deps, ref: str) -> Request | None:
     """A request by its number (``12``, ``#12``) or by one of its ApplyIds."""
     match = NUMBER.fullmatch(ref)
     if not match:
@@ -154,7 +154,7 @@ def listing(deps: Deps, channel: str, *, at_once: bool = False) -> str | None:
     requests = store.requests(channel=channel, limit=10)
     if at_once and sum(r.count for r in requests) > AT_ONCE_DEVICES:
         return None
-    return blocks.list_text([(r, store.outcome_counts(r.id).get(st.CREATED, 0)) for r in requests])
+    return blocks.list_text([(r, store.outcome_counts(r.id).get(Outcome.CREATED, 0)) for r in requests])
 
 
 def cancel(deps: Deps, ref: str, user: str, channel: str = "") -> str:

@@ -16,11 +16,11 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
 from bot import report
-from bot import store as st
+from bot.domain import Outcome
 from bot.registration import Workflow, WorkflowError
 from bot.slack import blocks
 from bot.slack.approvers import Approvers
-from bot.store import Event, Request
+from bot.domain import Event, Request
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class SlackNotifier:
         request = self.workflow.get(event.request_id)
         if request is None or not request.channel:
             return
-        if request.slack_error:
+        if request.origin_data.get("error"):
             if event.kind == "finished":
                 self._once(event, "dm_result", lambda: self._dm_result(request))
             return
@@ -97,9 +97,10 @@ class SlackNotifier:
             credentials_button=self.credentials_dm,
             label=self.label,
         )
-        if request.thread_ts:
+        thread_ts = request.origin_data.get("thread_ts")
+        if thread_ts:
             try:
-                self.client.chat_update(channel=request.channel, ts=request.thread_ts, text=text, blocks=content)
+                self.client.chat_update(channel=request.channel, ts=thread_ts, text=text, blocks=content)
                 return
             except SlackApiError as exc:
                 if exc.response.get("error") not in ("message_not_found", "cant_update_message"):
@@ -111,11 +112,12 @@ class SlackNotifier:
             if exc.response.get("error") in UNUSABLE_CHANNEL:
                 raise _ChannelUnusable(exc.response.get("error")) from exc
             raise
-        self.workflow.store.update_request(request.id, thread_ts=posted["ts"], channel=posted["channel"])
+        self.workflow.store.update_request(request.id, channel=posted["channel"])
+        self.workflow.store.update_origin_data(request.id, thread_ts=posted["ts"])
 
     def _reply(self, request: Request, text: str, content: blocks.Blocks, *, broadcast: bool = False) -> None:
         assert self.workflow is not None
-        thread_ts = self.workflow.get(request.id).thread_ts  # set by the anchor just before
+        thread_ts = self.workflow.get(request.id).origin_data.get("thread_ts")  # set by the anchor just before
         if self.label:
             content = [blocks.context(self.label), *content]
         self.client.chat_postMessage(channel=request.channel, thread_ts=thread_ts, text=text, blocks=content, reply_broadcast=broadcast)
@@ -123,18 +125,18 @@ class SlackNotifier:
     def _check_failed(self, request: Request) -> None:
         assert self.workflow is not None
         summary = self.workflow.summary(request.id)
-        invalid = self.workflow.store.devices(request.id, outcome=st.INVALID, limit=blocks.INLINE_DEVICES)
+        invalid = self.workflow.store.devices(request.id, outcome=Outcome.INVALID, limit=blocks.INLINE_DEVICES)
         self._reply(request, *blocks.check_failed_reply(request, invalid, summary.invalid, request.count - summary.invalid))
 
     def _result_reply(self, request: Request) -> tuple[str, blocks.Blocks]:
         assert self.workflow is not None
         store = self.workflow.store
         summary = self.workflow.summary(request.id)
-        failed = store.devices(request.id, outcome=st.NOT_CREATED, limit=blocks.INLINE_DEVICES)
+        failed = store.devices(request.id, outcome=Outcome.NOT_CREATED, limit=blocks.INLINE_DEVICES)
         if len(failed) < blocks.INLINE_DEVICES and request.final:
-            failed += store.devices(request.id, outcome=st.PENDING, limit=blocks.INLINE_DEVICES - len(failed))
+            failed += store.devices(request.id, outcome=Outcome.PENDING, limit=blocks.INLINE_DEVICES - len(failed))
         with_file = self._with_file(request)
-        created = [] if with_file else store.devices(request.id, outcome=st.CREATED)
+        created = [] if with_file else store.devices(request.id, outcome=Outcome.CREATED)
         return blocks.result_reply(summary, failed, created, with_file=with_file)
 
     def _with_file(self, request: Request) -> bool:
@@ -150,7 +152,7 @@ class SlackNotifier:
         if not self._with_file(request):
             return
         if channel is None:
-            channel, thread_ts = request.channel, self.workflow.get(request.id).thread_ts
+            channel, thread_ts = request.channel, self.workflow.get(request.id).origin_data.get("thread_ts")
         self.client.files_upload_v2(
             channel=channel,
             thread_ts=thread_ts,
@@ -177,7 +179,7 @@ class SlackNotifier:
     def _give_up_on_channel(self, request: Request, error: str) -> None:
         """The request's channel cannot take the bot's messages: tell the requester, stop the request."""
         assert self.workflow is not None
-        self.workflow.store.update_request(request.id, slack_error=error)
+        self.workflow.store.update_origin_data(request.id, error=error)
         self.workflow.store.record(request.id, "iotreg", "slack_channel_unusable", self.workflow.clock.now(), {"error": error})
         stopped = ""
         try:

@@ -13,7 +13,7 @@ from bot.slack import blocks
 from bot.slack.commands import PRODUCT_KEY, metadata_of
 from bot.slack.deps import Deps
 from bot.slack.files import fetch_device_list
-from bot.store import Upload
+from bot.domain import Upload
 
 log = logging.getLogger(__name__)
 ACCEPTED = (".csv", ".txt")
@@ -49,7 +49,7 @@ def register(app: App, deps: Deps) -> None:
         # Recorded before the ack, so that a restart between the two cannot lose the list: the
         # form has closed for the uploader by then. Read after the ack (a download can be slow).
         upload_id = deps.workflow.store.add_upload(
-            user=user, channel=meta["channel"], product_key=meta["product_key"], files=files, pasted=pasted, now=deps.workflow.clock.now()
+            user=user, channel=meta["channel"], product_key=meta["product_key"], origin_data={"files": files}, pasted=pasted, now=deps.workflow.clock.now()
         )
         ack()
         deps.background.submit(take_list, deps, client, deps.workflow.store.upload(upload_id))
@@ -62,7 +62,7 @@ def take_list(deps: Deps, client: WebClient, upload: Upload | None) -> None:
         return
     channel, product_key, user = upload.channel, upload.product_key, upload.user
     try:
-        devices = read_submission(deps, upload.files, upload.pasted)
+        devices = read_submission(deps, upload.origin_data.get("files", []), upload.pasted)
     except DeviceListError as exc:
         tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` was not used: {exc.message}")
         deps.workflow.store.finish_upload(upload.id, deps.workflow.clock.now())

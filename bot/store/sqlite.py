@@ -1,21 +1,14 @@
-"""Durable state: requests, their devices and chunks, the audit trail, and the outbox of events.
-
-Everything the workflow knows lives here, in one SQLite file, so a restart loses nothing.
+"""The embedded store: one SQLite file (see :mod:`bot.store` for what every store promises).
 
 * One connection per thread (Bolt listeners, scheduler jobs and the CLI run in different threads),
   in WAL mode, so readers never block the writer and a killed process leaves a consistent file.
-* State changes are compare-and-set: :meth:`Store.transition` moves a request from one of the
-  expected states to the next in a single ``UPDATE … WHERE state IN (…)``; when two approvers click
-  at once, exactly one of them gets ``True``.
-* Each transition writes its audit row and its outbox event in the same transaction, so a crash
-  can never leave a state change without its record, or a record without its change.
-* The schema is built by numbered migrations (sqlite-utils ``Migrations``), applied at start;
-  a database written by an older iotreg is brought up to date in place.
+* Compare-and-set is a single ``UPDATE … WHERE state IN (…)`` inside ``BEGIN IMMEDIATE``.
+* The schema is built by numbered migrations (sqlite-utils ``Migrations``), applied at start
+  under the write lock, so two processes starting at once migrate one after the other.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sqlite3
 import threading
@@ -27,26 +20,23 @@ from typing import Any
 
 from sqlite_utils import Database, Migrations
 
-#: Request states. Final states have no work left (a failed check can still be dismissed: cancelled).
-CHECKING = "checking"
-CHECK_FAILED = "check_failed"
-AWAITING_APPROVAL = "awaiting_approval"
-APPROVED = "approved"
-REGISTERING = "registering"
-DONE = "done"
-FAILED = "failed"
-REJECTED = "rejected"
-CANCELLED = "cancelled"
-EXPIRED = "expired"
+from bot.domain import (
+    AuditEntry,
+    Chunk,
+    DeviceRow,
+    Event,
+    EventKind,
+    Kind,
+    Origin,
+    Outcome,
+    RejectedLine,
+    Request,
+    State,
+    Upload,
+)
+from bot.store import StoreUnavailable
 
-FINAL_STATES = frozenset({CHECK_FAILED, DONE, FAILED, REJECTED, CANCELLED, EXPIRED})
-ACTIVE_STATES = frozenset({CHECKING, AWAITING_APPROVAL, APPROVED, REGISTERING})
-
-#: Device outcomes.
-PENDING = "pending"
-CREATED = "created"
-INVALID = "invalid"  # refused by the platform's check
-NOT_CREATED = "not_created"  # checked, but creation failed
+PENDING = Outcome.PENDING.value
 
 migrations = Migrations("iotreg")
 
@@ -156,114 +146,23 @@ def m004_uploads(db: Database) -> None:
     db["uploads"].create_index(["done_at"])
 
 
-@dataclasses.dataclass(frozen=True)
-class Upload:
-    """A device list someone submitted, to be read (once) into a request."""
-
-    id: int
-    user: str
-    channel: str
-    product_key: str
-    files: list[dict[str, Any]]
-    pasted: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """A registration request as stored."""
-
-    id: int
-    product_key: str
-    requester: str
-    origin: str
-    channel: str
-    thread_ts: str
-    kind: str
-    count: int
-    rejected_count: int
-    state: str
-    reason: str | None
-    decided_by: str | None
-    decided_at: datetime | None
-    expires_at: datetime | None
-    retry_of: int | None
-    polls: int
-    phase_started_at: datetime | None
-    errors_in_row: int
-    created_at: datetime
-    updated_at: datetime
-    slack_error: str | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Request:
-        values = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
-        for key in ("decided_at", "expires_at", "phase_started_at", "created_at", "updated_at"):
-            values[key] = parse_time(values[key])
-        for key in ("channel", "thread_ts"):
-            values[key] = values[key] or ""
-        for key in ("count", "rejected_count", "polls", "errors_in_row"):
-            values[key] = values[key] or 0
-        return cls(**values)
-
-
-@dataclasses.dataclass(frozen=True)
-class Chunk:
-    """Up to 10,000 devices of a request that share one ApplyId."""
-
-    request_id: int
-    chunk_no: int
-    size: int
-    apply_id: int | None
-    status: str | None
-    register_sent_at: datetime | None
-    register_confirmed_at: datetime | None
-    error: str | None
-    claimed_by: str | None = None
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Chunk:
-        values = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
-        values["register_sent_at"] = parse_time(values["register_sent_at"])
-        values["register_confirmed_at"] = parse_time(values["register_confirmed_at"])
-        return cls(**values)
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceRow:
-    """One device of a request and what became of it."""
-
-    name: str
-    nickname: str | None
-    chunk_no: int
-    line: int | None
-    outcome: str
-    reason: str | None
-    iot_id: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class AuditEntry:
-    request_id: int
-    at: datetime
-    actor: str
-    event: str
-    detail: dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    """A notification waiting in (or delivered from) the outbox."""
-
-    id: int
-    request_id: int
-    kind: str
-    payload: dict[str, Any]
-    attempts: int
-    next_at: datetime | None = None
+@migrations()
+def m005_origin_data(db: Database) -> None:
+    """Front-end data the core does not read moves into one field per request and per upload:
+    the Slack thread and channel error of a request, the Slack files of an upload. (The old
+    columns stay, unread, so an older iotreg still running during a deploy keeps working.)"""
+    db["requests"].add_column("origin_data", str)
+    db["uploads"].add_column("origin_data", str)
+    rows = db.conn.execute("SELECT id, thread_ts, slack_error FROM requests").fetchall()
+    db.conn.executemany(
+        "UPDATE requests SET origin_data = ? WHERE id = ?",
+        [(json.dumps({k: v for k, v in (("thread_ts", ts), ("error", err)) if v}), rid) for rid, ts, err in rows],
+    )
+    rows = db.conn.execute("SELECT id, files FROM uploads").fetchall()
+    db.conn.executemany(
+        "UPDATE uploads SET origin_data = ? WHERE id = ?",
+        [(json.dumps({"files": json.loads(files or "[]")}), uid) for uid, files in rows],
+    )
 
 
 def format_time(value: datetime) -> str:
@@ -285,16 +184,66 @@ def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-class Store:
-    """The SQLite database behind the workflow. Safe to share between threads."""
+_REQUEST_TIMES = ("decided_at", "expires_at", "phase_started_at", "created_at", "updated_at")
+
+
+def _request(row: dict[str, Any]) -> Request:
+    return Request(
+        id=row["id"],
+        product_key=row["product_key"],
+        requester=row["requester"],
+        origin=Origin(row["origin"]),
+        channel=row["channel"] or "",
+        kind=Kind(row["kind"]),
+        count=row["count"] or 0,
+        rejected_count=row["rejected_count"] or 0,
+        state=State(row["state"]),
+        reason=row["reason"],
+        decided_by=row["decided_by"],
+        retry_of=row["retry_of"],
+        polls=row["polls"] or 0,
+        errors_in_row=row["errors_in_row"] or 0,
+        origin_data=json.loads(row["origin_data"] or "{}"),
+        **{key: parse_time(row[key]) for key in _REQUEST_TIMES},  # type: ignore[arg-type]
+    )
+
+
+def _chunk(row: dict[str, Any]) -> Chunk:
+    return Chunk(
+        request_id=row["request_id"],
+        chunk_no=row["chunk_no"],
+        size=row["size"],
+        apply_id=row["apply_id"],
+        status=row["status"],
+        register_sent_at=parse_time(row["register_sent_at"]),
+        register_confirmed_at=parse_time(row["register_confirmed_at"]),
+        error=row["error"],
+        claimed_by=row["claimed_by"],
+    )
+
+
+def _in(values: Iterable[Any]) -> tuple[str, list[str]]:
+    """``(?, ?, …)`` and the values as text, for an ``IN`` of our own values."""
+    values = [str(v) for v in values]
+    return f"({', '.join('?' * len(values))})", values
+
+
+class SqliteStore:
+    """The SQLite database behind the workflow. Safe to share between threads, not between processes
+    that run the workflow (a second ``iotreg serve`` on one file is refused)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        self.location = self.path
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        with self._write():  # two processes starting at once migrate one after the other
-            migrations.apply(self.db)
+        try:
+            with self._write():  # two processes starting at once migrate one after the other
+                migrations.apply(self.db)
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreUnavailable(f"cannot open the SQLite database {self.path}: {exc}") from None
 
     # -- connections --------------------------------------------------------------------------
 
@@ -359,6 +308,12 @@ class Store:
     def schema_version(self) -> list[str]:
         return [m.name for m in migrations.applied(self.db)]
 
+    def ping(self) -> None:
+        try:
+            self.db.conn.execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the SQLite database {self.path} does not answer: {exc}") from None
+
     # -- requests -----------------------------------------------------------------------------
 
     def create_request(
@@ -366,13 +321,13 @@ class Store:
         *,
         product_key: str,
         requester: str,
-        origin: str,
-        kind: str,
+        origin: Origin,
+        kind: Kind,
         count: int,
-        state: str,
+        state: State,
         now: datetime,
         channel: str = "",
-        thread_ts: str = "",
+        origin_data: dict[str, Any] | None = None,
         rejected: Sequence[tuple[int, str, str]] = (),
         rejected_count: int = 0,
         devices: Iterable[tuple[str, str | None, int | None]] = (),
@@ -390,13 +345,13 @@ class Store:
                 {
                     "product_key": product_key,
                     "requester": requester,
-                    "origin": origin,
+                    "origin": str(origin),
                     "channel": channel,
-                    "thread_ts": thread_ts,
-                    "kind": kind,
+                    "origin_data": json.dumps(origin_data or {}, ensure_ascii=False),
+                    "kind": str(kind),
                     "count": count,
                     "rejected_count": rejected_count or len(rejected),
-                    "state": state,
+                    "state": str(state),
                     "retry_of": retry_of,
                     "expires_at": format_time(expires_at) if expires_at else None,
                     "phase_started_at": stamp,
@@ -429,40 +384,44 @@ class Store:
 
     def get(self, request_id: int) -> Request | None:
         rows = self._select("SELECT * FROM requests WHERE id = ?", [request_id])
-        return Request.from_row(rows[0]) if rows else None
+        return _request(rows[0]) if rows else None
 
     def requests(
         self,
         *,
-        states: Iterable[str] | None = None,
+        states: Iterable[State] | None = None,
         channel: str | None = None,
-        origins: Iterable[str] | None = None,
+        origins: Iterable[Origin] | None = None,
         limit: int | None = 20,
     ) -> list[Request]:
         """Newest first (``limit`` of them, or all with ``None``), optionally only in some states,
         from one channel, or from some origins."""
         where, args = [], []
         if origins is not None:
-            origins = list(origins)
-            where.append(f"origin IN ({', '.join('?' * len(origins))})")
-            args.extend(origins)
+            marks, values = _in(origins)
+            where.append(f"origin IN {marks}")
+            args.extend(values)
         if states is not None:
-            states = list(states)
-            where.append(f"state IN ({', '.join('?' * len(states))})")
-            args.extend(states)
+            marks, values = _in(states)
+            where.append(f"state IN {marks}")
+            args.extend(values)
         if channel is not None:
             where.append("channel = ?")
             args.append(channel)
         condition = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self._select(f"SELECT * FROM requests {condition} ORDER BY id DESC LIMIT ?", [*args, -1 if limit is None else limit])
-        return [Request.from_row(r) for r in rows]
+        return [_request(r) for r in rows]
+
+    def state_counts(self) -> dict[State, int]:
+        rows = self.db.conn.execute("SELECT state, COUNT(*) FROM requests GROUP BY state").fetchall()
+        return {State(state): count for state, count in rows}
 
     def transition(
         self,
         request_id: int,
         *,
-        from_states: Iterable[str],
-        to_state: str,
+        from_states: Iterable[State],
+        to_state: State,
         actor: str,
         event: str,
         now: datetime,
@@ -474,14 +433,14 @@ class Store:
 
         Returns ``False``, and changes nothing, when the request is not in one of ``from_states``.
         """
-        from_states = list(from_states)
+        marks, expected = _in(from_states)
         stamp = format_time(now)
         values = _stored(fields)
-        values.update(state=to_state, updated_at=stamp)
+        values.update(state=str(to_state), updated_at=stamp)
         with self._write() as db:
             cursor = db.conn.execute(
-                f"UPDATE requests SET {_assignments(values)} WHERE id = ? AND state IN ({', '.join('?' * len(from_states))})",
-                [*values.values(), request_id, *from_states],
+                f"UPDATE requests SET {_assignments(values)} WHERE id = ? AND state IN {marks}",
+                [*values.values(), request_id, *expected],
             )
             if cursor.rowcount != 1:
                 return False
@@ -491,13 +450,23 @@ class Store:
         return True
 
     def update_request(self, request_id: int, **fields: Any) -> None:
-        """Book-keeping that is not a state change (poll counters, the thread of a Slack message)."""
+        """Book-keeping that is not a state change (poll counters, error counts)."""
         self._update("requests", "id = ?", [request_id], fields)
+
+    def update_origin_data(self, request_id: int, **values: Any) -> None:
+        with self._write() as db:
+            row = db.conn.execute("SELECT origin_data FROM requests WHERE id = ?", [request_id]).fetchone()
+            if row is None:
+                return
+            data = json.loads(row[0] or "{}")
+            data.update(values)
+            data = {k: v for k, v in data.items() if v is not None}
+            db.conn.execute("UPDATE requests SET origin_data = ? WHERE id = ?", [json.dumps(data, ensure_ascii=False), request_id])
 
     # -- chunks and devices -------------------------------------------------------------------
 
     def chunks(self, request_id: int) -> list[Chunk]:
-        return [Chunk.from_row(r) for r in self._select("SELECT * FROM chunks WHERE request_id = ? ORDER BY chunk_no", [request_id])]
+        return [_chunk(r) for r in self._select("SELECT * FROM chunks WHERE request_id = ? ORDER BY chunk_no", [request_id])]
 
     def update_chunk(self, request_id: int, chunk_no: int, **fields: Any) -> None:
         self._update("chunks", "request_id = ? AND chunk_no = ?", [request_id, chunk_no], fields)
@@ -531,7 +500,7 @@ class Store:
 
     def chunk_for_apply_id(self, apply_id: int) -> Chunk | None:
         rows = self._select("SELECT * FROM chunks WHERE apply_id = ?", [apply_id])
-        return Chunk.from_row(rows[0]) if rows else None
+        return _chunk(rows[0]) if rows else None
 
     def device_names(self, request_id: int, chunk_no: int | None = None) -> list[tuple[str, str | None]]:
         """``(name, nickname)`` in the order they were given."""
@@ -542,58 +511,60 @@ class Store:
             args.append(chunk_no)
         return [(r[0], r[1]) for r in self.db.execute(sql + " ORDER BY rowid", args).fetchall()]
 
-    def devices(self, request_id: int, *, outcome: str | None = None, limit: int | None = None) -> list[DeviceRow]:
+    def devices(self, request_id: int, *, outcome: Outcome | None = None, limit: int | None = None) -> list[DeviceRow]:
         sql = "SELECT name, nickname, chunk_no, line, outcome, reason, iot_id FROM devices WHERE request_id = ?"
         args: list[Any] = [request_id]
         if outcome is not None:
             sql += " AND outcome = ?"
-            args.append(outcome)
+            args.append(str(outcome))
         sql += " ORDER BY rowid"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return [DeviceRow(*r) for r in self.db.execute(sql, args).fetchall()]
+        return [DeviceRow(n, nick, c, line, Outcome(o), reason, iot) for n, nick, c, line, o, reason, iot in self.db.execute(sql, args).fetchall()]
 
-    def outcome_counts(self, request_id: int) -> dict[str, int]:
+    def outcome_counts(self, request_id: int) -> dict[Outcome, int]:
         rows = self.db.execute("SELECT outcome, COUNT(*) FROM devices WHERE request_id = ? GROUP BY outcome", [request_id])
-        return {outcome: count for outcome, count in rows.fetchall()}
+        return {Outcome(outcome): count for outcome, count in rows.fetchall()}
 
-    def add_devices(self, request_id: int, chunk_no: int, rows: Iterable[tuple[str, str, str]]) -> None:
+    def add_devices(self, request_id: int, chunk_no: int, rows: Iterable[tuple[str, Outcome, str]]) -> None:
         """Devices named by the platform (``BatchRegisterDevice``): ``(name, outcome, iot_id)``."""
         with self._write() as db:
             db.conn.executemany(
                 "INSERT OR IGNORE INTO devices (request_id, name, chunk_no, outcome, iot_id) VALUES (?, ?, ?, ?, ?)",
-                ((request_id, name, chunk_no, outcome, iot_id) for name, outcome, iot_id in rows),
+                ((request_id, name, chunk_no, str(outcome), iot_id) for name, outcome, iot_id in rows),
             )
 
-    def set_outcomes(self, request_id: int, rows: Iterable[tuple[str, str, str | None, str | None]]) -> None:
+    def set_outcomes(self, request_id: int, rows: Iterable[tuple[str, Outcome, str | None, str | None]]) -> None:
         """Record ``(name, outcome, reason, iot_id)`` for devices of a request."""
         with self._write() as db:
             db.conn.executemany(
                 "UPDATE devices SET outcome = ?, reason = ?, iot_id = COALESCE(?, iot_id) WHERE request_id = ? AND name = ?",
-                ((outcome, reason, iot_id, request_id, name) for name, outcome, reason, iot_id in rows),
+                ((str(outcome), reason, iot_id, request_id, name) for name, outcome, reason, iot_id in rows),
             )
 
-    def set_reasons(self, request_id: int, outcome: str, reason: str) -> None:
+    def set_reasons(self, request_id: int, outcome: Outcome, reason: str) -> None:
         """Give every device of ``outcome`` that has no reason yet this one."""
         with self._write() as db:
             db.conn.execute(
                 "UPDATE devices SET reason = ? WHERE request_id = ? AND outcome = ? AND reason IS NULL",
-                [reason, request_id, outcome],
+                [reason, request_id, str(outcome)],
             )
 
-    def rejected_lines(self, request_id: int) -> list[tuple[int, str, str]]:
+    def rejected_lines(self, request_id: int) -> list[RejectedLine]:
         rows = self.db.execute(
             "SELECT line, value, reason FROM rejected_lines WHERE request_id = ? ORDER BY line", [request_id]
         )
-        return [tuple(r) for r in rows.fetchall()]
+        return [RejectedLine(*r) for r in rows.fetchall()]
 
     # -- uploads ------------------------------------------------------------------------------
 
-    def add_upload(self, *, user: str, channel: str, product_key: str, files: list[dict[str, Any]], pasted: str, now: datetime) -> int:
+    def add_upload(
+        self, *, user: str, channel: str, product_key: str, pasted: str, origin_data: dict[str, Any], now: datetime
+    ) -> int:
         with self._write() as db:
             cursor = db.conn.execute(
-                "INSERT INTO uploads (user, channel, product_key, files, pasted, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                [user, channel, product_key, json.dumps(files), pasted, format_time(now)],
+                "INSERT INTO uploads (user, channel, product_key, origin_data, pasted, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [user, channel, product_key, json.dumps(origin_data, ensure_ascii=False), pasted, format_time(now)],
             )
             return int(cursor.lastrowid)
 
@@ -611,9 +582,9 @@ class Store:
 
     def _uploads(self, where: str, args: list[Any]) -> list[Upload]:
         rows = self.db.execute(
-            f"SELECT id, user, channel, product_key, files, pasted FROM uploads WHERE {where} ORDER BY id", args
+            f"SELECT id, user, channel, product_key, pasted, origin_data FROM uploads WHERE {where} ORDER BY id", args
         ).fetchall()
-        return [Upload(r[0], r[1], r[2], r[3], json.loads(r[4] or "[]"), r[5] or "") for r in rows]
+        return [Upload(r[0], r[1], r[2], r[3], r[4] or "", json.loads(r[5] or "{}")) for r in rows]
 
     # -- audit --------------------------------------------------------------------------------
 
@@ -651,19 +622,28 @@ class Store:
             [request_id, kind, json.dumps(payload, ensure_ascii=False, default=str), stamp, stamp],
         )
 
-    def pending_events(self, origins: Iterable[str] | None = None) -> Iterator[Event]:
+    def pending_events(self, origins: Iterable[Origin] | None = None) -> Iterator[Event]:
         """Every undelivered event (of requests from ``origins``, if given), oldest first."""
         sql = "SELECT o.id, o.request_id, o.kind, o.payload, o.attempts, o.next_at FROM outbox AS o"
         args: list[Any] = []
         if origins is not None:
-            origins = list(origins)
-            sql += f" JOIN requests AS r ON r.id = o.request_id AND r.origin IN ({', '.join('?' * len(origins))})"
-            args.extend(origins)
+            marks, values = _in(origins)
+            sql += f" JOIN requests AS r ON r.id = o.request_id AND r.origin IN {marks}"
+            args.extend(values)
         rows = self.db.execute(sql + " WHERE o.delivered_at IS NULL ORDER BY o.id", args).fetchall()
         for r in rows:
-            yield Event(r[0], r[1], r[2], json.loads(r[3]), r[4], parse_time(r[5]))
+            yield Event(r[0], r[1], EventKind(r[2]), json.loads(r[3]), r[4], parse_time(r[5]))
 
-    def next_event_time(self, origins: Iterable[str] | None = None) -> datetime | None:
+    def pending_count(self, origins: Iterable[Origin] | None = None) -> int:
+        sql = "SELECT COUNT(*) FROM outbox AS o"
+        args: list[Any] = []
+        if origins is not None:
+            marks, values = _in(origins)
+            sql += f" JOIN requests AS r ON r.id = o.request_id AND r.origin IN {marks}"
+            args.extend(values)
+        return int(self.db.execute(sql + " WHERE o.delivered_at IS NULL", args).fetchone()[0])
+
+    def next_event_time(self, origins: Iterable[Origin] | None = None) -> datetime | None:
         """When the next event can go: the earliest among the first undelivered event of each request."""
         sql = (
             "SELECT MIN(o.next_at) FROM outbox AS o JOIN requests AS r ON r.id = o.request_id"
@@ -672,9 +652,9 @@ class Store:
         )
         args: list[Any] = []
         if origins is not None:
-            origins = list(origins)
-            sql += f" AND r.origin IN ({', '.join('?' * len(origins))})"
-            args.extend(origins)
+            marks, values = _in(origins)
+            sql += f" AND r.origin IN {marks}"
+            args.extend(values)
         row = self.db.execute(sql, args).fetchone()
         return parse_time(row[0]) if row and row[0] else None
 
@@ -702,4 +682,4 @@ class Store:
             "SELECT id, request_id, kind, payload, attempts FROM outbox WHERE request_id = ? AND delivered_at IS NOT NULL ORDER BY id",
             [request_id],
         ).fetchall()
-        return [Event(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+        return [Event(r[0], r[1], EventKind(r[2]), json.loads(r[3]), r[4]) for r in rows]

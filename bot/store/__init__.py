@@ -1,0 +1,247 @@
+"""Durable state: requests, their devices and chunks, the audit trail, and the outbox of events.
+
+:class:`Store` is the interface the core writes to; two implementations pass one contract test
+suite (``tests/test_store_contract.py``):
+
+* :class:`bot.store.sqlite.SqliteStore`: one SQLite file, the embedded default (WAL,
+  ``synchronous=FULL``, ``BEGIN IMMEDIATE``). One process at a time.
+* :class:`bot.store.postgres.PostgresStore`: PostgreSQL through a psycopg connection pool, for
+  platforms whose disk is wiped at every restart and for more than one process.
+
+What every store promises:
+
+* State changes are compare-and-set: :meth:`Store.transition` moves a request from one of the
+  expected states to the next, or changes nothing and returns ``False``; when two approvers click
+  at once, exactly one of them gets ``True``.
+* Each transition writes its audit row and its outbox event in the same transaction, so a crash
+  can never leave a state change without its record, or a record without its change.
+* A register call is claimed (:meth:`Store.claim_register`) before it is sent, by compare-and-set.
+* The schema is built by numbered migrations applied at start, safe when two processes start at
+  once; a database written by an older iotreg is brought up to date in place.
+
+:func:`open_store` picks the implementation from ``IOTREG_DB``'s value: a file path, or a
+``postgresql://`` / ``postgres://`` URL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from bot.domain import (
+    AuditEntry,
+    Chunk,
+    DeviceRow,
+    Event,
+    Kind,
+    Origin,
+    Outcome,
+    RejectedLine,
+    Request,
+    State,
+    Upload,
+)
+
+__all__ = ["Store", "StoreUnavailable", "open_store", "is_url", "redact_url"]
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached (or stopped answering). The message names it, never a password."""
+
+
+class Store(Protocol):
+    """Everything the core keeps. Times go in and come out as aware UTC ``datetime``\\ s."""
+
+    #: Where the data is, safe to show (a file path, or a URL without its password).
+    location: str
+
+    def close(self) -> None: ...
+
+    def schema_version(self) -> list[str]: ...
+
+    def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the database answers."""
+
+    # -- requests
+
+    def create_request(
+        self,
+        *,
+        product_key: str,
+        requester: str,
+        origin: Origin,
+        kind: Kind,
+        count: int,
+        state: State,
+        now: datetime,
+        channel: str = "",
+        origin_data: dict[str, Any] | None = None,
+        rejected: Sequence[tuple[int, str, str]] = (),
+        rejected_count: int = 0,
+        devices: Iterable[tuple[str, str | None, int | None]] = (),
+        chunks: Sequence[int] = (),
+        chunk_size: int = 10_000,
+        retry_of: int | None = None,
+        expires_at: datetime | None = None,
+        event: tuple[str, dict[str, Any]] | None = None,
+        upload_id: int | None = None,
+    ) -> int:
+        """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines,
+        its ``requested`` audit row and its first event, and mark the upload it came from as read."""
+
+    def get(self, request_id: int) -> Request | None: ...
+
+    def requests(
+        self,
+        *,
+        states: Iterable[State] | None = None,
+        channel: str | None = None,
+        origins: Iterable[Origin] | None = None,
+        limit: int | None = 20,
+    ) -> list[Request]:
+        """Newest first (``limit`` of them, or all with ``None``)."""
+
+    def state_counts(self) -> dict[State, int]:
+        """How many requests are in each state (states with none are left out)."""
+
+    def transition(
+        self,
+        request_id: int,
+        *,
+        from_states: Iterable[State],
+        to_state: State,
+        actor: str,
+        event: str,
+        now: datetime,
+        detail: dict[str, Any] | None = None,
+        notify: tuple[str, dict[str, Any]] | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Compare-and-set the state; with it, the audit row, the outbox event and ``fields``."""
+
+    def update_request(self, request_id: int, **fields: Any) -> None:
+        """Book-keeping that is not a state change (poll counters, error counts)."""
+
+    def update_origin_data(self, request_id: int, **values: Any) -> None:
+        """Merge ``values`` into the request's ``origin_data`` (``None`` removes a key)."""
+
+    # -- chunks and devices
+
+    def chunks(self, request_id: int) -> list[Chunk]: ...
+
+    def update_chunk(self, request_id: int, chunk_no: int, **fields: Any) -> None: ...
+
+    def claim_register(
+        self, request_id: int, chunk_no: int, owner: str, now: datetime, *, replacing: datetime | None = None
+    ) -> bool:
+        """Claim a chunk's register call before sending it; ``False`` if another claim got there first.
+
+        With ``replacing``, take over a claim whose ``register_sent_at`` is that time, and only that one.
+        """
+
+    def release_register(self, request_id: int, chunk_no: int, owner: str) -> None:
+        """Give up a claim whose call certainly did not reach the platform."""
+
+    def chunk_for_apply_id(self, apply_id: int) -> Chunk | None: ...
+
+    def device_names(self, request_id: int, chunk_no: int | None = None) -> list[tuple[str, str | None]]:
+        """``(name, nickname)`` in the order they were given."""
+
+    def devices(self, request_id: int, *, outcome: Outcome | None = None, limit: int | None = None) -> list[DeviceRow]:
+        """In the order they were given (devices named by the platform: in the order recorded)."""
+
+    def outcome_counts(self, request_id: int) -> dict[Outcome, int]: ...
+
+    def add_devices(self, request_id: int, chunk_no: int, rows: Iterable[tuple[str, Outcome, str]]) -> None:
+        """Devices named by the platform (``BatchRegisterDevice``): ``(name, outcome, iot_id)``;
+        one already recorded is left as it is."""
+
+    def set_outcomes(self, request_id: int, rows: Iterable[tuple[str, Outcome, str | None, str | None]]) -> None:
+        """Record ``(name, outcome, reason, iot_id)`` for devices of a request."""
+
+    def set_reasons(self, request_id: int, outcome: Outcome, reason: str) -> None:
+        """Give every device of ``outcome`` that has no reason yet this one."""
+
+    def rejected_lines(self, request_id: int) -> list[RejectedLine]: ...
+
+    # -- uploads
+
+    def add_upload(
+        self, *, user: str, channel: str, product_key: str, pasted: str, origin_data: dict[str, Any], now: datetime
+    ) -> int: ...
+
+    def finish_upload(self, upload_id: int, now: datetime) -> None:
+        """An upload that made no request (its list was refused, and the uploader told)."""
+
+    def upload(self, upload_id: int) -> Upload | None:
+        """An upload not read yet."""
+
+    def unread_uploads(self) -> list[Upload]: ...
+
+    # -- audit
+
+    def audit(self, request_id: int | None = None, *, limit: int = 500) -> list[AuditEntry]:
+        """The audit trail, oldest first (of one request, or of all)."""
+
+    def record(self, request_id: int, actor: str, event: str, now: datetime, detail: dict[str, Any] | None = None) -> None:
+        """An audit row that goes with no state change (a denied click, an API error)."""
+
+    # -- outbox
+
+    def enqueue(self, request_id: int, kind: str, payload: dict[str, Any], now: datetime) -> None: ...
+
+    def pending_events(self, origins: Iterable[Origin] | None = None) -> Iterator[Event]:
+        """Every undelivered event (of requests from ``origins``, if given), oldest first."""
+
+    def pending_count(self, origins: Iterable[Origin] | None = None) -> int:
+        """How many events wait in the outbox."""
+
+    def next_event_time(self, origins: Iterable[Origin] | None = None) -> datetime | None:
+        """When the next event can go: the earliest among the first undelivered event of each request."""
+
+    def mark_delivered(self, event_id: int, now: datetime) -> None: ...
+
+    def mark_failed(self, event_id: int, error: str, next_at: datetime) -> None: ...
+
+    def step_done(self, event_id: int, step: str) -> bool:
+        """Whether a step of delivering an event was done already (so a redelivery repeats none)."""
+
+    def mark_step(self, event_id: int, step: str) -> None: ...
+
+    def delivered_events(self, request_id: int) -> list[Event]: ...
+
+
+def is_url(location: str) -> bool:
+    """Whether ``IOTREG_DB`` names a PostgreSQL server rather than a file."""
+    return location.split("://", 1)[0].lower() in POSTGRES_SCHEMES and "://" in location
+
+
+def redact_url(url: str) -> str:
+    """A database URL fit for a log line or an error: its password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an unparsable database URL)"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = (parts.username or "") + ":***"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{netloc[-1]}"))
+
+
+def open_store(location: str) -> Store:
+    """The store at ``location``: a SQLite file path, or a PostgreSQL URL.
+
+    Raises :class:`StoreUnavailable` with a one-line message when it cannot be opened.
+    """
+    if is_url(location):
+        from bot.store.postgres import PostgresStore
+
+        return PostgresStore(location)
+    from bot.store.sqlite import SqliteStore
+
+    return SqliteStore(location)
