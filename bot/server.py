@@ -69,7 +69,6 @@ def emulator_bot(settings: Settings) -> Any:
     def build() -> Any:
         import dataclasses
 
-        from bot.aliyun.client import IotClient
         from bot.standins.emulator import Emulator
         from bot.slack.app import create_app
 

@@ -6,12 +6,19 @@ this module is where :class:`~bot.config.Settings` becomes those values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import requests
 
-from bot.aliyun.client import Credentials, IotClient, RetryPolicy
+from bot.aliyun.client import MAX_COUNT_PER_REGISTER, Credentials, IotClient, RetryPolicy
 from bot.aliyun.ratelimit import shared_limiter
 from bot.clock import Clock, SystemClock
 from bot.config import Settings
+from bot.domain import Origin, Timing
+from bot.policy import Policy
+from bot.registration import Jobs, Notifier, Steps, Workflow
+from bot.service import RequestService
+from bot.store import Store, open_store
 
 
 def iot_client(settings: Settings, *, session: requests.Session | None = None, clock: Clock | None = None) -> IotClient:
@@ -29,4 +36,40 @@ def iot_client(settings: Settings, *, session: requests.Session | None = None, c
         retry=RetryPolicy(max_attempts=settings.max_attempts, deadline=settings.retry_deadline),
         limiter=shared_limiter(settings.access_key_id, settings.endpoint, settings.qps, clock),
         clock=clock,
+    )
+
+
+def timing(settings: Settings) -> Timing:
+    """How the workflow paces itself, from the settings."""
+    return Timing(
+        poll_interval=settings.poll_interval,
+        poll_max_interval=max(settings.poll_interval, settings.poll_max_interval),
+        phase_timeout=settings.poll_timeout,
+        approval_ttl=settings.approval_ttl,
+        chunk_size=min(settings.chunk_size, MAX_COUNT_PER_REGISTER),
+        claim_lease=settings.retry_deadline + settings.timeout * 2 + 30,
+    )
+
+
+def workflow(
+    settings: Settings,
+    *,
+    clock: Clock,
+    notifier: Callable[[RequestService], Notifier],
+    jobs: Callable[[Steps], Jobs],
+    client: IotClient | None = None,
+    store: Store | None = None,
+    policy: Policy | None = None,
+    origins: frozenset[Origin] | None = None,
+) -> Workflow:
+    """The workflow over the configured database and IoT Platform account."""
+    return Workflow(
+        store or open_store(settings.db_path),
+        client or iot_client(settings, clock=clock),
+        clock,
+        timing(settings),
+        notifier=notifier,
+        jobs=jobs,
+        policy=policy or Policy(allow_self_approval=settings.allow_self_approval),
+        origins=origins,
     )
