@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from bot.clock import Clock
 from bot.domain import Origin
-from bot.store import Store
+from bot.reconciler import DATABASE_RETRY
+from bot.store import Store, StoreUnavailable
 
 if TYPE_CHECKING:
     from bot.registration import Jobs, Notifier
@@ -37,7 +38,19 @@ class Outbox:
         self._lock = threading.Lock()
 
     def deliver_events(self) -> int:
-        """Hand due events to the notifier, in order per request. Returns how many were delivered."""
+        """Hand due events to the notifier, in order per request. Returns how many were delivered.
+
+        While the database cannot be reached, delivery is tried again every ``DATABASE_RETRY``
+        seconds; an event whose delivery was cut short is delivered again, its steps done once.
+        """
+        try:
+            return self._deliver_events()
+        except StoreUnavailable as exc:
+            log.warning("notifications wait for the database: %s", exc)
+            self.jobs.wake_outbox(self.clock.now() + timedelta(seconds=DATABASE_RETRY))
+            return 0
+
+    def _deliver_events(self) -> int:
         delivered = 0
         with self._lock:
             now = self.clock.now()

@@ -37,7 +37,7 @@ from bot.aliyun.client import ApplyStatus, BatchStatus, IotClient
 from bot.aliyun.ratelimit import SlotLater, deferring
 from bot.clock import Clock
 from bot.domain import ACTIVE_STATES, SYSTEM, Chunk, Kind, NotFound, Origin, Outcome, Request, State, Timing
-from bot.store import Store
+from bot.store import Store, StoreUnavailable
 
 if TYPE_CHECKING:
     from bot.registration import Jobs
@@ -53,6 +53,8 @@ UNKNOWN = "UNKNOWN"
 #: make. (Register calls and the pages of a finished creation still wait in the limiter: they are
 #: the work the quota is for, and a register call is claimed before it is sent.)
 SLOT_PATIENCE = 0.1
+#: How often a step that found the database unreachable is tried again.
+DATABASE_RETRY = 5.0
 
 
 class Reconciler:
@@ -94,7 +96,19 @@ class Reconciler:
         return len(unfinished)
 
     def advance(self, request_id: int) -> None:
-        """Do the next step of a request, then schedule the one after. Safe to call at any time."""
+        """Do the next step of a request, then schedule the one after. Safe to call at any time.
+
+        While the database cannot be reached the step is tried again every :data:`DATABASE_RETRY`
+        seconds: every step is written so that stopping it anywhere and doing it again repeats
+        nothing that matters (the crash windows above), and a lost database is one more such stop.
+        """
+        try:
+            self._advance(request_id)
+        except StoreUnavailable as exc:
+            log.warning("request #%d waits for the database: %s", request_id, exc)
+            self.jobs.wake(request_id, self.clock.now() + timedelta(seconds=DATABASE_RETRY))
+
+    def _advance(self, request_id: int) -> None:
         with self._lock(request_id):
             request = self.store.get(request_id)
             if request is None or request.final:

@@ -7,8 +7,10 @@ end got, the devices that exist on the platform afterwards, and the audit trail.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +23,7 @@ from bot.jobs import InlineJobs
 from bot.policy import Policy
 from bot.domain import Conflict, NotAllowed, NotFound, Timing
 from bot.registration import Workflow
+from bot.store import StoreUnavailable
 from bot.store.sqlite import SqliteStore
 from bot.domain import Event
 
@@ -51,6 +54,8 @@ class Harness:
     timing: Timing
     notifier: RecordingNotifier = field(default_factory=RecordingNotifier)
     policy: Policy = field(default_factory=Policy)
+    #: What the workflow sees of the store (a test may put something between them).
+    wrap: Callable[[SqliteStore], Any] = lambda store: store
 
     def __post_init__(self) -> None:
         self.start()
@@ -67,7 +72,7 @@ class Harness:
         )
         self.store = SqliteStore(self.db_path)
         self.workflow = Workflow(
-            self.store, self.client, clock, self.timing,
+            self.wrap(self.store), self.client, clock, self.timing,
             notifier=lambda _: self.notifier, jobs=lambda steps: InlineJobs(clock, steps), policy=self.policy,
         )
         self.jobs = self.workflow.jobs
@@ -553,3 +558,51 @@ def test_a_retry_clicked_by_someone_else_is_still_the_requesters_and_they_cannot
     with pytest.raises(NotAllowed):
         harness.workflow.requests.approve(retry.id, ALICE)
     assert ("U0BOB", "retry_of") in [(e.actor, e.event) for e in harness.store.audit(retry.id)]
+
+
+class Outage:
+    """The store as the workflow sees it, with a database that can be taken away and given back."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+        self.down = False
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.store, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                self.refused += 1
+                raise StoreUnavailable("the database at db.test:5432/iotreg does not answer")
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+def test_a_database_lost_while_running_delays_the_work_and_loses_nothing(emulator, tmp_path):
+    outages: list[Outage] = []
+    harness = Harness(
+        emulator, tmp_path / "iotreg.db", Timing(poll_interval=1.0, poll_max_interval=4.0),
+        wrap=lambda store: outages.append(Outage(store)) or outages[-1],
+    )
+    outage = outages[-1]
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("outage", 6), origin="cli")
+    assert harness.run_until(request.id, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
+    harness.workflow.requests.approve(request.id, BOB)
+    outage.down = True
+    harness.jobs.run_due()  # the step finds the database gone…
+    assert outage.refused
+    assert f"request-{request.id}" in harness.jobs.scheduled()  # …and is tried again later, not dropped
+    assert "outbox" in harness.jobs.scheduled()
+    harness.clock.sleep(60)
+    harness.jobs.run_due()  # still gone: it waits again
+    assert f"request-{request.id}" in harness.jobs.scheduled()
+    assert harness.state(request.id) == State.APPROVED  # nothing moved while it was away
+    outage.down = False
+    assert harness.run_until(request.id, State.DONE) == State.DONE
+    assert harness.register_calls(request.id) == [1]
+    assert harness.platform_devices() == set(names("outage", 6))
+    assert harness.notifier.kinds(request.id).count("finished") == 1
