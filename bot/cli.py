@@ -431,9 +431,10 @@ def serve(port: int | None, host: str, use_emulator: bool) -> None:
     from bot import server
 
     settings = load_settings()
-    needed = ["slack_bot_token", "slack_signing_secret"] + ([] if use_emulator else ["access_key_id", "access_key_secret"])
     try:
-        settings.require(*needed)
+        settings.require("slack_bot_token", "slack_signing_secret")
+        if not use_emulator:
+            wiring.credentials(settings)  # no credentials anywhere: say so now, not at the first request
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     build = server.emulator_bot(settings) if use_emulator else None

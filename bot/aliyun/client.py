@@ -11,7 +11,8 @@ parameters, with the common parameters in the query, as ``aliyun-python-sdk-core
 
 Credentials: a fixed :class:`Credentials`, or any :class:`CredentialsProvider` (temporary
 credentials from a RAM role that are refreshed before they expire): the client asks it for the
-current ones at every call, and sends their security token (``SecurityToken`` in V1,
+current ones at every call, and sends their security token (``SecurityToken`` in V1, in the form
+body so that no URL in a log carries it;
 ``x-acs-security-token`` in V3) when there is one.
 
 Retries. Throttling, ``iot.system.SystemException``, 5xx answers, timeouts and connection errors
@@ -424,7 +425,8 @@ class IotClient:
         if self.instance_id:
             query["IotInstanceId"] = self.instance_id
         if credentials.security_token:
-            query["SecurityToken"] = credentials.security_token
+            # In the form body, signed with the rest: a URL reaches logs (urllib3's, a proxy's).
+            form = {**form, "SecurityToken": credentials.security_token}
         query_pairs, form_pairs = encode_params(query), encode_params(form)
         signature = signature_for_encoded("POST", {**query_pairs, **form_pairs}, credentials.access_key_secret)
         headers = {"Accept": "application/json"}

@@ -122,8 +122,6 @@ def create_app(
 ) -> Bot:
     """Build the whole bot from settings. Tests and the demo pass their own clock, clients or jobs."""
     settings.require("slack_bot_token", "slack_signing_secret")
-    if iot_client is None:
-        settings.require("access_key_id", "access_key_secret")
     clock = clock or SystemClock()
     web_client = web_client or slack_web_client(settings)
     jobs = jobs or SchedulerJobs(workers=max(4, settings.workers // 2))
