@@ -88,3 +88,28 @@ def test_an_auto_named_batch_created_under_a_held_apply_id_fails_saying_where_th
     harness.clock.advance(3)
     assert harness.emulator.backend.application(held).generated and len(harness.platform_devices()) == 4
     assert harness.store.chunks(first.id)[0].apply_id == held
+
+
+def test_the_cli_after_the_platform_was_reset_fails_that_request_says_why_and_leaves_nothing_stuck(make_emulator, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from bot.cli import cli
+    from bot.clock import SystemClock
+
+    monkeypatch.chdir(tmp_path)
+    before = make_emulator(clock=SystemClock(), check_seconds=0, create_seconds=0)
+    env = {**before.env(), "IOTREG_DB": str(tmp_path / "iotreg.db"), "IOTREG_POLL_INTERVAL": "0.05", "IOTREG_POLL_MAX_INTERVAL": "0.2"}
+    (tmp_path / "first.txt").write_text("first-0001\nfirst-0002\n", encoding="utf-8")
+    runner = CliRunner()
+    done = runner.invoke(cli, ["register", "first.txt", "-p", before.product_key, "--yes"], env=env, catch_exceptions=False)
+    assert done.exit_code == 0, done.output
+
+    # The same seed: the platform after the reset hands out the first request's ApplyId again.
+    after = make_emulator(clock=SystemClock(), check_seconds=0, create_seconds=0)
+    (tmp_path / "second.txt").write_text("second-0001\n", encoding="utf-8")
+    env["IOT_ENDPOINT"] = after.endpoint
+    result = runner.invoke(cli, ["register", "second.txt", "-p", after.product_key, "--yes"], env=env, catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "IoT Platform gave ApplyId 1295006, which request #1 already holds" in result.output
+    assert "Traceback" not in result.output
+    assert "No unfinished request" in runner.invoke(cli, ["resume"], env=env, catch_exceptions=False).output
