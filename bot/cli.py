@@ -431,9 +431,10 @@ def serve(port: int | None, host: str, use_emulator: bool) -> None:
     from bot import server
 
     settings = load_settings()
-    needed = ["slack_bot_token", "slack_signing_secret"] + ([] if use_emulator else ["access_key_id", "access_key_secret"])
     try:
-        settings.require(*needed)
+        settings.require("slack_bot_token", "slack_signing_secret")
+        if not use_emulator:
+            wiring.credentials(settings)  # no credentials anywhere: say so now, not at the first request
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     build = server.emulator_bot(settings) if use_emulator else None
@@ -454,6 +455,11 @@ def serve(port: int | None, host: str, use_emulator: bool) -> None:
 )
 @click.option("--access-key-id", default=None, help="AccessKeyId to accept [default: emulator-key].")
 @click.option("--access-key-secret", default=None, help="Its secret [default: a fixed demo secret].")
+@click.option(
+    "--security-token",
+    default=None,
+    help="Treat the key as temporary (STS) credentials: every call must carry this security token.",
+)
 @click.option(
     "--product-key",
     "product_keys",
@@ -504,13 +510,17 @@ def serve(port: int | None, host: str, use_emulator: bool) -> None:
 )
 @click.option("--no-quotas", is_flag=True, help="Do not enforce the platform's per-action QPS quotas.")
 @click.option(
-    "--seed", type=int, default=None, help="Seed for generated ids, failures and faults (repeatable runs)."
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed for ApplyIds, generated names, failures and faults (repeatable runs; without it ApplyIds are unique across restarts).",
 )
 def emulator(
     host: str,
     port: int,
     access_key_id: str | None,
     access_key_secret: str | None,
+    security_token: str | None,
     product_keys: tuple[str, ...],
     check_seconds: float,
     create_seconds: float,
@@ -532,6 +542,7 @@ def emulator(
             port=port,
             access_key_id=access_key_id or emu.DEMO_ACCESS_KEY_ID,
             access_key_secret=access_key_secret or emu.DEMO_ACCESS_KEY_SECRET,
+            security_token=security_token,
             product_keys=product_keys or (emu.DEMO_PRODUCT_KEY,),
             check_seconds=check_seconds,
             create_seconds=create_seconds,

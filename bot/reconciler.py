@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 CREATE_FINAL = frozenset({ApplyStatus.CREATE_SUCCESS.value, ApplyStatus.CREATE_FAILED.value})
 #: A chunk status of our own: its register call may or may not have reached the platform.
 UNKNOWN = "UNKNOWN"
+#: The platform's answer for an ApplyId it does not know (any more).
+APPLY_GONE = "iot.device.DeviceApplyIsNotFound"
 #: A check or a status poll that would wait longer than this for its rate-limit slot books the slot
 #: and ends the step, which is woken again just before the slot's time: scheduler workers do not
 #: sleep through a queue of checks or polls while other requests' steps have calls of their own to
@@ -164,6 +166,9 @@ class Reconciler:
                     self.store.set_outcomes(request.id, [(d.name, Outcome.INVALID, d.reason, None) for d in exc.invalid])
                     self.store.update_chunk(request.id, chunk.chunk_no, status=ApplyStatus.CHECK_FAILED.value)
                     continue
+                if held := self._held_elsewhere(request, answer.apply_id):
+                    self._fail(request, held)
+                    return
                 self.store.update_chunk(request.id, chunk.chunk_no, apply_id=answer.apply_id, status=ApplyStatus.CHECK.value)
                 self.store.record(request.id, SYSTEM, "check_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": answer.apply_id})
                 submitted.add(chunk.chunk_no)
@@ -298,13 +303,40 @@ class Reconciler:
                 # The platform did not act on it (refused, throttled, rejected): safe to try later.
                 self.store.release_register(request.id, chunk.chunk_no, self.owner)
             raise
+        if held := self._held_elsewhere(request, apply_id):
+            # Created, but under an ApplyId this database cannot hold twice: the part ends unknown.
+            reason = f"{held}; part {chunk.chunk_no + 1} was created under it: `iotreg status {apply_id} -p {request.product_key}`"
+            self.store.update_chunk(request.id, chunk.chunk_no, status=UNKNOWN, error=reason)
+            self.store.record(request.id, SYSTEM, "register_unknown", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": apply_id})
+            return
         self.store.update_chunk(
             request.id, chunk.chunk_no, apply_id=apply_id, register_confirmed_at=self.clock.now(), status=ApplyStatus.CREATE.value
         )
         self.store.record(request.id, SYSTEM, "register_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": apply_id})
 
-    def _give_up_registering(self, request: Request, reason: str) -> None:
-        """Fail a registration, but first record every device the platform did create by now."""
+    def _held_elsewhere(self, request: Request, apply_id: int) -> str | None:
+        """Why ``apply_id`` cannot be this request's, when another request already holds it.
+
+        The platform never hands out an ApplyId twice; a platform that was reset (an emulator
+        started again beside a kept database) may. Storing it would break the one-ApplyId-one-part
+        rule, so the request that got it fails, and the holder keeps its own.
+        """
+        holder = self.store.chunk_for_apply_id(apply_id)
+        if holder is None or holder.request_id == request.id:
+            return None
+        return (
+            f"IoT Platform gave ApplyId {apply_id}, which request #{holder.request_id} already holds: the platform "
+            "(or its emulator) was reset while iotreg kept its database; submit the names again"
+        )
+
+    def _give_up_registering(
+        self,
+        request: Request,
+        reason: str,
+        pending: str = "not confirmed: the platform had not finished when iotreg stopped waiting; see `iotreg status`",
+    ) -> None:
+        """Fail a registration, but first record every device the platform did create by now;
+        ``pending`` is what the others are told."""
         for chunk in self.store.chunks(request.id):
             if chunk.apply_id is None or chunk.register_confirmed_at is None and chunk.register_sent_at is None:
                 continue
@@ -319,11 +351,7 @@ class Reconciler:
                 self._collect_partial(request, chunk)
             except errors.IotError as exc:
                 log.warning("request #%d: could not collect ApplyId %s before giving up: %s", request.id, chunk.apply_id, exc)
-        self.store.set_reasons(
-            request.id,
-            Outcome.PENDING,
-            "not confirmed: the platform had not finished when iotreg stopped waiting; see `iotreg status`",
-        )
+        self.store.set_reasons(request.id, Outcome.PENDING, pending)
         self._fail(request, reason)
 
     def _collect_partial(self, request: Request, chunk: Chunk) -> None:
@@ -404,17 +432,31 @@ class Reconciler:
         return True
 
     def _api_error(self, request: Request, exc: errors.IotError) -> None:
+        request = self.store.get(request.id) or request  # the step may have moved it on (approved -> registering)
         errors_in_row = request.errors_in_row + (0 if exc.retryable else 1)
         self.store.record(request.id, SYSTEM, "api_error", self.clock.now(), {"code": exc.code, "message": exc.message, "request_id": exc.request_id})
-        # A check the platform refuses outright (no such product, malformed key) will not get better.
-        final_at_once = isinstance(exc, errors.BusinessError) and not exc.retryable and request.state == State.CHECKING
-        if request.state == State.REGISTERING and errors_in_row >= self.timing.max_errors:
-            self._give_up_registering(request, _explain(exc, request))
+        # A check the platform refuses outright (no such product, malformed key) will not get better,
+        # nor will an ApplyId the platform no longer knows, in any state.
+        gone = exc.code == APPLY_GONE
+        final_at_once = gone or isinstance(exc, errors.BusinessError) and not exc.retryable and request.state == State.CHECKING
+        reason = self._gone(request) if gone else _explain(exc, request)
+        if request.state == State.REGISTERING and gone:
+            self._give_up_registering(request, reason, "not created: IoT Platform no longer knows the ApplyId")
+        elif request.state == State.REGISTERING and errors_in_row >= self.timing.max_errors:
+            self._give_up_registering(request, reason)
         elif final_at_once or errors_in_row >= self.timing.max_errors:
-            self._fail(request, _explain(exc, request))
+            self._fail(request, reason)
         else:
             log.warning("request #%d: %s", request.id, exc)
             self.store.update_request(request.id, errors_in_row=errors_in_row, polls=request.polls + 1)
+
+    def _gone(self, request: Request) -> str:
+        """The reason for a request one of whose ApplyIds the platform no longer knows."""
+        apply_ids = ", ".join(str(c.apply_id) for c in self.store.chunks(request.id) if c.apply_id) or "(none)"
+        return (
+            f"IoT Platform no longer knows ApplyId {apply_ids} of this request ({APPLY_GONE}): the platform (or its "
+            "emulator) was reset, or the application expired, since the names were checked; submit the names again"
+        )
 
     def _reset_errors(self, request: Request) -> None:
         if request.errors_in_row:

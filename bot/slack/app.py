@@ -123,8 +123,6 @@ def create_app(
     """Build the whole bot from settings. Tests and the demo pass their own clock, clients or jobs
     (a factory given the workflow's steps)."""
     settings.require("slack_bot_token", "slack_signing_secret")
-    if iot_client is None:
-        settings.require("access_key_id", "access_key_secret")
     clock = clock or SystemClock()
     web_client = web_client or slack_web_client(settings)
     workers = max(4, settings.workers // 2)
