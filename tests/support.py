@@ -88,12 +88,19 @@ def slack_scenario(
     approvers: str,
     bot_token: str = "xoxb-test-token",
     usergroups: Mapping[str, list[str]] = {},  # noqa: B006 - read only
+    settings: Mapping[str, str] = {},  # noqa: B006 - read only
 ) -> Iterator[SlackScenario]:
-    """A started ``cls`` over a fake Slack with ``channels`` (id -> add_channel options)."""
+    """A started ``cls`` over a fake Slack with ``channels`` (id -> add_channel options); the
+    approvers and the members of ``usergroups`` are people of the workspace; ``settings`` are
+    more environment variables."""
     fake = FakeSlack(bot_token=bot_token).start()
     for channel, options in channels.items():
         fake.add_channel(channel, **options)
     fake.usergroups.update(usergroups)
+    people = {a for a in approvers.split(",") if a.startswith("U")} | {u for members in usergroups.values() for u in members}
+    for person in sorted(people):
+        if not fake.has_user(person):
+            fake.add_user(person)
     env = {
         **emulator.env(),
         "SLACK_BOT_TOKEN": fake.bot_token,
@@ -105,6 +112,7 @@ def slack_scenario(
         "IOTREG_POLL_INTERVAL": "1",
         "IOTREG_APPROVAL_TTL": "1h",
         "IOTREG_WORKERS": "4",
+        **settings,
     }
     scenario = cls(emulator, fake, env)
     scenario.start_bot()
