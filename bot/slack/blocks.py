@@ -314,7 +314,7 @@ def register_modal(
                 "placeholder": {"type": "plain_text", "text": "one name per line, or separated by commas or spaces"},
             },
         },
-        reason_input("Reason for these devices" + ("" if reason_required else " (optional for most products)"), optional=not reason_required),
+        reason_input("Reason for these devices", optional=not reason_required),
     ]
     return {
         "type": "modal",

@@ -182,10 +182,10 @@ class SlackNotifier:
             self._once(event, "remind_thread", lambda: self._reply(request, text, [blocks.section(text)]))
             return
         acted = {a.approver for a in approvals}
-        for person, (channel, ts) in dms.items():
+        for person, (channel, _ts) in dms.items():
             if person not in acted:
-                self._once(event, f"remind:{person}", lambda channel=channel, ts=ts: self.client.chat_postMessage(
-                    channel=channel, text=text, blocks=[blocks.section(text)], thread_ts=ts, reply_broadcast=True,
+                self._once(event, f"remind:{person}", lambda channel=channel: self.client.chat_postMessage(
+                    channel=channel, text=text, blocks=[blocks.section(text)],
                 ))
 
     def _expired(self, request: Request, event: Event) -> None:
