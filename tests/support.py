@@ -69,12 +69,46 @@ class SlackScenario:
         assert wait_until(lambda: self.store.get(request_id) is not None), f"request #{request_id} was never created"
         return self.store.get(request_id)
 
+    #: The channel where people use /devices.
+    channel = "C0OPS"
+
+    def wait_state(self, request_id: int, *states: str) -> str:
+        """For what a listener does after its ack (in Bolt's thread pool)."""
+        wait_until(lambda: self.store.get(request_id) is not None and self.store.get(request_id).state in states)
+        return self.store.get(request_id).state
+
+    def anchor(self, request_id: int = 1) -> dict:
+        """The request's message in the channel, as it stands now."""
+        ts = self.store.get(request_id).origin_data.get("thread_ts")
+        assert ts, "no anchor message was posted"
+        return next(m for m in self.fake.messages(self.channel) if m["ts"] == ts)
+
+    def replies(self, request_id: int = 1) -> list[dict]:
+        return self.fake.thread(self.channel, self.store.get(request_id).origin_data.get("thread_ts"))
+
     def drive(self, request_id: int, *states: str) -> str:
         """Run the workflow (polls, notifications) on the manual clock until the request is in ``states``."""
         self.request(request_id)  # created by a listener after its ack
         self.jobs.run_until(lambda: self.store.get(request_id).state in states)
         self.jobs.run_due()
         return self.store.get(request_id).state
+
+
+def buttons(message: dict) -> dict[str, dict]:
+    """The buttons of a message or view, by action id."""
+    return {e["action_id"]: e for b in message.get("blocks", []) if b["type"] == "actions" for e in b["elements"]}
+
+
+def text_of(message: dict) -> str:
+    """All the text a person reads in a message or view."""
+    parts = [message.get("text", "")]
+    for block in message.get("blocks", []):
+        if isinstance(block.get("text"), dict):
+            parts.append(block["text"]["text"])
+        for element in block.get("elements", []):
+            if isinstance(element, dict) and isinstance(element.get("text"), str):
+                parts.append(element["text"])
+    return "\n".join(parts)
 
 
 @contextmanager

@@ -7,10 +7,9 @@ clicked. Signed requests over HTTP to the real app, the local Slack, the emulato
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 
 import pytest
-from support import SIGNING_SECRET, SlackScenario, slack_scenario, wait_until
+from support import SIGNING_SECRET, SlackScenario, buttons, slack_scenario, text_of, wait_until
 
 from bot.config import Settings
 from bot.domain import Rule, State
@@ -37,34 +36,7 @@ auto_approve_max = 5
 """
 
 
-def buttons(message: dict) -> dict[str, dict]:
-    return {e["action_id"]: e for b in message.get("blocks", []) if b["type"] == "actions" for e in b["elements"]}
-
-
-def text_of(message: dict) -> str:
-    parts = [message.get("text", "")]
-    for block in message.get("blocks", []):
-        if isinstance(block.get("text"), dict):
-            parts.append(block["text"]["text"])
-        for element in block.get("elements", []):
-            if isinstance(element, dict) and isinstance(element.get("text"), str):
-                parts.append(element["text"])
-    return "\n".join(parts)
-
-
 class Scenario(SlackScenario):
-    def anchor(self, request_id: int = 1) -> dict:
-        ts = self.store.get(request_id).origin_data.get("thread_ts")
-        assert ts, "no anchor message was posted"
-        return next(m for m in self.fake.messages(OPS) if m["ts"] == ts)
-
-    def replies(self, request_id: int = 1) -> list[dict]:
-        return self.fake.thread(OPS, self.store.get(request_id).origin_data.get("thread_ts"))
-
-    def wait_for_state(self, request_id: int, *states: str) -> str:
-        wait_until(lambda: self.store.get(request_id) is not None and self.store.get(request_id).state in states)
-        return self.store.get(request_id).state
-
     def copy_for(self, user: str, request_id: int = 1) -> dict:
         """The copy of a request ``user`` was sent by DM, as it stands now."""
         channel, ts = self.store.get(request_id).origin_data["dms"][user]
@@ -120,10 +92,11 @@ def test_production_needs_two_different_approvers_and_the_message_shows_who(scen
     assert scenario.store.get(1).state == State.AWAITING_APPROVAL and len(scenario.bot.workflow.requests.approvals(1)) == 1
 
     scenario.ws.click(CAROL, scenario.anchor(), blocks.APPROVE)  # through the S0LEADS group
-    assert scenario.wait_for_state(1, State.APPROVED, State.REGISTERING) != State.AWAITING_APPROVAL
+    assert scenario.wait_state(1, State.APPROVED, State.REGISTERING) != State.AWAITING_APPROVAL
     assert scenario.drive(1, State.DONE) == State.DONE
     anchor = text_of(scenario.anchor())
     assert f"Approved by <@{BOB}> and <@{CAROL}>" in anchor and "line 4 cameras" in anchor
+    assert "Reason: line 4 cameras" in scenario.fake.messages(NOTICES)[-1]["text"]
     events = [(e.actor, e.event, e.detail) for e in scenario.store.audit(1)]
     assert events[0][1] == "requested" and events[0][2]["rule"] == f"products.{PROD}" and events[0][2]["reason"] == "line 4 cameras"
     assert [(a, e) for a, e, _ in events if e in ("approval", "approved")] == [(BOB, "approval"), (CAROL, "approval"), (CAROL, "approved")]
@@ -141,7 +114,7 @@ def test_twenty_concurrent_clicks_make_exactly_one_approval_of_two(scenario):
 
     with ThreadPoolExecutor(20) as pool:
         assert set(pool.map(click, clickers)) == {200}
-    assert scenario.wait_for_state(1, State.APPROVED) == State.APPROVED
+    assert scenario.wait_state(1, State.APPROVED) == State.APPROVED
     answered = lambda: sum(len(scenario.fake.ephemeral(OPS, u)) for u in (BOB, CAROL, DAVE))  # noqa: E731
     assert wait_until(lambda: answered() >= 19)  # every click but the one that completed the quorum hears why
     audit = scenario.store.audit(1)
@@ -190,7 +163,7 @@ def test_every_approver_gets_a_dm_whose_buttons_work_and_every_copy_follows_the_
     assert not scenario.fake.dm(ALICE)  # the requester is not asked to approve their own request
 
     scenario.ws.click(DAVE, scenario.copy_for(DAVE), blocks.APPROVE)  # from the DM, as from the channel
-    assert scenario.wait_for_state(1, State.APPROVED) == State.APPROVED
+    assert scenario.wait_state(1, State.APPROVED) == State.APPROVED
     scenario.jobs.run_due()
     for person in (BOB, CAROL, DAVE):
         copy = scenario.copy_for(person)
@@ -270,7 +243,7 @@ def test_the_home_tab_shows_an_approver_what_waits_and_a_requester_their_request
     home = scenario.fake.wait_for(lambda: scenario.fake.home(CAROL))
     assert "#1" in text_of(home) and "#2" not in text_of(home).split("Your recent requests")[0]
     scenario.ws.click(CAROL, home, blocks.APPROVE)
-    assert scenario.wait_for_state(1, State.APPROVED) == State.APPROVED
+    assert scenario.wait_state(1, State.APPROVED) == State.APPROVED
     assert wait_until(lambda: "Nothing waits for your approval" in text_of(scenario.fake.home(CAROL)))
 
     scenario.ws.event(ALICE, {"type": "app_home_opened", "tab": "home", "channel": "D0ALICE"})
@@ -399,3 +372,20 @@ def test_approvals_from_many_processes_at_once_complete_the_quorum_exactly_once(
     assert [e.kind for e in first.pending_events()].count("approved") == 1
     for store in [first, *stores]:
         store.close()
+
+
+def test_someone_who_may_not_reject_gets_no_form_and_the_requester_withdrawing_updates_every_copy(scenario):
+    ask(scenario, f"register {PLAIN} valve-1")
+    scenario.drive(1, State.AWAITING_APPROVAL)
+    scenario.ws.click(ERIN, scenario.anchor(), blocks.REJECT)
+    assert "not one of the approvers" in scenario.said_to(ERIN)
+    assert not any(v["callback_id"] == blocks.VIEW_REJECT for v in scenario.fake.views.values())
+
+    scenario.ws.click(ALICE, scenario.anchor(), blocks.REJECT)  # the requester's Reject withdraws
+    form = scenario.fake.wait_for(lambda: next((v for v in scenario.fake.views.values() if v["callback_id"] == blocks.VIEW_REJECT), None))
+    scenario.ws.submit_view(ALICE, form, {})
+    assert scenario.wait_state(1, State.CANCELLED) == State.CANCELLED
+    scenario.jobs.run_due()
+    for person in (BOB, CAROL, DAVE):
+        copy = scenario.copy_for(person)
+        assert not buttons(copy) and f"Cancelled by <@{ALICE}>" in text_of(copy)

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from support import SIGNING_SECRET, SlackScenario, slack_scenario, wait_until
+from support import SIGNING_SECRET, SlackScenario, buttons, slack_scenario, text_of
 
 from bot.domain import State
 from bot.slack import blocks
@@ -24,19 +24,6 @@ ALICE, BOB, CAROL, DAVE = "U0ALICE", "U0BOB", "U0CAROL", "U0DAVE"
 
 
 class Scenario(SlackScenario):
-    def wait_state(self, request_id: int, *states: str) -> str:
-        """For what a listener does after its ack (in Bolt's thread pool)."""
-        wait_until(lambda: self.store.get(request_id) is not None and self.store.get(request_id).state in states)
-        return self.store.get(request_id).state
-
-    def anchor(self, request_id: int = 1) -> dict:
-        ts = self.store.get(request_id).origin_data.get("thread_ts")
-        assert ts, "no anchor message was posted"
-        return next(m for m in self.fake.messages(OPS) if m["ts"] == ts)
-
-    def replies(self, request_id: int = 1) -> list[dict]:
-        return self.fake.thread(OPS, self.store.get(request_id).origin_data.get("thread_ts"))
-
     def upload_devices(self, user: str, content: bytes, name: str = "devices.csv", product_key: str | None = None) -> None:
         """``user`` runs /devices register, and submits the modal with a file."""
         answer = self.ws.command(user, OPS, f"register {product_key or self.emulator.product_key}")
@@ -62,21 +49,6 @@ def sample_file(n: int, prefix: str = "cam", bad: bool = True) -> bytes:
     if bad:
         rows += ["ab,", "bad#name,"]
     return ("\n".join(rows) + "\n").encode()
-
-
-def buttons(message: dict) -> dict[str, dict]:
-    return {e["action_id"]: e for b in message.get("blocks", []) if b["type"] == "actions" for e in b["elements"]}
-
-
-def text_of(message: dict) -> str:
-    parts = [message.get("text", "")]
-    for block in message.get("blocks", []):
-        if block.get("text"):
-            parts.append(block["text"]["text"])
-        for element in block.get("elements", []):
-            if isinstance(element, dict) and "text" in element and isinstance(element["text"], str):
-                parts.append(element["text"])
-    return "\n".join(parts)
 
 
 # -- the conversation ----------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def register(app: App, deps: Deps) -> None:
         channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
         value = action.get("value", "")
         request = deps.requests.get(int(value)) if value.isdigit() and len(value) <= 18 else None
-        if request is None or request.state != State.AWAITING_APPROVAL:
+        if request is None or request.state != State.AWAITING_APPROVAL or not deps.requests.may(Action.REJECT, request, user):
             deps.background.submit(carry_out, deps, client, reject, value, user, channel)  # says why
             return
         view = blocks.reject_modal(request, deps.label)

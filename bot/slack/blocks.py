@@ -255,9 +255,10 @@ def notice(summary: Summary, permalink_hint: str = "") -> str:
             f"Device registration #{request.id} in product {escape(request.product_key)} ({user(request.requester)}): "
             f"rejected by {user(request.decided_by or '')}{why}. Nothing was registered.{permalink_hint}"
         )
+    why = f" Reason: {escape(request.justification)}." if request.justification else ""
     return (
         f"Device registration #{request.id} in product {escape(request.product_key)} ({user(request.requester)}): "
-        f"{request.state.label}. {outcome_line(summary).replace('*', '')}{permalink_hint}"
+        f"{request.state.label}. {outcome_line(summary).replace('*', '')}{why}{permalink_hint}"
     )
 
 
@@ -435,7 +436,7 @@ def help_text() -> str:
             f"• `{COMMAND} register [ProductKey]`: upload a CSV/TXT file or paste names (no ProductKey: choose one)",
             f"• `{COMMAND} register &lt;ProductKey&gt; name1 name2 …`: names right in the command",
             f"• `{COMMAND} register &lt;ProductKey&gt; --count N`: N devices named by the platform",
-            f"• add `--reason \"…\"` to say why (some products require it)",
+            "• add `--reason \"…\"` to say why (some products require it)",
             f"• `{COMMAND} status &lt;request id or ApplyId&gt;`: where a request stands",
             f"• `{COMMAND} list`: recent requests in this channel",
             f"• `{COMMAND} cancel &lt;request id&gt;`: withdraw a request before it is approved",
