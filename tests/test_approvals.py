@@ -389,3 +389,17 @@ def test_someone_who_may_not_reject_gets_no_form_and_the_requester_withdrawing_u
     for person in (BOB, CAROL, DAVE):
         copy = scenario.copy_for(person)
         assert not buttons(copy) and f"Cancelled by <@{ALICE}>" in text_of(copy)
+
+
+def test_iotreg_serve_stops_at_once_on_a_bad_policy_file_and_says_where(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from bot.cli import cli
+
+    path = tmp_path / "policy.toml"
+    path.write_text(f"[default]\napprovers = [\"{BOB}\"]\n\n[products.{PROD}]\nquorum = 2\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # no .env here
+    env = {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_SIGNING_SECRET": "s", "IOTREG_POLICY": str(path), "IOTREG_DB": str(tmp_path / "db")}
+    result = CliRunner().invoke(cli, ["serve", "--emulator"], env=env)
+    assert result.exit_code == 1
+    assert f"{path}:5: unknown key 'quorum' in [products.{PROD}]" in result.output and "Traceback" not in result.output
