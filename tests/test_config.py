@@ -18,6 +18,7 @@ def test_defaults_follow_the_platform():
         "BatchRegisterDevice": 10,
         "QueryBatchRegisterDeviceStatus": 30,
         "QueryPageByApplyId": 50,
+        "QueryProductList": 50,
     }
 
 
