@@ -294,6 +294,8 @@ def register_modal(
         if chosen:
             select["initial_option"] = chosen
         blocks.append({"type": "input", "block_id": PRODUCT_BLOCK, "label": {"type": "plain_text", "text": "Product"}, "element": select})
+        if len(products) > len(options):
+            blocks.append(context(f"The first {len(options)} of {len(products):,} products; for another, run `{COMMAND} register &lt;ProductKey&gt;`."))
     blocks += [
         {
             "type": "input",
