@@ -403,3 +403,30 @@ def test_iotreg_serve_stops_at_once_on_a_bad_policy_file_and_says_where(tmp_path
     result = CliRunner().invoke(cli, ["serve", "--emulator"], env=env)
     assert result.exit_code == 1
     assert f"{path}:5: unknown key 'quorum' in [products.{PROD}]" in result.output and "Traceback" not in result.output
+
+
+def test_iotreg_audit_shows_the_rule_and_every_reason(tmp_path, monkeypatch):
+    from datetime import datetime, timezone
+
+    from click.testing import CliRunner
+
+    from bot.cli import cli
+    from bot.domain import Kind, Origin
+    from bot.store.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "audit.db")
+    now = datetime(2026, 1, 5, tzinfo=timezone.utc)
+    request_id = store.create_request(
+        product_key=PROD, requester=ALICE, origin=Origin.SLACK, kind=Kind.COUNT, count=2, state=State.AWAITING_APPROVAL,
+        now=now, chunks=[2], rule=Rule(approvals=2, source=f"products.{PROD}"), justification="spares for line 4",
+    )
+    store.transition(
+        request_id, from_states=[State.AWAITING_APPROVAL], to_state=State.REJECTED, actor=BOB, event="rejected", now=now,
+        detail={"reason": "use the sandbox first"},
+    )
+    store.close()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["audit", str(request_id)], env={"IOTREG_DB": str(tmp_path / "audit.db")})
+    assert result.exit_code == 0, result.output
+    assert f"rule=products.{PROD}" in result.output and "reason=spares for line 4" in result.output
+    assert "reason=use the sandbox first" in result.output

@@ -10,11 +10,12 @@ against them unchanged:
   request without the bot token with HTTP 200 and a sign-in page, as Slack does) and
   ``response_url``\s. It keeps a model of the workspace for tests to read (:meth:`~FakeSlack.messages`,
   :meth:`~FakeSlack.thread`, :meth:`~FakeSlack.ephemeral`, :attr:`~FakeSlack.views`,
-  :attr:`~FakeSlack.uploads`, :meth:`~FakeSlack.dm`), records every request
+  :attr:`~FakeSlack.uploads`, :meth:`~FakeSlack.dm`, the Home tabs of ``views.publish``:
+  :meth:`~FakeSlack.home`), records every request
   (:attr:`~FakeSlack.calls`), injects faults (:meth:`~FakeSlack.fail`, :meth:`~FakeSlack.delay`) and
   lets a test wait for the bot without sleeping (:meth:`~FakeSlack.wait_for`).
-* :class:`Workspace` plays the people: it builds the slash command, ``block_actions`` and
-  ``view_submission`` requests Slack sends, signs them with the signing secret
+* :class:`Workspace` plays the people: it builds the slash command, ``block_actions``,
+  ``view_submission`` and Events API (``event_callback``, e.g. ``app_home_opened``) requests Slack sends, signs them with the signing secret
   (:func:`signature_headers`) and POSTs them to the app. The pure builders (:func:`command_body`,
   :func:`interaction_body`, :func:`block_actions_payload`, :func:`view_submission_payload`) are
   public for unit tests.
