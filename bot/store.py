@@ -266,6 +266,15 @@ class Event:
     next_at: datetime | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    """What :meth:`Store.figures` counts: requests by state, undelivered events, devices created."""
+
+    requests_by_state: dict[str, int]
+    outbox_pending: int
+    devices_created: int
+
+
 def format_time(value: datetime) -> str:
     """Times are stored as ISO 8601 UTC text, which sorts and compares correctly as text."""
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
@@ -696,6 +705,15 @@ class Store:
     def mark_step(self, event_id: int, step: str) -> None:
         with self._write() as db:
             db.conn.execute("INSERT OR IGNORE INTO notified_steps (event_id, step) VALUES (?, ?)", [event_id, step])
+
+    # -- figures for monitoring -----------------------------------------------------------------
+
+    def figures(self) -> Figures:
+        """Counts for the metrics, read from the database so that every replica reports the same."""
+        by_state = dict(self.db.execute("SELECT state, COUNT(*) FROM requests GROUP BY state").fetchall())
+        outbox = self.db.execute("SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL").fetchone()[0]
+        created = self.db.execute("SELECT COUNT(*) FROM devices WHERE outcome = ?", [CREATED]).fetchone()[0]
+        return Figures(requests_by_state=by_state, outbox_pending=outbox, devices_created=created)
 
     def delivered_events(self, request_id: int) -> list[Event]:
         rows = self.db.execute(
