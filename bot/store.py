@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlite_utils import Database, Migrations
+
+log = logging.getLogger(__name__)
 
 #: Request states. Final states have no work left (a failed check can still be dismissed: cancelled).
 CHECKING = "checking"
@@ -497,6 +500,12 @@ class Store:
             self._audit(request_id, actor, event, detail or {}, stamp)
             if notify:
                 self._enqueue(request_id, notify[0], notify[1], stamp)
+            product, count, rejected = db.conn.execute(
+                "SELECT product_key, count, rejected_count FROM requests WHERE id = ?", [request_id]
+            ).fetchone()
+        fields = {"request_id": request_id, "product": product, "state": to_state, "event": event,
+                  "devices": count or 0, "rejected": rejected or 0, "actor": actor}
+        log.info("request #%d (%s): %s (%s), %d device(s), %d rejected, by %s", *fields.values(), extra=fields)
         return True
 
     def update_request(self, request_id: int, **fields: Any) -> None:
