@@ -59,7 +59,7 @@ def serve_minimal(port: int) -> None:
         def stop(self) -> None:
             pass
 
-        def wsgi(self):
+        def wsgi(self, events: bool = True):
             return SlackRequestHandler(self.app)
 
     Server(settings, host="127.0.0.1", port=port, build=Minimal).run()
