@@ -278,6 +278,13 @@ class Figures:
     devices_created: int
 
 
+def _log_transition(request_id: int, product: str, state: str, event: str, devices: int, rejected: int, actor: str) -> None:
+    """One INFO line per request created or moved, its fields also given apart (for JSON logs)."""
+    fields = {"request_id": request_id, "product": product, "state": state, "event": event,
+              "devices": devices, "rejected": rejected, "actor": actor}
+    log.info("request #%d (%s): %s (%s), %d device(s), %d rejected, by %s", *fields.values(), extra=fields)
+
+
 def format_time(value: datetime) -> str:
     """Times are stored as ISO 8601 UTC text, which sorts and compares correctly as text."""
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
@@ -437,6 +444,7 @@ class Store:
             if upload_id is not None:
                 # In the same transaction: an upload read again after a crash cannot make a second request.
                 db.conn.execute("UPDATE uploads SET done_at = ?, request_id = ? WHERE id = ?", [stamp, request_id, upload_id])
+        _log_transition(int(request_id), product_key, state, "requested", count, rejected_count or len(rejected), requester)
         return int(request_id)
 
     def get(self, request_id: int) -> Request | None:
@@ -503,9 +511,7 @@ class Store:
             product, count, rejected = db.conn.execute(
                 "SELECT product_key, count, rejected_count FROM requests WHERE id = ?", [request_id]
             ).fetchone()
-        fields = {"request_id": request_id, "product": product, "state": to_state, "event": event,
-                  "devices": count or 0, "rejected": rejected or 0, "actor": actor}
-        log.info("request #%d (%s): %s (%s), %d device(s), %d rejected, by %s", *fields.values(), extra=fields)
+        _log_transition(request_id, product, to_state, event, count or 0, rejected or 0, actor)
         return True
 
     def update_request(self, request_id: int, **fields: Any) -> None:
