@@ -27,6 +27,9 @@ from bot import wiring
 from bot.config import Settings
 
 log = logging.getLogger(__name__)
+#: For slack-sdk clients whose failures iotreg reports itself, in one line.
+QUIET = logging.getLogger("bot.quiet")
+QUIET.setLevel(logging.CRITICAL)
 
 #: Seconds a connection may stay silent (mid-request or between requests) before it is closed.
 IDLE_TIMEOUT = 30
@@ -54,9 +57,9 @@ class Server:
         socket = None
         try:
             check_slack(bot)
-            bot.start()
             if self.socket_mode:
-                socket = self._connect(bot)
+                socket = self._connect(bot)  # before resuming any work: a refused token stops here
+            bot.start()
             server = self._listen(bot.wsgi(events=not self.socket_mode))
 
             def on_signal(signum: int, frame: Any) -> None:
@@ -108,7 +111,7 @@ class Server:
             )
         except OSError as exc:
             raise StartupError(f"PORT: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
-        log.info("listening on http://%s:%d (%s)", self.host, server.effective_port,
+        log.info("listening on http://%s:%s (%s)", self.host, server.effective_port,
                  "/healthz, /metrics" if self.socket_mode else "/slack/events, /healthz, /metrics")
         return server
 
@@ -116,6 +119,7 @@ class Server:
 def check_slack(bot: Any) -> None:
     """Ask Slack who the bot is (``auth.test``), so a refused token or an unreachable Slack stops
     the start with one line instead of failing at the first request."""
+    from slack_sdk import WebClient
     from slack_sdk.errors import SlackApiError
 
     from bot.slack import socket_mode
@@ -123,8 +127,10 @@ def check_slack(bot: Any) -> None:
 
     if not isinstance(bot, Bot):
         return
+    # Without retries, and without slack-sdk's own error lines: the failure is told once, below.
+    client = WebClient(token=bot.settings.slack_bot_token, base_url=bot.settings.slack_api_url, timeout=10, logger=QUIET)
     try:
-        bot.web_client.auth_test()
+        client.auth_test()
     except SlackApiError as exc:
         raise StartupError(f"SLACK_BOT_TOKEN: Slack refused the bot token ({exc.response.get('error')})") from None
     except Exception as exc:  # noqa: BLE001 - unreachable, in every way requests can say it

@@ -153,6 +153,25 @@ class SocketModeClient(BaseSocketModeClient):
 
     # -- connections ------------------------------------------------------------------------------
 
+    def connect_to_new_endpoint(self, force: bool = False) -> None:
+        """A new connection: always with ``force`` (Slack asked for one), else only if there is none."""
+        with self.connect_operation_lock:  # every step below has a timeout
+            if force or not self.is_connected():
+                self.wss_uri = self.issue_new_wss_url()
+                self.connect()
+
+    def issue_new_wss_url(self) -> str:
+        """A URL for a new connection (``apps.connections.open``); a failure is the caller's to tell."""
+        while True:
+            try:
+                return str(self.web_client.apps_connections_open(app_token=self.app_token)["url"])
+            except SlackApiError as exc:
+                if exc.response.get("error") != "ratelimited" or self.closed:
+                    raise
+                delay = min(float(exc.response.headers.get("Retry-After", "5")), self.timing.max_backoff)
+                log.info("Socket Mode: apps.connections.open is rate limited; trying again in %.0f s", delay)
+                self._stop.wait(delay)
+
     def connect(self) -> None:
         """Open a connection to ``wss_uri`` and read it at once; then close the one it replaces.
 
@@ -254,6 +273,9 @@ def describe(exc: BaseException) -> str:
     """One line for a failure to reach Slack, without a token."""
     if isinstance(exc, SlackApiError):
         return f"Slack answered {exc.response.get('error') or exc.response.status_code}"
+    reason = getattr(exc, "reason", None)  # urllib's URLError: the socket's own words
+    if reason:
+        return str(reason)
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
@@ -276,7 +298,9 @@ def connection(app: App, app_token: str, api_url: str, *, timing: Timing = Timin
     ``api_url`` with the app-level token (counted by ``on_call`` when given)."""
     from bot.metrics import CountingWebClient
 
-    options: dict[str, Any] = {"token": app_token, "base_url": api_url, "timeout": timing.connect_timeout}
+    # slack-sdk's own error lines are left out: the client says once what failed (``describe``).
+    options: dict[str, Any] = {"token": app_token, "base_url": api_url, "timeout": timing.connect_timeout,
+                               "logger": logging.getLogger("bot.quiet")}
     web = CountingWebClient(on_call=on_call, **options) if on_call else WebClient(**options)
     client = SocketModeClient(app_token, web, timing=timing, concurrency=concurrency)
     BoltSocketMode(app, client)
