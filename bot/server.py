@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable
 from socketserver import ThreadingMixIn
@@ -35,6 +36,10 @@ QUIET.setLevel(logging.CRITICAL)
 IDLE_TIMEOUT = 30
 #: Open connections at most; past it, new ones wait in the listen backlog.
 CONNECTION_LIMIT = 1000
+#: Seconds a thread may hold the GIL while others wait (Python's default: 0.005). waitress reads and
+#: writes every connection from one thread; while the request threads run Python, that thread waits
+#: for the GIL at each step, so a shorter slice shortens every request's wait (bench/bench_ack.py).
+SWITCH_INTERVAL = 0.001
 
 
 class StartupError(Exception):
@@ -53,6 +58,7 @@ class Server:
         self.socket_mode = bool(settings.slack_app_token)
 
     def run(self) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL)
         bot = self._build()
         socket = None
         try:
