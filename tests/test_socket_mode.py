@@ -142,3 +142,15 @@ def test_a_command_typed_by_a_person_reaches_the_bot_over_socket_mode(connected)
     ws = socket_workspace(connected.fake)
     answer = ws.command("U0ALICE", "C0OPS", "help")
     assert answer.status_code == 200 and "/devices register" in answer.text
+
+
+def test_slack_hands_out_socket_mode_urls_for_the_app_token_only():
+    from slack_sdk import WebClient
+    from slack_sdk.errors import SlackApiError
+
+    with FakeSlack() as fake:
+        assert WebClient(token=fake.app_token, base_url=fake.api_url).apps_connections_open(app_token=fake.app_token)["url"].startswith("ws://")
+        for token, error in ((fake.bot_token, "not_allowed_token_type"), ("xapp-1-unknown", "invalid_auth")):
+            with pytest.raises(SlackApiError) as refused:
+                WebClient(token=token, base_url=fake.api_url).api_call("apps.connections.open")
+            assert refused.value.response.status_code == 200 and refused.value.response["error"] == error

@@ -13,6 +13,10 @@ against them unchanged:
   :attr:`~FakeSlack.uploads`, :meth:`~FakeSlack.dm`), records every request
   (:attr:`~FakeSlack.calls`), injects faults (:meth:`~FakeSlack.fail`, :meth:`~FakeSlack.delay`) and
   lets a test wait for the bot without sleeping (:meth:`~FakeSlack.wait_for`).
+* Socket Mode: ``apps.connections.open`` (with the app-level token, :attr:`FakeSlack.app_token`)
+  hands out ``ws://`` URLs of :attr:`FakeSlack.socket_mode`, a local Socket Mode server
+  (:mod:`bot.standins.slack.socketmode`) that sends envelopes, collects acks and drops connections
+  in every way Slack's can end.
 * :class:`Workspace` plays the people: it builds the slash command, ``block_actions`` and
   ``view_submission`` requests Slack sends, signs them with the signing secret
   (:func:`signature_headers`) and POSTs them to the app. The pure builders (:func:`command_body`,
