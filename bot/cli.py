@@ -7,6 +7,7 @@ Errors reach the user here and only here: a :class:`~bot.config.ConfigError` or 
 from __future__ import annotations
 
 import getpass
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -440,13 +441,15 @@ def serve(ctx: click.Context, port: int | None, host: str, use_emulator: bool) -
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     build = server.emulator_bot(settings) if use_emulator else None
+    # Told through the log, so that with IOTREG_LOG_FORMAT=json every line is JSON.
+    say = logging.getLogger("bot.cli").info
     if use_emulator:
-        click.echo("iotreg: EMULATOR MODE: devices are created on a built-in emulator, not on Alibaba Cloud", err=True)
+        say("EMULATOR MODE: devices are created on a built-in emulator, not on Alibaba Cloud")
     where = f"http://{host}:{port or settings.port}"
     if settings.slack_app_token:
-        click.echo(f"iotreg: connecting to Slack over Socket Mode; health and metrics on {where}/healthz and /metrics", err=True)
+        say("connecting to Slack over Socket Mode; health and metrics on %s/healthz and /metrics", where)
     else:
-        click.echo(f"iotreg: serving Slack on {where}/slack/events; health and metrics on /healthz and /metrics", err=True)
+        say("serving Slack on %s/slack/events; health and metrics on /healthz and /metrics", where)
     try:
         server.Server(settings, host=host, port=port, build=build).run()
     except (server.StartupError, ConfigError) as exc:
