@@ -127,7 +127,8 @@ class SocketModeClient(BaseSocketModeClient):
     def close(self) -> None:
         self.closed = True
         self._stop.set()
-        link, self._link = self._link, None
+        with self._swap:
+            link, self._link = self._link, None
         if link is not None:
             link.close(polite=True)
         self.message_queue.put(None)  # wakes the envelope thread, which then sees ``closed``
@@ -181,6 +182,9 @@ class SocketModeClient(BaseSocketModeClient):
         ws.settimeout(self.timing.dead_after)  # reads wake up now and then even if the watchdog were gone
         link = _Link(ws, next(self._numbers))
         with self._swap:
+            if self.closed:  # closed while this connection was being opened
+                link.close(polite=True)
+                return
             old, self._link = self._link, link
             self._down_since = None
         threading.Thread(target=self._read, args=(link,), name=f"socket-mode-read-{link.number}", daemon=True).start()
