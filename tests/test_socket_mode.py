@@ -154,3 +154,17 @@ def test_slack_hands_out_socket_mode_urls_for_the_app_token_only():
             with pytest.raises(SlackApiError) as refused:
                 WebClient(token=token, base_url=fake.api_url).api_call("apps.connections.open")
             assert refused.value.response.status_code == 200 and refused.value.response["error"] == error
+
+
+def test_health_says_whether_slack_is_connected_and_fails_after_a_minute_without(connected):
+    connected.bot.socket = connected.client
+    assert connected.bot.health() == (True, {"ok": True, "database": "ok", "scheduler": "running", "pending_notifications": 0,
+                                             "slack": "connected"})
+
+    class LongGone:
+        def down_for(self) -> float:
+            return 61.0
+
+    connected.bot.socket = LongGone()
+    ok, body = connected.bot.health()
+    assert not ok and body["slack"] == "reconnecting for 61 s"
