@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 QUIET = logging.getLogger("bot.quiet")
 QUIET.setLevel(logging.CRITICAL)
 
-#: Seconds a connection may stay silent (mid-request or between requests) before it is closed.
+#: Seconds a connection may stay silent (mid-request or between requests) before it is closed
+#: (waitress looks every 5 s, so within 35 s).
 IDLE_TIMEOUT = 30
 #: Open connections at most; past it, new ones wait in the listen backlog.
 CONNECTION_LIMIT = 1000
@@ -112,7 +113,7 @@ class Server:
             server = waitress.create_server(
                 application, host=self.host, port=self.port, threads=self.settings.workers,
                 max_request_body_size=MAX_BODY + 1,  # waitress refuses a Content-Length >= this
-                channel_timeout=IDLE_TIMEOUT, connection_limit=CONNECTION_LIMIT, asyncore_use_poll=True,
+                channel_timeout=IDLE_TIMEOUT, cleanup_interval=5, connection_limit=CONNECTION_LIMIT, asyncore_use_poll=True,
                 ident="iotreg", expose_tracebacks=False,
             )
         except OSError as exc:
