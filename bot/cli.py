@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from bot import __version__
+from bot import __version__, logs
 from bot.domain import ACTIVE_STATES, FINAL_STATES, Origin, Outcome, State
 from bot.policy import Policy, PolicyError
 from bot.service import RequestService
@@ -31,10 +31,11 @@ from bot.domain import Event, Request
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="iotreg")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def cli(verbose: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """Register IoT devices in batches on Alibaba Cloud IoT Platform."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"verbose": verbose}
+    logs.configure(verbose)
 
 
 def main() -> None:
@@ -425,28 +426,36 @@ def demo(file: Path | None) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), help="HTTP port [default: PORT or 3000].")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Interface to listen on (HTTP mode).")
 @click.option("--emulator", "use_emulator", is_flag=True, help="Use a built-in IoT Platform emulator instead of Alibaba Cloud (a trial in a real workspace).")
-def serve(port: int | None, host: str, use_emulator: bool) -> None:
-    """Run the Slack bot: HTTP on PORT at POST /slack/events (GET /healthz), or Socket Mode when
-    SLACK_APP_TOKEN is set."""
+@click.pass_context
+def serve(ctx: click.Context, port: int | None, host: str, use_emulator: bool) -> None:
+    """Run the Slack bot: HTTP on PORT at POST /slack/events, or Socket Mode when SLACK_APP_TOKEN
+    is set; GET /healthz and GET /metrics on PORT in both modes."""
     from bot import server
+    from bot.slack.app import required_for_slack
 
     settings = load_settings()
+    logs.configure((ctx.obj or {}).get("verbose", 0), serving=True, json_format=settings.log_format == "json")
     try:
-        settings.require("slack_bot_token", "slack_signing_secret")
+        settings.require("slack_bot_token", *required_for_slack(settings))
         if not use_emulator:
             wiring.credentials(settings)  # no credentials anywhere: say so now, not at the first request
         wiring.rules(settings)  # a bad policy file stops the bot before it serves, saying where
     except (ConfigError, PolicyError) as exc:
         raise click.ClickException(str(exc)) from None
     build = server.emulator_bot(settings) if use_emulator else None
+    # Told through the log, so that with IOTREG_LOG_FORMAT=json every line is JSON.
+    say = logging.getLogger("bot.cli").info
     if use_emulator:
-        click.echo("iotreg: EMULATOR MODE: devices are created on a built-in emulator, not on Alibaba Cloud", err=True)
+        say("EMULATOR MODE: devices are created on a built-in emulator, not on Alibaba Cloud")
+    where = f"http://{host}:{port or settings.port}"
     if settings.slack_app_token:
-        click.echo("iotreg: connecting to Slack over Socket Mode", err=True)
-        server.socket_mode(settings, build=build)
+        say("connecting to Slack over Socket Mode; health and metrics on %s/healthz and /metrics", where)
     else:
-        click.echo(f"iotreg: serving Slack on http://{host}:{port or settings.port}/slack/events", err=True)
+        say("serving Slack on %s/slack/events; health and metrics on /healthz and /metrics", where)
+    try:
         server.Server(settings, host=host, port=port, build=build).run()
+    except (server.StartupError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()

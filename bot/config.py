@@ -62,6 +62,7 @@ class Settings:
     notify_channel: str | None = None
     credentials_dm: bool = True
     workers: int = 16
+    log_format: str = "text"
 
     # Names of the environment variables behind the fields above, for error messages.
     ENV_NAMES = MappingProxyType(
@@ -95,6 +96,7 @@ class Settings:
             "notify_channel": "IOTREG_NOTIFY_CHANNEL",
             "credentials_dm": "IOTREG_CREDENTIALS_DM",
             "workers": "IOTREG_WORKERS",
+            "log_format": "IOTREG_LOG_FORMAT",
         }
     )
 
@@ -150,6 +152,7 @@ class Settings:
             notify_channel=env.text("IOTREG_NOTIFY_CHANNEL"),
             credentials_dm=env.flag("IOTREG_CREDENTIALS_DM", True),
             workers=int(env.number("IOTREG_WORKERS", 16, minimum=2, integer=True)),
+            log_format=env.choice("IOTREG_LOG_FORMAT", ("text", "json"), "text"),
         )
 
     @classmethod
@@ -202,6 +205,14 @@ class _Env:
         if value is not None and not value.startswith(prefix):
             raise ConfigError(f"{name}: expected a token starting with {prefix!r}")
         return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        if raw.lower() not in choices:
+            raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(choices)}")
+        return raw.lower()
 
     def flag(self, name: str, default: bool) -> bool:
         raw = self.text(name)

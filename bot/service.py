@@ -40,7 +40,7 @@ from bot.domain import (
     WorkflowError,
 )
 from bot.policy import Policy
-from bot.store import AlreadyRetried, Store, StoreUnavailable
+from bot.store import AlreadyRetried, Figures, Store, StoreUnavailable
 
 if TYPE_CHECKING:
     from bot.registration import Jobs
@@ -430,6 +430,10 @@ class RequestService:
 
     def audit(self, request_id: int | None = None, *, limit: int = 500) -> list[AuditEntry]:
         return self.store.audit(request_id, limit=limit)
+
+    def figures(self) -> Figures:
+        """Counts for the metrics: requests by state, notifications waiting, devices created."""
+        return self.store.figures()
 
     def health(self, origins: Sequence[Origin] | None = None) -> Health:
         try:

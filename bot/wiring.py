@@ -96,8 +96,10 @@ def iot_client(
     session: requests.Session | None = None,
     clock: Clock | None = None,
     chain: Callable[[], CredentialsProvider] = DefaultChain,
+    observer: Callable[[str, str, float], None] | None = None,
 ) -> IotClient:
-    """A client for the configured account, sharing the process-wide rate limiter."""
+    """A client for the configured account, sharing the process-wide rate limiter; ``observer``
+    is told of every call (the metrics)."""
     provider = credentials(settings, chain=chain)
     clock = clock or SystemClock()
     account = provider.access_key_id if isinstance(provider, Credentials) else CHAIN_ACCOUNT
@@ -112,6 +114,7 @@ def iot_client(
         retry=RetryPolicy(max_attempts=settings.max_attempts, deadline=settings.retry_deadline),
         limiter=shared_limiter(account, settings.endpoint, settings.qps, clock),
         clock=clock,
+        observer=observer,
     )
 
 

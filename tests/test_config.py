@@ -119,3 +119,10 @@ def test_a_broken_env_file_line_is_reported_with_its_number(tmp_path):
 
 def test_missing_env_file_is_fine(tmp_path):
     assert Settings.load({}, tmp_path / "absent.env").region_id == "cn-shanghai"
+
+
+def test_the_log_format_is_text_or_json():
+    assert Settings.from_env({}).log_format == "text"
+    assert Settings.from_env({"IOTREG_LOG_FORMAT": "JSON"}).log_format == "json"
+    with pytest.raises(ConfigError, match="IOTREG_LOG_FORMAT"):
+        Settings.from_env({"IOTREG_LOG_FORMAT": "xml"})

@@ -35,8 +35,9 @@ import dataclasses
 import enum
 import logging
 import random
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -223,6 +224,7 @@ class IotClient:
         limiter: RateLimiter | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        observer: Callable[[str, str, float], None] | None = None,
     ) -> None:
         if signature not in SIGNATURES:
             raise ValueError(f"signature must be one of {', '.join(SIGNATURES)}, not {signature!r}")
@@ -243,6 +245,8 @@ class IotClient:
         self.clock = clock or SystemClock()
         self.limiter = limiter or RateLimiter(DEFAULT_QPS, self.clock)
         self.rng = rng or random.Random()
+        #: Told of every HTTP call: the action, ``ok``, ``throttled`` or ``error``, and its seconds.
+        self.observer = observer
 
     def close(self) -> None:
         self.session.close()
@@ -407,14 +411,24 @@ class IotClient:
         while True:
             attempt += 1
             self.limiter.acquire(action)
+            sent = time.perf_counter()
             try:
-                return self._send(action, params, form or {})
+                body = self._send(action, params, form or {})
             except errors.IotError as exc:
+                self._observe(action, "throttled" if isinstance(exc, errors.ThrottledError) else "error", sent)
                 if not self._should_retry(exc, action, attempt, started):
+                    log.info("IoT Platform call failed: %s", exc, extra={"action": action, "code": exc.code})
                     raise
                 delay = self.retry.delay(attempt, self.rng)
-                log.info("%s: %s; retry %d in %.2fs", action, exc.code or type(exc).__name__, attempt, delay)
+                log.info("IoT Platform call failed: %s; retry %d in %.2fs", exc, attempt, delay, extra={"action": action, "code": exc.code})
                 self.clock.sleep(delay)
+            else:
+                self._observe(action, "ok", sent)
+                return body
+
+    def _observe(self, action: str, outcome: str, sent: float) -> None:
+        if self.observer is not None:
+            self.observer(action, outcome, time.perf_counter() - sent)
 
     def _should_retry(self, exc: errors.IotError, action: str, attempt: int, started: float) -> bool:
         if not exc.retryable or attempt >= self.retry.max_attempts:
