@@ -117,6 +117,8 @@ class Device:
 
     name: str
     nickname: str | None = None
+    # Where it is in the file or text (1-based), for the outcome report; not part of what it is.
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +253,11 @@ def _where_of(place: int | tuple[int | None, int | None]) -> str:
     return _where(*place) if isinstance(place, tuple) else _where(place, None)
 
 
+def _line_of(place: Any) -> int | None:
+    """The line of a place kept by :class:`_Collector`: a line number, or ``(line, item)``."""
+    return place[0] if isinstance(place, tuple) else place
+
+
 class _Collector:
     """Checks values, keeps the valid ones once each (the first time) and the first rejections.
 
@@ -323,13 +330,15 @@ class _Collector:
 
     def _devices(self) -> list[Device]:
         """The devices, made a slice at a time while the list of names is emptied."""
-        names, nicknames = self._names, self._nicknames
+        names, nicknames, places = self._names, self._nicknames, self._places
         self._names, self._nicknames, self._places = [], None, []
         devices: list[Device] = []
         step = 1 << 16
         while names:
-            devices.extend(map(Device, names[:step], nicknames[:step] if nicknames else repeat(None)))
+            lines = places[:step] if isinstance(places, array) else map(_line_of, places[:step])
+            devices.extend(map(Device, names[:step], nicknames[:step] if nicknames else repeat(None), lines))
             del names[:step]
+            del places[:step]
             if nicknames:
                 del nicknames[:step]
         return devices

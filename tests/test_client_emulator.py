@@ -91,11 +91,16 @@ def test_business_errors_arrive_typed(emulator, call, kind, code):
     assert info.value.code == code and info.value.request_id
 
 
-def test_a_wrong_secret_is_an_auth_error_that_shows_the_server_string_to_sign(emulator):
-    with pytest.raises(errors.AuthError) as info:
-        client_for(emulator, secret="not-the-secret").query_page_by_apply_id(1)
+def test_a_wrong_secret_fails_at_once_naming_the_setting_and_keeps_the_string_to_sign_for_debug(emulator, caplog):
+    with caplog.at_level("DEBUG", logger="bot.aliyun.client"):
+        with pytest.raises(errors.AuthError) as info:
+            client_for(emulator, secret="not-the-secret").query_page_by_apply_id(1)
     assert info.value.code == "SignatureDoesNotMatch" and info.value.http_status == 400
-    assert "server string to sign is:POST&%2F&" in info.value.message
+    assert "ALIBABA_CLOUD_ACCESS_KEY_SECRET" in info.value.message and "string to sign" not in info.value.message
+    assert emulator.gateway.calls["QueryPageByApplyId"] == 1  # not retried
+    quoted = [r for r in caplog.records if "string to sign" in r.getMessage()]
+    assert quoted and all(r.levelname == "DEBUG" and "POST&%2F&" in r.getMessage() for r in quoted)
+    assert not any("not-the-secret" in r.getMessage() for r in caplog.records)
     assert "not-the-secret" not in str(info.value)
 
 
