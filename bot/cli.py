@@ -474,7 +474,7 @@ def register(
     if file is not None:
         try:
             with file.open("rb") as source:
-                devices = read_device_file(source, filename=file.name)
+                devices = read_device_file(source, filename=file.name, product_key=product_key)
         except DeviceListError as exc:
             raise Stop(exc.message) from None
         show_rejected(terminal, devices)

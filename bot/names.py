@@ -86,6 +86,7 @@ _NICK_RULE = "use Chinese or Japanese characters, letters, digits and _"
 _DELIMITERS = ("\t", ";", ",")
 _NAME_HEADER = "devicename"
 _NICK_HEADERS = ("devicenickname", "nickname")
+_PRODUCT_HEADER = "productkey"
 # A first line of a headerless list that is one of these is a column title, not a device.
 _TITLE_WORDS = frozenset(
     {"name", "names", "device", "devices", "devicenames", "deviceid", "serial", "serialnumber", "imei"}
@@ -396,17 +397,19 @@ def read_device_file(
     filename: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     keep_rejected: int = KEEP_REJECTED,
+    product_key: str | None = None,
 ) -> DeviceList:
     """Read and check a device list from its bytes, a binary file object or an iterable of chunks.
 
-    ``filename`` only names the file in messages. Raises :class:`DeviceListError` when the whole
+    ``filename`` only names the file in messages. With ``product_key``, a CSV list's ``ProductKey``
+    column is honoured: a row that names another product is rejected, not registered in this one. Raises :class:`DeviceListError` when the whole
     file must be refused, including when it is larger than ``max_bytes`` (counted while reading,
     so an endless stream is refused too) or has no valid name.
     """
     subject = _Subject(filename)
     reader = _LineReader(_chunks(data, max_bytes, subject), subject)
     try:
-        return _read_lines(reader, subject, keep_rejected)
+        return _read_lines(reader, subject, keep_rejected, product_key)
     finally:
         reader.close()
 
@@ -587,7 +590,7 @@ def _utf16_without_bom(head: bytes) -> str | None:
     return encoding
 
 
-def _read_lines(reader: _LineReader, subject: _Subject, keep: int) -> DeviceList:
+def _read_lines(reader: _LineReader, subject: _Subject, keep: int, product_key: str | None = None) -> DeviceList:
     collector = _Collector(keep)
     batches = iter(reader)
     # Blank lines, empty rows and comments may come before the header or the first name.
@@ -622,10 +625,11 @@ def _read_lines(reader: _LineReader, subject: _Subject, keep: int) -> DeviceList
     if _NAME_HEADER in keys:
         name_at = keys.index(_NAME_HEADER)
         nick_at = next((keys.index(k) for k in _NICK_HEADERS if k in keys), None)
+        product = (keys.index(_PRODUCT_HEADER), product_key) if product_key and _PRODUCT_HEADER in keys else None
         if delimiter is None:
             _read_one_a_line(more, line_no + 1, collector, comments=False)
         else:
-            _read_csv_rows(more, line_no + 1, collector, delimiter, name_at, nick_at)
+            _read_csv_rows(more, line_no + 1, collector, delimiter, name_at, nick_at, product)
         return collector.result(reader.count, "csv", f"{subject} has a header but no device names")
     if delimiter is not None or keys[0] in _NICK_HEADERS:
         found = ", ".join(repr(c.strip()) for c in cells if c.strip())
@@ -740,13 +744,16 @@ def _read_csv_rows(
     delimiter: str,
     name_at: int,
     nick_at: int | None,
+    product: tuple[int, str] | None = None,
 ) -> None:
+    """``product``: the ProductKey column and the product the list is for (rows are then read one
+    by one, each one's product checked)."""
     pattern = _csv_row_pattern(delimiter, name_at, nick_at)
     nick_first = nick_at is not None and nick_at < name_at
-    rows = _CsvRows(collector, delimiter, name_at, nick_at)
+    rows = _CsvRows(collector, delimiter, name_at, nick_at, product)
     for lines in batches:
         start, line_no = line_no, line_no + len(lines)
-        if not rows.open and _csv_batch(lines, start, collector, pattern, nick_at is not None, nick_first):
+        if not rows.open and product is None and _csv_batch(lines, start, collector, pattern, nick_at is not None, nick_first):
             continue
         rows.feed(lines, start)
     rows.finish()
@@ -780,7 +787,10 @@ class _CsvRows:
     the file, rejects the line that opened it, and the lines after it are read as rows again.
     """
 
-    def __init__(self, collector: _Collector, delimiter: str, name_at: int, nick_at: int | None) -> None:
+    def __init__(
+        self, collector: _Collector, delimiter: str, name_at: int, nick_at: int | None, product: tuple[int, str] | None = None
+    ) -> None:
+        self._product = product
         self._collector = collector
         self._delimiter = delimiter
         self._name_at = name_at
@@ -825,6 +835,8 @@ class _CsvRows:
         for number, (raw, cells) in enumerate(zip(lines, parsed, strict=True), start):
             name = cells[name_at].strip() if name_at < len(cells) else ""
             nickname = cells[nick_at].strip() if nick_at is not None and nick_at < len(cells) else ""
+            if name and self._other_product(cells, name, number):
+                continue
             if name:
                 add(name, nickname or None, number)
             elif any(c.strip() for c in cells):
@@ -837,8 +849,21 @@ class _CsvRows:
         nickname = cells[nick_at].strip() if nick_at is not None and nick_at < len(cells) else ""
         return cells, name, nickname
 
+    def _other_product(self, cells: list[str], name: str, number: int) -> bool:
+        """Reject a row whose ProductKey is another product's; True when it was."""
+        if self._product is None:
+            return False
+        at, product_key = self._product
+        named = cells[at].strip() if at < len(cells) else ""
+        if not named or named == product_key:
+            return False
+        self._collector.reject(name, f"the ProductKey column says {named}, not {product_key}: register it with -p {named}", number)
+        return True
+
     def _row(self, raw: str, number: int) -> None:
         cells, name, nickname = self._cells(raw)
+        if name and self._other_product(cells, name, number):
+            return
         if name:
             self._collector.add(name, nickname or None, number)
         elif any(c.strip() for c in cells):

@@ -374,3 +374,11 @@ def test_the_progress_bar_moves_with_each_part_of_a_request():
     assert progress_units(submitted, registering=False) == 20_000
     one_done = [chunk(0, 11, "CHECK_SUCCESS"), chunk(1, 12, "CHECK"), chunk(2, 13, "CHECK")]
     assert progress_units(one_done, registering=False) == 40_000
+
+
+def test_rows_that_name_another_product_are_not_registered_in_this_one(run, live, tmp_path):
+    devices = write(tmp_path / "d.csv", f"ProductKey,DeviceName\n{live.product_key},ours-0001\na1OtherProd,theirs-0001\n,ours-0002\n")
+    result = run("register", devices, "-p", live.product_key, "--yes")
+    assert result.exit_code == Exit.REJECTED_LOCALLY, result.output
+    assert "line 3: 'theirs-0001': the ProductKey column says a1OtherProd, not" in result.output
+    assert {d.device_name for d in live.backend.devices(live.product_key)} == {"ours-0001", "ours-0002"}
