@@ -225,6 +225,7 @@ class RejectedLine:
     line: int
     value: str
     reason: str
+    nickname: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,6 +135,7 @@ class Rejected:
     value: str
     reason: str
     item: int | None = None
+    nickname: str | None = None  # the nickname given beside the value, kept for the outcome report
 
     @property
     def where(self) -> str:
@@ -284,7 +285,7 @@ class _Collector:
         """Check one value (and its nickname) found at ``line``/``item``."""
         if not _NAME_RE.fullmatch(name):
             # Past the rejections kept in detail, counting is enough: skip working out why.
-            self.reject(name, (validate_name(name) or "") if self._room() else "", line, item)
+            self.reject(name, (validate_name(name) or "") if self._room() else "", line, item, nickname)
             return
         if len(name) == len(_NAME_HEADER) and name.lower() == _NAME_HEADER:
             self.reject(name, "this is a header line, not a device: delete the line", line, item)
@@ -294,11 +295,11 @@ class _Collector:
                 nickname = unicodedata.normalize("NFC", nickname)
             reason = validate_nickname(nickname)
             if reason is not None:  # the line is the device's: listed under its name, the reason says why
-                self.reject(name, reason, line, item)
+                self.reject(name, reason, line, item, nickname)
                 return
         if name in self._seen:
             self.duplicates += 1
-            if self.reject(name, "duplicate", line, item):
+            if self.reject(name, "duplicate", line, item, nickname):
                 self._repeats.append((len(self.rejected) - 1, name))
             return
         self._seen.add(name)
@@ -347,14 +348,14 @@ class _Collector:
     def _room(self) -> bool:
         return len(self.rejected) < self._keep
 
-    def reject(self, value: str, reason: str, line: int | None, item: int | None = None) -> bool:
+    def reject(self, value: str, reason: str, line: int | None, item: int | None = None, nickname: str | None = None) -> bool:
         """Count a rejection; True when it is kept in detail."""
         self.rejected_count += 1
         if not self._room():
             return False
         if len(value) > _VALUE_SHOWN:
             value = value[: _VALUE_SHOWN - 1] + "…"
-        self.rejected.append(Rejected(line, value, reason, item))
+        self.rejected.append(Rejected(line, value, reason, item, nickname))
         return True
 
     def result(self, lines_read: int, format: Literal["csv", "text"], empty_message: str) -> DeviceList:

@@ -97,7 +97,7 @@ class RequestService:
             count=len(rows),
             state=State.CHECKING,
             now=self.clock.now(),
-            rejected=[(r.line, r.value, r.reason) for r in rejected],
+            rejected=[(r.line, r.value, r.reason, getattr(r, "nickname", None)) for r in rejected],
             rejected_count=len(rejected) if rejected_count is None else rejected_count,
             devices=rows,
             chunks=chunks,

@@ -301,10 +301,12 @@ def test_credentials_of_a_whole_request_in_one_file_across_its_apply_ids(run, li
 
 
 def test_the_outcome_report_gives_every_devices_line(run, live, tmp_path):
-    devices = write(tmp_path / "d.csv", "DeviceName,DeviceNickname\nrow-0001,北门_1\n\nrow-0002,\nab,\n")
+    devices = write(tmp_path / "d.csv", "DeviceName,DeviceNickname\nrow-0001,北门_1\n\nrow-0002,\nab,南门_2\n")
     run("register", devices, "-p", live.product_key, "--yes", "-o", "out.csv")
     rows = list(csv.DictReader(open(tmp_path / "out.csv", encoding="utf-8-sig")))
-    assert [(r["DeviceName"], r["Line"]) for r in rows] == [("row-0001", "2"), ("row-0002", "4"), ("ab", "5")]
+    assert [(r["DeviceName"], r["DeviceNickname"], r["Line"]) for r in rows] == [
+        ("row-0001", "北门_1", "2"), ("row-0002", "", "4"), ("ab", "南门_2", "5"),
+    ]
 
 
 def test_resume_from_another_folder_finds_the_request_in_iotregs_home(run, live, tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ class Store(Protocol):
         now: datetime,
         channel: str = "",
         origin_data: dict[str, Any] | None = None,
-        rejected: Sequence[tuple[int, str, str]] = (),
+        rejected: Sequence[tuple[int, str, str] | tuple[int, str, str, str | None]] = (),
         rejected_count: int = 0,
         devices: Iterable[tuple[str, str | None, int | None]] = (),
         chunks: Sequence[int] = (),
@@ -90,7 +90,8 @@ class Store(Protocol):
         event: tuple[str, dict[str, Any]] | None = None,
         upload_id: int | None = None,
     ) -> int:
-        """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines,
+        """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines
+        ``(line, value, reason[, nickname])``,
         its ``requested`` audit row and its first event, and mark the upload it came from as read."""
 
     def get(self, request_id: int) -> Request | None: ...

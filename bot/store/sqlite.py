@@ -165,6 +165,12 @@ def m005_origin_data(db: Database) -> None:
     )
 
 
+@migrations()
+def m006_rejected_nicknames(db: Database) -> None:
+    """The nickname given beside a line refused locally, for the outcome report."""
+    db["rejected_lines"].add_column("nickname", str)
+
+
 def format_time(value: datetime) -> str:
     """Times are stored as ISO 8601 UTC text, which sorts and compares correctly as text."""
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
@@ -371,8 +377,8 @@ class SqliteStore:
                 ((request_id, n, size) for n, size in enumerate(chunks)),
             )
             db.conn.executemany(
-                "INSERT INTO rejected_lines (request_id, line, value, reason) VALUES (?, ?, ?, ?)",
-                ((request_id, line, value, reason) for line, value, reason in rejected),
+                "INSERT INTO rejected_lines (request_id, line, value, reason, nickname) VALUES (?, ?, ?, ?, ?)",
+                ((request_id, *row[:3], row[3] if len(row) > 3 else None) for row in rejected),
             )
             self._audit(request_id, requester, "requested", {"product_key": product_key, "count": count}, stamp)
             if event:
@@ -552,7 +558,7 @@ class SqliteStore:
 
     def rejected_lines(self, request_id: int) -> list[RejectedLine]:
         rows = self.db.execute(
-            "SELECT line, value, reason FROM rejected_lines WHERE request_id = ? ORDER BY line", [request_id]
+            "SELECT line, value, reason, nickname FROM rejected_lines WHERE request_id = ? ORDER BY line", [request_id]
         )
         return [RejectedLine(*r) for r in rows.fetchall()]
 
