@@ -288,13 +288,14 @@ class Driver:
             request = self.wait(request.id, "Checking names", registering=False, until=set(FINAL_STATES) | {State.AWAITING_APPROVAL})
         if request.state == State.CHECK_FAILED:
             self.show_invalid(request.id)
-            valid = request.count - self.requests.summary(request.id).invalid
-            status = self.finish(request)
+            summary = self.requests.summary(request.id)
+            valid = request.count - summary.invalid
             if valid and (skip_invalid or self.confirm(f"Register the {valid:,} valid name(s) in a new request?", request) is True):
+                self.finished.append(summary)  # for --json; the summary printed is the new request's
                 retry = self.requests.retry_valid(request.id, operator())
-                return worst(status, self.drive(retry))
+                return worst(exit_status(summary), self.drive(retry))
             self.terminal.line("Nothing was registered. Fix the names above and run again, or add --skip-invalid.")
-            return status
+            return self.finish(request)
         if request.state == State.AWAITING_APPROVAL:
             question = f"Register {request.count:,} device(s) in product {request.product_key}?"
             answer = True if self.yes else self.confirm(question, request)
