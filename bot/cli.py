@@ -38,7 +38,7 @@ class Exit(enum.IntEnum):
     """How an ``iotreg`` command ended (its exit status); when several apply, the worst (last) wins."""
 
     OK = 0  # every line of the list became a device (or the command did what it was asked)
-    ERROR = 1  # it could not run: configuration, file, database, IoT Platform unreachable or refusing
+    ERROR = 1  # it could not run: configuration, file, database; IoT Platform unreachable, refusing the key, no such product
     USAGE = 2  # wrong arguments (click's own)
     REJECTED_LOCALLY = 3  # some lines were not valid device names and were skipped; the rest were registered
     REFUSED = 4  # IoT Platform's check refused names: nothing registered, or only the others (--skip-invalid)
@@ -395,6 +395,8 @@ def exit_status(summary: Summary) -> Exit:
     state = summary.request.state
     if state in (State.REJECTED, State.CANCELLED, State.EXPIRED):
         return Exit.NOT_APPROVED
+    if state == State.FAILED and summary.request.decided_by is None:
+        return Exit.ERROR  # the check itself failed: unreachable, the key refused, no such product
     if state == State.FAILED or summary.failed or (state == State.DONE and summary.pending):
         return Exit.FAILED
     if not state.final:

@@ -333,7 +333,7 @@ def test_an_unreachable_endpoint_is_one_clear_error_within_the_retry_deadline(ru
     started = time.monotonic()
     result = run("register", devices, "-p", live.product_key, "--yes", extra_env={"IOT_ENDPOINT": endpoint, "IOT_RETRY_DEADLINE": "2"})
     assert time.monotonic() - started < 15
-    assert result.exit_code == Exit.FAILED
+    assert result.exit_code == Exit.ERROR
     assert f"IoT Platform could not be reached: connection to {endpoint} failed: Connection refused" in result.output
     assert "did not finish" not in result.output
 
@@ -343,7 +343,7 @@ def test_a_wrong_secret_fails_at_once_without_the_string_to_sign(run, live, tmp_
     started = time.monotonic()
     result = run("-v", "register", devices, "-p", live.product_key, "--yes", extra_env={"ALIBABA_CLOUD_ACCESS_KEY_SECRET": "wrong"})
     assert time.monotonic() - started < 5
-    assert result.exit_code == Exit.FAILED and "did not accept iotreg's credentials" in result.output
+    assert result.exit_code == Exit.ERROR and "did not accept iotreg's credentials" in result.output
     assert live.gateway.calls["BatchCheckDeviceNames"] == 1
     assert "string to sign" not in result.output
     assert not any("string to sign" in r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
