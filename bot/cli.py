@@ -480,6 +480,9 @@ def register(
                 devices = read_device_file(source, filename=file.name, product_key=product_key)
         except DeviceListError as exc:
             raise Stop(exc.message) from None
+        encoding = getattr(devices, "encoding", None)  # when the reader says how it decoded the file
+        if encoding and encoding.lower().replace("-", "") not in ("utf8", "ascii"):
+            terminal.line(f"Read {file.name} as {encoding}.")
         show_rejected(terminal, devices)
     with open_workflow(settings, terminal) as workflow:
         driver = Driver(workflow, terminal, yes=yes, output=output)
@@ -577,7 +580,7 @@ def cancel(request_id: int) -> None:
     terminal = Terminal()
     with open_workflow(settings, terminal, api=False) as workflow:
         request = workflow.requests.cancel(request_id, operator())
-        workflow.jobs.run_due()  # type: ignore[attr-defined]
+        workflow.jobs.run_due()  # type: ignore[attr-defined]  # InlineJobs: tell this terminal now
     terminal.say(f"Request #{request.id} ({request.product_key}): {request.state.label}. Nothing was registered.")
 
 
@@ -589,18 +592,22 @@ def status(ref: str, product_key: str | None, as_json: bool) -> None:
     """Where a request (its number, `12` or `#12`) or an ApplyId stands: its state, what became of
     its devices, its ApplyIds. An ApplyId is also looked up on IoT Platform."""
     settings = load_settings()
+    number = int(ref.lstrip("#")) if ref.lstrip("#").isdigit() else None
+    local, chunks, apply_id = None, [], None
     with reading(settings) as requests:
-        request = requests.find(ref) if requests else None
-        number = int(ref.lstrip("#")) if ref.lstrip("#").isdigit() else None
-        apply_id = number if request is None or number in requests.apply_ids(request.id) else None  # type: ignore[union-attr]
-        if request is None and (product_key is None or apply_id is None):
+        request = requests.find(ref) if requests is not None else None
+        if requests is not None and request is not None:
+            local, chunks = request_json(requests, request), requests.chunks(request.id)
+            product_key = product_key or request.product_key
+            apply_id = number if number in local["apply_ids"] else None
+        elif product_key is not None and number is not None:
+            apply_id = number
+        else:
             raise Stop(f"no request or ApplyId {ref} in {settings.db_path}; to ask IoT Platform about an ApplyId, add -p PRODUCT_KEY")
-        local = request_json(requests, request) if request is not None and requests is not None else None
-        chunks = requests.chunks(request.id) if request is not None and requests is not None else []
     platform = None
-    if apply_id is not None:
+    if apply_id is not None and product_key is not None:
         with wiring.iot_client(settings) as client:
-            platform = client.query_batch_register_device_status(product_key or request.product_key, apply_id)  # type: ignore[union-attr]
+            platform = client.query_batch_register_device_status(product_key, apply_id)
     if as_json:
         print_json({
             "request": local,
@@ -611,11 +618,15 @@ def status(ref: str, product_key: str | None, as_json: bool) -> None:
         })
         return
     if local is not None:
-        click.echo(f"Request #{local['id']} ({local['product_key']}): {request.state.label}")  # type: ignore[union-attr]
-        click.echo(f"  requested by {local['requester']} at {request.created_at:%Y-%m-%d %H:%M} UTC" + (f", decided by {local['decided_by']}" if local["decided_by"] else ""))  # type: ignore[union-attr]
+        decided = f", decided by {local['decided_by']}" if local["decided_by"] else ""
+        click.echo(f"Request #{local['id']} ({local['product_key']}): {State(local['state']).label}")
+        click.echo(f"  requested by {local['requester']} at {local['created_at'][:16].replace('T', ' ')} UTC{decided}")
         if local["reason"] and local["state"] != State.DONE:
             click.echo(f"  reason: {local['reason']}")
-        for label, key in (("registered", "registered"), ("failed", "failed"), ("refused by check", "refused_by_check"), ("pending", "pending"), ("rejected locally", "rejected_locally")):
+        for label, key in (
+            ("registered", "registered"), ("failed", "failed"), ("refused by check", "refused_by_check"),
+            ("pending", "pending"), ("rejected locally", "rejected_locally"),
+        ):
             if local[key] or key == "registered":
                 click.echo(f"  {label:<18}{local[key]:>10,}")
         for chunk in chunks:
@@ -638,9 +649,12 @@ def status(ref: str, product_key: str | None, as_json: bool) -> None:
 def requests(limit: int, states: tuple[str, ...], as_json: bool) -> None:
     """Recent requests, newest first, with their states and outcomes."""
     with reading(load_settings()) as service:
-        rows = service.requests(states=[State(s) for s in states] or None, limit=limit) if service else []
+        if service is None:
+            click.echo("[]" if as_json else "No requests yet.")
+            return
+        rows = service.requests(states=[State(s) for s in states] or None, limit=limit)
         if as_json:
-            print_json([request_json(service, r) for r in rows] if service else [])
+            print_json([request_json(service, r) for r in rows])
             return
         if not rows:
             click.echo("No requests yet.")
@@ -649,7 +663,7 @@ def requests(limit: int, states: tuple[str, ...], as_json: bool) -> None:
         for request in rows:
             click.echo(
                 f"{request.id:>5}  {request.created_at:%Y-%m-%d %H:%M}  {request.product_key:<12}  {request.state:<17}  "
-                f"{request.count:>8,}  {service.created_count(request.id):>10,}  {request.requester}"  # type: ignore[union-attr]
+                f"{request.count:>8,}  {service.created_count(request.id):>10,}  {request.requester}"
             )
 
 
