@@ -35,6 +35,7 @@ import dataclasses
 import enum
 import logging
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -552,9 +553,10 @@ class IotClient:
         request_id = str(body.get("RequestId", ""))
         log.debug("%s -> HTTP %d in %.0f ms (RequestId %s)", action, response.status_code, elapsed * 1000, request_id)
         if response.status_code >= 400:
-            raise errors.gateway_error(
-                response.status_code, str(body.get("Code", "")), str(body.get("Message", "")), request_id, action
-            )
+            code, message = str(body.get("Code", "")), str(body.get("Message", ""))
+            if code == "SignatureDoesNotMatch":
+                message = _without_string_to_sign(action, message)
+            raise errors.gateway_error(response.status_code, code, message, request_id, action)
         if body.get("Success") is False:
             message = str(body.get("ErrorMessage") or body.get("Message") or "")
             data = body.get("Data") if isinstance(body.get("Data"), dict) else None
@@ -636,6 +638,15 @@ def _refused_names(data: Mapping, nicknames: Mapping[str, str | None]) -> tuple[
     return tuple(found.values())
 
 
+def _without_string_to_sign(action: str, message: str) -> str:
+    """The platform's answer to a wrong secret quotes its string to sign: worth comparing when
+    debugging the signer (``-vv``), noise in a warning or an error a person reads."""
+    said, marker, string_to_sign = message.partition("server string to sign is:")
+    if marker:
+        log.debug("%s: IoT Platform's string to sign: %s", action, string_to_sign)
+    return f"{said.strip() or 'the signature does not match'} Check ALIBABA_CLOUD_ACCESS_KEY_SECRET."
+
+
 def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:
     """Whether a connection error happened before the request could be sent."""
     text = repr(exc)
@@ -643,6 +654,13 @@ def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:
 
 
 def _reason(exc: Exception) -> str:
-    """A short cause, without the URL (which carries the signature and the key id)."""
+    """A short cause, without the URL (which carries the signature and the key id): the system's
+    words (``Connection refused``, ``Name or service not known``) when there are some."""
     text = str(exc.args[0] if exc.args else exc)
-    return text.split("(Caused by ", 1)[-1].rstrip(")")[:200] if "(Caused by " in text else type(exc).__name__
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if errno:
+        return errno[1].strip()
+    if "(Caused by " in text:
+        cause = text.split("(Caused by ", 1)[-1].rstrip(")")
+        return re.sub(r"^\w+\(.*?\): ", "", cause.split("(", 1)[0] if cause.startswith(("ConnectTimeout", "ReadTimeout")) else cause)[:160]
+    return type(exc).__name__

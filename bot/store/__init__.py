@@ -124,7 +124,7 @@ class Store(Protocol):
         now: datetime,
         channel: str = "",
         origin_data: dict[str, Any] | None = None,
-        rejected: Sequence[tuple[int, str, str]] = (),
+        rejected: Sequence[tuple[int, str, str] | tuple[int, str, str, str | None]] = (),
         rejected_count: int = 0,
         devices: Iterable[tuple[str, str | None, int | None]] = (),
         chunks: Sequence[int] = (),
@@ -138,9 +138,9 @@ class Store(Protocol):
         decided_by: str | None = None,
         audit: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> int:
-        """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines,
-        its ``requested`` audit row (and the ``audit`` rows after it, by ``decided_by``), its first
-        event, and mark the upload it came from as read.
+        """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines
+        ``(line, value, reason[, nickname])``, its ``requested`` audit row (and the ``audit`` rows
+        after it, by ``decided_by``), its first event, and mark the upload it came from as read.
 
         With ``retry_of``: in the same transaction, set that request's ``retried_as`` to the new
         one only if it has none yet; otherwise write nothing and raise :class:`AlreadyRetried`."""

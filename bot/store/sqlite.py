@@ -186,6 +186,12 @@ def m006_approvals(db: Database) -> None:
     db["requests"].add_column("reminders_sent", int, not_null_default=0)
 
 
+@migrations()
+def m007_rejected_nicknames(db: Database) -> None:
+    """The nickname given beside a line refused locally, for the outcome report."""
+    db["rejected_lines"].add_column("nickname", str)
+
+
 def format_time(value: datetime) -> str:
     """Times are stored as ISO 8601 UTC text, which sorts and compares correctly as text."""
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
@@ -425,8 +431,8 @@ class SqliteStore:
                 ((request_id, n, size) for n, size in enumerate(chunks)),
             )
             db.conn.executemany(
-                "INSERT INTO rejected_lines (request_id, line, value, reason) VALUES (?, ?, ?, ?)",
-                ((request_id, line, value, reason) for line, value, reason in rejected),
+                "INSERT INTO rejected_lines (request_id, line, value, reason, nickname) VALUES (?, ?, ?, ?, ?)",
+                ((request_id, *row[:3], row[3] if len(row) > 3 else None) for row in rejected),
             )
             if retry_of is not None:
                 # Compare-and-set in the same transaction: however many clicks, one retry request.
@@ -689,7 +695,7 @@ class SqliteStore:
 
     def rejected_lines(self, request_id: int) -> list[RejectedLine]:
         rows = self.db.execute(
-            "SELECT line, value, reason FROM rejected_lines WHERE request_id = ? ORDER BY line", [request_id]
+            "SELECT line, value, reason, nickname FROM rejected_lines WHERE request_id = ? ORDER BY line", [request_id]
         )
         return [RejectedLine(*r) for r in rows.fetchall()]
 
