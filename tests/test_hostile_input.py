@@ -58,6 +58,7 @@ BINARY = ("is a binary file, not a device list", "upload a CSV or a text file")
 NOT_UTF8 = ("is not UTF-8 text", "CSV UTF-8")
 WORKBOOK = ("looks like an Excel workbook or a zip file", "save it as CSV")
 HTML = ("is an HTML page, not a device list",)
+PDF = ("is a PDF document, not a device list", "export the list as CSV")
 
 
 def read(name: str, **options: Any) -> DeviceList:
@@ -76,9 +77,9 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "devices_in_archive.zip": WORKBOOK,
     "devices.xlsx": WORKBOOK,
     "old_excel_renamed.csv": ("looks like an old Excel workbook (.xls)", "save it as CSV"),
-    "devices_printed.pdf": BINARY,
-    # A PDF whose first kilobytes are text: refused at its first non-UTF-8 byte, told to save as CSV.
-    "pdf_text_header_only.pdf": ("line 2 of", *NOT_UTF8),
+    "devices_printed.pdf": PDF,
+    # A PDF whose first kilobytes are text: known by its first bytes all the same.
+    "pdf_text_header_only.pdf": PDF,
     "screenshot_of_the_list.png": BINARY,
     "devices.csv.gz": BINARY,
     "slack_sign_in_page.csv": HTML,
@@ -87,7 +88,6 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "nul_in_the_middle.txt": BINARY,
     "control_characters.txt": BINARY,  # BEL and an ANSI colour escape
     "utf8_then_latin1.csv": ("line 3 of", *NOT_UTF8),
-    "windows1252_smart_quotes.csv": ("line 3 of", *NOT_UTF8),
     "utf16_truncated.txt": ("line 2 of", "is not UTF-16 text"),
     "utf16_lone_surrogate.txt": ("line 2 of", "is not UTF-16 text"),
     "lone_utf8_bom.csv": ("is empty",),
@@ -183,6 +183,11 @@ READ: dict[str, tuple[list[tuple[str, str | None]], list[tuple[int, str, str]]]]
     "dos_eof_marker.txt": (
         [("eof-0001", None), ("eof-0002", None)],
         [(3, "\x1a", "an invisible character (U+001A) is not allowed")],
+    ),
+    # Excel's Windows-1252: read as such, and the curly quotes around a name are not part of one.
+    "windows1252_smart_quotes.csv": (
+        [("win-0001", "Pump_1")],
+        [(3, "\u201cwin-0002\u201d", f"'\u201c' and '\u201d' are not allowed: {NAME_RULE}")],
     ),
     # Two DeviceName columns: the first is read, the second ignored (an ambiguous file; see the report).
     "duplicate_devicename_columns.csv": ([("dup-0001", "Pump_1"), ("dup-0002", "Pump_2")], []),
