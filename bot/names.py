@@ -312,7 +312,7 @@ class _Collector:
         """Check one value (and its nickname) found at ``line``/``item``."""
         if not _NAME_RE.fullmatch(name):
             # Past the rejections kept in detail, counting is enough: skip working out why.
-            self.reject(name, (validate_name(name) or "") if self._room() else "", line, item)
+            self.reject(name, (validate_name(name) or "") if self.room() else "", line, item)
             return
         if len(name) == len(_NAME_HEADER) and name.lower() == _NAME_HEADER:
             self.reject(name, "this is a header line, not a device: delete the line", line, item)
@@ -370,13 +370,13 @@ class _Collector:
                 del nicknames[:step]
         return devices
 
-    def _room(self) -> bool:
+    def room(self) -> bool:
         return len(self.rejected) < self._keep
 
     def reject(self, value: str, reason: str, line: int | None, item: int | None = None) -> bool:
         """Count a rejection; True when it is kept in detail."""
         self.rejected_count += 1
-        if not self._room():
+        if not self.room():
             return False
         if len(value) > _VALUE_SHOWN:
             value = value[: _VALUE_SHOWN - 1] + "…"
@@ -710,6 +710,8 @@ def _read_lines(reader: _LineReader, subject: _Subject, keep: int) -> DeviceList
     # Blank lines, empty rows and comments may come before the header or the first name.
     first, line_no, only_comments, empty_rows, rest = "", 0, False, False, []
     for lines in batches:
+        if not "".join(lines).strip():  # a batch of blank lines: no line of it can be the first
+            continue
         for index, raw in enumerate(lines):
             first = raw.strip()
             if first and first[0] in ",;" and _EMPTY_ROW_RE.fullmatch(first):
@@ -811,6 +813,8 @@ def _unquote(value: str) -> str:
 # lines the line-by-line code would accept the same way.
 _PLAIN_NAMES_RE = re.compile(rf"(?:{_NAME_RE.pattern}\n)*{_NAME_RE.pattern}")
 _ONE_A_LINE_RE = re.compile(rf"^[ \t]*(?:({_NAME_RE.pattern})[ \t]*|(?:[,;][ \t,;]*)?)$", re.M)
+# Text in which a line the patterns above do not match cannot become a name once stripped or unquoted.
+_ONLY_COUNTED_RE = re.compile(r'[^"\x0b\x0c\x1c-\x1f\x80-\U0010ffff]*')
 _ONE_A_LINE_COMMENTS_RE = re.compile(rf"^[ \t]*(?:({_NAME_RE.pattern})[ \t]*|#.*|(?:[,;][ \t,;]*)?)$", re.M)
 
 
@@ -832,7 +836,13 @@ def _read_one_a_line(
                     kept = [(n, i) for i, n in enumerate(names, start) if n]
                     if collector.extend([n for n, _ in kept], None, (i for _, i in kept)):
                         continue
+            elif not collector.room() and not any(names) and _ONLY_COUNTED_RE.fullmatch(joined):
+                # Past the rejections kept in detail, a batch of junk: the lines the pattern did
+                # not match are the bad ones, and they are only counted.
+                collector.rejected_count += len(lines) - len(names)
+                continue
         add = collector.add
+        counting = not collector.room()  # past the rejections kept in detail: a bad line is counted
         for number, raw in enumerate(lines, start):
             value = raw.strip()
             if not value or (comments and value[0] == "#"):
@@ -841,6 +851,9 @@ def _read_one_a_line(
                 continue
             if value[0] == '"':
                 value = _unquote(value)
+            if counting and _NAME_RE.fullmatch(value) is None:
+                collector.rejected_count += 1
+                continue
             add(value, None, number)
 
 
