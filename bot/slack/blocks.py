@@ -6,11 +6,17 @@ No function here calls Slack: each returns ``(text, blocks)`` or a view dict, so
 Limits respected here (slack-platform.md): at most 50 blocks a message, 3,000 characters a section,
 confirm texts of 300, button values of 2,000. Long device lists are cut with "… and N more": the
 complete list goes into a CSV file.
+
+Text that came from a person, a file or the platform goes into mrkdwn through :func:`escape` only,
+which keeps it inside the formatting it is put in: no link, no mention, no formatting of its own,
+no code span closed early, no line break, and never longer than its room.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -34,17 +40,61 @@ FILE_BLOCK = "file"
 NAMES_BLOCK = "names"
 SECTION_LIMIT = 2900  # a little under Slack's 3,000 characters
 INLINE_DEVICES = 20  # longer lists go into a CSV file
+VALUE_LIMIT = 100  # a name or a rejected line as shown in a list (the reader cuts values at 80)
+REASON_LIMIT = 300  # why it was refused
 
 Blocks = list[dict[str, Any]]
 
 
-def escape(text: object) -> str:
-    """Text a person or the platform wrote, made safe for mrkdwn (no mentions, no links)."""
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+#: Characters Slack's mrkdwn reads as markup, and what they are shown as instead.
+_CODE_MARKUP = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "`": "\u02cb"})
+_MARKUP = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "`": "\u02cb", "*": "\u2217", "~": "\u223c"})
+#: Outside a code span: what Slack would turn into a link or a mention, or an underscore that could
+#: open or close italics (one between two letters or digits cannot).
+_LINKABLE = re.compile(r"(?<=[^\W_])\.(?=[^\W_])|(?<=[:/])/|[@#](?=\w)|(?<![^\W_])_|_(?![^\W_])")
+_LINK_BREAKERS = {".": "\u2024", "/": "\u2215", "@": "@\u2060", "#": "#\u2060", "_": "\u02cd"}
+_USER_ID = re.compile(r"[UW][A-Z0-9]{2,20}")
+
+
+def escape(text: object, *, code: bool = False, limit: int = SECTION_LIMIT) -> str:
+    """``text`` from a person, a file or the platform, as mrkdwn that shows it and nothing else.
+
+    Line breaks, control and invisible characters (bidirectional overrides, zero-width ones) show
+    as ``�`` (``↵`` for a line break); ``& < >`` are escaped; a backtick, ``*`` and ``~`` become
+    look-alikes. With ``code``, the text comes back as an inline code span (in which Slack makes no
+    link and no mention); without, dots inside words, ``//``, ``@`` and ``#`` before a word and
+    underscores at a word's edge are replaced or broken, so that nothing is linked, mentioned or
+    put in italics. The result, backticks included, is at most ``limit`` characters, cut with ``…``.
+    """
+    assert limit > 3, "room for at least one character, the backticks and …"
+    raw = str(text)[:limit]  # every character comes out as one or more: no more are ever needed
+    room = limit - (2 if code else 0)
+    shown = _escaped(raw, code)
+    while len(shown) > room:  # cut the text in proportion, leaving room for "…"
+        raw = raw[: min(len(raw) - 1, len(raw) * (room - 1) // len(shown))]
+        shown = _escaped(raw, code) + "…"
+    return f"`{shown}`" if code else shown
+
+
+def _escaped(text: str, code: bool) -> str:
+    if not text.isascii() or not text.isprintable():
+        text = "".join(_visible(c) for c in text)
+    if code:
+        return text.translate(_CODE_MARKUP)
+    return _LINKABLE.sub(lambda m: _LINK_BREAKERS[m[0]], text.translate(_MARKUP))
+
+
+def _visible(char: str) -> str:
+    if char in "\r\n\u2028\u2029\x85":
+        return "\u21b5"
+    if char == "\t":
+        return " "
+    return "\ufffd" if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") else char
 
 
 def user(user_id: str) -> str:
-    return f"<@{user_id}>" if user_id and user_id[0] in "UW" else escape(user_id)
+    """A mention of a Slack user id; anything else (``cli:root``) as plain text."""
+    return f"<@{user_id}>" if _USER_ID.fullmatch(user_id or "") else escape(user_id)
 
 
 def when(moment: datetime | None) -> str:
@@ -123,7 +173,7 @@ def anchor(
         if request.kind == "count"
         else plural(request.count, "device name")
     )
-    title = f"*Device registration #{request.id}* · product `{escape(request.product_key)}` · {what} · requested by {user(request.requester)}"
+    title = f"*Device registration #{request.id}* · product {escape(request.product_key, code=True)} · {what} · requested by {user(request.requester)}"
     blocks: Blocks = []
     if label:
         blocks.append(context(label))
@@ -136,11 +186,11 @@ def anchor(
     if request.state == st.REJECTED:
         state_line = f":no_entry_sign: Rejected by {user(request.decided_by or '')} at {when(request.decided_at)}: nothing was registered."
         if request.reason:
-            state_line += f"\n>{escape(request.reason)}"
+            state_line += f"\n>{escape(request.reason, limit=1000)}"
     if request.state == st.CANCELLED:
         state_line = f":heavy_multiplication_x: Cancelled by {user(request.decided_by or '')} at {when(request.decided_at)}: nothing was registered."
     if request.state == st.FAILED and request.reason:
-        state_line += f"\n>{escape(request.reason)}"
+        state_line += f"\n>{escape(request.reason, limit=1000)}"
     if request.state in (st.DONE, st.FAILED):
         state_line += "\n" + outcome_line(summary)
     blocks.append(section(state_line))
@@ -204,13 +254,16 @@ def outcome_line(summary: Summary) -> str:
 
 
 def rejected_lines_reply(rejected: Sequence[tuple[int, str, str]], total: int) -> tuple[str, Blocks]:
-    lines = (f"• {f'line {line}: ' if line else ''}`{escape(value)}`: {escape(reason)}" for line, value, reason in rejected)
+    lines = (
+        f"• {f'line {line}: ' if line else ''}{escape(value, code=True, limit=VALUE_LIMIT)}: {escape(reason, limit=REASON_LIMIT)}"
+        for line, value, reason in rejected
+    )
     text = f"{plural(total, 'line')} of the list could not be used and will be skipped:"
     return text, [section(text), section(bullet_list(lines, total, more=" (all listed in the result file)"))]
 
 
 def check_failed_reply(request: Request, invalid: Sequence[DeviceRow], invalid_total: int, valid: int) -> tuple[str, Blocks]:
-    lines = (f"• `{escape(d.name)}`: {escape(d.reason or 'refused')}" for d in invalid)
+    lines = (f"• {escape(d.name, code=True, limit=VALUE_LIMIT)}: {escape(d.reason or 'refused', limit=REASON_LIMIT)}" for d in invalid)
     text = f"IoT Platform refused {plural(invalid_total, 'name')}; {plural(valid, 'name')} passed."
     blocks: Blocks = [section(text), section(bullet_list(lines, invalid_total))]
     elements = []
@@ -225,13 +278,13 @@ def result_reply(summary: Summary, failed: Sequence[DeviceRow], created: Sequenc
     request = summary.request
     headline = f"Request #{request.id}: {outcome_line(summary)}"
     if request.state == st.FAILED and request.reason:
-        headline += f"\n>{escape(request.reason)}"
+        headline += f"\n>{escape(request.reason, limit=1000)}"
     blocks: Blocks = [section(headline)]
     if failed:
-        lines = (f"• `{escape(d.name)}`: {escape(d.reason or 'failed')}" for d in failed)
+        lines = (f"• {escape(d.name, code=True, limit=VALUE_LIMIT)}: {escape(d.reason or 'failed', limit=REASON_LIMIT)}" for d in failed)
         blocks.append(section("*Not registered:*\n" + bullet_list(lines, summary.failed + (summary.pending if request.final else 0))))
     if created and not with_file:
-        lines = (f"• `{escape(d.name)}`" + (f" · {escape(d.iot_id)}" if d.iot_id else "") for d in created)
+        lines = (f"• {escape(d.name, code=True, limit=VALUE_LIMIT)}" + (f" · {escape(d.iot_id, limit=VALUE_LIMIT)}" if d.iot_id else "") for d in created)
         blocks.append(section("*Registered:*\n" + bullet_list(lines, summary.created)))
     if with_file:
         blocks.append(context("Every device's outcome is in the file below."))
@@ -255,7 +308,7 @@ def register_modal(product_key: str, metadata: dict[str, str], label: str = "") 
     if label:
         blocks.append(context(label))
     blocks += [
-        section(f"Register devices in product `{escape(product_key)}`.\nUpload a CSV or TXT file, or paste the names below."),
+        section(f"Register devices in product {escape(product_key, code=True)}.\nUpload a CSV or TXT file, or paste the names below."),
         {
             "type": "input",
             "block_id": FILE_BLOCK,
@@ -309,8 +362,8 @@ def help_text() -> str:
 def status_text(summary: Summary, apply_ids: Sequence[int]) -> str:
     request = summary.request
     lines = [
-        f"*Request #{request.id}* · product `{escape(request.product_key)}` · requested by {user(request.requester)} {when(request.created_at)}",
-        f"State: *{request.state.replace('_', ' ')}*" + (f": {escape(request.reason)}" if request.reason else ""),
+        f"*Request #{request.id}* · product {escape(request.product_key, code=True)} · requested by {user(request.requester)} {when(request.created_at)}",
+        f"State: *{request.state.replace('_', ' ')}*" + (f": {escape(request.reason, limit=1000)}" if request.reason else ""),
         outcome_line(summary) if request.state in (st.DONE, st.FAILED, st.REGISTERING) else f"{plural(request.count, 'device')}",
     ]
     if apply_ids:
@@ -324,7 +377,7 @@ def list_text(rows: Sequence[tuple[Request, int]]) -> str:
     lines = ["*Recent registration requests in this channel:*"]
     for request, created in rows:
         lines.append(
-            f"• #{request.id} · `{escape(request.product_key)}` · {request.state.replace('_', ' ')} · "
+            f"• #{request.id} · {escape(request.product_key, code=True)} · {request.state.replace('_', ' ')} · "
             f"{request.count:,} devices, {created:,} registered · {user(request.requester)} {when(request.created_at)}"
         )
     return "\n".join(lines)

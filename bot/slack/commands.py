@@ -47,7 +47,7 @@ def register(app: App, deps: Deps) -> None:
         elif verb == "list":
             in_ack_or_after(ack, respond, deps, listing, channel)
         else:
-            prefix = "" if verb == "help" else f"I don't know `{blocks.escape(' '.join(words))}`.\n"
+            prefix = "" if verb == "help" else f"I don't know {blocks.escape(' '.join(words), code=True, limit=200)}.\n"
             ack(text=prefix + blocks.help_text())
 
 
@@ -58,7 +58,7 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
         return
     product_key, rest = args[0], args[1:]
     if not PRODUCT_KEY.fullmatch(product_key):
-        ack(text=f"`{blocks.escape(product_key)}` is not a ProductKey: it is letters and digits, like `a1BwAGVxxxx`. {usage}")
+        ack(text=f"{blocks.escape(product_key, code=True, limit=100)} is not a ProductKey: it is letters and digits, like `a1BwAGVxxxx`. {usage}")
         return
     user, channel = command["user_id"], command["channel_id"]
     if not rest:
@@ -77,7 +77,7 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
     try:
         devices = parse_pasted(" ".join(rest))
     except DeviceListError as exc:
-        ack(text=exc.message)
+        ack(text=blocks.escape(exc.message))
         return
     # Stored before the ack: a command's text holds a few hundred names at most, milliseconds to
     # store, and once told "checking" the user must never lose the request to a restart.
@@ -140,7 +140,7 @@ def status(deps: Deps, ref: str, user: str, channel: str, *, at_once: bool = Fal
         except NeedsSlack:
             return None
     if request is None:
-        return f"There is no request or ApplyId `{blocks.escape(ref)}`. `{blocks.COMMAND} list` shows this channel's requests."
+        return f"There is no request or ApplyId {blocks.escape(ref, code=True, limit=100)}. `{blocks.COMMAND} list` shows this channel's requests."
     if at_once and request.count > AT_ONCE_DEVICES:
         return None
     apply_ids = [c.apply_id for c in deps.workflow.store.chunks(request.id) if c.apply_id]
@@ -160,7 +160,7 @@ def listing(deps: Deps, channel: str, *, at_once: bool = False) -> str | None:
 def cancel(deps: Deps, ref: str, user: str, channel: str = "") -> str:
     request = find_request(deps, ref)
     if request is None:
-        return f"There is no request `{blocks.escape(ref)}`."
+        return f"There is no request {blocks.escape(ref, code=True, limit=100)}."
     if user != request.requester and deps.approvers.why_not(user) is not None:
         return f"Only {blocks.user(request.requester)} or an approver can cancel request #{request.id}."
     try:

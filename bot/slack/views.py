@@ -64,12 +64,12 @@ def take_list(deps: Deps, client: WebClient, upload: Upload | None) -> None:
     try:
         devices = read_submission(deps, upload.files, upload.pasted)
     except DeviceListError as exc:
-        tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` was not used: {exc.message}")
+        tell(client, channel, user, f"Your device list for {blocks.escape(product_key, code=True)} was not used: {blocks.escape(exc.message)}")
         deps.workflow.store.finish_upload(upload.id, deps.workflow.clock.now())
         return
     except Exception:  # noqa: BLE001 - this thread is an edge: the uploader must hear something
         log.exception("reading a submitted device list failed")
-        tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` could not be read because of an error on iotreg's side; it has been logged.")
+        tell(client, channel, user, f"Your device list for {blocks.escape(product_key, code=True)} could not be read because of an error on iotreg's side; it has been logged.")
         deps.workflow.store.finish_upload(upload.id, deps.workflow.clock.now())
         return
     deps.workflow.submit(
