@@ -296,6 +296,21 @@ def response_after(scenario, before: int, timeout: float = 5.0) -> str:
     return scenario.fake.wait_for(lambda: scenario.fake.responses[before:] and scenario.fake.responses[before].payload["text"], timeout=timeout)
 
 
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [({"status": 429, "retry_after": 0}, "`ratelimited`"), ({"status": 503}, "HTTP 503"), ({"error": "expired_trigger_id"}, "`expired_trigger_id`")],
+)
+def test_a_form_slack_will_not_open_is_explained_through_the_response_url(scenario, fault, said):
+    scenario.fake.fail("views.open", times=10, **fault)  # through every one of slack-sdk's retries
+    product_key = scenario.emulator.product_key
+    before = len(scenario.fake.responses)
+    assert scenario.ws.command(ALICE, OPS, f"register {product_key}").status_code == 200
+    text = response_after(scenario, before, timeout=15)
+    assert text.startswith(f"The registration form could not be opened: Slack answered {said}. Nothing was registered.")
+    assert f"`/devices register {product_key} name1 name2 …`" in text
+    assert not scenario.fake.views
+
+
 def test_status_list_and_cancel(scenario):
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
     scenario.drive(1, st.AWAITING_APPROVAL)

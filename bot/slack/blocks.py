@@ -359,6 +359,15 @@ def help_text() -> str:
     )
 
 
+def form_not_opened(product_key: str, failure: str) -> str:
+    """The answer to ``/devices register`` when Slack would not open the form."""
+    return (
+        f"The registration form could not be opened: Slack answered {failure}. Nothing was registered. "
+        f"Run `{COMMAND} register {product_key}` again in a minute, or put the names right after it: "
+        f"`{COMMAND} register {product_key} name1 name2 …`."
+    )
+
+
 def status_text(summary: Summary, apply_ids: Sequence[int]) -> str:
     request = summary.request
     lines = [

@@ -11,6 +11,7 @@ import uuid
 
 from slack_bolt import Ack, App, Respond
 from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError, SlackClientError
 
 from bot import store as st
 from bot.names import DeviceListError, parse_pasted
@@ -36,7 +37,7 @@ def register(app: App, deps: Deps) -> None:
         verb = words[0].lower() if words else "help"
         user, channel = command["user_id"], command["channel_id"]
         if verb == "register":
-            register_command(ack, client, deps, command, words[1:])
+            register_command(ack, client, deps, command, words[1:], respond)
         elif verb == "status" and len(words) == 2:
             in_ack_or_after(ack, respond, deps, status, words[1], user, channel)
         elif verb == "cancel" and len(words) == 2:
@@ -51,7 +52,7 @@ def register(app: App, deps: Deps) -> None:
             ack(text=prefix + blocks.help_text())
 
 
-def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, args: list[str]) -> None:
+def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, args: list[str], respond: Respond) -> None:
     usage = f"Usage: `{blocks.COMMAND} register &lt;ProductKey&gt;` (then upload a file), add names after it, or `--count N`."
     if not args:
         ack(text=usage)
@@ -64,7 +65,11 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
     if not rest:
         ack()
         metadata = {"channel": channel, "user": user, "product_key": product_key, "draft": uuid.uuid4().hex[:12]}
-        client.views_open(trigger_id=command["trigger_id"], view=blocks.register_modal(product_key, metadata, deps.label))
+        try:
+            client.views_open(trigger_id=command["trigger_id"], view=blocks.register_modal(product_key, metadata, deps.label))
+        except (SlackClientError, OSError) as exc:  # after slack-sdk's retries: the person must hear it
+            log.warning("views.open failed for /devices register: %s", slack_failure(exc))
+            respond(text=blocks.form_not_opened(product_key, slack_failure(exc)))
         return
     if rest[0] == "--count":
         if len(rest) != 2 or not re.fullmatch(r"[0-9]{1,7}", rest[1]) or not 1 <= int(rest[1]) <= MAX_COUNT:
@@ -86,6 +91,16 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
         rejected=devices.rejected, rejected_count=devices.rejected_count,
     )
     ack(text=f"Request #{request.id}: checking {blocks.plural(len(devices.devices), 'name')} for `{product_key}`…")
+
+
+def slack_failure(exc: Exception) -> str:
+    """What Slack answered, in a few words: its error code, else the HTTP status, else the exception."""
+    if isinstance(exc, SlackApiError):
+        error = exc.response.get("error") if isinstance(exc.response.data, dict) else None
+        if isinstance(error, str) and re.fullmatch(r"[a-z_]{1,60}", error):  # a code, not an HTML page
+            return f"`{error}`"
+        return f"HTTP {exc.response.status_code}"
+    return type(exc).__name__
 
 
 def in_ack_or_after(ack: Ack, respond: Respond, deps: Deps, answer, *args) -> None:

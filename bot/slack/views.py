@@ -52,7 +52,7 @@ def register(app: App, deps: Deps) -> None:
             user=user, channel=meta["channel"], product_key=meta["product_key"], files=files, pasted=pasted, now=deps.workflow.clock.now()
         )
         ack()
-        deps.background.submit(take_list, deps, client, deps.workflow.store.upload(upload_id))
+        deps.slow.submit(take_list, deps, client, deps.workflow.store.upload(upload_id))
 
 
 def take_list(deps: Deps, client: WebClient, upload: Upload | None) -> None:
@@ -82,7 +82,7 @@ def resume_uploads(deps: Deps, client: WebClient) -> int:
     """At start: read the lists a restart interrupted."""
     unread = deps.workflow.store.unread_uploads()
     for upload in unread:
-        deps.background.submit(take_list, deps, client, upload)
+        deps.slow.submit(take_list, deps, client, upload)
     return len(unread)
 
 

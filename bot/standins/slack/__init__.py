@@ -11,8 +11,8 @@ against them unchanged:
   ``response_url``\s. It keeps a model of the workspace for tests to read (:meth:`~FakeSlack.messages`,
   :meth:`~FakeSlack.thread`, :meth:`~FakeSlack.ephemeral`, :attr:`~FakeSlack.views`,
   :attr:`~FakeSlack.uploads`, :meth:`~FakeSlack.dm`), records every request
-  (:attr:`~FakeSlack.calls`), injects faults (:meth:`~FakeSlack.fail`, :meth:`~FakeSlack.delay`) and
-  lets a test wait for the bot without sleeping (:meth:`~FakeSlack.wait_for`).
+  (:attr:`~FakeSlack.calls`), injects faults (:meth:`~FakeSlack.fail`, :meth:`~FakeSlack.delay`),
+  holds answers until a test releases them (:meth:`~FakeSlack.hold`) and lets a test wait for the bot without sleeping (:meth:`~FakeSlack.wait_for`).
 * :class:`Workspace` plays the people: it builds the slash command, ``block_actions`` and
   ``view_submission`` requests Slack sends, signs them with the signing secret
   (:func:`signature_headers`) and POSTs them to the app. The pure builders (:func:`command_body`,
@@ -60,6 +60,7 @@ __all__ = [
     "Call",
     "Download",
     "FakeSlack",
+    "Hold",
     "ResponseUrlPost",
     "Upload",
     "Workspace",
@@ -206,6 +207,32 @@ class _Reply:
     @classmethod
     def text(cls, status: int, text: str) -> _Reply:
         return cls(status, text.encode("utf-8"), "text/plain; charset=utf-8")
+
+
+class Hold:
+    """Requests held by :meth:`FakeSlack.hold` until :meth:`release`."""
+
+    def __init__(self, changed: threading.Condition) -> None:
+        self._changed = changed
+        self._released = threading.Event()
+        self.waiting = 0  # requests held now (read it in FakeSlack.wait_for)
+
+    def release(self) -> None:
+        self._released.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait(self, stopping: threading.Event) -> None:
+        with self._changed:
+            self.waiting += 1
+            self._changed.notify_all()
+        try:
+            while not self._released.wait(0.05) and not stopping.is_set():
+                pass
+        finally:
+            with self._changed:
+                self.waiting -= 1
+                self._changed.notify_all()
 
 
 @dataclasses.dataclass
@@ -372,6 +399,7 @@ class FakeSlack:
         self._redirects: dict[str, tuple[int, str]] = {}
         self._faults: dict[str, list[_Fault]] = {}
         self._delays: dict[str, float] = {}
+        self._holds: dict[str, Hold] = {}
         self.add_user(bot_user_id, name=bot_name, is_bot=True)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -562,10 +590,20 @@ class FakeSlack:
             else:
                 self._delays.pop(method, None)
 
+    def hold(self, method: str) -> Hold:
+        """Hold every answer for ``method`` (or ``files.upload``/``files.download``) until the
+        returned :class:`Hold` is released; :attr:`Hold.waiting` counts the requests held now."""
+        with self._lock:
+            held = self._holds[method] = Hold(self._changed)
+            return held
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
             self._delays.clear()
+            holds, self._holds = list(self._holds.values()), {}
+        for held in holds:
+            held.release()
 
     # -- reading the workspace ------------------------------------------------------------------
 
@@ -721,8 +759,11 @@ class FakeSlack:
         """Apply an injected delay (outside the lock) and fault, if any."""
         with self._lock:
             delay = self._delays.get(name, 0.0)
+            held = self._holds.get(name)
         if delay:
             self._stopping.wait(delay)
+        if held is not None:
+            held.wait(self._stopping)
         with self._lock:
             queue = self._faults.get(name)
             if not queue:
