@@ -242,6 +242,8 @@ def register(file: Path | None, product_key: str, count: int | None, yes: bool, 
                 devices = read_device_file(source, filename=file.name)
         except DeviceListError as exc:
             raise click.ClickException(exc.message) from None
+        if devices.read_as:
+            click.echo(f"Read {file.name} as {devices.read_as}: it is not UTF-8. If names look wrong, save it as CSV UTF-8.", err=True)
         show_rejected(devices)
     request = None
     with open_workflow(settings) as (workflow, jobs):

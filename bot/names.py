@@ -433,9 +433,11 @@ def read_device_file(
     subject = _Subject(filename)
     reader = _LineReader(_chunks(data, max_bytes, subject), subject)
     try:
-        return _read_lines(reader, subject, keep_rejected)
+        result = _read_lines(reader, subject, keep_rejected)
     finally:
         reader.close()
+    result.encoding = reader.encoding
+    return result
 
 
 @dataclass(frozen=True)
@@ -1019,7 +1021,7 @@ class _CsvRows:
         row = "\n".join(lines)
         cells, name, nickname = self._cells(row)
         if "\n" in name or "\n" in nickname:
-            reason = _LINE_BREAK_REASON.format(first, first + len(lines) - 1)
+            reason = _LINE_BREAK_REASON.format(first, first + len(lines) - 1) if self._collector.room() else ""
             self._collector.reject(name or row.strip(), reason, first)
         else:
             self._row(row, first)

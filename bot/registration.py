@@ -223,11 +223,13 @@ class Workflow:
         rejected_count: int | None = None,
         retry_of: int | None = None,
         upload_id: int | None = None,
+        read_as: str | None = None,
     ) -> Request:
         """Open a request for ``devices`` (objects with ``name``/``nickname``/``line``, or names).
 
         ``rejected`` holds the lines refused locally (objects with ``line``/``value``/``reason``);
-        they are kept for the report. The check starts at once.
+        they are kept for the report. ``read_as`` names the legacy encoding the list was read in,
+        told with the request's creation. The check starts at once.
         """
         rows = [_device_row(d) for d in devices]
         if not rows:
@@ -250,7 +252,7 @@ class Workflow:
             chunks=chunks,
             chunk_size=size,
             retry_of=retry_of,
-            event=("created", {}),
+            event=("created", {"read_as": read_as} if read_as else {}),
             upload_id=upload_id,
         )
         self._kick(request_id)

@@ -262,6 +262,15 @@ def rejected_lines_reply(rejected: Sequence[tuple[int, str, str]], total: int) -
     return text, [section(text), section(bullet_list(lines, total, more=" (all listed in the result file)"))]
 
 
+def read_as_reply(encoding: str) -> tuple[str, Blocks]:
+    """The list was not UTF-8 and was read in a legacy encoding: say which, and what to do if wrong."""
+    text = (
+        f"The list was read as {escape(encoding, limit=40)}: it is not UTF-8. If names or nicknames look wrong, "
+        "save it as CSV UTF-8 (in Excel: Save As, CSV UTF-8) and upload it again."
+    )
+    return text, [section(text)]
+
+
 def check_failed_reply(request: Request, invalid: Sequence[DeviceRow], invalid_total: int, valid: int) -> tuple[str, Blocks]:
     lines = (f"• {escape(d.name, code=True, limit=VALUE_LIMIT)}: {escape(d.reason or 'refused', limit=REASON_LIMIT)}" for d in invalid)
     text = f"IoT Platform refused {plural(invalid_total, 'name')}; {plural(valid, 'name')} passed."

@@ -61,6 +61,8 @@ class SlackNotifier:
             steps.append(("anchor", lambda: self._update_anchor(request, progress=(event.payload.get("chunks_done", 0), event.payload.get("chunks", 0)))))
         else:
             steps.append(("anchor", lambda: self._update_anchor(request)))
+        if event.kind == "created" and event.payload.get("read_as"):
+            steps.append(("read_as", lambda: self._reply(request, *blocks.read_as_reply(str(event.payload["read_as"])))))
         if event.kind == "created" and request.rejected_count:
             steps.append(("skipped", lambda: self._reply(request, *blocks.rejected_lines_reply(store.rejected_lines(request.id), request.rejected_count))))
         if event.kind == "check_failed":

@@ -74,7 +74,7 @@ def take_list(deps: Deps, client: WebClient, upload: Upload | None) -> None:
         return
     deps.workflow.submit(
         product_key, user, devices.devices, origin="slack", channel=channel,
-        rejected=devices.rejected, rejected_count=devices.rejected_count, upload_id=upload.id,
+        rejected=devices.rejected, rejected_count=devices.rejected_count, upload_id=upload.id, read_as=devices.read_as,
     )
 
 
