@@ -152,3 +152,12 @@ def test_resume_finishes_an_interrupted_request(run, live, tmp_path):
     assert f"Request #{request.id}" in result.output and "done" in result.output
     assert len(live.backend.devices(live.product_key)) == 2
     assert "No unfinished request" in run("resume").output
+
+
+def test_a_list_saved_by_chinese_excel_is_read_as_gb18030_and_says_so(run, live, tmp_path):
+    path = tmp_path / "设备.csv"
+    path.write_bytes("DeviceName,DeviceNickname\r\ngb-0001,温度传感器_1\r\ngb-0002,水泵_2\r\n".encode("gb18030"))
+    result = run("register", str(path), "-p", live.product_key, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "Read 设备.csv as GB18030: it is not UTF-8." in result.output
+    assert {(d.device_name, d.nickname) for d in live.backend.devices(live.product_key)} == {("gb-0001", "温度传感器_1"), ("gb-0002", "水泵_2")}

@@ -527,3 +527,21 @@ def test_an_upload_interrupted_by_a_restart_is_read_when_the_bot_starts_again(sc
     scenario.stop_bot()
     scenario.start_bot()  # and read once only
     assert scenario.store.get(2) is None
+
+
+def test_a_list_from_chinese_excel_is_read_and_the_thread_says_it_was_read_as_gb18030(scenario):
+    content = "DeviceName,DeviceNickname\r\ngb-0001,温度传感器_1\r\ngb-0002,水泵_2\r\n".encode("gb18030")
+    scenario.upload_devices(ALICE, content, name="设备.csv")
+    assert scenario.drive(1, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    assert [(d.name, d.nickname) for d in scenario.store.devices(1)] == [("gb-0001", "温度传感器_1"), ("gb-0002", "水泵_2")]
+    (said,) = [text_of(r) for r in scenario.replies(1) if "read as" in text_of(r)]
+    assert "The list was read as GB18030: it is not UTF-8." in said and "CSV UTF-8" in said
+
+
+def test_a_rejected_line_cannot_turn_into_a_link_or_a_mention_in_the_thread(scenario):
+    content = b"bt-0001\nx` https://evil.example/reset-password `y\n<!channel> @here\n"
+    scenario.upload_devices(ALICE, content, name="list.txt")
+    assert scenario.drive(1, st.AWAITING_APPROVAL) == st.AWAITING_APPROVAL
+    (skipped,) = [text_of(r) for r in scenario.replies(1) if "could not be used" in text_of(r)]
+    assert "• line 2: `x\u02cb https://evil.example/reset-password \u02cby`: " in skipped
+    assert "• line 3: `&lt;!channel&gt; @here`: " in skipped and "<!" not in skipped

@@ -847,7 +847,8 @@ class FakeSlack:
                     200,
                     record.content,
                     record.file["mimetype"],
-                    {"Content-Disposition": f"{disposition}; filename=\"{record.file['name']}\""},
+                    # RFC 6266: a name that is not ASCII (设备.csv) goes percent-encoded, as HTTP headers are Latin-1.
+                    {"Content-Disposition": f"{disposition}; filename*=UTF-8''{quote(record.file['name'])}"},
                 )
         download = Download(path, authorization, reply.status, reply.content_type, file_id, self.clock())
         with self._changed:
