@@ -834,6 +834,8 @@ def _read_one_a_line(
                 if "" not in names:
                     if collector.extend(names, None, range(start, line_no)):
                         continue
+                elif not any(names):  # blank lines and comments only
+                    continue
                 else:
                     kept = [(n, i) for i, n in enumerate(names, start) if n]
                     if collector.extend([n for n, _ in kept], None, (i for _, i in kept)):
@@ -893,8 +895,11 @@ def _read_csv_rows(
         if sum(map(len, lines)) >= MAX_COLUMNS and any(raw.count(delimiter) >= MAX_COLUMNS for raw in lines):
             _read_wide_batch(lines, start, rows, collector, delimiter)
             continue
-        if pattern is not None and not rows.open and _csv_batch(lines, start, collector, pattern, nick_at is not None, nick_first):
-            continue
+        if pattern is not None and not rows.open:
+            if _csv_batch(lines, start, collector, pattern, nick_at is not None, nick_first):
+                continue
+            if not collector.room() and _csv_junk(lines, collector, pattern, nick_at is not None, nick_first):
+                continue
         rows.feed(lines, start)
     rows.finish()
 
@@ -1032,6 +1037,20 @@ class _CsvRows:
         _, name, _ = self._cells(lines[0])
         self._collector.reject(name or lines[0].strip(), _NEVER_CLOSED_REASON, first)
         self.feed(lines[1:], first + 1)
+
+
+def _csv_junk(lines: list[str], collector: _Collector, pattern: re.Pattern[str], nicks: bool, nick_first: bool) -> bool:
+    """Past the rejections kept in detail, count a batch in one go when no row of it can be a
+    device: in plain ASCII without quotes, a row the pattern does not match is a rejected one."""
+    joined = "\n".join(lines)
+    if not _ONLY_COUNTED_RE.fullmatch(joined):
+        return False
+    found = pattern.findall(joined)
+    names = [row[nick_first] for row in found] if nicks else found
+    if any(names):
+        return False
+    collector.rejected_count += len(lines) - len(found)
+    return True
 
 
 def _csv_batch(

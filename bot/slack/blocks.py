@@ -54,6 +54,7 @@ _MARKUP = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "`": "\u02cb", 
 _LINKABLE = re.compile(r"(?<=[^\W_])\.(?=[^\W_])|(?<=[:/])/|[@#](?=\w)|(?<![^\W_])_|_(?![^\W_])")
 _LINK_BREAKERS = {".": "\u2024", "/": "\u2215", "@": "@\u2060", "#": "#\u2060", "_": "\u02cd"}
 _USER_ID = re.compile(r"[UW][A-Z0-9]{2,20}")
+_CHANNEL_ID = re.compile(r"[CDG][A-Z0-9]{2,20}")
 
 
 def escape(text: object, *, code: bool = False, limit: int = SECTION_LIMIT) -> str:
@@ -95,6 +96,11 @@ def _visible(char: str) -> str:
 def user(user_id: str) -> str:
     """A mention of a Slack user id; anything else (``cli:root``) as plain text."""
     return f"<@{user_id}>" if _USER_ID.fullmatch(user_id or "") else escape(user_id)
+
+
+def channel(channel_id: str) -> str:
+    """A link to a Slack channel id; anything else as plain text."""
+    return f"<#{channel_id}>" if _CHANNEL_ID.fullmatch(channel_id or "") else escape(channel_id, code=True, limit=100)
 
 
 def when(moment: datetime | None) -> str:

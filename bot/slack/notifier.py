@@ -191,7 +191,7 @@ class SlackNotifier:
         self.client.chat_postMessage(
             channel=dm,
             text=(
-                f"I could not post device registration #{request.id} in <#{request.channel}> (Slack said `{error}`). "
+                f"I could not post device registration #{request.id} in {blocks.channel(request.channel)} (Slack said {blocks.escape(error, code=True, limit=100)}). "
                 f"Invite me there with `/invite @iotreg`, or use a channel I am in, and run `{blocks.COMMAND}` again.{stopped}"
             ),
         )
