@@ -29,7 +29,7 @@ hostile_text = st.one_of(
 
 MENTION = re.compile(r"@(here|channel|everyone)|<[@#!]", re.I)
 # What Slack's linker picks up in plain text: a scheme, www., an address, a dotted host name.
-LINKABLE = re.compile(r"://|[^\W_]\.[^\W_]")
+LINKABLE = re.compile(r"://|[^\W_]\.[^\W\d_]")
 
 
 def plain_text_is_inert(shown: str) -> None:
@@ -88,6 +88,7 @@ def test_the_reported_url_stays_inside_the_code_span():
 def test_ordinary_names_and_reasons_are_shown_as_they_are():
     assert blocks.escape("sensor_hz-01@a.b:c", code=True) == "`sensor_hz-01@a.b:c`"
     assert blocks.escape("too long: 37 characters, at most 32") == "too long: 37 characters, at most 32"
+    assert blocks.escape("list.csv is 12.5 MB") == "list\u2024csv is 12.5 MB"
     assert blocks.escape("ライン_1 & <b>") == "ライン_1 &amp; &lt;b&gt;"
 
 

@@ -49,9 +49,10 @@ Blocks = list[dict[str, Any]]
 #: Characters Slack's mrkdwn reads as markup, and what they are shown as instead.
 _CODE_MARKUP = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "`": "\u02cb"})
 _MARKUP = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "`": "\u02cb", "*": "\u2217", "~": "\u223c"})
-#: Outside a code span: what Slack would turn into a link or a mention, or an underscore that could
-#: open or close italics (one between two letters or digits cannot).
-_LINKABLE = re.compile(r"(?<=[^\W_])\.(?=[^\W_])|(?<=[:/])/|[@#](?=\w)|(?<![^\W_])_|_(?![^\W_])")
+#: Outside a code span: what Slack would turn into a link or a mention (a dot before a letter, as in
+#: a host name; "12.0" stays), or an underscore that could open or close italics (one between two
+#: letters or digits cannot).
+_LINKABLE = re.compile(r"(?<=[^\W_])\.(?=[^\W\d_])|(?<=[:/])/|[@#](?=\w)|(?<![^\W_])_|_(?![^\W_])")
 _LINK_BREAKERS = {".": "\u2024", "/": "\u2215", "@": "@\u2060", "#": "#\u2060", "_": "\u02cd"}
 _USER_ID = re.compile(r"[UW][A-Z0-9]{2,20}")
 _CHANNEL_ID = re.compile(r"[CDG][A-Z0-9]{2,20}")
