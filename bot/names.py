@@ -352,6 +352,15 @@ class _Collector:
         self._names.extend(names)
         return True
 
+    def repeats_only(self, names: list[str]) -> bool:
+        """Past the rejections kept in detail: count ``names`` as repeats when every one is; False,
+        having counted nothing, when one is new."""
+        if self.room() or not self._seen.issuperset(names):
+            return False
+        self.duplicates += len(names)
+        self.rejected_count += len(names)
+        return True
+
     def _nicknames_so_far(self) -> list[str | None]:
         if self._nicknames is None:
             self._nicknames = [None] * len(self._names)
@@ -815,8 +824,10 @@ def _unquote(value: str) -> str:
 # lines the line-by-line code would accept the same way.
 _PLAIN_NAMES_RE = re.compile(rf"(?:{_NAME_RE.pattern}\n)*{_NAME_RE.pattern}")
 _ONE_A_LINE_RE = re.compile(rf"^[ \t]*(?:({_NAME_RE.pattern})[ \t]*|(?:[,;][ \t,;]*)?)$", re.M)
-# Text in which a line the patterns above do not match cannot become a name once stripped or unquoted.
-_ONLY_COUNTED_RE = re.compile(r'[^"\x0b\x0c\x1c-\x1f\x80-\U0010ffff]*')
+# Text in which a line the patterns above do not match cannot become a name once stripped or unquoted:
+# no quote, and no whitespace but spaces and tabs (str.strip() would take it away).
+_ODD_SPACES = "".join(c for c in map(chr, range(0x3001)) if c.isspace() and c not in " \t\n")
+_ONLY_COUNTED_RE = re.compile(f'[^"{_ODD_SPACES}]*')
 _ONE_A_LINE_COMMENTS_RE = re.compile(rf"^[ \t]*(?:({_NAME_RE.pattern})[ \t]*|#.*|(?:[,;][ \t,;]*)?)$", re.M)
 
 
@@ -834,17 +845,21 @@ def _read_one_a_line(
                 if "" not in names:
                     if collector.extend(names, None, range(start, line_no)):
                         continue
+                    if not collector.room() and collector.repeats_only(names):
+                        continue
                 elif not any(names):  # blank lines and comments only
                     continue
                 else:
                     kept = [(n, i) for i, n in enumerate(names, start) if n]
                     if collector.extend([n for n, _ in kept], None, (i for _, i in kept)):
                         continue
-            elif not collector.room() and not any(names) and _ONLY_COUNTED_RE.fullmatch(joined):
-                # Past the rejections kept in detail, a batch of junk: the lines the pattern did
-                # not match are the bad ones, and they are only counted.
-                collector.rejected_count += len(lines) - len(names)
-                continue
+            elif not collector.room() and _ONLY_COUNTED_RE.fullmatch(joined):
+                # Past the rejections kept in detail, a batch of junk (lines the pattern did not
+                # match) and repeats is only counted.
+                named = [n for n in names if n]
+                if collector.repeats_only(named):
+                    collector.rejected_count += len(lines) - len(names)
+                    continue
         add = collector.add
         counting = not collector.room()  # past the rejections kept in detail: a bad line is counted
         for number, raw in enumerate(lines, start):
@@ -1041,9 +1056,10 @@ class _CsvRows:
 
 def _csv_junk(lines: list[str], collector: _Collector, pattern: re.Pattern[str], nicks: bool, nick_first: bool) -> bool:
     """Past the rejections kept in detail, count a batch in one go when no row of it can be a
-    device: in plain ASCII without quotes, a row the pattern does not match is a rejected one."""
+    device: without quotes, odd whitespace or nicknames to compose, a row the pattern does not
+    match is a rejected one."""
     joined = "\n".join(lines)
-    if not _ONLY_COUNTED_RE.fullmatch(joined):
+    if not _ONLY_COUNTED_RE.fullmatch(joined) or not (joined.isascii() or unicodedata.is_normalized("NFC", joined)):
         return False
     found = pattern.findall(joined)
     names = [row[nick_first] for row in found] if nicks else found
