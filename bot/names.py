@@ -838,6 +838,8 @@ def _read_one_a_line(
     for lines in batches:
         start, line_no = line_no, line_no + len(lines)
         joined = "\n".join(lines)
+        if comments and joined[:1] == "#" and joined.count("\n#") == len(lines) - 1:
+            continue  # every line a comment
         if _NAME_HEADER not in joined.lower():
             # Most often every line is a name and nothing else: then the lines are the names.
             names = lines if _PLAIN_NAMES_RE.fullmatch(joined) else pattern.findall(joined)
