@@ -247,12 +247,16 @@ def run_demo(
         if outcome is True:
             raise DemoError(f"the bot refused {name} (its answer is above): nothing to register")
         if blocks.RETRY_VALID in json.dumps(outcome.get("blocks")):
+            wait("the check's announcements", lambda: not requests.health().outbox_pending)
             transcript.note("@alice clicks [Retry with the valid names]")
             ws.click(ALICE, outcome, blocks.RETRY_VALID)
             wait("the new request", lambda: requests.get(2))
             request_ids.append(2)
             wait("the second check", lambda: (m := message_with(blocks.APPROVE)) and "#2" in m.get("text", "") and m)
         anchor = message_with(blocks.APPROVE)
+        # Every announcement of the wait (the approvers' direct messages too) is out before anyone
+        # clicks: the transcript reads the same at every run.
+        wait("the approvers to be asked", lambda: not requests.health().outbox_pending)
         transcript.note("@bob clicks [Approve]")
         ws.click(BOB, anchor, blocks.APPROVE)
         wait("the first approval", lambda: len(requests.approvals(request_ids[-1])) == 1 and not requests.health().outbox_pending)

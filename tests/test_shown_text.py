@@ -37,9 +37,11 @@ def plain_text_is_inert(shown: str) -> None:
     assert not set(shown) & set("<>`*~\n\r\u2028\u2029")
     assert not MENTION.search(shown)
     assert not LINKABLE.search(shown)
-    for match in re.finditer("_", shown):  # an underscore only between letters or digits: no italics
+    for match in re.finditer("_", shown):  # no italics: an underscore between letters or digits, or alone
         before, after = shown[match.start() - 1 : match.start()], shown[match.end() : match.end() + 1]
-        assert re.fullmatch(r"[^\W_]", before) and re.fullmatch(r"[^\W_]", after), shown
+        between_letters = re.fullmatch(r"[^\W_]", before) and re.fullmatch(r"[^\W_]", after)
+        alone = not before.strip() and not after.strip()  # can neither open nor close italics
+        assert between_letters or alone, shown
 
 
 @settings(max_examples=500, deadline=None)
@@ -103,3 +105,9 @@ def test_only_a_slack_user_id_becomes_a_mention():
     assert blocks.user("U012ABCDEF") == "<@U012ABCDEF>"
     assert blocks.user("cli:root") == "cli:root"
     assert blocks.user("U1> <!channel") == "U1&gt; &lt;!channel"
+
+
+def test_an_underscore_standing_alone_in_a_reason_is_shown_as_it_is():
+    reason = "a space is not allowed: use letters, digits and - _ @ . :"
+    assert blocks.escape(reason) == reason
+    assert "\u02cd" in blocks.escape("_italic_") and "\u02cd" in blocks.escape("x _y")

@@ -55,8 +55,8 @@ _CODE_MARKUP = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "`": "\u02
 _MARKUP = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "`": "\u02cb", "*": "\u2217", "~": "\u223c"})
 #: Outside a code span: what Slack would turn into a link or a mention (a dot before a letter, as in
 #: a host name; "12.0" stays), or an underscore that could open or close italics (one between two
-#: letters or digits cannot).
-_LINKABLE = re.compile(r"(?<=[^\W_])\.(?=[^\W\d_])|(?<=[:/])/|[@#](?=\w)|(?<![^\W_])_|_(?![^\W_])")
+#: letters or digits cannot, nor one with a space on both sides, as in "letters, digits and _").
+_LINKABLE = re.compile(r"(?<=[^\W_])\.(?=[^\W\d_])|(?<=[:/])/|[@#](?=\w)|(?<![^\W_])_(?=\S)|(?<=\S)_(?![^\W_])")
 _LINK_BREAKERS = {".": "\u2024", "/": "\u2215", "@": "@\u2060", "#": "#\u2060", "_": "\u02cd"}
 _USER_ID = re.compile(r"[UW][A-Z0-9]{2,20}")
 _CHANNEL_ID = re.compile(r"[CDG][A-Z0-9]{2,20}")
@@ -78,7 +78,7 @@ def escape(text: object, *, code: bool = False, limit: int = SECTION_LIMIT) -> s
     shown = _escaped(raw, code)
     while len(shown) > room:  # cut the text in proportion, leaving room for "…"
         raw = raw[: min(len(raw) - 1, len(raw) * (room - 1) // len(shown))]
-        shown = _escaped(raw, code) + "…"
+        shown = _escaped(raw + "…", code)  # escaped with it: an underscore before it is at a word's edge
     return f"`{shown}`" if code else shown
 
 
