@@ -17,7 +17,7 @@ import click
 
 from bot import __version__
 from bot.domain import ACTIVE_STATES, FINAL_STATES, Outcome, State
-from bot.store import Store, open_store
+from bot.store import Store, StoreUnavailable, is_url, open_store
 from bot import wiring
 from bot.aliyun.client import ApplyStatus, IotClient
 from bot.aliyun.errors import IotError
@@ -26,7 +26,17 @@ from bot.config import ConfigError, Settings
 from bot.domain import Event, Request
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """The command group; a database that cannot be reached ends any command with its one-line message."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except StoreUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="iotreg")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:
@@ -405,6 +415,41 @@ def credentials(apply_id: int, output: Path, product_key: str | None, force: boo
             output.unlink(missing_ok=True)  # never leave half a file of secrets behind
         raise click.ClickException(str(exc)) from None
     click.echo(f"Wrote the credentials of {count:,} device(s) to {output} (readable by you only).")
+
+
+@cli.group()
+def db() -> None:
+    """The database: move a deployment from SQLite to PostgreSQL."""
+
+
+@db.command("copy")
+@click.option("--to", "target", required=True, metavar="URL", help="The PostgreSQL database to copy into (postgresql://…); it must be empty.")
+@click.option("--from", "source", metavar="PATH", help="The SQLite file to copy [default: IOTREG_DB].")
+def db_copy(target: str, source: str | None) -> None:
+    """Copy the SQLite database, its whole history, into an empty PostgreSQL database.
+
+    Stop iotreg first; then point IOTREG_DB at the URL and start it again. Requests keep their
+    numbers, waiting requests can still be approved, and unfinished ones resume.
+    """
+    from bot.store import redact_url
+    from bot.store.copy import CopyError, copy_sqlite_to_postgres
+
+    if not is_url(target):
+        raise click.UsageError("--to: expected a postgresql:// URL")
+    if source is None:
+        settings = load_settings()
+        if is_url(settings.db_path):
+            raise click.UsageError(f"IOTREG_DB is already a database URL ({settings.db_location}): give the SQLite file with --from PATH")
+        source = settings.db_path
+    try:
+        copied = copy_sqlite_to_postgres(source, target)
+    except CopyError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Copied {source} to {redact_url(target)}:")
+    click.echo(f"  {'table':<16}{'SQLite':>12}{'PostgreSQL':>12}")
+    for row in copied:
+        click.echo(f"  {row.table:<16}{row.source:>12,}{row.target:>12,}")
+    click.echo("Every table adds up. Next: set IOTREG_DB to the URL and start iotreg again.")
 
 
 @cli.command()
