@@ -6,6 +6,7 @@ here runs once per store; a third store is one module and one entry in ``STORES`
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -417,16 +418,19 @@ def test_an_unreachable_postgres_is_named_in_one_line_without_its_password():
     assert "127.0.0.1" in message and "iotreg_prod" in message and str(url.split(":")[3].split("/")[0]) in message
 
 
-def test_postgres_restarted_mid_run_fails_calls_clearly_and_loses_nothing(pg_cluster, postgres_url):
-    store = PostgresStore(postgres_url, timeout=1)
-    assert "s3cret" not in repr(store)
+def test_postgres_restarted_mid_run_fails_calls_clearly_and_loses_nothing(pg_cluster, postgres_url, caplog):
+    caplog.set_level(logging.DEBUG)
+    url = postgres_url.replace("iotreg@", "iotreg:s3cret-pw@")  # the test server trusts; the password goes unused
+    store = PostgresStore(url, timeout=1)
+    assert "s3cret-pw" not in repr(store) and "s3cret-pw" not in store.location
     try:
         request_id = new_request(store)
         pg_cluster.stop()
         try:
             for call in (lambda: store.get(request_id), lambda: approve(store, request_id), store.ping):
-                with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{pg_cluster.port}/"):
+                with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{pg_cluster.port}/") as caught:
                     call()
+                assert "s3cret-pw" not in str(caught.value) and "\n" not in str(caught.value)
         finally:
             pg_cluster.start()
         deadline = time.monotonic() + 30
@@ -441,3 +445,4 @@ def test_postgres_restarted_mid_run_fails_calls_clearly_and_loses_nothing(pg_clu
         assert [a.event for a in store.audit(request_id)] == ["requested", "approved"]
     finally:
         store.close()
+    assert caplog.records and not [r for r in caplog.records if "s3cret-pw" in r.getMessage()]
