@@ -26,7 +26,7 @@ from common import median, report, table  # noqa: E402
 from bot.clock import SystemClock  # noqa: E402
 from bot.config import Settings  # noqa: E402
 from bot.standins.emulator import Emulator  # noqa: E402
-from bot.registration import Timing  # noqa: E402
+from bot import wiring  # noqa: E402
 from bot.server import serve_locally  # noqa: E402
 from bot.slack import blocks  # noqa: E402
 from bot.slack.app import create_app  # noqa: E402
@@ -62,7 +62,7 @@ def one_run(create_seconds: float, poll: float, n: int) -> tuple[float, int, flo
         fake.wait_for(lambda: any("Request #1:" in r.get("text", "") for r in fake.thread(OPS, anchor["ts"])), timeout=120)
         elapsed = time.monotonic() - started
         polls = emulator.gateway.calls["QueryBatchRegisterDeviceStatus"]
-        timing = Timing.from_settings(settings)
+        timing = wiring.timing(settings)
         return elapsed, polls, timing.next_poll(max(0, polls - 1))
     finally:
         server.shutdown()

@@ -61,8 +61,9 @@ from bot.aliyun.ratelimit import RateLimiter  # noqa: E402
 from bot.clock import SystemClock  # noqa: E402
 from bot.config import DEFAULT_QPS  # noqa: E402
 from bot.jobs import InlineJobs, SchedulerJobs  # noqa: E402
-from bot.registration import Timing, Workflow, WorkflowError  # noqa: E402
-from bot.store.sqlite import SqliteStore  # noqa: E402
+from bot.domain import Timing, WorkflowError  # noqa: E402
+from bot.registration import Workflow  # noqa: E402
+from bot.store.sqlite import SqliteStore, parse_time  # noqa: E402
 from bot.domain import Event  # noqa: E402
 
 ACTIONS = ["BatchCheckDeviceNames", "BatchRegisterDeviceWithApplyId", "QueryBatchRegisterDeviceStatus", "QueryPageByApplyId"]
@@ -190,9 +191,11 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
         limiter=RateLimiter(DEFAULT_QPS, clock),
         clock=clock,
     )
-    jobs = SchedulerJobs(workers=WORKERS)
-    workflow = Workflow(SqliteStore(folder / "iotreg.db"), client, Silent(), jobs, clock, Timing(poll_interval=poll, poll_max_interval=60.0))
-    jobs.bind(workflow)
+    workflow = Workflow(
+        SqliteStore(folder / "iotreg.db"), client, clock, Timing(poll_interval=poll, poll_max_interval=60.0),
+        notifier=lambda _: Silent(), jobs=lambda steps: SchedulerJobs(steps, workers=WORKERS),
+    )
+    jobs = workflow.jobs
     jobs.start()
     product_key = emulator.env["product_key"]
     finished = threading.Event()
@@ -201,7 +204,7 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
         while not finished.is_set():
             for request in workflow.store.requests(states=[State.AWAITING_APPROVAL], limit=len(sizes)):
                 try:
-                    workflow.approve(request.id, "U0BOB")
+                    workflow.requests.approve(request.id, "U0BOB")
                 except WorkflowError:
                     pass
             time.sleep(0.02)
@@ -212,7 +215,7 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
     try:
         started, wall_started = time.monotonic(), clock.now()
         for r, n in enumerate(sizes):
-            workflow.submit(product_key, "U0ALICE", [f"r{r:03d}-{i:06d}" for i in range(n)], origin="cli")
+            workflow.requests.submit(product_key, "U0ALICE", [f"r{r:03d}-{i:06d}" for i in range(n)], origin="cli")
         submitted = time.monotonic() - started
         limit = 120 + 5 * (max(len(sizes) / 10, sum(sizes) / 2500) + check_seconds + create_seconds)
         while workflow.store.db.execute(f"SELECT COUNT(*) FROM requests WHERE state IN ({final})").fetchone()[0] < len(sizes):
@@ -250,17 +253,17 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
     )
 
 
-def _states(store: Store) -> str:
+def _states(store: SqliteStore) -> str:
     rows = store.db.execute("SELECT state, COUNT(*) FROM requests GROUP BY state").fetchall()
     return ", ".join(f"{state}: {count}" for state, count in rows)
 
 
-def _phases(store: Store, origin: datetime, submitted: float) -> dict[str, float]:
+def _phases(store: SqliteStore, origin: datetime, submitted: float) -> dict[str, float]:
     """When (seconds from the first submit) the last request reached each step, from the audit trail."""
     rows = store.db.execute(
         "SELECT event, MIN(at), MAX(at) FROM audit WHERE event IN ('requested', 'check_submitted', 'checked', 'approved', 'register_submitted', 'registered') GROUP BY event"
     ).fetchall()
-    span = {event: (st.parse_time(first), st.parse_time(last)) for event, first, last in rows}
+    span = {event: (parse_time(first), parse_time(last)) for event, first, last in rows}
     phases = {"submit calls returned": submitted}
     for event, label in [("check_submitted", "last check answered"), ("checked", "last checked"), ("approved", "last approved"),
                          ("register_submitted", "last register answered"), ("registered", "last done")]:
@@ -272,7 +275,7 @@ def _phases(store: Store, origin: datetime, submitted: float) -> dict[str, float
 # -- rows already in the database ---------------------------------------------------------------
 
 
-def fill(store: Store, rows: int, start: int) -> None:
+def fill(store: SqliteStore, rows: int, start: int) -> None:
     """Add ``rows`` devices as finished requests of 10,000 created devices each."""
     now = SystemClock().now()
     for offset in range(0, rows, CHUNK):
@@ -289,10 +292,9 @@ def database_growth(levels: list[int], submit_names: int, repeat: int) -> list[l
     folder = Path(tempfile.mkdtemp(prefix="iotreg-bench-db-"))
     clock = SystemClock()
     store = SqliteStore(folder / "iotreg.db")
-    jobs = InlineJobs(clock)  # never run: only submit's own work is timed
     client = IotClient("http://127.0.0.1:9", Credentials("unused", "unused"))
-    workflow = Workflow(store, client, Silent(), jobs, clock, Timing())
-    jobs.bind(workflow)
+    # The jobs are never run: only submit's own work is timed.
+    workflow = Workflow(store, client, clock, Timing(), notifier=lambda _: Silent(), jobs=lambda steps: InlineJobs(clock, steps))
     rows, filled, serial = [], 0, 0
     for level in levels:
         fill(store, level - filled, filled)
@@ -303,7 +305,7 @@ def database_growth(levels: list[int], submit_names: int, repeat: int) -> list[l
             names = [f"new{serial:03d}-{i:06d}" for i in range(submit_names)]
             serial += 1
             began = time.perf_counter()
-            last = workflow.submit("a1EmuDemo01", "U0ALICE", names, origin="cli").id
+            last = workflow.requests.submit("a1EmuDemo01", "U0ALICE", names, origin="cli").id
             submits.append(time.perf_counter() - began)
             for _ in range(10):
                 began = time.perf_counter()

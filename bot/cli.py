@@ -16,10 +16,12 @@ from pathlib import Path
 import click
 
 from bot import __version__
-from bot.domain import ACTIVE_STATES, FINAL_STATES, Outcome, State
-from bot.store import Store, StoreUnavailable, is_url, open_store
+from bot.domain import ACTIVE_STATES, FINAL_STATES, Origin, Outcome, State
+from bot.policy import Policy
+from bot.service import RequestService
 from bot import wiring
-from bot.aliyun.client import ApplyStatus, IotClient
+from bot.store import StoreUnavailable, is_url, open_store
+from bot.aliyun.client import ApplyStatus
 from bot.aliyun.errors import IotError
 from bot.clock import SystemClock
 from bot.config import ConfigError, Settings
@@ -74,12 +76,11 @@ def load_settings() -> Settings:
 class TerminalNotifier:
     """The CLI's side of the workflow's notifications: one line per step, on standard error."""
 
-    def __init__(self) -> None:
-        self.store: Store | None = None
+    def __init__(self, requests: RequestService) -> None:
+        self.requests = requests
 
     def deliver(self, event: Event) -> None:
-        assert self.store is not None
-        request = self.store.get(event.request_id)
+        request = self.requests.get(event.request_id)
         if request is None:
             return
         line = describe_event(event, request)
@@ -122,26 +123,28 @@ def describe_event(event: Event, request: Request) -> str | None:
 def open_workflow(settings: Settings) -> Iterator[tuple[object, object]]:
     """The workflow for CLI requests, run in this process on the real clock."""
     from bot.jobs import InlineJobs
-    from bot.registration import Workflow
 
     clock = SystemClock()
-    notifier = TerminalNotifier()
-    jobs = InlineJobs(clock)
     try:
-        workflow = Workflow.from_settings(settings, notifier, jobs, clock, origins=frozenset({"cli"}))
-    except (ConfigError, OSError) as exc:
+        workflow = wiring.workflow(
+            settings,
+            clock=clock,
+            notifier=TerminalNotifier,
+            jobs=lambda steps: InlineJobs(clock, steps),
+            policy=Policy(allow_self_approval=True),  # at the terminal, the operator approves
+            origins=frozenset({Origin.CLI}),
+        )
+    except (ConfigError, OSError, StoreUnavailable) as exc:
         raise click.ClickException(str(exc)) from None
-    notifier.store = workflow.store
-    jobs.bind(workflow)
     try:
-        yield workflow, jobs
+        yield workflow, workflow.jobs
     finally:
         workflow.close()
 
 
 def wait_for(workflow, jobs, request_id: int, label: str, done_statuses: set[str], until: set[str]) -> Request:
     """Run the workflow until the request reaches one of ``until``, with a progress bar of devices."""
-    store = workflow.store
+    store = workflow.requests
     total = sum(c.size for c in store.chunks(request_id))
     with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
         shown = 0
@@ -165,28 +168,28 @@ def drive(workflow, jobs, request: Request, *, yes: bool, skip_invalid: bool, ou
     if request.state == State.CHECKING:
         request = wait_for(workflow, jobs, request.id, "Checking names", CHECK_DONE, set(FINAL_STATES) | {State.AWAITING_APPROVAL})
     if request.state == State.CHECK_FAILED:
-        show_invalid(workflow.store, request.id)
-        valid = request.count - workflow.summary(request.id).invalid
+        show_invalid(workflow.requests, request.id)
+        valid = request.count - workflow.requests.summary(request.id).invalid
         if valid and (skip_invalid or (not yes and click.confirm(f"Register the {valid:,} valid name(s) in a new request?"))):
-            request = workflow.retry_valid(request.id, user)
+            request = workflow.requests.retry_valid(request.id, user)
             return drive(workflow, jobs, request, yes=yes, skip_invalid=False, output=output)
         click.echo("Nothing was registered. Fix the names above and run again, or add --skip-invalid.", err=True)
         return finish(workflow, request, output)
     if request.state == State.AWAITING_APPROVAL:
         question = f"Register {request.count:,} device(s) in product {request.product_key}?"
         if yes or click.confirm(question):
-            workflow.approve(request.id, user, allow_self=True)  # at the terminal, the operator approves
+            workflow.requests.approve(request.id, user)  # at the terminal, the operator approves
         else:
-            workflow.reject(request.id, user, "declined at the terminal")
+            workflow.requests.reject(request.id, user, "declined at the terminal")
             jobs.run_due()
-            return finish(workflow, workflow.get(request.id), output)
-        request = workflow.get(request.id)
+            return finish(workflow, workflow.requests.get(request.id), output)
+        request = workflow.requests.get(request.id)
     if request.state in (State.APPROVED, State.REGISTERING):
         request = wait_for(workflow, jobs, request.id, "Registering", CREATE_DONE, set(FINAL_STATES))
     return finish(workflow, request, output)
 
 
-def show_invalid(store: Store, request_id: int, limit: int = 20) -> None:
+def show_invalid(store: RequestService, request_id: int, limit: int = 20) -> None:
     invalid = store.devices(request_id, outcome=Outcome.INVALID)
     click.echo("Names the platform refused:", err=True)
     for device in invalid[:limit]:
@@ -199,8 +202,8 @@ def finish(workflow, request: Request, output: Path | None) -> int:
     """Print the summary table, write the report; 0 only when every device was registered."""
     from bot import report
 
-    summary = workflow.summary(request.id)
-    click.echo(f"\nRequest #{request.id} ({request.product_key}): {request.state.replace('_', ' ')}")
+    summary = workflow.requests.summary(request.id)
+    click.echo(f"\nRequest #{request.id} ({request.product_key}): {request.state.label}")
     if request.reason and request.state not in (State.DONE,):
         click.echo(f"  reason: {request.reason}")
     rows = [
@@ -213,7 +216,7 @@ def finish(workflow, request: Request, output: Path | None) -> int:
     for label, count in rows:
         if count or label == "registered":
             click.echo(f"  {label:<18}{count:>10,}")
-    failed = workflow.store.devices(request.id, outcome=Outcome.NOT_CREATED, limit=20)
+    failed = workflow.requests.devices(request.id, outcome=Outcome.NOT_CREATED, limit=20)
     if failed:
         click.echo("Devices that failed:")
         for device in failed:
@@ -221,7 +224,7 @@ def finish(workflow, request: Request, output: Path | None) -> int:
         if summary.failed > len(failed):
             click.echo(f"  … and {summary.failed - len(failed):,} more")
     if output is not None:
-        rows_written = report.write_outcomes(output, workflow.store, request.id)
+        rows_written = report.write_outcomes(output, workflow.requests, request.id)
         click.echo(f"Wrote {rows_written:,} device outcome(s) to {output}")
     all_done = request.state == State.DONE and not (summary.failed or summary.invalid or summary.pending)
     return 0 if all_done else 1
@@ -258,12 +261,12 @@ def register(file: Path | None, product_key: str, count: int | None, yes: bool, 
     with open_workflow(settings) as (workflow, jobs):
         try:
             if devices is not None:
-                request = workflow.submit(
-                    product_key, operator(), devices.devices, origin="cli",
+                request = workflow.requests.submit(
+                    product_key, operator(), devices.devices, origin=Origin.CLI,
                     rejected=devices.rejected, rejected_count=devices.rejected_count,
                 )
             else:
-                request = workflow.submit_count(product_key, operator(), count, origin="cli")
+                request = workflow.requests.submit_count(product_key, operator(), count, origin=Origin.CLI)
             status = drive(workflow, jobs, request, yes=yes, skip_invalid=skip_invalid, output=output)
         except KeyboardInterrupt:
             saved = f"request #{request.id} is saved: run `iotreg resume` to finish it" if request else "nothing was sent"
@@ -293,12 +296,12 @@ def resume(request_ids: tuple[int, ...], yes: bool, output: Path | None) -> None
     status = 0
     with open_workflow(settings) as (workflow, jobs):
         if request_ids:
-            requests = [workflow.get(i) for i in request_ids]
-            missing = [str(i) for i, r in zip(request_ids, requests) if r is None or r.origin != "cli"]
+            requests = [workflow.requests.get(i) for i in request_ids]
+            missing = [str(i) for i, r in zip(request_ids, requests) if r is None or r.origin != Origin.CLI]
             if missing:
                 raise click.ClickException(f"no CLI request #{', #'.join(missing)}")
         else:
-            requests = workflow.store.requests(states=ACTIVE_STATES, origins=["cli"], limit=1000)
+            requests = workflow.requests.requests(states=ACTIVE_STATES, origins=[Origin.CLI], limit=1000)
         if not requests:
             click.echo("No unfinished request.")
             return
@@ -332,7 +335,6 @@ def status(apply_id: int, product_key: str) -> None:
         click.echo(f"  {detail.name:<34} {detail.reason}")
     if len(result.details) > 20:
         click.echo(f"  … and {len(result.details) - 20:,} more")
-    from bot.store import Store, open_store
 
     chunk = open_store(settings.db_path).chunk_for_apply_id(apply_id)
     if chunk is not None:
@@ -344,7 +346,6 @@ def status(apply_id: int, product_key: str) -> None:
 @click.option("--state", "states", multiple=True, type=click.Choice(sorted(FINAL_STATES | ACTIVE_STATES)), help="Only requests in this state (repeatable).")
 def requests(limit: int, states: tuple[str, ...]) -> None:
     """Recent requests, newest first, with their states and outcomes."""
-    from bot.store import Store, open_store
 
     store = open_store(load_settings().db_path)
     rows = store.requests(states=states or None, limit=limit)
@@ -364,7 +365,6 @@ def requests(limit: int, states: tuple[str, ...]) -> None:
 @click.argument("request_id", type=int)
 def audit(request_id: int) -> None:
     """The audit trail of a request: who did what, and when."""
-    from bot.store import Store, open_store
 
     store = open_store(load_settings().db_path)
     entries = store.audit(request_id)
@@ -387,7 +387,6 @@ def credentials(apply_id: int, output: Path, product_key: str | None, force: boo
     permissions. Secrets are never printed.
     """
     from bot import report
-    from bot.store import Store, open_store
 
     settings = load_settings()
     if product_key is None:
@@ -477,9 +476,10 @@ def serve(port: int | None, host: str, use_emulator: bool) -> None:
     from bot import server
 
     settings = load_settings()
-    needed = ["slack_bot_token", "slack_signing_secret"] + ([] if use_emulator else ["access_key_id", "access_key_secret"])
     try:
-        settings.require(*needed)
+        settings.require("slack_bot_token", "slack_signing_secret")
+        if not use_emulator:
+            wiring.credentials(settings)  # no credentials anywhere: say so now, not at the first request
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     build = server.emulator_bot(settings) if use_emulator else None
@@ -500,6 +500,11 @@ def serve(port: int | None, host: str, use_emulator: bool) -> None:
 )
 @click.option("--access-key-id", default=None, help="AccessKeyId to accept [default: emulator-key].")
 @click.option("--access-key-secret", default=None, help="Its secret [default: a fixed demo secret].")
+@click.option(
+    "--security-token",
+    default=None,
+    help="Treat the key as temporary (STS) credentials: every call must carry this security token.",
+)
 @click.option(
     "--product-key",
     "product_keys",
@@ -550,13 +555,17 @@ def serve(port: int | None, host: str, use_emulator: bool) -> None:
 )
 @click.option("--no-quotas", is_flag=True, help="Do not enforce the platform's per-action QPS quotas.")
 @click.option(
-    "--seed", type=int, default=None, help="Seed for generated ids, failures and faults (repeatable runs)."
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed for ApplyIds, generated names, failures and faults (repeatable runs; without it ApplyIds are unique across restarts).",
 )
 def emulator(
     host: str,
     port: int,
     access_key_id: str | None,
     access_key_secret: str | None,
+    security_token: str | None,
     product_keys: tuple[str, ...],
     check_seconds: float,
     create_seconds: float,
@@ -578,6 +587,7 @@ def emulator(
             port=port,
             access_key_id=access_key_id or emu.DEMO_ACCESS_KEY_ID,
             access_key_secret=access_key_secret or emu.DEMO_ACCESS_KEY_SECRET,
+            security_token=security_token,
             product_keys=product_keys or (emu.DEMO_PRODUCT_KEY,),
             check_seconds=check_seconds,
             create_seconds=create_seconds,

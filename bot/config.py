@@ -19,6 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
+from bot.aliyun.client import MAX_NAMES_PER_CHECK, SIGNATURES
 from bot.aliyun.ratelimit import DEFAULT_QPS
 from bot.store import POSTGRES_SCHEMES, is_url, redact_url
 
@@ -36,6 +37,8 @@ class Settings:
     access_key_id: str | None = None
     # repr=False: the secret must never reach a log line or a traceback.
     access_key_secret: str | None = dataclasses.field(default=None, repr=False)
+    security_token: str | None = dataclasses.field(default=None, repr=False)
+    signature: str = "v1"
     region_id: str = DEFAULT_REGION
     endpoint: str = f"https://iot.{DEFAULT_REGION}.aliyuncs.com"
     instance_id: str | None = None
@@ -66,6 +69,8 @@ class Settings:
         {
             "access_key_id": "ALIBABA_CLOUD_ACCESS_KEY_ID",
             "access_key_secret": "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+            "security_token": "ALIBABA_CLOUD_SECURITY_TOKEN",
+            "signature": "IOT_SIGNATURE",
             "region_id": "IOT_REGION_ID",
             "endpoint": "IOT_ENDPOINT",
             "instance_id": "IOT_INSTANCE_ID",
@@ -103,9 +108,25 @@ class Settings:
         if not re.fullmatch(r"[a-z]{2}(-[a-z0-9]+)+", region):
             raise ConfigError(f"IOT_REGION_ID: {region!r} is not a region id such as cn-shanghai")
         endpoint = env.url("IOT_ENDPOINT") or f"https://iot.{region}.aliyuncs.com"
+        signature = (env.text("IOT_SIGNATURE") or "v1").lower()
+        if signature not in SIGNATURES:
+            raise ConfigError(f"IOT_SIGNATURE: {signature!r} is not one of {', '.join(SIGNATURES)}")
+        access_key_id, security_token = env.text("ALIBABA_CLOUD_ACCESS_KEY_ID"), env.text("ALIBABA_CLOUD_SECURITY_TOKEN")
+        if security_token and not access_key_id:
+            raise ConfigError(
+                "ALIBABA_CLOUD_SECURITY_TOKEN is set without ALIBABA_CLOUD_ACCESS_KEY_ID and "
+                "ALIBABA_CLOUD_ACCESS_KEY_SECRET: set the three from the same temporary credentials"
+            )
+        chunk_size = int(env.number("IOTREG_CHUNK_SIZE", MAX_NAMES_PER_CHECK, minimum=1, integer=True))
+        if chunk_size > MAX_NAMES_PER_CHECK:
+            raise ConfigError(
+                f"IOTREG_CHUNK_SIZE: {chunk_size} is above IoT Platform's limit of {MAX_NAMES_PER_CHECK:,} names per check"
+            )
         return cls(
-            access_key_id=env.text("ALIBABA_CLOUD_ACCESS_KEY_ID"),
+            access_key_id=access_key_id,
             access_key_secret=env.text("ALIBABA_CLOUD_ACCESS_KEY_SECRET"),
+            security_token=security_token,
+            signature=signature,
             region_id=region,
             endpoint=endpoint,
             instance_id=env.text("IOT_INSTANCE_ID"),
@@ -118,7 +139,7 @@ class Settings:
             poll_max_interval=env.duration("IOTREG_POLL_MAX_INTERVAL", 60.0, minimum=0.05),
             poll_timeout=env.duration("IOTREG_POLL_TIMEOUT", 3600.0, minimum=1),
             approval_ttl=env.duration("IOTREG_APPROVAL_TTL", 24 * 3600.0, minimum=1),
-            chunk_size=int(env.number("IOTREG_CHUNK_SIZE", 10_000, minimum=1, integer=True)),
+            chunk_size=chunk_size,
             slack_bot_token=env.token("SLACK_BOT_TOKEN", "xoxb-"),
             slack_signing_secret=env.text("SLACK_SIGNING_SECRET"),
             slack_app_token=env.token("SLACK_APP_TOKEN", "xapp-"),

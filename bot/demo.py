@@ -206,7 +206,7 @@ def run_demo(
                     return message
         return None
 
-    store = bot.workflow.store
+    requests = bot.workflow.requests
     out(f"iotreg demo: the real bot, the IoT Platform emulator ({emulator.endpoint}) and a stand-in for Slack, on this machine.")
     out(f"Alice (operator) and Bob (approver) are in {CHANNELS[OPS]}; the database is {folder / 'iotreg.db'}.\n")
     try:
@@ -221,13 +221,13 @@ def run_demo(
         if blocks.RETRY_VALID in json.dumps(outcome.get("blocks")):
             transcript.note("@alice clicks [Retry with the valid names]")
             ws.click(ALICE, outcome, blocks.RETRY_VALID)
-            wait("the new request", lambda: store.get(2))
+            wait("the new request", lambda: requests.get(2))
             request_ids.append(2)
             wait("the second check", lambda: (m := message_with(blocks.APPROVE)) and "#2" in m.get("text", "") and m)
         anchor = message_with(blocks.APPROVE)
         transcript.note("@bob clicks [Approve]")
         ws.click(BOB, anchor, blocks.APPROVE)
-        final = wait("the result", lambda: (r := store.get(request_ids[-1])) and r.final and not list(store.pending_events(["slack"])) and r)
+        final = wait("the result", lambda: (r := requests.get(request_ids[-1])) and r.final and not requests.health().outbox_pending and r)
         results_csv = None
         done = message_with(blocks.CREDENTIALS)
         if done is not None:
@@ -238,7 +238,7 @@ def run_demo(
         if thread_files:
             results_csv = folder / thread_files[-1].name
             results_csv.write_bytes(thread_files[-1].content)
-        registered = bot.workflow.summary(final.id).created
+        registered = bot.workflow.requests.summary(final.id).created
         seconds = time.monotonic() - started
         out("")
         out(f"Request #{final.id}: {final.state}, {registered:,} devices registered in product {DEMO_PRODUCT_KEY}, in {seconds:.1f}s.")

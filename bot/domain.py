@@ -261,3 +261,62 @@ class Upload:
     product_key: str
     pasted: str
     origin_data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What became of a request's devices."""
+
+    request: Request
+    created: int
+    failed: int
+    invalid: int
+    pending: int
+    rejected_locally: int
+
+    @property
+    def total(self) -> int:
+        return self.created + self.failed + self.invalid + self.pending
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How the workflow paces itself. Defaults follow the settings' defaults."""
+
+    poll_interval: float = 5.0
+    poll_max_interval: float = 60.0
+    phase_timeout: float = 3600.0
+    approval_ttl: float = 24 * 3600.0
+    max_errors: int = 3
+    chunk_size: int = 10_000
+    #: How long another process's register call may be in flight before it counts as crashed:
+    #: longer than the client can spend on one call (IOT_RETRY_DEADLINE plus IOT_TIMEOUT).
+    claim_lease: float = 120.0
+
+    def next_poll(self, polls: int) -> float:
+        """Back off by half again per poll without news, up to the cap."""
+        return min(self.poll_max_interval, self.poll_interval * 1.5**polls)
+
+
+class WorkflowError(Exception):
+    """A front-end action that cannot be done; the message is for the person who asked."""
+
+
+class NotFound(WorkflowError):
+    pass
+
+
+class NotAllowed(WorkflowError):
+    """The person may not do this; ``denial`` says why, for the front end to word."""
+
+    def __init__(self, message: str, denial: Any = None) -> None:
+        super().__init__(message)
+        self.denial = denial
+
+
+class Conflict(WorkflowError):
+    """The request is no longer in a state where this makes sense (already decided, finished…)."""
+
+    def __init__(self, message: str, request: Request) -> None:
+        super().__init__(message)
+        self.request = request

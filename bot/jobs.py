@@ -1,6 +1,6 @@
 """When the workflow runs: APScheduler in the bot, a plain loop in the CLI and in tests.
 
-Both implement :class:`bot.registration.Jobs`: ``wake(request_id, at)`` asks for
+Both implement :class:`bot.registration.Jobs` over the :class:`bot.registration.Steps` they are built with: ``wake(request_id, at)`` asks for
 ``Workflow.advance(request_id)`` at ``at`` (or now), and ``wake_outbox(at)`` for
 ``Workflow.deliver_events()``. An earlier wake always wins over a later one, so a poll scheduled
 for a minute from now never pushes back the immediate step an approval asked for.
@@ -28,7 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from bot.clock import Clock
 
 if TYPE_CHECKING:
-    from bot.registration import Workflow
+    from bot.registration import Steps
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +46,21 @@ class _SkippedWakes(logging.Filter):
 logging.getLogger("apscheduler.scheduler").addFilter(_SkippedWakes())
 
 
-def advance_request(workflow: Workflow, request_id: int) -> None:
+def advance_request(steps: Steps, request_id: int) -> None:
     """The job behind every request: one step of the workflow."""
-    workflow.advance(request_id)
+    steps.advance(request_id)
 
 
-def deliver_events(workflow: Workflow) -> None:
+def deliver_events(steps: Steps) -> None:
     """The job that hands stored events to the front end."""
-    workflow.deliver_events()
+    steps.deliver_events()
 
 
 class SchedulerJobs:
     """Runs the workflow's steps on an APScheduler ``BackgroundScheduler`` (one per deployment)."""
 
-    def __init__(self, workers: int = 8) -> None:
-        self.workflow: Workflow | None = None
+    def __init__(self, steps: Steps, workers: int = 8) -> None:
+        self.steps = steps
         self._lock = threading.Lock()
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(workers)},
@@ -72,9 +72,6 @@ class SchedulerJobs:
         self.scheduler.add_listener(self._on_error, EVENT_JOB_ERROR)
         self.scheduler.add_listener(self._on_skipped, EVENT_JOB_MAX_INSTANCES)
 
-    def bind(self, workflow: Workflow) -> None:
-        self.workflow = workflow
-
     def start(self) -> None:
         self.scheduler.start()
 
@@ -83,10 +80,10 @@ class SchedulerJobs:
             self.scheduler.shutdown(wait=wait)
 
     def wake(self, request_id: int, at: datetime | None = None) -> None:
-        self._schedule(f"request-{request_id}", advance_request, [self.workflow, request_id], at)
+        self._schedule(f"request-{request_id}", advance_request, [self.steps, request_id], at)
 
     def wake_outbox(self, at: datetime | None = None) -> None:
-        self._schedule(OUTBOX, deliver_events, [self.workflow], at)
+        self._schedule(OUTBOX, deliver_events, [self.steps], at)
 
     def _schedule(self, job_id: str, func: Callable[..., None], args: list, at: datetime | None) -> None:
         at = at or datetime.now(timezone.utc)
@@ -120,14 +117,11 @@ class InlineJobs:
     :class:`~bot.clock.ManualClock`, where sleeping is moving time forward.
     """
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, steps: Steps) -> None:
         self.clock = clock
-        self.workflow: Workflow | None = None
+        self.steps = steps
         self._due: dict[str, datetime] = {}
         self._lock = threading.Lock()
-
-    def bind(self, workflow: Workflow) -> None:
-        self.workflow = workflow
 
     def wake(self, request_id: int, at: datetime | None = None) -> None:
         self._set(f"request-{request_id}", at)
@@ -178,8 +172,7 @@ class InlineJobs:
         return done()
 
     def _run(self, key: str) -> None:
-        assert self.workflow is not None, "bind() the workflow first"
         if key == OUTBOX:
-            deliver_events(self.workflow)
+            deliver_events(self.steps)
         else:
-            advance_request(self.workflow, int(key.removeprefix("request-")))
+            advance_request(self.steps, int(key.removeprefix("request-")))

@@ -15,8 +15,18 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from bot.domain import OUTCOME_LABELS, REJECTED_LABEL
-from bot.store import Store
+from typing import Protocol
+
+from bot.domain import OUTCOME_LABELS, REJECTED_LABEL, DeviceRow, RejectedLine
+
+
+class Outcomes(Protocol):
+    """Where a request's outcomes are read from (the request service, or a store)."""
+
+    def devices(self, request_id: int) -> list[DeviceRow]: ...
+
+    def rejected_lines(self, request_id: int) -> list[RejectedLine]: ...
+
 
 OUTCOME_HEADER = ("DeviceName", "DeviceNickname", "Outcome", "Reason", "IotId", "Line")
 CREDENTIALS_HEADER = ("ProductKey", "DeviceName", "DeviceSecret", "IotId")
@@ -49,7 +59,7 @@ def _rows_to_csv(header: Iterable[str], rows: Iterable[Iterable[object]]) -> Ite
         yield buffer.getvalue()
 
 
-def outcome_rows(store: Store, request_id: int) -> Iterator[tuple[object, ...]]:
+def outcome_rows(store: Outcomes, request_id: int) -> Iterator[tuple[object, ...]]:
     """Every device of a request with its outcome, then every line refused before any API call."""
     for device in store.devices(request_id):
         yield (
@@ -64,12 +74,12 @@ def outcome_rows(store: Store, request_id: int) -> Iterator[tuple[object, ...]]:
         yield (rejected.value, "", REJECTED_LABEL, rejected.reason, "", rejected.line)
 
 
-def outcomes_csv(store: Store, request_id: int) -> str:
+def outcomes_csv(store: Outcomes, request_id: int) -> str:
     """The outcome report of a request as CSV text (for an upload)."""
     return "".join(_rows_to_csv(OUTCOME_HEADER, outcome_rows(store, request_id)))
 
 
-def write_outcomes(path: Path, store: Store, request_id: int) -> int:
+def write_outcomes(path: Path, store: Outcomes, request_id: int) -> int:
     """Write the outcome report to ``path``; returns the number of rows."""
     count = 0
     with path.open("w", encoding="utf-8-sig", newline="") as out:  # the BOM makes Excel read UTF-8

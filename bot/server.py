@@ -69,7 +69,6 @@ def emulator_bot(settings: Settings) -> Any:
     def build() -> Any:
         import dataclasses
 
-        from bot.aliyun.client import IotClient
         from bot.standins.emulator import Emulator
         from bot.slack.app import create_app
 
@@ -79,6 +78,7 @@ def emulator_bot(settings: Settings) -> Any:
             endpoint=emulator.endpoint,
             access_key_id=emulator.access_key_id,
             access_key_secret=emulator.access_key_secret,
+            security_token=None,
             instance_id=None,
         )
         log.warning("emulator mode: IoT Platform calls go to %s (products: %s)", emulator.endpoint, ", ".join(emulator.product_keys))

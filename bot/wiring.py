@@ -2,31 +2,150 @@
 
 The subpackages for outside systems (:mod:`bot.aliyun`, :mod:`bot.standins`) take plain values;
 this module is where :class:`~bot.config.Settings` becomes those values.
+
+Credentials: an AccessKey set in the settings (``ALIBABA_CLOUD_ACCESS_KEY_ID`` and
+``ALIBABA_CLOUD_ACCESS_KEY_SECRET``, with ``ALIBABA_CLOUD_SECURITY_TOKEN`` for temporary ones) is
+used as it is. Without one, the official ``alibabacloud-credentials`` default chain finds them:
+the credentials file (``~/.alibabacloud/credentials``, profile ``ALIBABA_CLOUD_PROFILE``), OIDC/RRSA
+on ACK (``ALIBABA_CLOUD_ROLE_ARN``, ``ALIBABA_CLOUD_OIDC_PROVIDER_ARN``,
+``ALIBABA_CLOUD_OIDC_TOKEN_FILE``), the ECS instance RAM role; it refreshes temporary credentials
+before they expire, and the client asks it at every call.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Any
+
 import requests
 
-from bot.aliyun.client import Credentials, IotClient, RetryPolicy
+from bot.aliyun import errors
+from bot.aliyun.client import MAX_COUNT_PER_REGISTER, Credentials, CredentialsProvider, IotClient, RetryPolicy
 from bot.aliyun.ratelimit import shared_limiter
 from bot.clock import Clock, SystemClock
-from bot.config import Settings
+from bot.config import ConfigError, Settings
+from bot.domain import Origin, Timing
+from bot.policy import Policy
+from bot.registration import Jobs, Notifier, Steps, Workflow
+from bot.service import RequestService
+from bot.store import Store, open_store
+
+#: The rate limiter's account when the chain gives credentials: its AccessKeyIds rotate, the
+#: account's quotas do not.
+CHAIN_ACCOUNT = "default credentials chain"
+
+NO_CREDENTIALS = (
+    "no Alibaba Cloud credentials: set ALIBABA_CLOUD_ACCESS_KEY_ID and ALIBABA_CLOUD_ACCESS_KEY_SECRET, "
+    "or run on ECS or ACK with a RAM role, or use a credentials file (README, Connect to Alibaba Cloud)"
+)
 
 
-def iot_client(settings: Settings, *, session: requests.Session | None = None, clock: Clock | None = None) -> IotClient:
+def _default_chain_client() -> Any:
+    # Imported here: the library reads its environment variables when it is first imported.
+    from alibabacloud_credentials.client import Client
+
+    return Client()
+
+
+class DefaultChain:
+    """The official default credentials chain as a :class:`~bot.aliyun.client.CredentialsProvider`.
+
+    Built at the first call (the chain looks at the environment, files and the metadata service
+    then), and asked again at every call: it hands out refreshed credentials before the old ones
+    expire. ``client_factory`` returns an ``alibabacloud_credentials.client.Client``.
+    """
+
+    def __init__(self, client_factory: Callable[[], Any] = _default_chain_client) -> None:
+        self._factory = client_factory
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def current(self) -> Credentials:
+        try:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._factory()
+            model = self._client.get_credential()
+        except Exception as exc:  # the chain's CredentialException, and whatever its providers raise
+            # The chain's own words, shortened: they say which sources it tried and why each failed.
+            raise errors.AuthError(f"{NO_CREDENTIALS}; {str(exc)[:300]}") from None
+        if not model.access_key_id or not model.access_key_secret:
+            raise errors.AuthError(NO_CREDENTIALS)
+        return Credentials(model.access_key_id, model.access_key_secret, model.security_token or None)
+
+
+def credentials(settings: Settings, *, chain: Callable[[], CredentialsProvider] = DefaultChain) -> CredentialsProvider:
+    """The AccessKey of the settings, or the default chain when none is set (checked at once, so
+    that a process without credentials stops at start with :class:`~bot.config.ConfigError`)."""
+    if settings.access_key_id or settings.access_key_secret:
+        settings.require("access_key_id", "access_key_secret")  # one without the other: name the missing one
+        assert settings.access_key_id and settings.access_key_secret
+        return Credentials(settings.access_key_id, settings.access_key_secret, settings.security_token)
+    provider = chain()
+    try:
+        provider.current()
+    except errors.AuthError as exc:
+        raise ConfigError(exc.message) from None
+    return provider
+
+
+def iot_client(
+    settings: Settings,
+    *,
+    session: requests.Session | None = None,
+    clock: Clock | None = None,
+    chain: Callable[[], CredentialsProvider] = DefaultChain,
+) -> IotClient:
     """A client for the configured account, sharing the process-wide rate limiter."""
-    settings.require("access_key_id", "access_key_secret")
-    assert settings.access_key_id and settings.access_key_secret
+    provider = credentials(settings, chain=chain)
     clock = clock or SystemClock()
+    account = provider.access_key_id if isinstance(provider, Credentials) else CHAIN_ACCOUNT
     return IotClient(
         settings.endpoint,
-        Credentials(settings.access_key_id, settings.access_key_secret),
+        provider,
+        signature=settings.signature,
         region_id=settings.region_id,
         instance_id=settings.instance_id,
         session=session,
         timeout=settings.timeout,
         retry=RetryPolicy(max_attempts=settings.max_attempts, deadline=settings.retry_deadline),
-        limiter=shared_limiter(settings.access_key_id, settings.endpoint, settings.qps, clock),
+        limiter=shared_limiter(account, settings.endpoint, settings.qps, clock),
         clock=clock,
+    )
+
+
+def timing(settings: Settings) -> Timing:
+    """How the workflow paces itself, from the settings."""
+    return Timing(
+        poll_interval=settings.poll_interval,
+        poll_max_interval=max(settings.poll_interval, settings.poll_max_interval),
+        phase_timeout=settings.poll_timeout,
+        approval_ttl=settings.approval_ttl,
+        chunk_size=min(settings.chunk_size, MAX_COUNT_PER_REGISTER),
+        claim_lease=settings.retry_deadline + settings.timeout * 2 + 30,
+    )
+
+
+def workflow(
+    settings: Settings,
+    *,
+    clock: Clock,
+    notifier: Callable[[RequestService], Notifier],
+    jobs: Callable[[Steps], Jobs],
+    client: IotClient | None = None,
+    store: Store | None = None,
+    policy: Policy | None = None,
+    origins: frozenset[Origin] | None = None,
+) -> Workflow:
+    """The workflow over the configured database and IoT Platform account."""
+    return Workflow(
+        store or open_store(settings.db_path),
+        client or iot_client(settings, clock=clock),
+        clock,
+        timing(settings),
+        notifier=notifier,
+        jobs=jobs,
+        policy=policy or Policy(allow_self_approval=settings.allow_self_approval),
+        origins=origins,
     )

@@ -49,8 +49,8 @@ class SlackScenario:
     ws: Workspace | None = None
 
     def start_bot(self) -> None:
-        self.jobs = InlineJobs(self.emulator.clock)
-        self.bot = create_app(Settings.from_env(self.env), clock=self.emulator.clock, jobs=self.jobs)
+        self.bot = create_app(Settings.from_env(self.env), clock=self.emulator.clock, jobs=lambda steps: InlineJobs(self.emulator.clock, steps))
+        self.jobs = self.bot.jobs
         self.bot.start()
         self.server = serve_locally(self.bot.wsgi())
         self.ws = Workspace(self.fake, SIGNING_SECRET, app_url=f"http://127.0.0.1:{self.server.server_port}/slack/events")

@@ -144,8 +144,11 @@ def test_resume_finishes_an_interrupted_request(run, live, tmp_path):
 
     clock = SystemClock()
     store = SqliteStore(tmp_path / "iotreg.db")
-    workflow = Workflow(store, IotClient(live.endpoint, Credentials(live.access_key_id, live.access_key_secret)), None, InlineJobs(clock), clock)
-    request = workflow.submit(live.product_key, "cli:someone", ["resume-0001", "resume-0002"], origin="cli")
+    workflow = Workflow(
+        store, IotClient(live.endpoint, Credentials(live.access_key_id, live.access_key_secret)), clock,
+        notifier=lambda _: None, jobs=lambda steps: InlineJobs(clock, steps),
+    )
+    request = workflow.requests.submit(live.product_key, "cli:someone", ["resume-0001", "resume-0002"], origin="cli")
     store.close()  # the process that started it is gone
     result = run("resume", "--yes")
     assert result.exit_code == 0, result.output

@@ -1,4 +1,5 @@
-"""Our client against the emulator over HTTP: the flow, the errors, and the quotas."""
+"""Our client against the emulator over HTTP: the flow, the errors, and the quotas; with both
+signatures (version 1.0 and V3), long-lived and temporary credentials."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from bot.clock import SystemClock
 from bot.config import DEFAULT_QPS, Settings
 
 
+@pytest.fixture(params=["v1", "v3"])
+def signature(request) -> str:
+    return request.param
+
+
 def client_for(emulator, *, secret=None, limiter=None, **kwargs) -> IotClient:
     clock = emulator.clock
     return IotClient(
@@ -25,8 +31,8 @@ def client_for(emulator, *, secret=None, limiter=None, **kwargs) -> IotClient:
     )
 
 
-def test_check_register_and_page_through_the_created_devices(emulator):
-    client = client_for(emulator)
+def test_check_register_and_page_through_the_created_devices(emulator, signature):
+    client = client_for(emulator, signature=signature)
     pk = emulator.product_key
     names = [(f"sensor-{i:03d}", f"传感器_{i:03d}" if i % 2 else None) for i in range(120)]
     submitted = client.batch_check_device_names(pk, names)
@@ -46,9 +52,9 @@ def test_check_register_and_page_through_the_created_devices(emulator):
     assert nicknames["sensor-001"] == "传感器_001" and nicknames["sensor-000"] is None
 
 
-def test_names_that_exist_fail_the_check_with_reasons(emulator):
+def test_names_that_exist_fail_the_check_with_reasons(emulator, signature):
     emulator.backend.add_device(emulator.product_key, "taken-0001")
-    client = client_for(emulator)
+    client = client_for(emulator, signature=signature)
     apply_id = client.batch_check_device_names(emulator.product_key, ["taken-0001", "free-0001"]).apply_id
     emulator.clock.advance(2)
     status = client.query_batch_register_device_status(emulator.product_key, apply_id)
@@ -68,8 +74,8 @@ def test_malformed_and_repeated_names_are_refused_at_once_with_each_name(emulato
     assert refused == {"no", "dup-0001"} and all(d.reason for d in info.value.invalid)
 
 
-def test_auto_named_registration(emulator):
-    client = client_for(emulator)
+def test_auto_named_registration(emulator, signature):
+    client = client_for(emulator, signature=signature)
     apply_id = client.batch_register_device(emulator.product_key, 7)
     emulator.clock.advance(3)
     assert client.query_batch_register_device_status(emulator.product_key, apply_id).status is ApplyStatus.CREATE_SUCCESS
@@ -85,28 +91,67 @@ def test_auto_named_registration(emulator):
     ],
     ids=["unknown-product", "unknown-apply-id-status", "unknown-apply-id-register"],
 )
-def test_business_errors_arrive_typed(emulator, call, kind, code):
+def test_business_errors_arrive_typed(emulator, call, kind, code, signature):
     with pytest.raises(kind) as info:
-        call(client_for(emulator), emulator.product_key)
+        call(client_for(emulator, signature=signature), emulator.product_key)
     assert info.value.code == code and info.value.request_id
 
 
-def test_a_wrong_secret_is_an_auth_error_that_shows_the_server_string_to_sign(emulator):
+@pytest.mark.parametrize(("signature", "string_to_sign"), [("v1", "POST&%2F&"), ("v3", "ACS3-HMAC-SHA256\n")])
+def test_a_wrong_secret_is_an_auth_error_that_shows_the_server_string_to_sign(emulator, signature, string_to_sign):
     with pytest.raises(errors.AuthError) as info:
-        client_for(emulator, secret="not-the-secret").query_page_by_apply_id(1)
+        client_for(emulator, secret="not-the-secret", signature=signature).query_page_by_apply_id(1)
     assert info.value.code == "SignatureDoesNotMatch" and info.value.http_status == 400
-    assert "server string to sign is:POST&%2F&" in info.value.message
+    assert f"server string to sign is:{string_to_sign}" in info.value.message
     assert "not-the-secret" not in str(info.value)
 
 
-def test_a_clock_off_by_more_than_15_minutes_is_refused(emulator):
+def test_temporary_credentials_carry_their_token(make_emulator, signature):
+    emulator = make_emulator(access_key_id="STS.test-key-id", security_token="sts-token-1")
+    pk = emulator.product_key
+    credentials = Credentials(emulator.access_key_id, emulator.access_key_secret, "sts-token-1")
+    client = IotClient(emulator.endpoint, credentials, signature=signature, clock=emulator.clock)
+    assert client.batch_check_device_names(pk, ["sts-00001"]).apply_id
+    assert "sts-token-1" not in repr(credentials) and emulator.access_key_secret not in repr(credentials)
+    for token, code in [(None, "InvalidSecurityToken.Malformed"), ("sts-token-2", "InvalidSecurityToken.MismatchWithAccessKey")]:
+        wrong = IotClient(emulator.endpoint, Credentials(emulator.access_key_id, emulator.access_key_secret, token), signature=signature, clock=emulator.clock)
+        with pytest.raises(errors.AuthError) as info:
+            wrong.batch_check_device_names(pk, ["sts-00002"])
+        assert info.value.code == code and "sts-token" not in str(info.value)
+
+
+def test_refreshed_credentials_are_used_from_the_next_call(make_emulator, signature):
+    emulator = make_emulator(access_key_id="STS.first", security_token="token-1")
+    pk = emulator.product_key
+
+    class Rotating:
+        """Temporary credentials that a RAM role's refresh replaces between two calls."""
+
+        def __init__(self) -> None:
+            self.now = Credentials("STS.first", emulator.access_key_secret, "token-1")
+
+        def current(self) -> Credentials:
+            return self.now
+
+    provider = Rotating()
+    client = IotClient(emulator.endpoint, provider, signature=signature, clock=emulator.clock)
+    apply_id = client.batch_check_device_names(pk, ["rotate-0001"]).apply_id
+    # The role's next credentials: a new key, secret and token; the old key stops working.
+    emulator.gateway.credentials = {"STS.second": "second-secret"}
+    emulator.gateway.security_tokens = {"STS.second": "token-2"}
+    provider.now = Credentials("STS.second", "second-secret", "token-2")
+    assert client.query_batch_register_device_status(pk, apply_id).status is ApplyStatus.CHECK
+    assert emulator.gateway.outcomes[("QueryBatchRegisterDeviceStatus", "Success")] == 1
+
+
+def test_a_clock_off_by_more_than_15_minutes_is_refused(emulator, signature):
     class LateClock(SystemClock):
         def now(self):
             from datetime import timedelta
 
             return emulator.clock.now() - timedelta(minutes=16)
 
-    client = client_for(emulator)
+    client = client_for(emulator, signature=signature)
     client.clock = LateClock()
     with pytest.raises(errors.AuthError, match="InvalidTimeStamp.Expired"):
         client.query_page_by_apply_id(1)

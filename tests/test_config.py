@@ -34,6 +34,25 @@ def test_settings_are_frozen_and_hide_the_secret():
         s.region_id = "us-west-1"  # type: ignore[misc]
 
 
+def test_a_chunk_over_the_platforms_limit_is_refused_naming_the_limit():
+    assert Settings.from_env({"IOTREG_CHUNK_SIZE": "10000"}).chunk_size == 10_000
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"IOTREG_CHUNK_SIZE": "10001"})
+    assert str(caught.value) == "IOTREG_CHUNK_SIZE: 10001 is above IoT Platform's limit of 10,000 names per check"
+
+
+def test_the_signature_is_v1_unless_v3_is_asked_for():
+    assert Settings.from_env({}).signature == "v1"
+    assert Settings.from_env({"IOT_SIGNATURE": "V3"}).signature == "v3"
+
+
+def test_a_security_token_is_hidden_like_the_secret():
+    s = Settings.from_env(
+        {"ALIBABA_CLOUD_ACCESS_KEY_ID": "STS.example", "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "s", "ALIBABA_CLOUD_SECURITY_TOKEN": "CAIS-token"}
+    )
+    assert s.security_token == "CAIS-token" and "CAIS-token" not in repr(s)
+
+
 def test_qps_overrides_one_action_and_keeps_the_rest():
     s = Settings.from_env({"IOT_QPS": "BatchCheckDeviceNames=2, QueryPageByApplyId=0.5"})
     assert s.qps["BatchCheckDeviceNames"] == 2
@@ -52,6 +71,8 @@ def test_qps_overrides_one_action_and_keeps_the_rest():
         ({"IOT_QPS": "CreateProduct=5"}, "IOT_QPS"),
         ({"IOT_QPS": "BatchCheckDeviceNames=0"}, "IOT_QPS"),
         ({"IOT_QPS": "BatchCheckDeviceNames"}, "IOT_QPS"),
+        ({"IOT_SIGNATURE": "hmac-sha1"}, "IOT_SIGNATURE"),
+        ({"IOTREG_CHUNK_SIZE": "0"}, "IOTREG_CHUNK_SIZE"),
     ],
 )
 def test_malformed_values_name_their_variable(environ, named):

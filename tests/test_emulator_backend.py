@@ -258,13 +258,27 @@ def test_without_precheck_every_defect_shows_in_the_status(clock: ManualClock) -
     }
 
 
-def test_names_beyond_ten_thousand_are_dropped_silently(backend: IotBackend, clock: ManualClock) -> None:
-    apply_id = check(backend, names(*(f"dev-{i:05d}" for i in range(10_005))))
-    app = backend.application(apply_id)
-    assert len(app.names) == 10_000
-    assert app.names[-1] == "dev-09999"
+def test_more_than_ten_thousand_names_in_one_check_are_refused(backend: IotBackend, clock: ManualClock) -> None:
+    refused = fault(backend.batch_check_device_names, PK, names(*(f"dev-{i:05d}" for i in range(10_001))))
+    assert refused.code == "iot.device.DeviceCountExceeded" and "10000" in refused.message
+    assert backend.applications() == []
+    apply_id = check(backend, names(*(f"dev-{i:05d}" for i in range(10_000))))
+    assert len(backend.application(apply_id).names) == 10_000
     clock.advance(2)
     assert status(backend, apply_id)["Status"] == "CHECK_SUCCESS"
+
+
+def test_apply_ids_differ_across_restarts_unless_seeded(clock: ManualClock) -> None:
+    def first_apply_id(**options: object) -> int:
+        backend = IotBackend(clock, **options)  # type: ignore[arg-type]
+        backend.add_product(PK)
+        return check(backend, names("dev-0001"))
+
+    before_restart = first_apply_id()
+    clock.advance(0.001)
+    after_restart = first_apply_id()
+    assert FIRST_APPLY_ID < before_restart < after_restart
+    assert first_apply_id(seed=5) == first_apply_id(seed=5) == FIRST_APPLY_ID
 
 
 @pytest.mark.parametrize(

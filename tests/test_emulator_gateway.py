@@ -12,11 +12,20 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from bot.aliyun.signing import percent_encode, signature_for, string_to_sign
+from bot.aliyun.signing import (
+    percent_encode,
+    sha256_hex,
+    signature_for,
+    string_to_sign,
+    v3_authorization,
+    v3_canonical_request,
+    v3_sign,
+    v3_string_to_sign,
+)
 from bot.clock import ManualClock
 from bot.standins.emulator import Emulator
 from bot.standins.emulator.backend import FIRST_APPLY_ID, MSG_INVALID_NAME, IotBackend
-from bot.standins.emulator.gateway import FaultPlan, Gateway, device_name_entries
+from bot.standins.emulator.gateway import SIGNATURE_MISMATCH_PREFIX, FaultPlan, Gateway, device_name_entries
 
 KEY_ID = "test-key-id"
 SECRET = "test-key-secret"
@@ -422,6 +431,104 @@ def test_fault_shares_are_checked() -> None:
         FaultPlan(latency=-1)
 
 
+# ------------------------------------------------------------------------ V3 (ACS3-HMAC-SHA256)
+
+
+def call_v3(
+    gateway: Gateway,
+    clock: ManualClock,
+    action: str,
+    form: dict[str, str] | None = None,
+    *,
+    secret: str = SECRET,
+    key_id: str = KEY_ID,
+    headers: dict[str, str] | None = None,
+    unsigned: tuple[str, ...] = (),
+    body: bytes | None = None,
+    **query: str,
+) -> tuple[int, dict]:
+    """A V3 call as the current SDK makes it: ``headers`` override or add signed headers,
+    ``unsigned`` are sent but left out of SignedHeaders, ``body`` replaces the signed body."""
+    payload = urlencode(form or {}).encode()
+    sent = {
+        "host": "iot.cn-shanghai.aliyuncs.com",
+        "x-acs-action": action,
+        "x-acs-version": "2018-01-20",
+        "x-acs-date": clock.now().strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "x-acs-signature-nonce": uuid.uuid4().hex,
+        "x-acs-content-sha256": sha256_hex(payload),
+        **({"content-type": "application/x-www-form-urlencoded"} if form else {}),
+        **(headers or {}),
+    }
+    signed = sorted(name for name in sent if name not in unsigned)
+    canonical = v3_canonical_request("POST", list(query.items()), list(sent.items()), signed, sha256_hex(payload))
+    sent["authorization"] = v3_authorization(key_id, signed, v3_sign(secret, v3_string_to_sign(canonical)))
+    body = payload if body is None else body
+    return gateway.handle_raw("POST", urlencode(query), body, sent.get("content-type"), headers=list(sent.items()))
+
+
+def test_a_v3_call_with_names_in_the_form_body_is_answered(gateway: Gateway, clock: ManualClock) -> None:
+    form = {"DeviceNameList.1.DeviceName": "lamp-0001", "DeviceNameList.1.DeviceNickname": "门厅灯", "DeviceNameList.2.DeviceName": "lamp-0002"}
+    status, body = call_v3(gateway, clock, "BatchCheckDeviceNames", form, ProductKey=PK)
+    assert (status, body["Data"]) == (200, {"ApplyId": FIRST_APPLY_ID})
+    application = gateway.backend.application(FIRST_APPLY_ID)
+    assert (application.names, application.nicknames) == (("lamp-0001", "lamp-0002"), {"lamp-0001": "门厅灯"})
+    assert gateway.outcomes[("BatchCheckDeviceNames", "Success")] == 1
+
+
+def test_a_v3_wrong_secret_quotes_the_servers_string_to_sign(gateway: Gateway, clock: ManualClock) -> None:
+    status, body = call_v3(gateway, clock, "QueryPageByApplyId", secret="wrong", ApplyId="1")
+    assert (status, body["Code"]) == (400, "SignatureDoesNotMatch")
+    assert body["Message"].startswith(SIGNATURE_MISMATCH_PREFIX + "ACS3-HMAC-SHA256\n")
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"unsigned": ("x-acs-date",)}, "IncompleteSignature"),
+        ({"unsigned": ("x-acs-content-sha256",)}, "IncompleteSignature"),
+        ({"headers": {"x-acs-security-token": "t"}, "unsigned": ("x-acs-security-token",)}, "IncompleteSignature"),
+        ({"headers": {"authorization-ignored": "x"}, "body": b"DeviceName.1=other"}, "SignatureDoesNotMatch"),
+        ({"headers": {"x-acs-date": "2026-01-05 10:00:00"}}, "InvalidTimeStamp.Format"),
+        ({"key_id": "LTAI-unknown"}, "InvalidAccessKeyId.NotFound"),
+        ({"headers": {"x-acs-version": "2017-04-20"}}, "InvalidApi.NotFound"),
+    ],
+    ids=["date-unsigned", "payload-hash-unsigned", "token-unsigned", "body-not-hashed", "date-malformed", "unknown-key", "other-version"],
+)
+def test_v3_refusals_carry_the_platforms_codes(gateway: Gateway, clock: ManualClock, change: dict, code: str) -> None:
+    status, body = call_v3(gateway, clock, "QueryPageByApplyId", **change, ApplyId="1")
+    assert body["Code"] == code and set(body) == GATEWAY_ERROR_KEYS
+    assert status == (404 if code.endswith("NotFound") else 400)
+
+
+def test_a_v3_call_without_its_action_or_authorization(gateway: Gateway, clock: ManualClock) -> None:
+    status, body = gateway.handle_raw("POST", "ApplyId=1", headers=[("x-acs-action", "QueryPageByApplyId"), ("x-acs-version", "2018-01-20")])
+    assert (status, body["Code"]) == (400, "IncompleteSignature")
+    status, body = gateway.handle_raw("POST", "ApplyId=1", headers=[("authorization", "ACS3-HMAC-SHA256 Credential=a,SignedHeaders=host,Signature=0")])
+    assert (status, body["Code"], body["Message"]) == (400, "MissingParameter", 'The input parameter "x-acs-action" that is mandatory for processing this request is not supplied.')
+
+
+def test_v3_time_window_and_nonce(gateway: Gateway, clock: ManualClock) -> None:
+    late = (clock.now() - timedelta(minutes=15, seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert call_v3(gateway, clock, "QueryPageByApplyId", headers={"x-acs-date": late}, ApplyId="1")[1]["Code"] == "InvalidTimeStamp.Expired"
+    nonce = {"x-acs-signature-nonce": "f0b9790d22896feb2b048776a5e33f78"}
+    assert call_v3(gateway, clock, "QueryPageByApplyId", headers=nonce, ApplyId="1")[1]["Code"] == "iot.device.DeviceApplyIsNotFound"
+    assert call_v3(gateway, clock, "QueryPageByApplyId", headers=nonce, ApplyId="1")[1]["Code"] == "SignatureNonceUsed"
+
+
+def test_a_key_with_a_security_token_needs_it_with_either_signature(gateway: Gateway, clock: ManualClock) -> None:
+    gateway.security_tokens = {KEY_ID: "sts-token"}
+    assert call_v3(gateway, clock, "QueryPageByApplyId", ApplyId="1")[1]["Code"] == "InvalidSecurityToken.Malformed"
+    assert call(gateway, clock, "QueryPageByApplyId", ApplyId="1")[1]["Code"] == "InvalidSecurityToken.Malformed"
+    wrong = call_v3(gateway, clock, "QueryPageByApplyId", headers={"x-acs-security-token": "other"}, ApplyId="1")
+    assert wrong[1]["Code"] == "InvalidSecurityToken.MismatchWithAccessKey"
+    right = call_v3(gateway, clock, "QueryPageByApplyId", headers={"x-acs-security-token": "sts-token"}, ApplyId="1")
+    assert right[1]["Code"] == "iot.device.DeviceApplyIsNotFound"  # through the gateway, to the backend
+    assert call(gateway, clock, "QueryPageByApplyId", ApplyId="1", SecurityToken="sts-token")[1]["Code"] == "iot.device.DeviceApplyIsNotFound"
+    gateway.security_tokens = {}
+    assert call(gateway, clock, "QueryPageByApplyId", ApplyId="1", SecurityToken="sts-token")[1]["Code"] == "InvalidSecurityToken.MismatchWithAccessKey"
+
+
 # ------------------------------------------------------------------------------------- over HTTP
 
 
@@ -459,3 +566,19 @@ def test_http_other_paths_are_not_found(emulator: Emulator) -> None:
 def test_http_unsigned_requests_are_refused_as_json(emulator: Emulator) -> None:
     answer = requests.get(emulator.endpoint + "/?Action=BatchRegisterDevice", timeout=5)
     assert (answer.status_code, answer.json()["Code"]) == (400, "MissingParameter")
+
+
+def test_http_a_ten_thousand_name_check_in_the_query_string_is_answered(emulator: Emulator) -> None:
+    clock = emulator.clock
+    assert isinstance(clock, ManualClock)
+    params = common(clock, "BatchCheckDeviceNames", AccessKeyId=emulator.access_key_id, ProductKey=emulator.product_key)
+    # Nicknamed, as the SDK's DeviceNameList sends them: about 0.4 MB.
+    for n in range(1, 10_001):
+        params[f"DeviceNameList.{n}.DeviceName"] = f"sensor-hz-{n:06d}"
+        params[f"DeviceNameList.{n}.DeviceNickname"] = f"s{n:06d}"
+    params["Signature"] = signature_for("GET", params, emulator.access_key_secret)
+    query = urlencode(params)
+    assert len(query) > 400_000
+    answer = requests.get(f"{emulator.endpoint}/?{query}", timeout=30)
+    assert answer.status_code == 200 and answer.json()["Success"] is True
+    assert len(emulator.backend.application(answer.json()["Data"]["ApplyId"]).names) == 10_000

@@ -452,8 +452,8 @@ def bot_under_fire(tmp_path_factory):
         "IOTREG_APPROVAL_TTL": "1h",
         "IOTREG_WORKERS": "4",
     }
-    jobs = InlineJobs(clock)
-    bot = create_app(Settings.from_env(env), clock=clock, jobs=jobs)
+    bot = create_app(Settings.from_env(env), clock=clock, jobs=lambda steps: InlineJobs(clock, steps))
+    jobs = bot.jobs
     bot.start()
     server = serve_locally(bot.wsgi())
     ws = Workspace(fake, SIGNING_SECRET, app_url=f"http://127.0.0.1:{server.server_port}/slack/events")

@@ -13,7 +13,8 @@ from bot.domain import State
 from bot.aliyun.client import Credentials, IotClient
 from bot.clock import SystemClock
 from bot.jobs import SchedulerJobs
-from bot.registration import Timing, Workflow
+from bot.domain import Timing
+from bot.registration import Workflow
 from bot.store.sqlite import SqliteStore
 
 
@@ -43,24 +44,24 @@ def test_the_scheduler_drives_a_request_and_resumes_it_after_a_restart(make_emul
     timing = Timing(poll_interval=0.05, poll_max_interval=0.2)
 
     def start() -> tuple[Workflow, SchedulerJobs, Collecting]:
-        jobs, notifier = SchedulerJobs(), Collecting()
+        notifier = Collecting()
         client = IotClient(emulator.endpoint, Credentials(emulator.access_key_id, emulator.access_key_secret), clock=clock)
-        workflow = Workflow(SqliteStore(tmp_path / "db"), client, notifier, jobs, clock, timing)
-        jobs.bind(workflow)
+        workflow = Workflow(SqliteStore(tmp_path / "db"), client, clock, timing, notifier=lambda _: notifier, jobs=SchedulerJobs)
+        jobs = workflow.jobs
         jobs.start()
         workflow.resume()
         return workflow, jobs, notifier
 
     workflow, jobs, notifier = start()
-    request = workflow.submit(emulator.product_key, "U1", ["sched-0001", "sched-0002"], origin="slack")
-    assert wait_until(lambda: workflow.get(request.id).state == State.AWAITING_APPROVAL)
+    request = workflow.requests.submit(emulator.product_key, "U1", ["sched-0001", "sched-0002"], origin="slack")
+    assert wait_until(lambda: workflow.requests.get(request.id).state == State.AWAITING_APPROVAL)
     jobs.shutdown()
     workflow.store.close()
 
     workflow, jobs, notifier = start()  # a new process: the approval arrives after the restart
     try:
-        workflow.approve(request.id, "U2")
-        assert wait_until(lambda: workflow.get(request.id).state == State.DONE)
+        workflow.requests.approve(request.id, "U2")
+        assert wait_until(lambda: workflow.requests.get(request.id).state == State.DONE)
         assert wait_until(lambda: "finished" in notifier.kinds)
         assert notifier.kinds == ["approved", "registering", "finished"]
         assert emulator.backend.application(workflow.store.chunks(request.id)[0].apply_id).register_calls == 1

@@ -63,8 +63,7 @@ def action_ids(content) -> set[str]:
 def test_every_button_the_bot_shows_has_a_listener():
     from datetime import datetime, timezone
 
-    from bot.domain import Kind, Origin, Request, State
-    from bot.registration import Summary
+    from bot.domain import Kind, Origin, Request, State, Summary
 
     now = datetime(2026, 1, 5, tzinfo=timezone.utc)
     request = Request(

@@ -379,7 +379,7 @@ def test_a_forged_submission_for_another_channel_is_refused_in_the_modal(scenari
 
 def test_a_product_key_can_never_ping_a_channel():
     """Whatever reaches a message as a ProductKey (the modal now refuses such a key) is shown, not run."""
-    from bot.registration import Summary
+    from bot.domain import Summary
 
     now = datetime(2026, 1, 5, tzinfo=timezone.utc)
     request = Request(

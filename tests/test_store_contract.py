@@ -17,8 +17,9 @@ import pytest
 
 from bot.domain import AuditEntry, Event, EventKind, Kind, Origin, Outcome, RejectedLine, State, Upload
 from bot.standins.postgres import free_port
-from bot.store import Store, StoreUnavailable, open_store
+from bot.store import Store, StoreBusy, StoreUnavailable, open_store
 from bot.store.postgres import PostgresStore
+from bot.store.sqlite import SqliteStore
 
 NOW = datetime(2026, 11, 22, 3, 29, 0, 123456, tzinfo=timezone.utc)
 LATER = NOW + timedelta(minutes=5)
@@ -402,6 +403,22 @@ def test_two_processes_starting_at_once_migrate_once(store_location):
         new_request(store)  # and the schema works
     finally:
         store.close()
+
+
+def test_a_store_held_to_serve_is_shared_only_if_it_can_be(store, store_location):
+    store.hold("serve")
+    store.hold("serve")  # again, by the same process: fine
+    second = open_store(store_location)
+    try:
+        if isinstance(store, SqliteStore):  # one process per SQLite file: the second is told what to use
+            with pytest.raises(StoreBusy, match="PostgreSQL"):
+                second.hold("serve")
+            second.hold("cli")  # another purpose
+        else:
+            second.hold("serve")
+        new_request(second)
+    finally:
+        second.close()
 
 
 # -- PostgreSQL's own failures ------------------------------------------------------------------

@@ -13,7 +13,8 @@ from bot.cli import cli
 from bot.config import DEFAULT_QPS
 from bot.domain import EventKind, Outcome, RejectedLine, State
 from bot.jobs import InlineJobs
-from bot.registration import Timing, Workflow
+from bot.domain import Timing
+from bot.registration import Workflow
 from bot.store.copy import CopyError, copy_sqlite_to_postgres
 from bot.store.postgres import PostgresStore
 from bot.store.sqlite import SqliteStore
@@ -34,10 +35,11 @@ def workflow_over(store, emulator) -> tuple[Workflow, InlineJobs]:
         emulator.endpoint, Credentials(emulator.access_key_id, emulator.access_key_secret), clock=clock,
         limiter=RateLimiter(DEFAULT_QPS, clock), retry=RetryPolicy(max_attempts=4, deadline=30),
     )
-    jobs = InlineJobs(clock)
-    workflow = Workflow(store, client, Quiet(), jobs, clock, Timing(poll_interval=1.0, poll_max_interval=4.0, approval_ttl=3600, phase_timeout=600))
-    jobs.bind(workflow)
-    return workflow, jobs
+    workflow = Workflow(
+        store, client, clock, Timing(poll_interval=1.0, poll_max_interval=4.0, approval_ttl=3600, phase_timeout=600),
+        notifier=lambda _: Quiet(), jobs=lambda steps: InlineJobs(clock, steps),
+    )
+    return workflow, workflow.jobs
 
 
 def run_until(workflow: Workflow, jobs: InlineJobs, request_id: int, *states: State) -> State:
@@ -53,19 +55,19 @@ def deployment(tmp_path, emulator):
     path = tmp_path / "iotreg.db"
     workflow, jobs = workflow_over(SqliteStore(path), emulator)
     store = workflow.store
-    done = workflow.submit(emulator.product_key, ALICE, [f"meter-{i:04d}" for i in range(25)], origin="cli",
+    done = workflow.requests.submit(emulator.product_key, ALICE, [f"meter-{i:04d}" for i in range(25)], origin="cli",
                            rejected=[], rejected_count=0)
     run_until(workflow, jobs, done.id, State.AWAITING_APPROVAL)
-    workflow.approve(done.id, BOB)
+    workflow.requests.approve(done.id, BOB)
     assert run_until(workflow, jobs, done.id, State.DONE) == State.DONE
     upload = store.add_upload(user=ALICE, channel="C1", product_key=emulator.product_key, pasted="", origin_data={"files": [{"id": "F1"}]}, now=emulator.clock.now())
     store.add_upload(user=BOB, channel="C2", product_key=emulator.product_key, pasted="valve-0001", origin_data={}, now=emulator.clock.now())
-    waiting = workflow.submit(emulator.product_key, ALICE, [f"valve-{i:04d}" for i in range(12)], origin="cli", upload_id=upload)
+    waiting = workflow.requests.submit(emulator.product_key, ALICE, [f"valve-{i:04d}" for i in range(12)], origin="cli", upload_id=upload)
     run_until(workflow, jobs, waiting.id, State.AWAITING_APPROVAL)
-    rejected = workflow.submit(emulator.product_key, ALICE, ["pump-0001", "pump-0002"], origin="cli",
+    rejected = workflow.requests.submit(emulator.product_key, ALICE, ["pump-0001", "pump-0002"], origin="cli",
                                rejected=[RejectedLine(3, "bad#one", "'#' is not allowed")])
     run_until(workflow, jobs, rejected.id, State.AWAITING_APPROVAL)
-    workflow.reject(rejected.id, BOB, "not this week")
+    workflow.requests.reject(rejected.id, BOB, "not this week")
     store.enqueue(waiting.id, EventKind.PROGRESS, {"note": "still waiting"}, emulator.clock.now())
     pending = list(store.pending_events())[-1]
     store.mark_step(pending.id, "post")
@@ -106,10 +108,10 @@ def test_a_copied_deployment_goes_on_working(deployment, postgres_url, emulator)
     workflow, jobs = workflow_over(PostgresStore(postgres_url), emulator)
     try:
         workflow.resume()
-        workflow.approve(ids["waiting"], BOB)
+        workflow.requests.approve(ids["waiting"], BOB)
         assert run_until(workflow, jobs, ids["waiting"], State.DONE) == State.DONE
         assert workflow.store.outcome_counts(ids["waiting"]) == {Outcome.CREATED: 12}
-        new = workflow.submit(emulator.product_key, ALICE, ["gauge-0001"], origin="cli")
+        new = workflow.requests.submit(emulator.product_key, ALICE, ["gauge-0001"], origin="cli")
         assert new.id == max(ids.values()) + 1
         assert [a.event for a in workflow.store.audit(new.id)] == ["requested"]
         emulator.clock.advance(60)  # past the retry time of the delivery that failed in SQLite

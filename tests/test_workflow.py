@@ -7,8 +7,10 @@ end got, the devices that exist on the platform afterwards, and the audit trail.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,10 @@ from bot.aliyun.ratelimit import RateLimiter
 from bot.config import DEFAULT_QPS
 from bot.standins.emulator import Emulator, FaultPlan
 from bot.jobs import InlineJobs
-from bot.registration import Conflict, NotAllowed, NotFound, Timing, Workflow
+from bot.policy import Policy
+from bot.domain import Conflict, NotAllowed, NotFound, Timing
+from bot.registration import Workflow
+from bot.store import StoreUnavailable
 from bot.store.sqlite import SqliteStore
 from bot.domain import Event
 
@@ -48,6 +53,9 @@ class Harness:
     db_path: Path
     timing: Timing
     notifier: RecordingNotifier = field(default_factory=RecordingNotifier)
+    policy: Policy = field(default_factory=Policy)
+    #: What the workflow sees of the store (a test may put something between them).
+    wrap: Callable[[SqliteStore], Any] = lambda store: store
 
     def __post_init__(self) -> None:
         self.start()
@@ -63,9 +71,11 @@ class Harness:
             retry=RetryPolicy(max_attempts=4, deadline=30),
         )
         self.store = SqliteStore(self.db_path)
-        self.jobs = InlineJobs(clock)
-        self.workflow = Workflow(self.store, self.client, self.notifier, self.jobs, clock, self.timing)
-        self.jobs.bind(self.workflow)
+        self.workflow = Workflow(
+            self.wrap(self.store), self.client, clock, self.timing,
+            notifier=lambda _: self.notifier, jobs=lambda steps: InlineJobs(clock, steps), policy=self.policy,
+        )
+        self.jobs = self.workflow.jobs
 
     def restart(self) -> int:
         self.store.close()
@@ -102,20 +112,20 @@ def names(prefix: str, n: int) -> list[str]:
 
 
 def test_a_request_goes_from_names_to_registered_devices(harness):
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("meter", 5), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("meter", 5), origin="cli")
     assert request.state == State.CHECKING
     assert harness.run_until(request.id, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
     assert harness.notifier.kinds() == ["created", "awaiting_approval"]
     assert harness.platform_devices() == set()  # nothing exists before approval
 
-    harness.workflow.approve(request.id, BOB)
+    harness.workflow.requests.approve(request.id, BOB)
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.DONE
     assert harness.notifier.kinds() == ["created", "awaiting_approval", "approved", "registering", "finished"]
     assert harness.platform_devices() == set(names("meter", 5))
     created = harness.store.devices(request.id, outcome=Outcome.CREATED)
     assert [d.name for d in created] == names("meter", 5) and all(d.iot_id for d in created)
     assert harness.register_calls(request.id) == [1]
-    summary = harness.workflow.summary(request.id)
+    summary = harness.workflow.requests.summary(request.id)
     assert (summary.created, summary.failed, summary.invalid, summary.pending) == (5, 0, 0, 0)
     trail = [(e.actor, e.event) for e in harness.store.audit(request.id)]
     assert trail[0] == (ALICE, "requested") and (BOB, "approved") in trail and trail[-1] == ("iotreg", "registered")
@@ -125,11 +135,11 @@ def test_a_request_goes_from_names_to_registered_devices(harness):
 def test_more_names_than_a_chunk_take_one_approval_and_one_apply_id_per_chunk(harness):
     harness.timing = Timing(poll_interval=1.0, chunk_size=4)
     harness.start()
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("cam", 10), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("cam", 10), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
     chunks = harness.store.chunks(request.id)
     assert [c.size for c in chunks] == [4, 4, 2] and len({c.apply_id for c in chunks}) == 3
-    harness.workflow.approve(request.id, BOB)
+    harness.workflow.requests.approve(request.id, BOB)
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.DONE
     assert harness.register_calls(request.id) == [1, 1, 1]
     assert harness.platform_devices() == set(names("cam", 10))
@@ -139,7 +149,7 @@ def test_more_names_than_a_chunk_take_one_approval_and_one_apply_id_per_chunk(ha
 def test_a_failed_check_keeps_the_reasons_and_offers_the_valid_names_again(harness):
     for existing in ("gate-0002", "gate-0004"):
         harness.emulator.backend.add_device(harness.emulator.product_key, existing)
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("gate", 5), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("gate", 5), origin="cli")
     assert harness.run_until(request.id, State.CHECK_FAILED, State.AWAITING_APPROVAL) == State.CHECK_FAILED
     invalid = harness.store.devices(request.id, outcome=Outcome.INVALID)
     assert [d.name for d in invalid] == ["gate-0002", "gate-0004"]
@@ -147,28 +157,28 @@ def test_a_failed_check_keeps_the_reasons_and_offers_the_valid_names_again(harne
     event = harness.notifier.events[-1]
     assert event.kind == "check_failed" and event.payload == {"invalid": 2, "valid": 3}
 
-    retry = harness.workflow.retry_valid(request.id, ALICE)
+    retry = harness.workflow.requests.retry_valid(request.id, ALICE)
     assert retry.retry_of == request.id and retry.count == 3
     assert harness.run_until(retry.id, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
-    harness.workflow.approve(retry.id, BOB)
+    harness.workflow.requests.approve(retry.id, BOB)
     assert harness.run_until(retry.id, State.DONE) == State.DONE
     assert harness.platform_devices() == set(names("gate", 5))
     with pytest.raises(Conflict):
-        harness.workflow.retry_valid(retry.id, ALICE)
+        harness.workflow.requests.retry_valid(retry.id, ALICE)
 
 
 def test_names_refused_at_once_end_in_a_failed_check_with_reasons(harness):
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, ["good-0001", "bad#name", "good-0002"], origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, ["good-0001", "bad#name", "good-0002"], origin="cli")
     assert harness.run_until(request.id, State.CHECK_FAILED, State.AWAITING_APPROVAL) == State.CHECK_FAILED
     assert [d.name for d in harness.store.devices(request.id, outcome=Outcome.INVALID)] == ["bad#name"]
 
 
 def test_a_checked_request_is_not_held_up_behind_a_queue_of_other_requests_checks(harness):
-    first = harness.workflow.submit(harness.emulator.product_key, ALICE, names("early", 3), origin="cli")
+    first = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("early", 3), origin="cli")
     harness.jobs.run_due()  # its check goes out now
     started = harness.clock.monotonic()
     # 60 more checks: six seconds of the check quota (10/s), booked in turn rather than slept through.
-    crowd = [harness.workflow.submit(harness.emulator.product_key, ALICE, names(f"late{r:02d}", 3), origin="cli") for r in range(60)]
+    crowd = [harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names(f"late{r:02d}", 3), origin="cli") for r in range(60)]
     harness.jobs.run_due()
     assert harness.clock.monotonic() == started  # no step sat waiting for a slot
     assert harness.run_until(first.id, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
@@ -186,9 +196,9 @@ def test_polls_of_a_many_part_request_go_round_every_part_and_back_off_when_the_
     harness = Harness(emulator, tmp_path / "iotreg.db", Timing(poll_interval=1.0, poll_max_interval=30.0, chunk_size=2, phase_timeout=3600))
     # Six parts, and room for only two status calls a second: a round of polls takes three seconds.
     harness.client.limiter = RateLimiter({**DEFAULT_QPS, "QueryBatchRegisterDeviceStatus": 2}, harness.clock, margin=0)
-    request = harness.workflow.submit(emulator.product_key, ALICE, names("part", 12), origin="cli")
+    request = harness.workflow.requests.submit(emulator.product_key, ALICE, names("part", 12), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
-    harness.workflow.approve(request.id, BOB)
+    harness.workflow.requests.approve(request.id, BOB)
     before = emulator.gateway.calls["QueryBatchRegisterDeviceStatus"]
     started = harness.clock.monotonic()
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.DONE
@@ -203,18 +213,20 @@ def test_polls_of_a_many_part_request_go_round_every_part_and_back_off_when_the_
 
 
 def test_the_requester_cannot_approve_their_own_request_unless_allowed(harness):
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("valve", 2), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("valve", 2), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
     with pytest.raises(NotAllowed, match="someone else"):
-        harness.workflow.approve(request.id, ALICE)
+        harness.workflow.requests.approve(request.id, ALICE)
     assert harness.state(request.id) == State.AWAITING_APPROVAL
     assert [e.event for e in harness.store.audit(request.id)][-1] == "approval_denied"
-    harness.workflow.approve(request.id, ALICE, allow_self=True)
+    harness.policy = Policy(allow_self_approval=True)  # a deployment that allows it
+    harness.restart()
+    harness.workflow.requests.approve(request.id, ALICE)
     assert harness.run_until(request.id, State.DONE) == State.DONE
 
 
 def test_two_approvers_at_once_register_exactly_once(harness):
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("pump", 3), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("pump", 3), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
     results: dict[str, object] = {}
     start = threading.Barrier(8)
@@ -222,7 +234,7 @@ def test_two_approvers_at_once_register_exactly_once(harness):
     def click(who: str) -> None:
         start.wait()
         try:
-            results[who] = harness.workflow.approve(request.id, who).state
+            results[who] = harness.workflow.requests.approve(request.id, who).state
         except Conflict as exc:
             results[who] = exc
 
@@ -241,19 +253,19 @@ def test_two_approvers_at_once_register_exactly_once(harness):
 
 
 def test_a_rejected_request_registers_nothing_and_later_clicks_are_told_why(harness):
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("door", 2), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("door", 2), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
-    harness.workflow.reject(request.id, BOB, "wrong product")
+    harness.workflow.requests.reject(request.id, BOB, "wrong product")
     harness.jobs.run_until(lambda: False, timeout=30)
     assert harness.state(request.id) == State.REJECTED and harness.store.get(request.id).reason == "wrong product"
     with pytest.raises(Conflict, match=f"already rejected by {BOB}"):
-        harness.workflow.approve(request.id, CAROL)
+        harness.workflow.requests.approve(request.id, CAROL)
     assert harness.platform_devices() == set() and harness.register_calls(request.id) == [0]
     assert harness.notifier.events[-1].payload == {"by": BOB, "reason": "wrong product"}
 
 
 def test_an_unanswered_request_expires_and_cannot_be_approved_after(harness):
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("light", 2), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("light", 2), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
     expires_at = harness.store.get(request.id).expires_at
     harness.clock.advance(3599)
@@ -263,38 +275,38 @@ def test_an_unanswered_request_expires_and_cannot_be_approved_after(harness):
     assert harness.clock.now() >= expires_at
     assert harness.notifier.kinds()[-1] == "expired"
     with pytest.raises(Conflict, match="expired"):
-        harness.workflow.approve(request.id, BOB)
+        harness.workflow.requests.approve(request.id, BOB)
 
 
 def test_a_click_that_arrives_after_the_deadline_expires_the_request_itself(harness):
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("fan", 2), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("fan", 2), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
     harness.clock.advance(3601)  # the scheduler has not run yet
     with pytest.raises(Conflict, match="expired"):
-        harness.workflow.approve(request.id, BOB)
+        harness.workflow.requests.approve(request.id, BOB)
     assert harness.state(request.id) == State.EXPIRED
 
 
 def test_cancel_before_approval_and_not_after(harness):
-    first = harness.workflow.submit(harness.emulator.product_key, ALICE, names("tap", 2), origin="cli")
-    harness.workflow.cancel(first.id, ALICE)
+    first = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("tap", 2), origin="cli")
+    harness.workflow.requests.cancel(first.id, ALICE)
     harness.jobs.run_until(lambda: False, timeout=30)
     assert harness.state(first.id) == State.CANCELLED and harness.platform_devices() == set()
-    second = harness.workflow.submit(harness.emulator.product_key, ALICE, names("tap2", 2), origin="cli")
+    second = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("tap2", 2), origin="cli")
     harness.run_until(second.id, State.AWAITING_APPROVAL)
-    harness.workflow.approve(second.id, BOB)
+    harness.workflow.requests.approve(second.id, BOB)
     with pytest.raises(Conflict):
-        harness.workflow.cancel(second.id, ALICE)
+        harness.workflow.requests.cancel(second.id, ALICE)
     with pytest.raises(NotFound):
-        harness.workflow.cancel(9999, ALICE)
+        harness.workflow.requests.cancel(9999, ALICE)
 
 
 def test_auto_named_devices_follow_the_same_path(harness):
     harness.timing = Timing(poll_interval=1.0, chunk_size=10)
     harness.start()
-    request = harness.workflow.submit_count(harness.emulator.product_key, ALICE, 25, origin="cli")
+    request = harness.workflow.requests.submit_count(harness.emulator.product_key, ALICE, 25, origin="cli")
     assert request.state == State.AWAITING_APPROVAL and [c.size for c in harness.store.chunks(request.id)] == [10, 10, 5]
-    harness.workflow.approve(request.id, BOB)
+    harness.workflow.requests.approve(request.id, BOB)
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.DONE
     created = harness.store.devices(request.id, outcome=Outcome.CREATED)
     assert len(created) == 25 and {d.name for d in created} == harness.platform_devices()
@@ -304,11 +316,11 @@ def test_auto_named_devices_follow_the_same_path(harness):
 def test_a_share_of_failed_creations_is_reported_per_device(make_emulator, tmp_path):
     emulator = make_emulator(create_failure_rate=0.3)
     harness = Harness(emulator, tmp_path / "db", Timing(poll_interval=1.0))
-    request = harness.workflow.submit(emulator.product_key, ALICE, names("node", 40), origin="cli")
+    request = harness.workflow.requests.submit(emulator.product_key, ALICE, names("node", 40), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
-    harness.workflow.approve(request.id, BOB)
+    harness.workflow.requests.approve(request.id, BOB)
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.DONE
-    summary = harness.workflow.summary(request.id)
+    summary = harness.workflow.requests.summary(request.id)
     failed = harness.store.devices(request.id, outcome=Outcome.NOT_CREATED)
     assert summary.created + summary.failed == 40 and 0 < summary.failed < 40
     assert {d.name for d in failed}.isdisjoint(harness.platform_devices())
@@ -318,7 +330,7 @@ def test_a_share_of_failed_creations_is_reported_per_device(make_emulator, tmp_p
 def test_a_check_that_never_ends_fails_with_a_clear_reason(make_emulator, tmp_path):
     emulator = make_emulator(check_seconds=10 * 3600)
     harness = Harness(emulator, tmp_path / "db", Timing(poll_interval=1.0, poll_max_interval=30, phase_timeout=300))
-    request = harness.workflow.submit(emulator.product_key, ALICE, names("slow", 2), origin="cli")
+    request = harness.workflow.requests.submit(emulator.product_key, ALICE, names("slow", 2), origin="cli")
     assert harness.run_until(request.id, State.FAILED) == State.FAILED
     assert harness.store.get(request.id).reason == "the check did not finish within 5 min; gave up waiting"
     polls = emulator.gateway.calls["QueryBatchRegisterDeviceStatus"]
@@ -326,7 +338,7 @@ def test_a_check_that_never_ends_fails_with_a_clear_reason(make_emulator, tmp_pa
 
 
 def test_an_unknown_product_fails_at_once_naming_the_product(harness):
-    request = harness.workflow.submit("a1NoSuchProd", ALICE, names("x", 2), origin="cli")
+    request = harness.workflow.requests.submit("a1NoSuchProd", ALICE, names("x", 2), origin="cli")
     assert harness.run_until(request.id, State.FAILED, State.AWAITING_APPROVAL) == State.FAILED
     assert "product a1NoSuchProd does not exist" in harness.store.get(request.id).reason
     assert harness.notifier.events[-1].kind == "finished" and harness.notifier.events[-1].payload["reason"]
@@ -334,9 +346,9 @@ def test_an_unknown_product_fails_at_once_naming_the_product(harness):
 
 def test_platform_faults_slow_a_request_down_but_it_completes(harness):
     harness.emulator.gateway.faults = FaultPlan(error_rate=0.3, throttle_rate=0.2, seed=3)
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("flaky", 30), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("flaky", 30), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL, State.FAILED)
-    harness.workflow.approve(request.id, BOB)
+    harness.workflow.requests.approve(request.id, BOB)
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.DONE
     assert harness.platform_devices() == set(names("flaky", 30))
     assert harness.register_calls(request.id) == [1]
@@ -345,7 +357,7 @@ def test_platform_faults_slow_a_request_down_but_it_completes(harness):
 
 def test_notifications_that_fail_are_delivered_later_in_order(harness):
     harness.notifier.failures_left = 3
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("bell", 2), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("bell", 2), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
     harness.jobs.run_until(lambda: len(harness.notifier.events) == 2, timeout=120)
     assert harness.notifier.kinds() == ["created", "awaiting_approval"]
@@ -356,18 +368,18 @@ def test_notifications_that_fail_are_delivered_later_in_order(harness):
 
 @pytest.mark.parametrize("stop_at", ["submitted", "check_sent", "awaiting_approval", "approved"])
 def test_a_restart_at_any_state_finishes_the_request_once(harness, stop_at):
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("boot", 4), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("boot", 4), origin="cli")
     if stop_at != "submitted":
         harness.jobs.run_due()  # the check goes out
     if stop_at in ("awaiting_approval", "approved"):
         harness.run_until(request.id, State.AWAITING_APPROVAL)
     if stop_at == "approved":
-        harness.workflow.approve(request.id, BOB)  # and the process dies before the step runs
+        harness.workflow.requests.approve(request.id, BOB)  # and the process dies before the step runs
     assert harness.restart() == 1
     if harness.state(request.id) == State.CHECKING or stop_at == "check_sent":
         harness.run_until(request.id, State.AWAITING_APPROVAL)
     if harness.state(request.id) == State.AWAITING_APPROVAL:
-        harness.workflow.approve(request.id, BOB)
+        harness.workflow.requests.approve(request.id, BOB)
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.DONE
     assert harness.register_calls(request.id) == [1]
     assert harness.platform_devices() == set(names("boot", 4))
@@ -375,9 +387,9 @@ def test_a_restart_at_any_state_finishes_the_request_once(harness, stop_at):
 
 
 def test_a_crash_after_the_register_call_left_does_not_send_it_again(harness):
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("crash", 3), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("crash", 3), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
-    harness.workflow.approve(request.id, BOB)
+    harness.workflow.requests.approve(request.id, BOB)
     chunk = harness.store.chunks(request.id)[0]
     # The process wrote its intent, sent the call, and died before storing the answer.
     harness.store.update_chunk(request.id, 0, register_sent_at=harness.clock.now())
@@ -390,9 +402,9 @@ def test_a_crash_after_the_register_call_left_does_not_send_it_again(harness):
 
 
 def test_a_crash_before_the_register_call_left_sends_it_once(harness):
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("early", 3), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("early", 3), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
-    harness.workflow.approve(request.id, BOB)
+    harness.workflow.requests.approve(request.id, BOB)
     harness.store.update_chunk(request.id, 0, register_sent_at=harness.clock.now())  # intent, then death
     harness.restart()
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.DONE
@@ -400,8 +412,8 @@ def test_a_crash_before_the_register_call_left_sends_it_once(harness):
 
 
 def test_an_auto_named_chunk_of_unknown_fate_is_never_sent_twice(harness):
-    request = harness.workflow.submit_count(harness.emulator.product_key, ALICE, 5, origin="cli")
-    harness.workflow.approve(request.id, BOB)
+    request = harness.workflow.requests.submit_count(harness.emulator.product_key, ALICE, 5, origin="cli")
+    harness.workflow.requests.approve(request.id, BOB)
     harness.store.update_chunk(request.id, 0, register_sent_at=harness.clock.now())
     harness.restart()
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.FAILED
@@ -429,7 +441,7 @@ def test_an_older_database_is_migrated_in_place_with_its_data(emulator, tmp_path
     assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner", "m003_notification_steps", "m004_uploads", "m005_origin_data"]
     assert harness.workflow.resume() == 1  # the old request is picked up where it was
     assert harness.run_until(7, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
-    harness.workflow.approve(7, BOB)
+    harness.workflow.requests.approve(7, BOB)
     assert harness.run_until(7, State.DONE, State.FAILED) == State.DONE
     assert harness.platform_devices() == set(names("legacy", 2))
 
@@ -439,10 +451,10 @@ def test_lost_answers_to_register_calls_never_cause_a_second_registration(harnes
     """5xx answers sent after the platform acted: the workflow asks for the status instead of resending."""
     harness.timing = Timing(poll_interval=1.0, chunk_size=3)
     harness.start()
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names(f"lost{seed}", 9), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names(f"lost{seed}", 9), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
     harness.emulator.gateway.faults = FaultPlan(error_rate=0.5, errors_take_effect=1.0, seed=seed)
-    harness.workflow.approve(request.id, BOB)
+    harness.workflow.requests.approve(request.id, BOB)
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.DONE
     assert harness.register_calls(request.id) == [1, 1, 1]
     assert harness.platform_devices() == set(names(f"lost{seed}", 9))
@@ -457,9 +469,9 @@ def test_lost_answers_to_register_calls_never_cause_a_second_registration(harnes
 def test_giving_up_on_a_slow_registration_still_records_the_devices_created_so_far(make_emulator, tmp_path):
     emulator = make_emulator(create_seconds=10 * 3600)
     harness = Harness(emulator, tmp_path / "db", Timing(poll_interval=1.0, poll_max_interval=30, phase_timeout=300))
-    request = harness.workflow.submit(emulator.product_key, ALICE, names("tardy", 3), origin="cli")
+    request = harness.workflow.requests.submit(emulator.product_key, ALICE, names("tardy", 3), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
-    harness.workflow.approve(request.id, BOB)
+    harness.workflow.requests.approve(request.id, BOB)
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.FAILED
     assert "did not finish within 5 min" in harness.store.get(request.id).reason
     pending = harness.store.devices(request.id, outcome=Outcome.PENDING)
@@ -470,8 +482,8 @@ def test_giving_up_on_a_slow_registration_still_records_the_devices_created_so_f
 def test_an_auto_named_part_of_unknown_fate_does_not_hide_the_parts_that_were_created(harness):
     harness.timing = Timing(poll_interval=1.0, chunk_size=5)
     harness.start()
-    request = harness.workflow.submit_count(harness.emulator.product_key, ALICE, 10, origin="cli")
-    harness.workflow.approve(request.id, BOB)
+    request = harness.workflow.requests.submit_count(harness.emulator.product_key, ALICE, 10, origin="cli")
+    harness.workflow.requests.approve(request.id, BOB)
     # Part 2's call went out from a process that died before storing the answer.
     harness.store.update_chunk(request.id, 1, register_sent_at=harness.clock.now(), claimed_by="elsewhere:1:dead")
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.FAILED
@@ -481,9 +493,9 @@ def test_an_auto_named_part_of_unknown_fate_does_not_hide_the_parts_that_were_cr
 
 
 def test_a_register_call_in_flight_in_another_process_is_waited_for_not_repeated(harness):
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("twin", 2), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("twin", 2), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
-    harness.workflow.approve(request.id, BOB)
+    harness.workflow.requests.approve(request.id, BOB)
     harness.store.transition(request.id, from_states=[State.APPROVED], to_state=State.REGISTERING, actor="iotreg", event="registering", now=harness.clock.now())
     # Another live process (on another host) claimed the call a moment ago.
     harness.store.update_chunk(request.id, 0, register_sent_at=harness.clock.now(), claimed_by="other-host:4242:abcd")
@@ -496,7 +508,7 @@ def test_a_register_call_in_flight_in_another_process_is_waited_for_not_repeated
 
 
 def test_an_unexpected_error_in_a_step_keeps_the_request_scheduled(harness, monkeypatch):
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("glitch", 2), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("glitch", 2), origin="cli")
     real = harness.client.query_batch_register_device_status
     calls = {"n": 0}
 
@@ -518,7 +530,7 @@ def test_an_unexpected_error_in_a_step_keeps_the_request_scheduled(harness, monk
 def test_a_status_that_lags_behind_the_register_call_is_not_taken_as_the_end(harness, monkeypatch):
     from bot.aliyun.client import ApplyStatus, BatchStatus
 
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("lag", 2), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("lag", 2), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
     real = harness.client.query_batch_register_device_status
     lagging = {"left": 2}
@@ -530,7 +542,7 @@ def test_a_status_that_lags_behind_the_register_call_is_not_taken_as_the_end(har
         return real(product_key, apply_id)
 
     monkeypatch.setattr(harness.client, "query_batch_register_device_status", lag)
-    harness.workflow.approve(request.id, BOB)
+    harness.workflow.requests.approve(request.id, BOB)
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.DONE
     assert lagging["left"] == 0
     assert [d.name for d in harness.store.devices(request.id, outcome=Outcome.CREATED)] == names("lag", 2)
@@ -538,11 +550,59 @@ def test_a_status_that_lags_behind_the_register_call_is_not_taken_as_the_end(har
 
 def test_a_retry_clicked_by_someone_else_is_still_the_requesters_and_they_cannot_approve_it(harness):
     harness.emulator.backend.add_device(harness.emulator.product_key, "own-0001")
-    request = harness.workflow.submit(harness.emulator.product_key, ALICE, names("own", 3), origin="cli")
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("own", 3), origin="cli")
     harness.run_until(request.id, State.CHECK_FAILED)
-    retry = harness.workflow.retry_valid(request.id, BOB)  # a colleague clicks Retry
+    retry = harness.workflow.requests.retry_valid(request.id, BOB)  # a colleague clicks Retry
     assert retry.requester == ALICE
     harness.run_until(retry.id, State.AWAITING_APPROVAL)
     with pytest.raises(NotAllowed):
-        harness.workflow.approve(retry.id, ALICE)
+        harness.workflow.requests.approve(retry.id, ALICE)
     assert ("U0BOB", "retry_of") in [(e.actor, e.event) for e in harness.store.audit(retry.id)]
+
+
+class Outage:
+    """The store as the workflow sees it, with a database that can be taken away and given back."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+        self.down = False
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.store, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down:
+                self.refused += 1
+                raise StoreUnavailable("the database at db.test:5432/iotreg does not answer")
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+def test_a_database_lost_while_running_delays_the_work_and_loses_nothing(emulator, tmp_path):
+    outages: list[Outage] = []
+    harness = Harness(
+        emulator, tmp_path / "iotreg.db", Timing(poll_interval=1.0, poll_max_interval=4.0),
+        wrap=lambda store: outages.append(Outage(store)) or outages[-1],
+    )
+    outage = outages[-1]
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("outage", 6), origin="cli")
+    assert harness.run_until(request.id, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
+    harness.workflow.requests.approve(request.id, BOB)
+    outage.down = True
+    harness.jobs.run_due()  # the step finds the database gone…
+    assert outage.refused
+    assert f"request-{request.id}" in harness.jobs.scheduled()  # …and is tried again later, not dropped
+    assert "outbox" in harness.jobs.scheduled()
+    harness.clock.sleep(60)
+    harness.jobs.run_due()  # still gone: it waits again
+    assert f"request-{request.id}" in harness.jobs.scheduled()
+    assert harness.state(request.id) == State.APPROVED  # nothing moved while it was away
+    outage.down = False
+    assert harness.run_until(request.id, State.DONE) == State.DONE
+    assert harness.register_calls(request.id) == [1]
+    assert harness.platform_devices() == set(names("outage", 6))
+    assert harness.notifier.kinds(request.id).count("finished") == 1

@@ -1,9 +1,19 @@
 """A thin, typed client for the five IoT Platform operations behind batch registration.
 
-Each method sends one RPC call the way the official Python SDK does (always POST; the common
-parameters and ProductKey in the query; the device names of BatchCheckDeviceNames in a form body),
-signs it with signature version 1.0, and returns a small dataclass. Failures become the exceptions
-of :mod:`bot.aliyun.errors`.
+Each method sends one RPC call the way the official Python SDKs do (always POST; ProductKey and
+the other parameters in the query; the device names of BatchCheckDeviceNames in a form body),
+signs it, and returns a small dataclass. Failures become the exceptions of :mod:`bot.aliyun.errors`.
+
+Signatures: ``signature="v1"`` (the default) is signature version 1.0, HMAC-SHA1 over the
+parameters, with the common parameters in the query, as ``aliyun-python-sdk-core`` sends it;
+``"v3"`` is ACS3-HMAC-SHA256, the action and version in ``x-acs-*`` headers and the signature in
+``Authorization``, as ``alibabacloud-tea-openapi`` sends it by default. The platform takes both.
+
+Credentials: a fixed :class:`Credentials`, or any :class:`CredentialsProvider` (temporary
+credentials from a RAM role that are refreshed before they expire): the client asks it for the
+current ones at every call, and sends their security token (``SecurityToken`` in V1, in the form
+body so that no URL in a log carries it;
+``x-acs-security-token`` in V3) when there is one.
 
 Retries. Throttling, ``iot.system.SystemException``, 5xx answers, timeouts and connection errors
 are retried with exponential back-off and jitter, bounded in attempts and in total time, but only
@@ -27,12 +37,23 @@ import logging
 import random
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol
+from urllib.parse import urlsplit
 
 import requests
 
 from bot.aliyun import errors
 from bot.aliyun.ratelimit import DEFAULT_QPS, RateLimiter
-from bot.aliyun.signing import encode_params, percent_encode, signature_for_encoded
+from bot.aliyun.signing import (
+    encode_params,
+    percent_encode,
+    sha256_hex,
+    signature_for_encoded,
+    v3_authorization,
+    v3_canonical_request,
+    v3_sign,
+    v3_string_to_sign,
+)
 from bot.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
@@ -47,14 +68,31 @@ MAX_PAGE_SIZE = 50
 
 #: Operations that may be sent again after an answer that leaves their effect unknown (see above).
 SAFE_TO_REPEAT = frozenset({"QueryBatchRegisterDeviceStatus", "QueryPageByApplyId", "BatchCheckDeviceNames"})
+#: The two request signatures the client can make (see the module docstring).
+SIGNATURES = ("v1", "v3")
 
 
 @dataclasses.dataclass(frozen=True)
 class Credentials:
-    """An AccessKey pair. The secret stays out of ``repr`` and so out of logs and tracebacks."""
+    """An AccessKey pair, with the security token of temporary (STS) credentials. The secret and
+    the token stay out of ``repr`` and so out of logs and tracebacks.
+
+    A fixed pair is its own :class:`CredentialsProvider`."""
 
     access_key_id: str
     access_key_secret: str = dataclasses.field(repr=False)
+    security_token: str | None = dataclasses.field(default=None, repr=False)
+
+    def current(self) -> Credentials:
+        return self
+
+
+class CredentialsProvider(Protocol):
+    """Where the client gets the credentials of each call: temporary ones change over time.
+
+    ``current`` may raise :class:`~bot.aliyun.errors.AuthError` when there are none to be had."""
+
+    def current(self) -> Credentials: ...
 
 
 class ApplyStatus(enum.StrEnum):
@@ -151,8 +189,9 @@ class IotClient:
     def __init__(
         self,
         endpoint: str,
-        credentials: Credentials,
+        credentials: CredentialsProvider,
         *,
+        signature: str = "v1",
         region_id: str = "cn-shanghai",
         instance_id: str | None = None,
         session: requests.Session | None = None,
@@ -162,8 +201,11 @@ class IotClient:
         clock: Clock | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        if signature not in SIGNATURES:
+            raise ValueError(f"signature must be one of {', '.join(SIGNATURES)}, not {signature!r}")
         self.endpoint = endpoint.rstrip("/")
         self.credentials = credentials
+        self.signature = signature
         self.region_id = region_id
         self.instance_id = instance_id
         self.session = session or _session_for(self.endpoint)
@@ -172,6 +214,7 @@ class IotClient:
         base = requests.PreparedRequest()
         base.prepare_url(f"{self.endpoint}/", None)
         self._base_url: str = base.url or f"{self.endpoint}/"
+        self._host = urlsplit(self._base_url).netloc  # the Host header V3 signs, as requests sends it
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.clock = clock or SystemClock()
@@ -327,33 +370,19 @@ class IotClient:
         return self.clock.monotonic() - started + worst_next <= self.retry.deadline
 
     def _send(self, action: str, params: Mapping[str, str], form: Mapping[str, str]) -> dict:
-        query = {
-            "Format": "JSON",
-            "Version": API_VERSION,
-            "AccessKeyId": self.credentials.access_key_id,
-            "SignatureMethod": "HMAC-SHA1",
-            "SignatureVersion": "1.0",
-            "SignatureNonce": uuid.uuid4().hex,
-            "Timestamp": self.clock.now().strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "RegionId": self.region_id,
-            "Action": action,
-            **params,
-        }
-        if self.instance_id:
-            query["IotInstanceId"] = self.instance_id
-        query_pairs, form_pairs = encode_params(query), encode_params(form)
-        signature = signature_for_encoded("POST", {**query_pairs, **form_pairs}, self.credentials.access_key_secret)
+        credentials = self.credentials.current()
+        if self.signature == "v3":
+            query, headers, body = self._signed_v3(action, params, form, credentials)
+        else:
+            query, headers, body = self._signed_v1(action, params, form, credentials)
         # Prepared here and handed to Session.send, as the official SDK does: no cookies, no
         # redirects (a signed call has one destination), and the URL built from encoded parts.
         request = requests.PreparedRequest()
         request.prepare_method("POST")
-        request.url = f"{self._base_url}?{'&'.join(query_pairs.values())}&Signature={percent_encode(signature)}"
-        headers = {k: v for k, v in self.session.headers.items() if v is not None} | {"Accept": "application/json"}
-        if form:
-            headers["Content-Type"] = "application/x-www-form-urlencoded; charset=utf-8"
-        request.prepare_headers(headers)
+        request.url = f"{self._base_url}?{query}"
+        request.prepare_headers({k: v for k, v in self.session.headers.items() if v is not None} | headers)
         request.prepare_cookies({})
-        request.prepare_body(_form_body(form_pairs) if form else None, None)
+        request.prepare_body(body, None)
         started = self.clock.monotonic()
         try:
             response = self.session.send(request, timeout=self.timeout, allow_redirects=False)
@@ -376,6 +405,63 @@ class IotClient:
             ) from None
         elapsed = self.clock.monotonic() - started
         return self._decode(action, response, elapsed)
+
+    def _signed_v1(
+        self, action: str, params: Mapping[str, str], form: Mapping[str, str], credentials: Credentials
+    ) -> tuple[str, dict[str, str], str | None]:
+        """Signature version 1.0: the query string, the headers and the body of the call."""
+        query = {
+            "Format": "JSON",
+            "Version": API_VERSION,
+            "AccessKeyId": credentials.access_key_id,
+            "SignatureMethod": "HMAC-SHA1",
+            "SignatureVersion": "1.0",
+            "SignatureNonce": uuid.uuid4().hex,
+            "Timestamp": self.clock.now().strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "RegionId": self.region_id,
+            "Action": action,
+            **params,
+        }
+        if self.instance_id:
+            query["IotInstanceId"] = self.instance_id
+        if credentials.security_token:
+            # In the form body, signed with the rest: a URL reaches logs (urllib3's, a proxy's).
+            form = {**form, "SecurityToken": credentials.security_token}
+        query_pairs, form_pairs = encode_params(query), encode_params(form)
+        signature = signature_for_encoded("POST", {**query_pairs, **form_pairs}, credentials.access_key_secret)
+        headers = {"Accept": "application/json"}
+        if form:
+            headers["Content-Type"] = FORM_CONTENT_TYPE
+        query_string = f"{'&'.join(query_pairs.values())}&Signature={percent_encode(signature)}"
+        return query_string, headers, _form_body(form_pairs) if form else None
+
+    def _signed_v3(
+        self, action: str, params: Mapping[str, str], form: Mapping[str, str], credentials: Credentials
+    ) -> tuple[str, dict[str, str], str | None]:
+        """ACS3-HMAC-SHA256: the query string, the headers (Authorization included) and the body."""
+        query = dict(params)
+        if self.instance_id:
+            query["IotInstanceId"] = self.instance_id
+        body = _form_body(encode_params(form)) if form else None
+        payload_hash = sha256_hex(body.encode() if body else b"")
+        signed = {
+            "host": self._host,
+            "x-acs-action": action,
+            "x-acs-version": API_VERSION,
+            "x-acs-date": self.clock.now().strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "x-acs-signature-nonce": uuid.uuid4().hex,
+            "x-acs-content-sha256": payload_hash,
+        }
+        if form:
+            signed["content-type"] = FORM_CONTENT_TYPE
+        if credentials.security_token:
+            signed["x-acs-security-token"] = credentials.security_token
+        names = sorted(signed)
+        canonical = v3_canonical_request("POST", query.items(), signed.items(), names, payload_hash)
+        signature = v3_sign(credentials.access_key_secret, v3_string_to_sign(canonical))
+        headers = {"Accept": "application/json", **signed}
+        headers["Authorization"] = v3_authorization(credentials.access_key_id, names, signature)
+        return "&".join(encode_params(query).values()), headers, body
 
     def _decode(self, action: str, response: requests.Response, elapsed: float) -> dict:
         try:
@@ -420,6 +506,9 @@ def _session_for(endpoint: str) -> requests.Session:
     session.verify = settings["verify"]
     session.trust_env = False
     return session
+
+
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded; charset=utf-8"
 
 
 def _form_body(encoded: Mapping[str, str]) -> str:

@@ -4,7 +4,7 @@
     ├── TransportError            no answer at all (timeout, refused, reset)          retry may help
     ├── ThrottledError            Throttling.* : over the per-account QPS quota       retry helps
     ├── ServiceError              5xx, or iot.system.SystemException                  retry may help
-    ├── AuthError                 credentials, signature, clock, nonce                fix the config
+    ├── AuthError                 credentials, token, signature, clock, nonce         fix the config
     ├── RequestError              MissingParameter, InvalidApi.NotFound, other 4xx    fix the request
     └── BusinessError             HTTP 200 with Success: false (iot.prod.*, iot.device.*) per code
         ├── NotFoundError         the product or the ApplyId does not exist
@@ -103,6 +103,9 @@ AUTH_CODES = frozenset(
         "InvalidTimeStamp.Format",
         "SignatureNonceUsed",
         "Forbidden.RAM",
+        "InvalidSecurityToken.Malformed",
+        "InvalidSecurityToken.Expired",
+        "InvalidSecurityToken.MismatchWithAccessKey",
     }
 )
 NOT_FOUND_CODES = frozenset({"iot.prod.NotExistedProduct", "iot.device.DeviceApplyIsNotFound"})

@@ -18,7 +18,8 @@ workflow's steps do this, so that a scheduler worker never sleeps through a queu
 other requests have calls to make.
 
 One limiter serves the whole process: :func:`shared_limiter` hands every client for the same
-account the same instance.
+account the same instance. Name the account by something that does not change: temporary (STS)
+credentials get a new AccessKeyId at every refresh, the account's quotas stay the same.
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ _shared_lock = threading.Lock()
 
 
 def shared_limiter(account: str, endpoint: str, quotas: Mapping[str, float], clock: Clock | None = None) -> RateLimiter:
-    """The process-wide limiter for ``account`` at ``endpoint`` (created with ``quotas`` on first use)."""
+    """The process-wide limiter for ``account`` at ``endpoint`` (created with ``quotas`` on first use).
+
+    ``account``: a stable name of the account (a long-lived AccessKeyId, or the credentials source)."""
     key = (account, endpoint)
     with _shared_lock:
         limiter = _shared.get(key)

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from slack_bolt import Ack, App
 from slack_sdk import WebClient
 
 from bot import report
-from bot.registration import Conflict, NotAllowed, NotFound, WorkflowError
+from bot.domain import Conflict, NotAllowed, NotFound, Request, WorkflowError
 from bot.slack import blocks
 from bot.slack.deps import Deps
 from bot.slack.views import tell
-from bot.domain import Request
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +51,13 @@ def carry_out(deps: Deps, client: WebClient, handle: Callable[[Deps, Request, st
 def dispatch(deps: Deps, handle: Callable[[Deps, Request, str], str | None], value: str, user: str) -> str | None:
     if not re.fullmatch(r"[0-9]{1,18}", value or ""):
         return "This button is not tied to a registration request."
-    request = deps.workflow.get(int(value))
+    request = deps.requests.get(int(value))
     if request is None:
         return f"Request #{value} no longer exists."
     try:
         return handle(deps, request, user)
     except NotAllowed as exc:
-        return f"{str(exc)[0].upper()}{str(exc)[1:]}."
+        return blocks.refusal(exc, request)
     except Conflict as exc:
         return f"Nothing changed: {exc}."
     except (NotFound, WorkflowError) as exc:
@@ -66,59 +65,43 @@ def dispatch(deps: Deps, handle: Callable[[Deps, Request, str], str | None], val
 
 
 def approve(deps: Deps, request: Request, user: str) -> str | None:
-    reason = deps.approvers.why_not(user)
-    if reason:
-        deps.workflow.store.record(request.id, user, "approval_denied", deps.workflow.clock.now(), {"why": "not an approver"})
-        return reason
-    deps.workflow.approve(request.id, user, allow_self=deps.allow_self_approval)
+    deps.requests.approve(request.id, user)
     return None
 
 
 def reject(deps: Deps, request: Request, user: str) -> str | None:
-    if user == request.requester:
-        deps.workflow.cancel(request.id, user)  # the requester withdrawing their own request
-        return None
-    reason = deps.approvers.why_not(user)
-    if reason:
-        return reason
-    deps.workflow.reject(request.id, user)
+    deps.requests.reject(request.id, user)  # the requester's Reject withdraws their own request
     return None
 
 
 def retry_valid(deps: Deps, request: Request, user: str) -> str | None:
-    if user != request.requester and deps.approvers.why_not(user) is not None:
-        return f"Only {blocks.user(request.requester)} or an approver can retry request #{request.id}."
-    new = deps.workflow.retry_valid(request.id, user)
+    new = deps.requests.retry_valid(request.id, user)
     return f"Request #{new.id} checks the {new.count:,} valid names of #{request.id}."
 
 
 def cancel(deps: Deps, request: Request, user: str) -> str | None:
-    if user != request.requester and deps.approvers.why_not(user) is not None:
-        return f"Only {blocks.user(request.requester)} or an approver can cancel request #{request.id}."
-    deps.workflow.cancel(request.id, user)
+    deps.requests.cancel(request.id, user)
     return None
 
 
 def send_credentials(deps: Deps, request: Request, user: str) -> str | None:
     if not deps.credentials_dm:
         return "Sending credentials in Slack is turned off here; ask an operator for `iotreg credentials`."
-    if not deps.approvers.may_see(user, request):
-        deps.workflow.store.record(request.id, user, "credentials_denied", deps.workflow.clock.now())
-        return f"Only {blocks.user(request.requester)} and the approvers can get the credentials of request #{request.id}."
+    rows = deps.requests.credentials(request.id, user)  # checked (and a refusal recorded) here
     key = (request.id, user)
     with deps.lock:
         if key in deps.in_flight:
             return "Your credentials file is on its way; it will arrive in a direct message."
         deps.in_flight.add(key)
-    deps.background.submit(export_credentials, deps, request, user)
+    deps.background.submit(export_credentials, deps, request, user, rows)
     return f"Preparing the credentials of request #{request.id}; they will arrive in a direct message."
 
 
-def export_credentials(deps: Deps, request: Request, user: str) -> None:
+def export_credentials(deps: Deps, request: Request, user: str, credentials: Iterator[tuple[str, str, str, str]]) -> None:
     """Fetch every device's secret from IoT Platform and DM it as a CSV file (never stored)."""
     client = deps.approvers.client
     try:
-        rows = list(deps.workflow.credentials(request.id))
+        rows = list(credentials)
         dm = client.conversations_open(users=user)["channel"]["id"]
         if not rows:
             client.chat_postMessage(channel=dm, text=f"Request #{request.id} has no registered device.")
@@ -130,7 +113,7 @@ def export_credentials(deps: Deps, request: Request, user: str) -> None:
             title=f"Device credentials, request #{request.id}",
             initial_comment=f"The credentials of the {len(rows):,} devices of request #{request.id}. Keep this file private; delete this message once you have stored it.",
         )
-        deps.workflow.store.record(request.id, user, "credentials_sent", deps.workflow.clock.now(), {"devices": len(rows)})
+        deps.requests.record(request.id, user, "credentials_sent", {"devices": len(rows)})
     except Exception as exc:  # noqa: BLE001 - this thread is an edge: the clicker must hear something
         log.exception("sending the credentials of request #%d failed", request.id)
         client.chat_postMessage(channel=user, text=f"The credentials of request #{request.id} could not be sent ({type(exc).__name__}); try the button again later.")

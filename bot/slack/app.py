@@ -28,12 +28,13 @@ from bot.aliyun.client import IotClient
 from bot.clock import Clock, SystemClock
 from bot.config import Settings
 from bot.jobs import SchedulerJobs
-from bot.registration import Jobs, Timing, Workflow
+from bot.domain import Origin
+from bot.policy import Policy
+from bot.registration import Jobs, Steps, Workflow
 from bot.slack import actions, blocks, commands, views
 from bot.slack.approvers import Approvers
 from bot.slack.deps import Deps
 from bot.slack.notifier import SlackNotifier
-from bot.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +68,14 @@ class Bot:
         self.workflow.close()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        try:
-            self.workflow.store.db.execute("SELECT 1").fetchone()
-            database = "ok"
-        except Exception as exc:  # noqa: BLE001 - a health check reports, it does not raise
-            database = f"error: {type(exc).__name__}"
+        health = self.workflow.requests.health(self.workflow.origins)
+        database = "ok" if health.ok else "unavailable"
         scheduler = not isinstance(self.jobs, SchedulerJobs) or self.jobs.scheduler.running
-        pending = sum(1 for _ in self.workflow.store.pending_events(self.workflow.origins))
-        ok = database == "ok" and scheduler
-        return ok, {"ok": ok, "database": database, "scheduler": "running" if scheduler else "stopped", "pending_notifications": pending}
+        ok = health.ok and scheduler
+        return ok, {
+            "ok": ok, "database": database, "scheduler": "running" if scheduler else "stopped",
+            "pending_notifications": health.outbox_pending,
+        }
 
     def wsgi(self) -> Callable[[dict, Callable], Iterable[bytes]]:
         """The WSGI application: ``POST /slack/events`` for Slack, ``GET /healthz`` for the platform."""
@@ -117,31 +117,28 @@ def create_app(
     clock: Clock | None = None,
     iot_client: IotClient | None = None,
     web_client: WebClient | None = None,
-    jobs: Jobs | None = None,
+    jobs: Callable[[Steps], Jobs] | None = None,
     label: str = "",
 ) -> Bot:
-    """Build the whole bot from settings. Tests and the demo pass their own clock, clients or jobs."""
+    """Build the whole bot from settings. Tests and the demo pass their own clock, clients or jobs
+    (a factory given the workflow's steps)."""
     settings.require("slack_bot_token", "slack_signing_secret")
-    if iot_client is None:
-        settings.require("access_key_id", "access_key_secret")
     clock = clock or SystemClock()
     web_client = web_client or slack_web_client(settings)
-    jobs = jobs or SchedulerJobs(workers=max(4, settings.workers // 2))
+    workers = max(4, settings.workers // 2)
     approvers = Approvers(web_client, settings.approvers, clock)
-    notifier = SlackNotifier(
-        web_client, approvers, notify_channel=settings.notify_channel, credentials_dm=settings.credentials_dm, label=label
+    workflow = wiring.workflow(
+        settings,
+        clock=clock,
+        client=iot_client,
+        notifier=lambda requests: SlackNotifier(
+            web_client, approvers, requests,
+            notify_channel=settings.notify_channel, credentials_dm=settings.credentials_dm, label=label,
+        ),
+        jobs=jobs or (lambda steps: SchedulerJobs(steps, workers=workers)),
+        policy=Policy(approvers, settings.allow_self_approval),
+        origins=frozenset({Origin.SLACK}),
     )
-    workflow = Workflow(
-        open_store(settings.db_path),
-        iot_client or wiring.iot_client(settings, clock=clock),
-        notifier,
-        jobs,
-        clock,
-        Timing.from_settings(settings),
-        origins=frozenset({"slack"}),
-    )
-    notifier.bind(workflow)
-    jobs.bind(workflow)  # type: ignore[attr-defined]
     app = App(
         signing_secret=settings.slack_signing_secret,
         client=web_client,
@@ -150,11 +147,10 @@ def create_app(
         listener_executor=ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="listener"),
     )
     deps = Deps(
-        workflow=workflow,
+        requests=workflow.requests,
         approvers=approvers,
         bot_token=settings.slack_bot_token or "",
         api_url=settings.slack_api_url,
-        allow_self_approval=settings.allow_self_approval,
         credentials_dm=settings.credentials_dm,
         label=label,
     )
@@ -169,4 +165,4 @@ def create_app(
         logger.exception("listener failed: %s", error)
         return BoltResponse(status=200, body=blocks.SORRY)
 
-    return Bot(app=app, workflow=workflow, jobs=jobs, web_client=web_client, settings=settings, deps=deps)
+    return Bot(app=app, workflow=workflow, jobs=workflow.jobs, web_client=web_client, settings=settings, deps=deps)

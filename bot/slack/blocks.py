@@ -15,9 +15,8 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from bot.domain import State
-from bot.registration import Summary
-from bot.domain import DeviceRow, RejectedLine, Request
+from bot.domain import STATES, DeviceRow, NotAllowed, RejectedLine, Request, State, Summary
+from bot.policy import Why
 
 COMMAND = "/devices"
 SORRY = "Sorry, that did not work because of an error on iotreg's side; it has been logged."
@@ -94,18 +93,8 @@ def bullet_list(lines: Iterable[str], total: int, limit: int = INLINE_DEVICES, m
 # -- the anchor message: one per request, kept current -----------------------------------------
 
 
-STATE_LINES = {
-    State.CHECKING: ":hourglass_flowing_sand: Checking the names with IoT Platform…",
-    State.CHECK_FAILED: ":x: Some names failed IoT Platform's check: nothing will be registered. See the thread.",
-    State.AWAITING_APPROVAL: ":raised_hand: Waiting for approval.",
-    State.APPROVED: ":white_check_mark: Approved; registration is starting.",
-    State.REGISTERING: ":gear: Registering…",
-    State.DONE: ":white_check_mark: Registration finished.",
-    State.FAILED: ":x: Registration failed.",
-    State.REJECTED: ":no_entry_sign: Rejected: nothing was registered.",
-    State.CANCELLED: ":heavy_multiplication_x: Cancelled: nothing was registered.",
-    State.EXPIRED: ":hourglass: Expired without approval: nothing was registered.",
-}
+#: The line a request's message shows for each state, from the one table of states.
+STATE_LINES = {state: f"{info.emoji} {info.line}" for state, info in STATES.items()}
 
 
 def anchor(
@@ -185,7 +174,7 @@ def anchor(
                 "elements": [button("Send me the device credentials", CREDENTIALS, str(request.id))],
             }
         )
-    text = f"Device registration #{request.id} ({escape(request.product_key)}): {request.state.replace('_', ' ')}"
+    text = f"Device registration #{request.id} ({escape(request.product_key)}): {request.state.label}"
     return text, blocks
 
 
@@ -242,7 +231,7 @@ def notice(summary: Summary, permalink_hint: str = "") -> str:
     request = summary.request
     return (
         f"Device registration #{request.id} in product {escape(request.product_key)} ({user(request.requester)}): "
-        f"{request.state.replace('_', ' ')}. {outcome_line(summary).replace('*', '')}{permalink_hint}"
+        f"{request.state.label}. {outcome_line(summary).replace('*', '')}{permalink_hint}"
     )
 
 
@@ -310,7 +299,7 @@ def status_text(summary: Summary, apply_ids: Sequence[int]) -> str:
     request = summary.request
     lines = [
         f"*Request #{request.id}* · product `{escape(request.product_key)}` · requested by {user(request.requester)} {when(request.created_at)}",
-        f"State: *{request.state.replace('_', ' ')}*" + (f": {escape(request.reason)}" if request.reason else ""),
+        f"State: *{request.state.label}*" + (f": {escape(request.reason)}" if request.reason else ""),
         outcome_line(summary) if request.state in (State.DONE, State.FAILED, State.REGISTERING) else f"{plural(request.count, 'device')}",
     ]
     if apply_ids:
@@ -324,7 +313,19 @@ def list_text(rows: Sequence[tuple[Request, int]]) -> str:
     lines = ["*Recent registration requests in this channel:*"]
     for request, created in rows:
         lines.append(
-            f"• #{request.id} · `{escape(request.product_key)}` · {request.state.replace('_', ' ')} · "
+            f"• #{request.id} · `{escape(request.product_key)}` · {request.state.label} · "
             f"{request.count:,} devices, {created:,} registered · {user(request.requester)} {when(request.created_at)}"
         )
     return "\n".join(lines)
+
+
+def refusal(exc: NotAllowed, request: Request) -> str:
+    """The core's refusal, worded for Slack."""
+    denial = exc.denial
+    if denial is not None and denial.why is Why.NOT_REQUESTER_OR_APPROVER:
+        return f"Only {user(request.requester)} or an approver can {denial.action} request #{request.id}."
+    if denial is not None and denial.why is Why.NOT_ENTITLED:
+        return f"Only {user(request.requester)} and the approvers can get the credentials of request #{request.id}."
+    if denial is not None and denial.detail:
+        return denial.detail
+    return f"{str(exc)[0].upper()}{str(exc)[1:]}."

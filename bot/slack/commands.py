@@ -12,9 +12,8 @@ import uuid
 from slack_bolt import Ack, App, Respond
 from slack_sdk import WebClient
 
-from bot.domain import Outcome, Request
+from bot.domain import NotAllowed, Origin, WorkflowError
 from bot.names import DeviceListError, parse_pasted
-from bot.registration import Conflict, NotFound, WorkflowError
 from bot.slack import blocks
 from bot.slack.approvers import NeedsSlack
 from bot.slack.deps import Deps
@@ -71,7 +70,7 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
             ack(text=f"`--count` takes a number of devices from 1 to {MAX_COUNT:,}.")
             return
         # Stored before the ack (a few milliseconds): once told "asking", the user never loses it.
-        request = deps.workflow.submit_count(product_key, user, int(rest[1]), origin="slack", channel=channel)
+        request = deps.requests.submit_count(product_key, user, int(rest[1]), origin=Origin.SLACK, channel=channel)
         ack(text=f"Request #{request.id}: asking for {int(rest[1]):,} devices in `{product_key}`…")
         return
     try:
@@ -81,8 +80,8 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
         return
     # Stored before the ack: a command's text holds a few hundred names at most, milliseconds to
     # store, and once told "checking" the user must never lose the request to a restart.
-    request = deps.workflow.submit(
-        product_key, user, devices.devices, origin="slack", channel=channel,
+    request = deps.requests.submit(
+        product_key, user, devices.devices, origin=Origin.SLACK, channel=channel,
         rejected=devices.rejected, rejected_count=devices.rejected_count,
     )
     ack(text=f"Request #{request.id}: checking {blocks.plural(len(devices.devices), 'name')} for `{product_key}`…")
@@ -114,25 +113,10 @@ def computed(answer, *args, **kwargs) -> str | None:
         return blocks.SORRY
 
 
-NUMBER = re.compile(r"#?([0-9]{1,18})")  # ASCII digits only, and within SQLite's INTEGER
-
-
-def find_request(deps: Deps, ref: str) -> Request | None:
-    """A request by its number (``12``, ``#12``) or by one of its ApplyIds."""
-    match = NUMBER.fullmatch(ref)
-    if not match:
-        return None
-    number = int(match[1])
-    chunk = deps.workflow.store.chunk_for_apply_id(number)
-    if chunk is not None:
-        return deps.workflow.get(chunk.request_id)
-    return deps.workflow.get(number)
-
-
 def status(deps: Deps, ref: str, user: str, channel: str, *, at_once: bool = False) -> str | None:
     """A request's status. ``at_once``: ``None`` instead when the answer needs Slack (is ``user``
     in an approver group?) or counts more than :data:`AT_ONCE_DEVICES` devices."""
-    request = find_request(deps, ref)
+    request = deps.requests.find(ref)
     if request is not None and channel != request.channel and user != request.requester:
         try:
             if deps.approvers.why_not(user, ask_slack=not at_once) is not None:
@@ -143,29 +127,27 @@ def status(deps: Deps, ref: str, user: str, channel: str, *, at_once: bool = Fal
         return f"There is no request or ApplyId `{blocks.escape(ref)}`. `{blocks.COMMAND} list` shows this channel's requests."
     if at_once and request.count > AT_ONCE_DEVICES:
         return None
-    apply_ids = [c.apply_id for c in deps.workflow.store.chunks(request.id) if c.apply_id]
-    return blocks.status_text(deps.workflow.summary(request.id), apply_ids)
+    return blocks.status_text(deps.requests.summary(request.id), deps.requests.apply_ids(request.id))
 
 
 def listing(deps: Deps, channel: str, *, at_once: bool = False) -> str | None:
     """The channel's last ten requests. ``at_once``: ``None`` instead when they hold more than
     :data:`AT_ONCE_DEVICES` devices to count."""
-    store = deps.workflow.store
-    requests = store.requests(channel=channel, limit=10)
+    requests = deps.requests.requests(channel=channel, limit=10)
     if at_once and sum(r.count for r in requests) > AT_ONCE_DEVICES:
         return None
-    return blocks.list_text([(r, store.outcome_counts(r.id).get(Outcome.CREATED, 0)) for r in requests])
+    return blocks.list_text([(r, deps.requests.created_count(r.id)) for r in requests])
 
 
 def cancel(deps: Deps, ref: str, user: str, channel: str = "") -> str:
-    request = find_request(deps, ref)
+    request = deps.requests.find(ref)
     if request is None:
         return f"There is no request `{blocks.escape(ref)}`."
-    if user != request.requester and deps.approvers.why_not(user) is not None:
-        return f"Only {blocks.user(request.requester)} or an approver can cancel request #{request.id}."
     try:
-        deps.workflow.cancel(request.id, user)
-    except (Conflict, NotFound, WorkflowError) as exc:
+        deps.requests.cancel(request.id, user)
+    except NotAllowed as exc:
+        return blocks.refusal(exc, request)
+    except WorkflowError as exc:
         return f"Request #{request.id} cannot be cancelled: {exc}."
     return f"Request #{request.id} is cancelled; nothing was registered."
 

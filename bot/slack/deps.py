@@ -6,17 +6,16 @@ import dataclasses
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
 
-from bot.registration import Workflow
+from bot.service import RequestService
 from bot.slack.approvers import Approvers
 
 
 @dataclasses.dataclass(frozen=True)
 class Deps:
-    workflow: Workflow
+    requests: RequestService
     approvers: Approvers
     bot_token: str = dataclasses.field(repr=False)
     api_url: str
-    allow_self_approval: bool = False
     credentials_dm: bool = True
     label: str = ""  # shown on every message and modal, e.g. in emulator mode
     #: Everything after an ack (answers, clicks, downloads, credential exports) runs here, not in

@@ -16,11 +16,11 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
 from bot import report
-from bot.domain import Outcome
-from bot.registration import Workflow, WorkflowError
+from bot.domain import SYSTEM, Event, EventKind, Outcome, Request, WorkflowError
+from bot.policy import Announcement, announcements
+from bot.service import RequestService
 from bot.slack import blocks
 from bot.slack.approvers import Approvers
-from bot.domain import Event, Request
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class SlackNotifier:
         self,
         client: WebClient,
         approvers: Approvers,
+        requests: RequestService,
         *,
         notify_channel: str | None = None,
         credentials_dm: bool = True,
@@ -40,58 +41,51 @@ class SlackNotifier:
         self.notify_channel = notify_channel
         self.credentials_dm = credentials_dm
         self.label = label
-        self.workflow: Workflow | None = None
-
-    def bind(self, workflow: Workflow) -> None:
-        self.workflow = workflow
+        self.requests = requests
 
     def deliver(self, event: Event) -> None:
-        """Carry out the event's steps that are not done yet; each is recorded once it is."""
-        assert self.workflow is not None, "bind() the workflow first"
-        request = self.workflow.get(event.request_id)
+        """Carry out the event's announcements not done yet; each is recorded once it is."""
+        request = self.requests.get(event.request_id)
         if request is None or not request.channel:
             return
         if request.origin_data.get("error"):
-            if event.kind == "finished":
+            if event.kind is EventKind.FINISHED:
                 self._once(event, "dm_result", lambda: self._dm_result(request))
             return
-        store = self.workflow.store
-        steps: list[tuple[str, Callable[[], None]]] = []
-        if event.kind == "progress":
-            steps.append(("anchor", lambda: self._update_anchor(request, progress=(event.payload.get("chunks_done", 0), event.payload.get("chunks", 0)))))
-        else:
-            steps.append(("anchor", lambda: self._update_anchor(request)))
-        if event.kind == "created" and request.rejected_count:
-            steps.append(("skipped", lambda: self._reply(request, *blocks.rejected_lines_reply(store.rejected_lines(request.id), request.rejected_count))))
-        if event.kind == "check_failed":
-            steps.append(("check_failed", lambda: self._check_failed(request)))
-        if event.kind == "finished":
-            steps.append(("result", lambda: self._post_result(request)))
-            steps.append(("result_file", lambda: self._post_result_file(request)))
-            steps.append(("notice", lambda: self._notice(request)))
-        for name, step in steps:
+        progress = None
+        if event.kind is EventKind.PROGRESS:
+            progress = (event.payload.get("chunks_done", 0), event.payload.get("chunks", 0))
+        steps: dict[Announcement, Callable[[], None]] = {
+            Announcement.MESSAGE: lambda: self._update_anchor(request, progress=progress),
+            Announcement.SKIPPED_LINES: lambda: self._reply(
+                request, *blocks.rejected_lines_reply(self.requests.rejected_lines(request.id), request.rejected_count)
+            ),
+            Announcement.CHECK_FAILED: lambda: self._check_failed(request),
+            Announcement.RESULT: lambda: self._post_result(request),
+            Announcement.RESULT_FILE: lambda: self._post_result_file(request),
+            Announcement.NOTICE: lambda: self._notice(request),
+        }
+        for announcement in announcements(event, request):
             try:
-                self._once(event, name, step)
+                self._once(event, announcement.value, steps[announcement])
             except _ChannelUnusable as exc:
                 self._give_up_on_channel(request, exc.error)
                 return
 
     def _once(self, event: Event, name: str, step: Callable[[], None]) -> None:
-        assert self.workflow is not None
-        if self.workflow.store.step_done(event.id, name):
+        if self.requests.step_done(event.id, name):
             return
         step()
-        self.workflow.store.mark_step(event.id, name)
+        self.requests.mark_step(event.id, name)
 
     # -- steps ------------------------------------------------------------------------------------
 
     def _update_anchor(self, request: Request, progress: tuple[int, int] | None = None) -> None:
         """Post the anchor the first time, update it after (and post it again if it was deleted)."""
-        assert self.workflow is not None
-        request = self.workflow.get(request.id) or request
+        request = self.requests.get(request.id) or request
         text, content = blocks.anchor(
             request,
-            self.workflow.summary(request.id),
+            self.requests.summary(request.id),
             approvers=self.approvers.describe(),
             progress=progress,
             credentials_button=self.credentials_dm,
@@ -112,26 +106,23 @@ class SlackNotifier:
             if exc.response.get("error") in UNUSABLE_CHANNEL:
                 raise _ChannelUnusable(exc.response.get("error")) from exc
             raise
-        self.workflow.store.update_request(request.id, channel=posted["channel"])
-        self.workflow.store.update_origin_data(request.id, thread_ts=posted["ts"])
+        self.requests.move_channel(request.id, posted["channel"])
+        self.requests.set_origin_data(request.id, thread_ts=posted["ts"])
 
     def _reply(self, request: Request, text: str, content: blocks.Blocks, *, broadcast: bool = False) -> None:
-        assert self.workflow is not None
-        thread_ts = self.workflow.get(request.id).origin_data.get("thread_ts")  # set by the anchor just before
+        thread_ts = self.requests.require(request.id).origin_data.get("thread_ts")  # set by the anchor just before
         if self.label:
             content = [blocks.context(self.label), *content]
         self.client.chat_postMessage(channel=request.channel, thread_ts=thread_ts, text=text, blocks=content, reply_broadcast=broadcast)
 
     def _check_failed(self, request: Request) -> None:
-        assert self.workflow is not None
-        summary = self.workflow.summary(request.id)
-        invalid = self.workflow.store.devices(request.id, outcome=Outcome.INVALID, limit=blocks.INLINE_DEVICES)
+        summary = self.requests.summary(request.id)
+        invalid = self.requests.devices(request.id, outcome=Outcome.INVALID, limit=blocks.INLINE_DEVICES)
         self._reply(request, *blocks.check_failed_reply(request, invalid, summary.invalid, request.count - summary.invalid))
 
     def _result_reply(self, request: Request) -> tuple[str, blocks.Blocks]:
-        assert self.workflow is not None
-        store = self.workflow.store
-        summary = self.workflow.summary(request.id)
+        store = self.requests
+        summary = store.summary(request.id)
         failed = store.devices(request.id, outcome=Outcome.NOT_CREATED, limit=blocks.INLINE_DEVICES)
         if len(failed) < blocks.INLINE_DEVICES and request.final:
             failed += store.devices(request.id, outcome=Outcome.PENDING, limit=blocks.INLINE_DEVICES - len(failed))
@@ -140,33 +131,30 @@ class SlackNotifier:
         return blocks.result_reply(summary, failed, created, with_file=with_file)
 
     def _with_file(self, request: Request) -> bool:
-        assert self.workflow is not None
-        summary = self.workflow.summary(request.id)
+        summary = self.requests.summary(request.id)
         return summary.total + summary.rejected_locally > blocks.INLINE_DEVICES
 
     def _post_result(self, request: Request) -> None:
         self._reply(request, *self._result_reply(request))
 
     def _post_result_file(self, request: Request, channel: str | None = None, thread_ts: str | None = None) -> None:
-        assert self.workflow is not None
         if not self._with_file(request):
             return
         if channel is None:
-            channel, thread_ts = request.channel, self.workflow.get(request.id).origin_data.get("thread_ts")
+            channel, thread_ts = request.channel, self.requests.require(request.id).origin_data.get("thread_ts")
         self.client.files_upload_v2(
             channel=channel,
             thread_ts=thread_ts,
-            content=report.outcomes_csv(self.workflow.store, request.id),
+            content=report.outcomes_csv(self.requests, request.id),
             filename=f"registration-{request.id}-{request.product_key}.csv",
             title=f"Device registration #{request.id}: every device's outcome",
         )
 
     def _notice(self, request: Request) -> None:
         """The one-line notice in the team's channel: worth a try, never worth holding the result back."""
-        assert self.workflow is not None
         if not self.notify_channel:
             return
-        text = (f"{self.label} " if self.label else "") + blocks.notice(self.workflow.summary(request.id))
+        text = (f"{self.label} " if self.label else "") + blocks.notice(self.requests.summary(request.id))
         try:
             self.client.chat_postMessage(channel=self.notify_channel, text=text)
         except SlackApiError as exc:
@@ -174,16 +162,15 @@ class SlackNotifier:
             if error not in UNUSABLE_CHANNEL:
                 raise
             log.warning("no notice in %s: %s (invite the bot to that channel)", self.notify_channel, error)
-            self.workflow.store.record(request.id, "iotreg", "notice_failed", self.workflow.clock.now(), {"channel": self.notify_channel, "error": error})
+            self.requests.record(request.id, SYSTEM, "notice_failed", {"channel": self.notify_channel, "error": error})
 
     def _give_up_on_channel(self, request: Request, error: str) -> None:
         """The request's channel cannot take the bot's messages: tell the requester, stop the request."""
-        assert self.workflow is not None
-        self.workflow.store.update_origin_data(request.id, error=error)
-        self.workflow.store.record(request.id, "iotreg", "slack_channel_unusable", self.workflow.clock.now(), {"error": error})
+        self.requests.set_origin_data(request.id, error=error)
+        self.requests.record(request.id, SYSTEM, "slack_channel_unusable", {"error": error})
         stopped = ""
         try:
-            self.workflow.cancel(request.id, "iotreg")
+            self.requests.stop(request.id, SYSTEM)
             stopped = " The request was cancelled; nothing was registered."
         except WorkflowError:
             stopped = " Its result will come to you here."
@@ -197,7 +184,6 @@ class SlackNotifier:
         )
 
     def _dm_result(self, request: Request) -> None:
-        assert self.workflow is not None
         dm = self.client.conversations_open(users=request.requester)["channel"]["id"]
         text, content = self._result_reply(request)
         posted = self.client.chat_postMessage(channel=dm, text=text, blocks=content)

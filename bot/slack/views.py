@@ -13,7 +13,7 @@ from bot.slack import blocks
 from bot.slack.commands import PRODUCT_KEY, metadata_of
 from bot.slack.deps import Deps
 from bot.slack.files import fetch_device_list
-from bot.domain import Upload
+from bot.domain import Origin, Upload
 
 log = logging.getLogger(__name__)
 ACCEPTED = (".csv", ".txt")
@@ -48,11 +48,11 @@ def register(app: App, deps: Deps) -> None:
             return
         # Recorded before the ack, so that a restart between the two cannot lose the list: the
         # form has closed for the uploader by then. Read after the ack (a download can be slow).
-        upload_id = deps.workflow.store.add_upload(
-            user=user, channel=meta["channel"], product_key=meta["product_key"], origin_data={"files": files}, pasted=pasted, now=deps.workflow.clock.now()
+        upload_id = deps.requests.add_upload(
+            user=user, channel=meta["channel"], product_key=meta["product_key"], origin_data={"files": files}, pasted=pasted
         )
         ack()
-        deps.background.submit(take_list, deps, client, deps.workflow.store.upload(upload_id))
+        deps.background.submit(take_list, deps, client, deps.requests.upload(upload_id))
 
 
 def take_list(deps: Deps, client: WebClient, upload: Upload | None) -> None:
@@ -65,22 +65,22 @@ def take_list(deps: Deps, client: WebClient, upload: Upload | None) -> None:
         devices = read_submission(deps, upload.origin_data.get("files", []), upload.pasted)
     except DeviceListError as exc:
         tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` was not used: {exc.message}")
-        deps.workflow.store.finish_upload(upload.id, deps.workflow.clock.now())
+        deps.requests.finish_upload(upload.id)
         return
     except Exception:  # noqa: BLE001 - this thread is an edge: the uploader must hear something
         log.exception("reading a submitted device list failed")
         tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` could not be read because of an error on iotreg's side; it has been logged.")
-        deps.workflow.store.finish_upload(upload.id, deps.workflow.clock.now())
+        deps.requests.finish_upload(upload.id)
         return
-    deps.workflow.submit(
-        product_key, user, devices.devices, origin="slack", channel=channel,
+    deps.requests.submit(
+        product_key, user, devices.devices, origin=Origin.SLACK, channel=channel,
         rejected=devices.rejected, rejected_count=devices.rejected_count, upload_id=upload.id,
     )
 
 
 def resume_uploads(deps: Deps, client: WebClient) -> int:
     """At start: read the lists a restart interrupted."""
-    unread = deps.workflow.store.unread_uploads()
+    unread = deps.requests.unread_uploads()
     for upload in unread:
         deps.background.submit(take_list, deps, client, upload)
     return len(unread)

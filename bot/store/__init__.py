@@ -44,13 +44,17 @@ from bot.domain import (
     Upload,
 )
 
-__all__ = ["Store", "StoreUnavailable", "open_store", "is_url", "redact_url"]
+__all__ = ["Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
 class StoreUnavailable(Exception):
     """The database cannot be reached (or stopped answering). The message names it, never a password."""
+
+
+class StoreBusy(Exception):
+    """Another process already serves from this store, and the store cannot be shared (SQLite)."""
 
 
 class Store(Protocol):
@@ -65,6 +69,13 @@ class Store(Protocol):
 
     def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless the database answers."""
+
+    def hold(self, purpose: str) -> None:
+        """Claim the store for this process's ``purpose`` (``"serve"``) until it closes.
+
+        Raises :class:`StoreBusy` when a store that cannot be shared is already held for it by
+        another process; a store made for many processes (PostgreSQL) accepts every claim.
+        """
 
     # -- requests
 

@@ -328,6 +328,9 @@ class PostgresStore:
     def ping(self) -> None:
         self._fetch("SELECT 1")
 
+    def hold(self, purpose: str) -> None:
+        """PostgreSQL serves many processes at once: every claim is accepted."""
+
     # -- requests -----------------------------------------------------------------------------
 
     def create_request(

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import threading
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sqlite_utils import Database, Migrations
 
@@ -34,7 +35,7 @@ from bot.domain import (
     State,
     Upload,
 )
-from bot.store import StoreUnavailable
+from bot.store import StoreBusy, StoreUnavailable
 
 PENDING = Outcome.PENDING.value
 
@@ -238,6 +239,7 @@ class SqliteStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        self._held: dict[str, IO[str]] = {}
         try:
             with self._write():  # two processes starting at once migrate one after the other
                 migrations.apply(self.db)
@@ -299,6 +301,9 @@ class SqliteStore:
                 db.conn.execute(f"UPDATE {table} SET {_assignments(values)} WHERE {where}", [*values.values(), *args])
 
     def close(self) -> None:
+        for handle in self._held.values():
+            handle.close()  # releases the lock
+        self._held.clear()
         with self._connections_lock:
             for conn in self._connections:
                 conn.close()
@@ -307,6 +312,23 @@ class SqliteStore:
 
     def schema_version(self) -> list[str]:
         return [m.name for m in migrations.applied(self.db)]
+
+    def hold(self, purpose: str) -> None:
+        """One process per purpose and file: a lock on ``<file>.<purpose>.lock``, which the operating
+        system drops when the process ends, however it ends (so a killed bot never blocks the next)."""
+        if purpose in self._held:
+            return
+        lock_path = f"{self.path}.{purpose}.lock"
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held open until close()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StoreBusy(
+                f"another iotreg process already runs `{purpose}` on the SQLite database {self.path}; "
+                "SQLite serves one process: for more than one, use PostgreSQL (IOTREG_DB=postgresql://…)"
+            ) from None
+        self._held[purpose] = handle
 
     def ping(self) -> None:
         try:

@@ -48,8 +48,9 @@ DEMO_PRODUCT_KEY = "a1EmuDemo01"  # 11 letters and digits, the shape of a real P
 class Emulator:
     """Backend, gateway and HTTP server in one object, with demo defaults.
 
-    One key pair is accepted (``access_key_id`` / ``access_key_secret``); ``product_keys`` are
-    created empty; ``product_key`` is the first of them.
+    One key pair is accepted (``access_key_id`` / ``access_key_secret``), and with
+    ``security_token`` it stands for temporary (STS) credentials: every call must carry that token.
+    ``product_keys`` are created empty; ``product_key`` is the first of them.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class Emulator:
         port: int = 0,
         access_key_id: str = DEMO_ACCESS_KEY_ID,
         access_key_secret: str = DEMO_ACCESS_KEY_SECRET,
+        security_token: str | None = None,
         product_keys: Sequence[str] = (DEMO_PRODUCT_KEY,),
         check_seconds: float = 2.0,
         create_seconds: float = 3.0,
@@ -75,6 +77,7 @@ class Emulator:
         self.clock: Clock = clock or SystemClock()
         self.access_key_id = access_key_id
         self.access_key_secret = access_key_secret
+        self.security_token = security_token or None
         self.product_keys = tuple(product_keys)
         self.backend = IotBackend(
             self.clock,
@@ -93,6 +96,7 @@ class Emulator:
             quotas=quotas,
             enforce_quotas=enforce_quotas,
             faults=faults,
+            security_tokens={access_key_id: security_token} if security_token else None,
         )
         self.server = EmulatorServer(self.gateway, host, port)
 
@@ -107,11 +111,14 @@ class Emulator:
 
     def env(self) -> dict[str, str]:
         """The variables that point iotreg at this emulator."""
-        return {
+        env = {
             "IOT_ENDPOINT": self.endpoint,
             "ALIBABA_CLOUD_ACCESS_KEY_ID": self.access_key_id,
             "ALIBABA_CLOUD_ACCESS_KEY_SECRET": self.access_key_secret,
         }
+        if self.security_token:
+            env["ALIBABA_CLOUD_SECURITY_TOKEN"] = self.security_token
+        return env
 
     def start(self) -> Emulator:
         self.server.start()

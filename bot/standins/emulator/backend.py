@@ -31,6 +31,7 @@ import re
 import string
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
 
 from bot.clock import Clock
 
@@ -53,8 +54,12 @@ MAX_NAMES_PER_CHECK = 10_000
 MAX_REGISTER_COUNT = 10_000
 DEFAULT_PAGE_SIZE = 10
 MAX_PAGE_SIZE = 50
-#: The ApplyId in every example of the API reference; the emulator counts up from there.
+#: The ApplyId in every example of the API reference; a seeded emulator counts up from there.
 FIRST_APPLY_ID = 1_295_006
+#: An unseeded emulator starts at FIRST_APPLY_ID plus the microseconds since this moment, so that
+#: an emulator started again (while iotreg keeps its database) never hands out an ApplyId of an
+#: earlier run: no run hands out a million ApplyIds a second.
+_APPLY_ID_EPOCH = datetime(2020, 1, 1, tzinfo=timezone.utc)
 
 # Per-device messages (InvalidDetailList ErrorMsg). Several for one device are joined with "|"
 # (doc 69483, InvalidDetailList.ErrorMsg).
@@ -145,6 +150,10 @@ class _Application:
     register_calls: int = 0
 
 
+def _first_apply_id(now: datetime) -> int:
+    return FIRST_APPLY_ID + int((now - _APPLY_ID_EPOCH).total_seconds() * 1_000_000)
+
+
 def is_valid_device_name(name: str) -> bool:
     """4 to 32 characters of ``A-Z a-z 0-9 - _ @ . :``."""
     return _DEVICE_NAME.fullmatch(name) is not None
@@ -186,7 +195,9 @@ class IotBackend:
 
     ``check_seconds`` and ``create_seconds`` are how long CHECK and CREATE last on ``clock``.
     ``create_failure_rate`` is the share of devices whose creation fails, drawn from a generator
-    seeded with ``seed`` (deterministic for a given seed and order of calls).
+    seeded with ``seed`` (deterministic for a given seed and order of calls). With a ``seed`` the
+    ApplyIds are repeatable too (from :data:`FIRST_APPLY_ID`); without one they start from the
+    clock's now, so that they are unique across restarts.
 
     ``precheck``: BatchCheckDeviceNames refuses at once a list with malformed or repeated names or
     malformed nicknames, and returns the lists of them in ``Data``; the SDK models document those
@@ -222,7 +233,7 @@ class IotBackend:
         self._products: dict[str, _Product] = {}
         self._applications: dict[int, _Application] = {}
         self._deadlines: list[tuple[float, int]] = []  # (deadline, apply_id), a heap
-        self._next_apply_id = FIRST_APPLY_ID
+        self._next_apply_id = FIRST_APPLY_ID if seed is not None else _first_apply_id(clock.now())
 
     # ----------------------------------------------------------------- set-up and introspection
 
@@ -288,8 +299,12 @@ class IotBackend:
             product = self._product(product_key, iot_instance_id)
             if not entries:
                 raise BusinessFault("iot.device.NoneDeviceNameElement", "The device name list is empty.")
-            # The platform silently drops names beyond the limit (doc 69482, DeviceName.N).
-            entries = list(entries)[:MAX_NAMES_PER_CHECK]
+            # Refused whole rather than cut short: names dropped without a word would be lost.
+            if len(entries) > MAX_NAMES_PER_CHECK:
+                raise BusinessFault(
+                    "iot.device.DeviceCountExceeded",
+                    f"At most {MAX_NAMES_PER_CHECK} device names can be checked at once, not {len(entries)}.",
+                )
             if any(not name for name, _ in entries):
                 raise BusinessFault("iot.device.NullDeviceName", "The device name cannot be empty.")
             clean = [(str(name), nick or None) for name, nick in entries]

@@ -4,10 +4,14 @@
 returns ``(HTTP status, JSON object)``, doing what the platform's gateway does, in this order:
 
 1. common parameters present (``MissingParameter``), a known ``Action`` of version 2018-01-20
-   (``InvalidApi.NotFound``);
-2. the AccessKeyId, the Timestamp's format and its 15-minute window, the signature (verified with
-   :mod:`bot.aliyun.signing`, so the client and the emulator share one reading of the algorithm),
-   then the nonce;
+   (``InvalidApi.NotFound``); for a V3 call (an ``ACS3-HMAC-SHA256`` Authorization header or an
+   ``x-acs-action`` header and no ``Action`` parameter) the action and version come from ``x-acs-action`` / ``x-acs-version``
+   and the Authorization header must be well formed and sign the ``x-acs-*`` headers
+   (``IncompleteSignature``);
+2. the AccessKeyId, the time's format and its 15-minute window (``Timestamp`` or ``x-acs-date``),
+   the payload hash (V3), the signature (verified with :mod:`bot.aliyun.signing`, so the client and
+   the emulator share one reading of each algorithm), then the nonce and, for a key that has one,
+   the security token (``SecurityToken`` or ``x-acs-security-token``);
 3. the account's QPS quota per action on a sliding one-second window of the injected clock;
 4. injected faults (:class:`FaultPlan`), then the action's own required parameters;
 5. the backend, whose ``Data`` is wrapped in the success envelope, or whose
@@ -30,7 +34,16 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qsl
 
-from bot.aliyun.signing import signature_for, string_to_sign
+from bot.aliyun.signing import (
+    V3_ALGORITHM,
+    parse_v3_authorization,
+    sha256_hex,
+    signature_for,
+    string_to_sign,
+    v3_canonical_request,
+    v3_sign,
+    v3_string_to_sign,
+)
 from bot.clock import Clock
 from bot.aliyun.ratelimit import DEFAULT_QPS
 from bot.standins.emulator.backend import BusinessFault, IotBackend
@@ -58,6 +71,9 @@ COMMON_PARAMETERS = (
     "Timestamp",
     "Signature",
 )
+
+#: Headers a V3 call must send and sign (alibaba-iot-api.md, "Signature V3").
+V3_SIGNED_HEADERS = ("x-acs-action", "x-acs-version", "x-acs-date", "x-acs-signature-nonce", "x-acs-content-sha256")
 
 Response = tuple[int, dict[str, object]]
 
@@ -178,11 +194,33 @@ def decode_params(
     return params
 
 
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One request as the gateway reads it: the query apart (V3 signs it alone), every parameter
+    together, the headers lower-cased, the raw body (V3 signs its hash)."""
+
+    method: str
+    query: list[tuple[str, str]]
+    params: dict[str, str]
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str:
+        return next((value.strip() for key, value in self.headers if key == name), "")
+
+    @property
+    def v3(self) -> bool:
+        # The older SDK sends x-acs-action beside its Action parameter: the parameter decides.
+        signed_v3 = self.header("authorization").startswith(V3_ALGORITHM)
+        return signed_v3 or ("Action" not in self.params and bool(self.header("x-acs-action")))
+
+
 class Gateway:
     """Signature, credentials, clock, nonce, quotas and faults in front of the backend.
 
     ``credentials`` maps AccessKeyIds to their secrets; all belong to one account, which is what
-    the QPS quotas are counted against. ``calls`` counts requests per Action (whatever became of
+    the QPS quotas are counted against. ``security_tokens`` maps the AccessKeyIds that stand for
+    temporary (STS) credentials to the token each call with them must carry. ``calls`` counts requests per Action (whatever became of
     them) and ``outcomes`` per ``(Action, "Success" or error code)``. Thread-safe.
     """
 
@@ -195,10 +233,13 @@ class Gateway:
         quotas: Mapping[str, float] = DEFAULT_QPS,
         enforce_quotas: bool = True,
         faults: FaultPlan | None = None,
+        security_tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.backend = backend
         self._clock = clock
         self.credentials = dict(credentials)
+        #: AccessKeyIds that are temporary credentials, with the security token each must send.
+        self.security_tokens = dict(security_tokens or {})
         self.quotas = dict(quotas)
         self.enforce_quotas = enforce_quotas
         self._lock = threading.Lock()
@@ -227,19 +268,34 @@ class Gateway:
             self.outcomes.clear()
 
     def handle_raw(
-        self, method: str, query_string: str, body: bytes = b"", content_type: str | None = None
+        self,
+        method: str,
+        query_string: str,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
     ) -> Response:
-        """:meth:`handle` for an undecoded query string and body."""
-        return self.handle(method, decode_params(query_string, body, content_type))
+        """:meth:`handle` for an undecoded query string and body (and the headers, for V3)."""
+        query = parse_qsl(query_string, keep_blank_values=True, encoding="utf-8", errors="replace")
+        form = decode_params("", body, content_type)
+        return self.handle(method, query, form, headers=headers, body=body)
 
     def handle(
-        self, method: str, query: Iterable[tuple[str, str]], form: Iterable[tuple[str, str]] = ()
+        self,
+        method: str,
+        query: Iterable[tuple[str, str]],
+        form: Iterable[tuple[str, str]] = (),
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
     ) -> Response:
         """Answer one call: ``(HTTP status, JSON object)``. Form values win over query values of the
-        same name (no SDK sends both)."""
+        same name (no SDK sends both). ``headers`` and the raw ``body`` matter to V3 calls only."""
+        query, headers = list(query), [(name.lower(), value) for name, value in headers]
         params = dict(query)
         params.update(form)
-        action = params.get("Action", "")
+        call = _Call(method.upper(), query, params, headers, body)
+        action = call.header("x-acs-action") if call.v3 else params.get("Action", "")
         request_id = str(uuid.uuid4()).upper()
         with self._lock:
             self.calls[action] += 1
@@ -247,12 +303,12 @@ class Gateway:
         if plan.latency:
             (time.sleep if plan.real_sleep else self._clock.sleep)(plan.latency)
         try:
-            status, body = 200, self._answer(method.upper(), params, request_id)
-            outcome = "Success" if body["Success"] else str(body["Code"])
+            status, answer = 200, self._answer(call, action, request_id)
+            outcome = "Success" if answer["Success"] else str(answer["Code"])
         except _GatewayError as error:
             status, outcome = error.status, error.code
             region = params.get("RegionId") or "cn-shanghai"
-            body = {
+            answer = {
                 "RequestId": request_id,
                 "HostId": f"iot.{region}.aliyuncs.com",
                 "Code": error.code,
@@ -261,23 +317,33 @@ class Gateway:
             }
         with self._lock:
             self.outcomes[(action, outcome)] += 1
-        return status, body
+        return status, answer
 
     # ------------------------------------------------------------------------------ the steps
 
-    def _answer(self, method: str, params: dict[str, str], request_id: str) -> dict[str, object]:
-        for name in COMMON_PARAMETERS:
-            if name not in params:
-                raise _missing(name)
-        if params["Format"].lower() != "json":
-            raise _GatewayError(400, "MissingParameter", 'The emulator answers only "Format=JSON".')
-        api = APIS.get(params["Action"]) if params["Version"] == API_VERSION else None
+    def _answer(self, call: _Call, action: str, request_id: str) -> dict[str, object]:
+        params = call.params
+        if call.v3:
+            version = call.header("x-acs-version")
+            if not action:
+                raise _missing("x-acs-action")
+        else:
+            for name in COMMON_PARAMETERS:
+                if name not in params:
+                    raise _missing(name)
+            if params["Format"].lower() != "json":
+                raise _GatewayError(400, "MissingParameter", 'The emulator answers only "Format=JSON".')
+            version = params["Version"]
+        api = APIS.get(action) if version == API_VERSION else None
         if api is None:
             raise _GatewayError(
                 404, "InvalidApi.NotFound", "Specified api is not found, please check your url and method."
             )
-        self._authenticate(method, params)
-        self._throttle(params["Action"])
+        if call.v3:
+            self._authenticate_v3(call)
+        else:
+            self._authenticate(call.method, params)
+        self._throttle(action)
         errors_after = self._draw_faults()
         for name in api.required:
             if name not in params:
@@ -300,20 +366,8 @@ class Gateway:
         return body
 
     def _authenticate(self, method: str, params: Mapping[str, str]) -> None:
-        secret = self.credentials.get(params["AccessKeyId"])
-        if secret is None:
-            raise _GatewayError(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
-        try:
-            stamp = datetime.strptime(params["Timestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-        except ValueError:
-            raise _GatewayError(
-                400, "InvalidTimeStamp.Format", "Specified time stamp or date value is not well formatted."
-            ) from None
-        now = self._clock.now()
-        if abs(now - stamp) > TIMESTAMP_WINDOW:
-            raise _GatewayError(
-                400, "InvalidTimeStamp.Expired", "Specified time stamp or date value is expired."
-            )
+        secret = self._secret(params["AccessKeyId"])
+        now = self._check_time(params["Timestamp"])
         # Every parameter but Signature is signed, empty ones included (the SDK's SignatureType=).
         signed = {name: value for name, value in params.items() if name != "Signature"}
         expected = signature_for(method, signed, secret)
@@ -323,7 +377,71 @@ class Gateway:
             raise _GatewayError(
                 400, "SignatureDoesNotMatch", SIGNATURE_MISMATCH_PREFIX + string_to_sign(method, signed)
             )
-        key = (params["AccessKeyId"], params["SignatureNonce"])
+        self._use_nonce(params["AccessKeyId"], params["SignatureNonce"], now)
+        self._check_token(params["AccessKeyId"], params.get("SecurityToken"))
+
+    def _authenticate_v3(self, call: _Call) -> None:
+        try:
+            key_id, signed, signature = parse_v3_authorization(call.header("authorization"))
+        except ValueError as error:
+            raise _GatewayError(400, "IncompleteSignature", f"The request signature is incomplete: {error}.") from None
+        unsigned = [name for name in V3_SIGNED_HEADERS if name not in signed or not call.header(name)]
+        if call.header("x-acs-security-token") and "x-acs-security-token" not in signed:
+            unsigned.append("x-acs-security-token")
+        if unsigned or list(signed) != sorted(signed):
+            what = f"{', '.join(unsigned)} must be sent and signed" if unsigned else "SignedHeaders must be sorted"
+            raise _GatewayError(400, "IncompleteSignature", f"The request signature is incomplete: {what}.")
+        secret = self._secret(key_id)
+        now = self._check_time(call.header("x-acs-date"))
+        payload_hash = sha256_hex(call.body)
+        if call.header("x-acs-content-sha256") != payload_hash:
+            raise _GatewayError(
+                400, "SignatureDoesNotMatch", "The x-acs-content-sha256 header is not the SHA-256 of the request body."
+            )
+        canonical = v3_canonical_request(call.method, call.query, call.headers, signed, payload_hash)
+        to_sign = v3_string_to_sign(canonical)
+        if not hmac.compare_digest(v3_sign(secret, to_sign).encode(), signature.encode()):
+            raise _GatewayError(400, "SignatureDoesNotMatch", SIGNATURE_MISMATCH_PREFIX + to_sign)
+        self._use_nonce(key_id, call.header("x-acs-signature-nonce"), now)
+        self._check_token(key_id, call.header("x-acs-security-token") or None)
+
+    def _secret(self, access_key_id: str) -> str:
+        secret = self.credentials.get(access_key_id)
+        if secret is None:
+            raise _GatewayError(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found.")
+        return secret
+
+    def _check_time(self, text: str) -> datetime:
+        """The server's now, once ``text`` (``YYYY-MM-DDThh:mm:ssZ``) is found within the window."""
+        try:
+            stamp = datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        except ValueError:
+            raise _GatewayError(
+                400, "InvalidTimeStamp.Format", "Specified time stamp or date value is not well formatted."
+            ) from None
+        now = self._clock.now()
+        if abs(now - stamp) > TIMESTAMP_WINDOW:
+            raise _GatewayError(
+                400, "InvalidTimeStamp.Expired", "Specified time stamp or date value is expired."
+            )
+        return now
+
+    def _check_token(self, access_key_id: str, token: str | None) -> None:
+        """A key with a security token (temporary credentials) must send it; others must not."""
+        expected = self.security_tokens.get(access_key_id)
+        if expected is None and token is None:
+            return
+        if token is None:
+            raise _GatewayError(
+                400, "InvalidSecurityToken.Malformed", "The security token you provided is missing or malformed."
+            )
+        if expected is None or not hmac.compare_digest(expected.encode(), token.encode()):
+            raise _GatewayError(
+                400, "InvalidSecurityToken.MismatchWithAccessKey", "The security token does not match the access key."
+            )
+
+    def _use_nonce(self, access_key_id: str, nonce: str, now: datetime) -> None:
+        key = (access_key_id, nonce)
         with self._lock:
             # A nonce older than the Timestamp window cannot come back: its request would be expired.
             while self._nonce_order and now - self._nonce_order[0][0] > TIMESTAMP_WINDOW:

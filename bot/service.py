@@ -1,0 +1,386 @@
+"""The request service: what front ends may ask of the core (commands) and learn from it (queries).
+
+Slack and the CLI call this and nothing below it: no front end touches the store. Every command
+checks the :class:`~bot.policy.Policy` on the server, records refusals in the audit trail, and
+changes state only by compare-and-set, so two clicks at once get one winner and one answer each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from bot.aliyun.client import MAX_COUNT_PER_REGISTER, IotClient
+from bot.clock import Clock
+from bot.domain import (
+    APPROVED_STATES,
+    Action,
+    AuditEntry,
+    Chunk,
+    Conflict,
+    DeviceRow,
+    Kind,
+    NotAllowed,
+    NotFound,
+    Origin,
+    Outcome,
+    RejectedLine,
+    Request,
+    State,
+    Summary,
+    Timing,
+    Upload,
+    WorkflowError,
+)
+from bot.policy import Policy
+from bot.store import Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from bot.registration import Jobs
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """Whether the database answers, and how many notifications wait."""
+
+    ok: bool
+    outbox_pending: int = 0
+    problem: str = ""
+
+
+class RequestService:
+    """Commands and queries on requests, for every front end."""
+
+    def __init__(self, store: Store, client: IotClient, clock: Clock, timing: Timing, jobs: Jobs, policy: Policy) -> None:
+        self.store = store
+        self.client = client
+        self.clock = clock
+        self.timing = timing
+        self.jobs = jobs
+        self.policy = policy
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        product_key: str,
+        requester: str,
+        devices: Sequence[Any],
+        *,
+        origin: Origin,
+        channel: str = "",
+        rejected: Sequence[Any] = (),
+        rejected_count: int | None = None,
+        retry_of: int | None = None,
+        upload_id: int | None = None,
+    ) -> Request:
+        """Open a request for ``devices`` (objects with ``name``/``nickname``/``line``, or names).
+
+        ``rejected`` holds the lines refused locally (objects with ``line``/``value``/``reason``);
+        they are kept for the report. The check starts at once.
+        """
+        rows = [_device_row(d) for d in devices]
+        if not rows:
+            raise WorkflowError("there are no valid device names to register")
+        size = self.timing.chunk_size
+        chunks = [min(size, len(rows) - start) for start in range(0, len(rows), size)]
+        request_id = self.store.create_request(
+            product_key=product_key,
+            requester=requester,
+            origin=origin,
+            channel=channel,
+            kind=Kind.NAMES,
+            count=len(rows),
+            state=State.CHECKING,
+            now=self.clock.now(),
+            rejected=[(r.line, r.value, r.reason) for r in rejected],
+            rejected_count=len(rejected) if rejected_count is None else rejected_count,
+            devices=rows,
+            chunks=chunks,
+            chunk_size=size,
+            retry_of=retry_of,
+            event=("created", {}),
+            upload_id=upload_id,
+        )
+        self._kick(request_id)
+        return self.require(request_id)
+
+    def submit_count(self, product_key: str, requester: str, count: int, *, origin: Origin, channel: str = "") -> Request:
+        """Open a request for ``count`` devices named by the platform. Nothing to check: it waits for approval."""
+        if count < 1:
+            raise WorkflowError("the number of devices must be at least 1")
+        size = min(self.timing.chunk_size, MAX_COUNT_PER_REGISTER)
+        chunks = [min(size, count - start) for start in range(0, count, size)]
+        now = self.clock.now()
+        request_id = self.store.create_request(
+            product_key=product_key,
+            requester=requester,
+            origin=origin,
+            channel=channel,
+            kind=Kind.COUNT,
+            count=count,
+            state=State.AWAITING_APPROVAL,
+            now=now,
+            chunks=chunks,
+            expires_at=now + timedelta(seconds=self.timing.approval_ttl),
+            event=("awaiting_approval", {}),
+        )
+        self._kick(request_id, at=now + timedelta(seconds=self.timing.approval_ttl))
+        return self.require(request_id)
+
+    def approve(self, request_id: int, actor: str) -> Request:
+        """Approve a request that waits for it. Only one approval ever wins; the rest get :class:`Conflict`."""
+        request = self.require(request_id)
+        self._allowed(Action.APPROVE, request, actor, audit="approval_denied")
+        self.expire_if_due(request)
+        now = self.clock.now()
+        won = self.store.transition(
+            request_id,
+            from_states=[State.AWAITING_APPROVAL],
+            to_state=State.APPROVED,
+            actor=actor,
+            event="approved",
+            now=now,
+            decided_by=actor,
+            decided_at=now,
+            notify=("approved", {"by": actor}),
+        )
+        if not won:
+            request = self.require(request_id)
+            raise Conflict(_already(request), request)
+        self._kick(request_id)
+        return self.require(request_id)
+
+    def reject(self, request_id: int, actor: str, reason: str = "") -> Request:
+        """Turn a request down; it never registers anything. The requester's Reject cancels it."""
+        request = self.require(request_id)
+        self._allowed(Action.REJECT, request, actor)
+        if self.policy.withdraws(request, actor):
+            return self.cancel(request_id, actor)
+        self.expire_if_due(request)
+        now = self.clock.now()
+        if not self.store.transition(
+            request_id,
+            from_states=[State.AWAITING_APPROVAL],
+            to_state=State.REJECTED,
+            actor=actor,
+            event="rejected",
+            now=now,
+            detail={"reason": reason},
+            decided_by=actor,
+            decided_at=now,
+            reason=reason or None,
+            notify=("rejected", {"by": actor, "reason": reason}),
+        ):
+            request = self.require(request_id)
+            raise Conflict(_already(request), request)
+        self._kick(request_id)
+        return self.require(request_id)
+
+    def cancel(self, request_id: int, actor: str) -> Request:
+        """Withdraw a request before it is approved (the requester, or an approver)."""
+        request = self.require(request_id)
+        self._allowed(Action.CANCEL, request, actor)
+        return self.stop(request_id, actor)
+
+    def stop(self, request_id: int, actor: str) -> Request:
+        """Cancel on the system's own account (a front end that cannot reach its people any more)."""
+        now = self.clock.now()
+        if not self.store.transition(
+            request_id,
+            from_states=[State.CHECKING, State.AWAITING_APPROVAL, State.CHECK_FAILED],
+            to_state=State.CANCELLED,
+            actor=actor,
+            event="cancelled",
+            now=now,
+            decided_by=actor,
+            decided_at=now,
+            notify=("cancelled", {"by": actor}),
+        ):
+            request = self.require(request_id)
+            raise Conflict(_already(request), request)
+        self._kick(request_id)
+        return self.require(request_id)
+
+    def retry_valid(self, request_id: int, actor: str) -> Request:
+        """A new request with only the names that passed the failed check (the platform never repairs one)."""
+        request = self.require(request_id)
+        self._allowed(Action.RETRY, request, actor)
+        if request.state != State.CHECK_FAILED:
+            raise Conflict(f"request #{request_id} is {request.state.label}, not a failed check", request)
+        valid = [d for d in self.store.devices(request_id) if d.outcome != Outcome.INVALID]
+        if not valid:
+            raise WorkflowError(f"request #{request_id} has no valid name left to retry")
+        # The retry is still the original requester's request: whoever clicked, they may not
+        # approve it themselves, and the clicker is kept in the audit trail.
+        new = self.submit(request.product_key, request.requester, valid, origin=request.origin, channel=request.channel, retry_of=request_id)
+        self.store.record(request_id, actor, "retried", self.clock.now(), {"new_request": new.id})
+        self.store.record(new.id, actor, "retry_of", self.clock.now(), {"request": request_id})
+        return new
+
+    def credentials(self, request_id: int, actor: str) -> Iterator[tuple[str, str, str, str]]:
+        """``(ProductKey, DeviceName, DeviceSecret, IotId)`` of every created device, fetched fresh.
+
+        Checked first: raises :class:`NotAllowed` (and records it) for someone not entitled.
+        Secrets are never stored by iotreg: they come from QueryPageByApplyId each time.
+        """
+        request = self.require(request_id)
+        self._allowed(Action.CREDENTIALS, request, actor, audit="credentials_denied")
+        return self._credentials(request)
+
+    def _credentials(self, request: Request) -> Iterator[tuple[str, str, str, str]]:
+        for chunk in self.store.chunks(request.id):
+            # Every chunk the platform took: even one iotreg gave up waiting for may have devices.
+            if chunk.apply_id and chunk.register_confirmed_at is not None:
+                for device in self.client.iter_devices_by_apply_id(chunk.apply_id):
+                    yield request.product_key, device.name, device.device_secret, device.iot_id
+
+    def record(self, request_id: int, actor: str, event: str, detail: dict[str, Any] | None = None) -> None:
+        """An audit row a front end adds (credentials sent, a channel that refused the bot…)."""
+        self.store.record(request_id, actor, event, self.clock.now(), detail)
+
+    def set_origin_data(self, request_id: int, **values: Any) -> None:
+        """Keep the front end's own data about a request (``None`` removes a key)."""
+        self.store.update_origin_data(request_id, **values)
+
+    def move_channel(self, request_id: int, channel: str) -> None:
+        """Where the request's messages now are (a front end's channel id as it reported it)."""
+        self.store.update_request(request_id, channel=channel)
+
+    def expire_if_due(self, request: Request) -> None:
+        if request.state == State.AWAITING_APPROVAL and request.expires_at and self.clock.now() >= request.expires_at:
+            self.store.transition(
+                request.id, from_states=[State.AWAITING_APPROVAL], to_state=State.EXPIRED, actor="iotreg", event="expired",
+                now=self.clock.now(), notify=("expired", {}),
+            )
+
+    # -- uploads: lists submitted, recorded before the submission is acknowledged ----------------
+
+    def add_upload(self, *, user: str, channel: str, product_key: str, pasted: str, origin_data: dict[str, Any]) -> int:
+        return self.store.add_upload(
+            user=user, channel=channel, product_key=product_key, pasted=pasted, origin_data=origin_data, now=self.clock.now()
+        )
+
+    def finish_upload(self, upload_id: int) -> None:
+        """An upload that made no request (its list was refused, and the uploader told)."""
+        self.store.finish_upload(upload_id, self.clock.now())
+
+    def upload(self, upload_id: int) -> Upload | None:
+        return self.store.upload(upload_id)
+
+    def unread_uploads(self) -> list[Upload]:
+        return self.store.unread_uploads()
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def get(self, request_id: int) -> Request | None:
+        return self.store.get(request_id)
+
+    def require(self, request_id: int) -> Request:
+        request = self.store.get(request_id)
+        if request is None:
+            raise NotFound(f"there is no request #{request_id}")
+        return request
+
+    def find(self, ref: str) -> Request | None:
+        """A request by its number (``12``, ``#12``) or by one of its ApplyIds."""
+        match = re.fullmatch(r"#?([0-9]{1,18})", ref.strip())
+        if not match:
+            return None
+        number = int(match.group(1))
+        chunk = self.store.chunk_for_apply_id(number)
+        if chunk is not None:
+            return self.store.get(chunk.request_id)
+        return self.store.get(number)
+
+    def chunks(self, request_id: int) -> list[Chunk]:
+        return self.store.chunks(request_id)
+
+    def apply_ids(self, request_id: int) -> list[int]:
+        return [c.apply_id for c in self.store.chunks(request_id) if c.apply_id]
+
+    def summary(self, request_id: int) -> Summary:
+        request = self.require(request_id)
+        counts = self.store.outcome_counts(request_id)
+        pending = counts.get(Outcome.PENDING, 0)
+        if request.kind == Kind.COUNT:
+            # Platform-named devices are only known once created.
+            pending = max(0, request.count - sum(counts.values()))
+        return Summary(
+            request=request,
+            created=counts.get(Outcome.CREATED, 0),
+            failed=counts.get(Outcome.NOT_CREATED, 0),
+            invalid=counts.get(Outcome.INVALID, 0),
+            pending=pending,
+            rejected_locally=request.rejected_count,
+        )
+
+    def devices(self, request_id: int, *, outcome: Outcome | None = None, limit: int | None = None) -> list[DeviceRow]:
+        return self.store.devices(request_id, outcome=outcome, limit=limit)
+
+    def rejected_lines(self, request_id: int) -> list[RejectedLine]:
+        return self.store.rejected_lines(request_id)
+
+    def requests(
+        self, *, states: Sequence[State] | None = None, channel: str | None = None,
+        origins: Sequence[Origin] | None = None, limit: int | None = 20,
+    ) -> list[Request]:
+        return self.store.requests(states=states, channel=channel, origins=origins, limit=limit)
+
+    def created_count(self, request_id: int) -> int:
+        return self.store.outcome_counts(request_id).get(Outcome.CREATED, 0)
+
+    def audit(self, request_id: int | None = None, *, limit: int = 500) -> list[AuditEntry]:
+        return self.store.audit(request_id, limit=limit)
+
+    def health(self, origins: Sequence[Origin] | None = None) -> Health:
+        try:
+            self.store.ping()
+            return Health(True, self.store.pending_count(origins))
+        except StoreUnavailable as exc:
+            return Health(False, problem=str(exc))
+
+    # -- delivery steps, so that a notification delivered again repeats nothing -----------------
+
+    def step_done(self, event_id: int, step: str) -> bool:
+        return self.store.step_done(event_id, step)
+
+    def mark_step(self, event_id: int, step: str) -> None:
+        self.store.mark_step(event_id, step)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _allowed(self, action: Action, request: Request, actor: str, *, audit: str | None = None) -> None:
+        denial = self.policy.check(action, request, actor)
+        if denial is None:
+            return
+        if audit:
+            self.store.record(request.id, actor, audit, self.clock.now(), {"why": str(denial.why)})
+        if denial.detail:
+            message = denial.detail
+        elif action is Action.APPROVE:
+            message = "you asked for this registration, so someone else has to approve it"
+        else:
+            message = f"you may not {action} request #{request.id} ({denial.why})"
+        raise NotAllowed(message, denial)
+
+    def _kick(self, request_id: int, at: Any = None) -> None:
+        self.jobs.wake(request_id, at)
+        self.jobs.wake_outbox()
+
+
+def _device_row(device: Any) -> tuple[str, str | None, int | None]:
+    if isinstance(device, str):
+        return device, None, None
+    return device.name, getattr(device, "nickname", None), getattr(device, "line", None)
+
+
+def _already(request: Request) -> str:
+    state = request.state.label
+    if request.decided_by and request.state in APPROVED_STATES | {State.REJECTED, State.CANCELLED}:
+        verb = {State.REJECTED: "rejected", State.CANCELLED: "cancelled"}.get(request.state, "approved")
+        return f"request #{request.id} was already {verb} by {request.decided_by}; it is {state} now"
+    return f"request #{request.id} is {state}"
