@@ -219,6 +219,7 @@ def main() -> int:
     unaccounted = 0
     missing = 0
     duplicate_results = 0
+    repeated: list[tuple[int, list[str]]] = []
     missing_results = 0
     for request in all_requests:
         apply_ids = [c.apply_id for c in store.chunks(request.id) if c.apply_id]
@@ -233,6 +234,8 @@ def main() -> int:
         if request.state in (State.DONE, State.FAILED) and request.decided_by:
             results = [r for r in fake.thread(OPS, request.origin_data.get("thread_ts")) if f"Request #{request.id}:" in r.get("text", "")] if request.origin_data.get("thread_ts") else []
             duplicate_results += max(0, len(results) - 1)
+            if len(results) > 1:
+                repeated.append((request.id, [r.get("text", "")[:70] for r in results]))
             missing_results += 1 if not results else 0
     created = sum(len(store.devices(r.id, outcome=Outcome.CREATED)) for r in all_requests)
     # SQLite's own check of the file; PostgreSQL's server was never killed (only iotreg was).
@@ -248,6 +251,8 @@ def main() -> int:
     print(f"  ApplyIds by register calls received: {dict(sorted(register_calls.items()))}  (more than 1: {sum(n for k, n in register_calls.items() if k > 1)})")
     print(f"  devices created and recorded: {created:,}; created but not recorded: {unaccounted}; recorded but not created: {missing}")
     print(f"  final results in threads: missing {missing_results}, duplicated {duplicate_results}")
+    for request_id, texts in repeated:
+        print(f"    #{request_id}: {texts}")
     print(f"  database after every kill: integrity_check {integrity}" if args.db == "sqlite" else "  database: PostgreSQL (its server was not killed)")
     ok = (
         all(r.final for r in all_requests)
