@@ -17,7 +17,7 @@ import click
 
 from bot import __version__
 from bot.domain import ACTIVE_STATES, FINAL_STATES, Origin, Outcome, State
-from bot.policy import Policy
+from bot.policy import Policy, PolicyError
 from bot.service import RequestService
 from bot import wiring
 from bot.store import StoreUnavailable, is_url, open_store
@@ -480,7 +480,8 @@ def serve(port: int | None, host: str, use_emulator: bool) -> None:
         settings.require("slack_bot_token", "slack_signing_secret")
         if not use_emulator:
             wiring.credentials(settings)  # no credentials anywhere: say so now, not at the first request
-    except ConfigError as exc:
+        wiring.rules(settings)  # a bad policy file stops the bot before it serves, saying where
+    except (ConfigError, PolicyError) as exc:
         raise click.ClickException(str(exc)) from None
     build = server.emulator_bot(settings) if use_emulator else None
     if use_emulator:

@@ -60,6 +60,8 @@ class Settings:
     port: int = 3000
     approvers: tuple[str, ...] = ()
     allow_self_approval: bool = False
+    policy_path: str | None = None
+    reminders: tuple[float, ...] = ()
     notify_channel: str | None = None
     credentials_dm: bool = True
     workers: int = 16
@@ -91,6 +93,8 @@ class Settings:
             "port": "PORT",
             "approvers": "IOTREG_APPROVERS",
             "allow_self_approval": "IOTREG_ALLOW_SELF_APPROVAL",
+            "policy_path": "IOTREG_POLICY",
+            "reminders": "IOTREG_REMINDERS",
             "notify_channel": "IOTREG_NOTIFY_CHANNEL",
             "credentials_dm": "IOTREG_CREDENTIALS_DM",
             "workers": "IOTREG_WORKERS",
@@ -147,6 +151,8 @@ class Settings:
             port=int(env.number("PORT", 3000, minimum=1, integer=True)),
             approvers=env.slack_ids("IOTREG_APPROVERS"),
             allow_self_approval=env.flag("IOTREG_ALLOW_SELF_APPROVAL", False),
+            policy_path=env.text("IOTREG_POLICY"),
+            reminders=env.durations("IOTREG_REMINDERS"),
             notify_channel=env.text("IOTREG_NOTIFY_CHANNEL"),
             credentials_dm=env.flag("IOTREG_CREDENTIALS_DM", True),
             workers=int(env.number("IOTREG_WORKERS", 16, minimum=2, integer=True)),
@@ -259,6 +265,16 @@ class _Env:
         if seconds < minimum:
             raise ConfigError(f"{name}: {raw} is shorter than the minimum of {minimum:g} s")
         return seconds
+
+    def durations(self, name: str) -> tuple[float, ...]:
+        """Comma-separated durations (``1h,4h``), in increasing order."""
+        raw = self.text(name)
+        if raw is None:
+            return ()
+        values = tuple(_Env({name: part}).duration(name, 0.0, minimum=1) for part in raw.split(",") if part.strip())
+        if list(values) != sorted(set(values)):
+            raise ConfigError(f"{name}: {raw!r} must list durations from the earliest to the latest, such as 1h,4h")
+        return values
 
     def qps(self, name: str) -> Mapping[str, float]:
         """``Action=QPS`` pairs separated by commas, overriding :data:`DEFAULT_QPS`."""

@@ -2,8 +2,9 @@
 
 The real bot (the Bolt app behind HTTP with signed requests, the workflow, the scheduler, SQLite in
 a temporary folder) talks to the embedded IoT Platform emulator and to a local stand-in for Slack.
-Two people play their parts: Alice uploads a device list, Bob approves. Everything Slack receives
-is printed as a person would read it, with the time of each step.
+Three people play their parts: Alice uploads a device list; Bob and Carol approve it, the two
+approvals the demo's policy asks for (Carol from the direct message the bot sent her). Everything
+Slack receives is printed as a person would read it, with the time of each step.
 """
 
 from __future__ import annotations
@@ -28,15 +29,18 @@ from bot.slack.app import create_app
 from bot.standins.slack import FakeSlack, Workspace, file_input_value
 
 OPS, NOTICES = "C0IOTOPS", "C0NOTICES"
-ALICE, BOB = "U0ALICE", "U0BOB"
-PEOPLE = {ALICE: "alice", BOB: "bob", "U0BOT": "iotreg"}
+ALICE, BOB, CAROL = "U0ALICE", "U0BOB", "U0CAROL"
+PEOPLE = {ALICE: "alice", BOB: "bob", CAROL: "carol", "U0BOT": "iotreg"}
+#: The demo's policy file: two approvals from Bob and Carol.
+POLICY = f'[default]\napprovers = ["{BOB}", "{CAROL}"]\napprovals = 2\n'
+
 CHANNELS = {OPS: "#iot-ops", NOTICES: "#iot-notices"}
 #: Names in the shipped sample that already exist on the demo's platform, so the check finds them.
 ALREADY_REGISTERED = ("sensor-hz-0007", "sensor-hz-0123", "sensor-hz-0200")
 EMOJI = {
     ":hourglass_flowing_sand:": "⏳", ":hourglass:": "⌛", ":x:": "✖", ":raised_hand:": "✋",
     ":white_check_mark:": "✔", ":gear:": "⚙", ":no_entry_sign:": "⛔", ":heavy_multiplication_x:": "✖",
-    ":test_tube:": "🧪",
+    ":test_tube:": "🧪", ":repeat:": "🔁", ":bell:": "🔔",
 }
 
 
@@ -86,10 +90,12 @@ class Transcript:
     def _show(self, method: str, params: dict[str, Any]) -> None:
         content = params.get("blocks")
         content = json.loads(content) if isinstance(content, str) else content
-        channel = CHANNELS.get(str(params.get("channel") or params.get("channel_id")), "a direct message")
+        channel = self._where(str(params.get("channel") or params.get("channel_id")))
         indent = "        ↳ " if params.get("thread_ts") else ""
         if method == "chat.postMessage":
             self._message(f"{channel}  iotreg: ", indent, params.get("text", ""), content)
+        elif method == "chat.update" and channel.startswith("@"):
+            pass  # an approver's copy kept current: the same as the channel's message
         elif method == "chat.update":
             self._message(f"{channel}  iotreg edited its message: ", "", params.get("text", ""), content)
         elif method == "chat.postEphemeral":
@@ -108,7 +114,16 @@ class Transcript:
                     where = "        ↳ " if upload.thread_ts else ""
                     lines = upload.content.count(b"\n") - 1
                     what = "secrets not shown here" if "credentials" in upload.name else f"{lines:,} rows"
-                    self.out(f"{self._stamp()} {where}{CHANNELS.get(upload.channel or '', 'a direct message')}  iotreg: 📎 {upload.name} ({what})")
+                    self.out(f"{self._stamp()} {where}{self._where(upload.channel or '')}  iotreg: 📎 {upload.name} ({what})")
+
+    def _where(self, channel: str) -> str:
+        """A channel's name, or whose direct messages it is."""
+        if channel in CHANNELS:
+            return CHANNELS[channel]
+        for user, name in PEOPLE.items():
+            if channel in (user, self.fake.dm_channel(user)):
+                return f"@{name}'s DM"
+        return "a direct message"
 
     def _message(self, prefix: str, indent: str, text: str, content: list | None) -> None:
         lines = render(content) if content else [plain(text)]
@@ -165,6 +180,8 @@ def run_demo(
         if user_id != "U0BOT":
             fake.add_user(user_id, user_name)
     secret = secrets.token_hex(16)
+    policy = folder / "policy.toml"
+    policy.write_text(POLICY, encoding="utf-8")
     settings = Settings.from_env(
         {
             **emulator.env(),
@@ -172,7 +189,7 @@ def run_demo(
             "SLACK_SIGNING_SECRET": secret,
             "SLACK_API_URL": fake.api_url,
             "IOTREG_DB": str(folder / "iotreg.db"),
-            "IOTREG_APPROVERS": BOB,
+            "IOTREG_POLICY": str(policy),
             "IOTREG_NOTIFY_CHANNEL": NOTICES,
             "IOTREG_POLL_INTERVAL": str(poll_interval),
             "IOTREG_POLL_MAX_INTERVAL": str(max(poll_interval, 1.0)),
@@ -208,7 +225,7 @@ def run_demo(
 
     requests = bot.workflow.requests
     out(f"iotreg demo: the real bot, the IoT Platform emulator ({emulator.endpoint}) and a stand-in for Slack, on this machine.")
-    out(f"Alice (operator) and Bob (approver) are in {CHANNELS[OPS]}; the database is {folder / 'iotreg.db'}.\n")
+    out(f"Alice (operator), Bob and Carol (approvers: two approvals needed) are in {CHANNELS[OPS]}; the database is {folder / 'iotreg.db'}.\n")
     try:
         transcript.say("@alice", f"/devices register {DEMO_PRODUCT_KEY}")
         ws.command(ALICE, OPS, f"register {DEMO_PRODUCT_KEY}")
@@ -227,6 +244,12 @@ def run_demo(
         anchor = message_with(blocks.APPROVE)
         transcript.note("@bob clicks [Approve]")
         ws.click(BOB, anchor, blocks.APPROVE)
+        wait("the first approval", lambda: len(requests.approvals(request_ids[-1])) == 1 and not requests.health().outbox_pending)
+        copy = wait("Carol's copy", lambda: next(
+            (m for m in reversed(fake.dm(CAROL)) if blocks.APPROVE in json.dumps(m.get("blocks")) and f"#{request_ids[-1]}" in m.get("text", "")), None
+        ))
+        transcript.note("@carol clicks [Approve] in the direct message iotreg sent her")
+        ws.click(CAROL, copy, blocks.APPROVE)
         final = wait("the result", lambda: (r := requests.get(request_ids[-1])) and r.final and not requests.health().outbox_pending and r)
         results_csv = None
         done = message_with(blocks.CREDENTIALS)

@@ -150,10 +150,56 @@ class EventKind(enum.StrEnum):
     REGISTERING = "registering"
     PROGRESS = "progress"
     FINISHED = "finished"
+    APPROVAL = "approval"  # one approval counted, the quorum not reached yet
+    REMINDER = "reminder"  # a request still waits: its approvers are reminded
+
+
+class Tally(enum.StrEnum):
+    """What became of one approval (see :meth:`bot.store.Store.add_approval`)."""
+
+    COUNTED = "counted"  # recorded; more approvals are needed
+    QUORUM = "quorum"  # recorded, and it completed the quorum: the request is approved
+    ALREADY_COUNTED = "already counted"  # this person approved before; it does not count again
+    CLOSED = "closed"  # the request no longer waits for approval
 
 
 #: The actor of automatic steps in the audit trail.
 SYSTEM = "iotreg"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """The approval rule a request is decided under: chosen at submit and kept with the request,
+    so a later change of policy does not alter it. ``source`` says which rule it was."""
+
+    approvers: tuple[str, ...] = ()  # who may approve (empty: anyone but the requester)
+    approvals: int = 1  # distinct approvers needed
+    self_approval: bool = False
+    reason_required: bool = False  # the requester must give a reason
+    auto_approve_max: int = 0  # requests of at most this many devices need no approval
+    source: str = "default"
+
+    def auto_approves(self, count: int) -> bool:
+        return 0 < count <= self.auto_approve_max
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "approvers": list(self.approvers)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rule:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["approvers"] = tuple(values.get("approvers", ()))
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Approval:
+    """One approver's approval of a request."""
+
+    approver: str
+    at: datetime
+    reason: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,10 +230,21 @@ class Request:
     created_at: datetime
     updated_at: datetime
     origin_data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The rule it was submitted under (``None``: submitted before rules were kept; the current
+    #: policy's rule for its product applies).
+    rule: Rule | None = None
+    justification: str | None = None  # the requester's reason for asking
+    retried_as: int | None = None  # the request that retries its valid names
+    reminders_sent: int = 0
 
     @property
     def final(self) -> bool:
         return self.state.final
+
+    @property
+    def auto_approved(self) -> bool:
+        """Approved by its rule, not by a person (few enough devices)."""
+        return self.rule is not None and self.rule.auto_approves(self.count) and self.decided_by == SYSTEM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +349,8 @@ class Timing:
     #: How long another process's register call may be in flight before it counts as crashed:
     #: longer than the client can spend on one call (IOT_RETRY_DEADLINE plus IOT_TIMEOUT).
     claim_lease: float = 120.0
+    #: When approvers who have not acted are reminded: seconds after the request started waiting.
+    reminders: tuple[float, ...] = ()
 
     def next_poll(self, polls: int) -> float:
         """Back off by half again per poll without news, up to the cap."""

@@ -36,7 +36,7 @@ from bot.aliyun import errors
 from bot.aliyun.client import ApplyStatus, BatchStatus, IotClient
 from bot.aliyun.ratelimit import SlotLater, deferring
 from bot.clock import Clock
-from bot.domain import ACTIVE_STATES, SYSTEM, Chunk, Kind, NotFound, Origin, Outcome, Request, State, Timing
+from bot.domain import ACTIVE_STATES, SYSTEM, Chunk, Kind, NotFound, Origin, Outcome, Request, Rule, State, Timing
 from bot.store import Store, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -75,14 +75,19 @@ class Reconciler:
         expire: Callable[[Request], None],
         *,
         origins: frozenset[Origin] | None = None,
+        remind: Callable[[Request], datetime | None] = lambda request: None,
+        rule_of: Callable[[Request], Rule] = lambda request: request.rule or Rule(),
     ) -> None:
-        """``expire``: the request service's rule for a request whose approval time ran out."""
+        """``expire``: the request service's rule for a request whose approval time ran out;
+        ``remind``: its reminders (returns when the next is due); ``rule_of``: a request's rule."""
         self.store = store
         self.client = client
         self.clock = clock
         self.timing = timing
         self.jobs = jobs
         self.requests_expire = expire
+        self.requests_remind = remind
+        self.rule_of = rule_of
         self.origins = origins
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._locks: dict[int, threading.Lock] = {}
@@ -149,6 +154,7 @@ class Reconciler:
 
     def _awaiting_approval(self, request: Request) -> None:
         self.requests_expire(request)
+        self.requests_remind(self._get(request.id))
 
     def _advance_check(self, request: Request) -> None:
         with deferring(request.id, SLOT_PATIENCE):  # checks and polls: nothing is lost by doing them later
@@ -195,6 +201,14 @@ class Reconciler:
                 request, State.CHECKING, State.CHECK_FAILED, "check_failed",
                 detail={"invalid": invalid}, reason=f"{invalid} name(s) did not pass the platform's check",
                 notify=("check_failed", {"invalid": invalid, "valid": sum(counts.values()) - invalid}),
+            )
+        elif self.rule_of(request).auto_approves(request.count):
+            rule = self.rule_of(request)
+            by_policy = {"by_policy": rule.auto_approve_max, "rule": rule.source}
+            self._transition(
+                request, State.CHECKING, State.APPROVED, "approved",
+                detail={"apply_ids": [c.apply_id for c in self.store.chunks(request.id)], **by_policy},
+                decided_by=SYSTEM, decided_at=self.clock.now(), notify=("approved", by_policy),
             )
         else:
             self._transition(
@@ -465,7 +479,8 @@ class Reconciler:
     def _next_wake(self, request: Request) -> datetime:
         now = self.clock.now()
         if request.state == State.AWAITING_APPROVAL and request.expires_at:
-            return request.expires_at
+            reminder = self.requests_remind(request)  # nothing is due now: when the next one is
+            return min(request.expires_at, reminder) if reminder else request.expires_at
         if request.state == State.APPROVED:
             return now
         return now + timedelta(seconds=self.timing.next_poll(max(0, request.polls - 1)))

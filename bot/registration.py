@@ -90,7 +90,10 @@ class Workflow:
         self.origins = origins
         self.jobs = jobs(self)
         self.requests = RequestService(store, client, clock, self.timing, self.jobs, policy or Policy())
-        self.reconciler = Reconciler(store, client, clock, self.timing, self.jobs, self.requests.expire_if_due, origins=origins)
+        self.reconciler = Reconciler(
+            store, client, clock, self.timing, self.jobs, self.requests.expire_if_due, origins=origins,
+            remind=self.requests.remind_if_due, rule_of=self.requests.rule_of,
+        )
         self.outbox = Outbox(store, notifier(self.requests), clock, self.jobs, origins=origins)
 
     def advance(self, request_id: int) -> None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from bot.aliyun.client import MAX_COUNT_PER_REGISTER, IotClient
+from bot.aliyun.client import MAX_COUNT_PER_REGISTER, IotClient, ProductInfo
 from bot.clock import Clock
 from bot.domain import (
     APPROVED_STATES,
+    SYSTEM,
     Action,
+    Approval,
     AuditEntry,
     Chunk,
     Conflict,
@@ -29,14 +31,16 @@ from bot.domain import (
     Outcome,
     RejectedLine,
     Request,
+    Rule,
     State,
     Summary,
+    Tally,
     Timing,
     Upload,
     WorkflowError,
 )
 from bot.policy import Policy
-from bot.store import Store, StoreUnavailable
+from bot.store import AlreadyRetried, Store, StoreUnavailable
 
 if TYPE_CHECKING:
     from bot.registration import Jobs
@@ -49,6 +53,10 @@ class Health:
     ok: bool
     outbox_pending: int = 0
     problem: str = ""
+
+
+class ReasonRequired(WorkflowError):
+    """The product's rule asks the requester for a reason, and none was given."""
 
 
 class RequestService:
@@ -76,15 +84,20 @@ class RequestService:
         rejected_count: int | None = None,
         retry_of: int | None = None,
         upload_id: int | None = None,
+        reason: str = "",
+        rule: Rule | None = None,
     ) -> Request:
         """Open a request for ``devices`` (objects with ``name``/``nickname``/``line``, or names).
 
         ``rejected`` holds the lines refused locally (objects with ``line``/``value``/``reason``);
-        they are kept for the report. The check starts at once.
+        they are kept for the report. The check starts at once. The product's rule is decided now
+        and kept with the request (``rule``: one decided before, for a retry); ``reason`` is the
+        requester's, refused with :class:`ReasonRequired` when the rule needs one and it is empty.
         """
         rows = [_device_row(d) for d in devices]
         if not rows:
             raise WorkflowError("there are no valid device names to register")
+        rule = rule or self.checked_rule(product_key, reason)
         size = self.timing.chunk_size
         chunks = [min(size, len(rows) - start) for start in range(0, len(rows), size)]
         request_id = self.store.create_request(
@@ -104,55 +117,86 @@ class RequestService:
             retry_of=retry_of,
             event=("created", {}),
             upload_id=upload_id,
+            rule=rule,
+            justification=reason.strip() or None,
         )
         self._kick(request_id)
         return self.require(request_id)
 
-    def submit_count(self, product_key: str, requester: str, count: int, *, origin: Origin, channel: str = "") -> Request:
-        """Open a request for ``count`` devices named by the platform. Nothing to check: it waits for approval."""
+    def rule_for(self, product_key: str) -> Rule:
+        """The rule a request for ``product_key`` submitted now gets."""
+        return self.policy.rule_for(product_key)
+
+    def checked_rule(self, product_key: str, reason: str = "") -> Rule:
+        """:meth:`rule_for`, or :class:`ReasonRequired` if it needs a reason and ``reason`` is empty."""
+        rule = self.policy.rule_for(product_key)
+        if rule.reason_required and not reason.strip():
+            raise ReasonRequired(f"requests for product {product_key} need a reason: say why these devices are needed")
+        return rule
+
+    def submit_count(
+        self, product_key: str, requester: str, count: int, *, origin: Origin, channel: str = "", reason: str = ""
+    ) -> Request:
+        """Open a request for ``count`` devices named by the platform. Nothing to check: it waits
+        for approval, or is approved at once when its rule approves so few devices by itself."""
         if count < 1:
             raise WorkflowError("the number of devices must be at least 1")
+        rule = self.checked_rule(product_key, reason)
         size = min(self.timing.chunk_size, MAX_COUNT_PER_REGISTER)
         chunks = [min(size, count - start) for start in range(0, count, size)]
         now = self.clock.now()
-        request_id = self.store.create_request(
-            product_key=product_key,
-            requester=requester,
-            origin=origin,
-            channel=channel,
-            kind=Kind.COUNT,
-            count=count,
-            state=State.AWAITING_APPROVAL,
-            now=now,
-            chunks=chunks,
-            expires_at=now + timedelta(seconds=self.timing.approval_ttl),
-            event=("awaiting_approval", {}),
+        common: dict[str, Any] = dict(
+            product_key=product_key, requester=requester, origin=origin, channel=channel, kind=Kind.COUNT, count=count,
+            now=now, chunks=chunks, rule=rule, justification=reason.strip() or None,
         )
-        self._kick(request_id, at=now + timedelta(seconds=self.timing.approval_ttl))
+        if rule.auto_approves(count):
+            request_id = self.store.create_request(
+                **common, state=State.APPROVED, decided_by=SYSTEM, event=("approved", _by_policy(rule)),
+                audit=[("approved", _by_policy(rule))],
+            )
+            self._kick(request_id)
+        else:
+            request_id = self.store.create_request(
+                **common, state=State.AWAITING_APPROVAL, expires_at=now + timedelta(seconds=self.timing.approval_ttl),
+                event=("awaiting_approval", {}),
+            )
+            self._kick(request_id, at=self.store.get(request_id).expires_at)
         return self.require(request_id)
 
-    def approve(self, request_id: int, actor: str) -> Request:
-        """Approve a request that waits for it. Only one approval ever wins; the rest get :class:`Conflict`."""
+    def approve(self, request_id: int, actor: str, reason: str = "") -> Request:
+        """Count ``actor``'s approval. The request is approved when its rule's number of distinct
+        approvers is reached: exactly one approval completes it, however many arrive at once.
+
+        :class:`Conflict` for a request that no longer waits, and for an approver counted already.
+        """
         request = self.require(request_id)
         self._allowed(Action.APPROVE, request, actor, audit="approval_denied")
         self.expire_if_due(request)
-        now = self.clock.now()
-        won = self.store.transition(
-            request_id,
-            from_states=[State.AWAITING_APPROVAL],
-            to_state=State.APPROVED,
-            actor=actor,
-            event="approved",
-            now=now,
-            decided_by=actor,
-            decided_at=now,
-            notify=("approved", {"by": actor}),
-        )
-        if not won:
+        rule = self.policy.rule_of(request)
+        tally = self.store.add_approval(request_id, approver=actor, now=self.clock.now(), needed=rule.approvals, reason=reason.strip() or None)
+        if tally is Tally.CLOSED:
             request = self.require(request_id)
             raise Conflict(_already(request), request)
+        if tally is Tally.ALREADY_COUNTED:
+            count = len(self.store.approvals(request_id))
+            raise Conflict(
+                f"you approved request #{request_id} already, and an approval counts once per person "
+                f"({count} of {rule.approvals} so far)",
+                self.require(request_id),
+            )
         self._kick(request_id)
         return self.require(request_id)
+
+    def approvals(self, request_id: int) -> list[Approval]:
+        """Who approved a request so far, oldest first."""
+        return self.store.approvals(request_id)
+
+    def rule_of(self, request: Request) -> Rule:
+        return self.policy.rule_of(request)
+
+    def may(self, action: Action, request: Request, actor: str) -> bool:
+        """Whether ``actor`` may do ``action`` now (for showing buttons; every command checks again)."""
+        return self.policy.check(action, request, actor) is None
 
     def reject(self, request_id: int, actor: str, reason: str = "") -> Request:
         """Turn a request down; it never registers anything. The requester's Reject cancels it."""
@@ -214,9 +258,17 @@ class RequestService:
         valid = [d for d in self.store.devices(request_id) if d.outcome != Outcome.INVALID]
         if not valid:
             raise WorkflowError(f"request #{request_id} has no valid name left to retry")
-        # The retry is still the original requester's request: whoever clicked, they may not
-        # approve it themselves, and the clicker is kept in the audit trail.
-        new = self.submit(request.product_key, request.requester, valid, origin=request.origin, channel=request.channel, retry_of=request_id)
+        if request.retried_as is not None:
+            raise Conflict(f"request #{request_id} was retried already: request #{request.retried_as} checks its valid names", request)
+        # The retry is still the original requester's request, under the same rule: whoever
+        # clicked, they may not approve it themselves, and the clicker is kept in the audit trail.
+        try:
+            new = self.submit(
+                request.product_key, request.requester, valid, origin=request.origin, channel=request.channel,
+                retry_of=request_id, reason=request.justification or "", rule=self.policy.rule_of(request),
+            )
+        except AlreadyRetried as exc:
+            raise Conflict(f"request #{request_id} was retried already: request #{exc.retried_as} checks its valid names", request) from None
         self.store.record(request_id, actor, "retried", self.clock.now(), {"new_request": new.id})
         self.store.record(new.id, actor, "retry_of", self.clock.now(), {"request": request_id})
         return new
@@ -256,6 +308,49 @@ class RequestService:
                 request.id, from_states=[State.AWAITING_APPROVAL], to_state=State.EXPIRED, actor="iotreg", event="expired",
                 now=self.clock.now(), notify=("expired", {}),
             )
+
+    def remind_if_due(self, request: Request) -> datetime | None:
+        """Queue the reminders of a waiting request whose time has come (``Timing.reminders``,
+        counted from when it started waiting); return when the next one is due, if any."""
+        if request.state != State.AWAITING_APPROVAL:
+            return None
+        started = request.phase_started_at or request.created_at
+        sent = request.reminders_sent
+        for number, after in enumerate(self.timing.reminders, start=1):
+            if number <= sent:
+                continue
+            due = started + timedelta(seconds=after)
+            if self.clock.now() < due:
+                return due
+            waiting = {a.approver for a in self.store.approvals(request.id)}
+            self.store.add_reminder(
+                request.id, sent=number, now=self.clock.now(),
+                payload={"number": number, "after": after, "approved_by": sorted(waiting)},
+            )
+            sent = number
+        return None
+
+    def products(self) -> list[ProductInfo]:
+        """The account's products (QueryProductList, every page), for choosing one."""
+        return list(self.client.iter_products())
+
+    def last_product(self, channel: str) -> str | None:
+        """The product of the newest request in ``channel``."""
+        newest = self.store.requests(channel=channel, limit=1)
+        return newest[0].product_key if newest else None
+
+    def waiting_for(self, user: str, *, limit: int = 20) -> list[Request]:
+        """Requests waiting for approval that ``user`` may approve and has not approved yet."""
+        waiting = self.store.requests(states=[State.AWAITING_APPROVAL], limit=200)
+        found = []
+        for request in waiting:
+            if self.may(Action.APPROVE, request, user) and user not in {a.approver for a in self.store.approvals(request.id)}:
+                found.append(request)
+        return found[:limit]
+
+    def requested_by(self, user: str, *, limit: int = 10) -> list[Request]:
+        """``user``'s own newest requests."""
+        return self.store.requests(requester=user, limit=limit)
 
     # -- uploads: lists submitted, recorded before the submission is acknowledged ----------------
 
@@ -326,9 +421,9 @@ class RequestService:
 
     def requests(
         self, *, states: Sequence[State] | None = None, channel: str | None = None,
-        origins: Sequence[Origin] | None = None, limit: int | None = 20,
+        origins: Sequence[Origin] | None = None, limit: int | None = 20, requester: str | None = None,
     ) -> list[Request]:
-        return self.store.requests(states=states, channel=channel, origins=origins, limit=limit)
+        return self.store.requests(states=states, channel=channel, origins=origins, limit=limit, requester=requester)
 
     def created_count(self, request_id: int) -> int:
         return self.store.outcome_counts(request_id).get(Outcome.CREATED, 0)
@@ -370,6 +465,10 @@ class RequestService:
     def _kick(self, request_id: int, at: Any = None) -> None:
         self.jobs.wake(request_id, at)
         self.jobs.wake_outbox()
+
+
+def _by_policy(rule: Rule) -> dict[str, Any]:
+    return {"by_policy": rule.auto_approve_max, "rule": rule.source}
 
 
 def _device_row(device: Any) -> tuple[str, str | None, int | None]:

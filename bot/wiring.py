@@ -25,8 +25,8 @@ from bot.aliyun.client import MAX_COUNT_PER_REGISTER, Credentials, CredentialsPr
 from bot.aliyun.ratelimit import shared_limiter
 from bot.clock import Clock, SystemClock
 from bot.config import ConfigError, Settings
-from bot.domain import Origin, Timing
-from bot.policy import Policy
+from bot.domain import Origin, Rule, Timing
+from bot.policy import Policy, load_rules
 from bot.registration import Jobs, Notifier, Steps, Workflow
 from bot.service import RequestService
 from bot.store import Store, open_store
@@ -124,7 +124,18 @@ def timing(settings: Settings) -> Timing:
         approval_ttl=settings.approval_ttl,
         chunk_size=min(settings.chunk_size, MAX_COUNT_PER_REGISTER),
         claim_lease=settings.retry_deadline + settings.timeout * 2 + 30,
+        reminders=settings.reminders,
     )
+
+
+def rules(settings: Settings) -> tuple[Rule, dict[str, Rule]]:
+    """The default and per-product approval rules: from ``IOTREG_POLICY``'s file, over today's
+    settings (``IOTREG_APPROVERS``, ``IOTREG_ALLOW_SELF_APPROVAL``, one approval). Raises
+    :class:`~bot.policy.PolicyError` (``file:line: what``) for a bad file."""
+    base = Rule(approvers=settings.approvers, self_approval=settings.allow_self_approval, source="settings")
+    if not settings.policy_path:
+        return base, {}
+    return load_rules(settings.policy_path, base)
 
 
 def workflow(

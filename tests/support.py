@@ -69,12 +69,46 @@ class SlackScenario:
         assert wait_until(lambda: self.store.get(request_id) is not None), f"request #{request_id} was never created"
         return self.store.get(request_id)
 
+    #: The channel where people use /devices.
+    channel = "C0OPS"
+
+    def wait_state(self, request_id: int, *states: str) -> str:
+        """For what a listener does after its ack (in Bolt's thread pool)."""
+        wait_until(lambda: self.store.get(request_id) is not None and self.store.get(request_id).state in states)
+        return self.store.get(request_id).state
+
+    def anchor(self, request_id: int = 1) -> dict:
+        """The request's message in the channel, as it stands now."""
+        ts = self.store.get(request_id).origin_data.get("thread_ts")
+        assert ts, "no anchor message was posted"
+        return next(m for m in self.fake.messages(self.channel) if m["ts"] == ts)
+
+    def replies(self, request_id: int = 1) -> list[dict]:
+        return self.fake.thread(self.channel, self.store.get(request_id).origin_data.get("thread_ts"))
+
     def drive(self, request_id: int, *states: str) -> str:
         """Run the workflow (polls, notifications) on the manual clock until the request is in ``states``."""
         self.request(request_id)  # created by a listener after its ack
         self.jobs.run_until(lambda: self.store.get(request_id).state in states)
         self.jobs.run_due()
         return self.store.get(request_id).state
+
+
+def buttons(message: dict) -> dict[str, dict]:
+    """The buttons of a message or view, by action id."""
+    return {e["action_id"]: e for b in message.get("blocks", []) if b["type"] == "actions" for e in b["elements"]}
+
+
+def text_of(message: dict) -> str:
+    """All the text a person reads in a message or view."""
+    parts = [message.get("text", "")]
+    for block in message.get("blocks", []):
+        if isinstance(block.get("text"), dict):
+            parts.append(block["text"]["text"])
+        for element in block.get("elements", []):
+            if isinstance(element, dict) and isinstance(element.get("text"), str):
+                parts.append(element["text"])
+    return "\n".join(parts)
 
 
 @contextmanager
@@ -88,12 +122,19 @@ def slack_scenario(
     approvers: str,
     bot_token: str = "xoxb-test-token",
     usergroups: Mapping[str, list[str]] = {},  # noqa: B006 - read only
+    settings: Mapping[str, str] = {},  # noqa: B006 - read only
 ) -> Iterator[SlackScenario]:
-    """A started ``cls`` over a fake Slack with ``channels`` (id -> add_channel options)."""
+    """A started ``cls`` over a fake Slack with ``channels`` (id -> add_channel options); the
+    approvers and the members of ``usergroups`` are people of the workspace; ``settings`` are
+    more environment variables."""
     fake = FakeSlack(bot_token=bot_token).start()
     for channel, options in channels.items():
         fake.add_channel(channel, **options)
     fake.usergroups.update(usergroups)
+    people = {a for a in approvers.split(",") if a.startswith("U")} | {u for members in usergroups.values() for u in members}
+    for person in sorted(people):
+        if not fake.has_user(person):
+            fake.add_user(person)
     env = {
         **emulator.env(),
         "SLACK_BOT_TOKEN": fake.bot_token,
@@ -105,6 +146,7 @@ def slack_scenario(
         "IOTREG_POLL_INTERVAL": "1",
         "IOTREG_APPROVAL_TTL": "1h",
         "IOTREG_WORKERS": "4",
+        **settings,
     }
     scenario = cls(emulator, fake, env)
     scenario.start_bot()

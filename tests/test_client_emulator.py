@@ -198,3 +198,15 @@ def test_settings_build_a_working_client(emulator):
     assert client.endpoint == emulator.endpoint
     apply_id = client.batch_check_device_names(emulator.product_key, ["from-settings-1"]).apply_id
     assert client.query_batch_register_device_status(emulator.product_key, apply_id).status is ApplyStatus.CHECK
+
+
+def test_the_product_list_comes_page_by_page_with_every_product(make_emulator):
+    keys = tuple(f"a1Prod{i:05d}" for i in range(5))
+    emulator = make_emulator(product_keys=keys)
+    client = client_for(emulator)
+    first = client.query_product_list(1, 2)
+    assert (first.page, first.page_size, first.page_count, first.total) == (1, 2, 3, 5)
+    assert [p.product_key for p in first.products] == list(keys[:2])
+    assert [p.product_key for p in client.iter_products(page_size=2)] == list(keys)
+    with pytest.raises(ValueError):
+        client.query_product_list(1, 201)

@@ -18,6 +18,7 @@ def test_defaults_follow_the_platform():
         "BatchRegisterDevice": 10,
         "QueryBatchRegisterDeviceStatus": 30,
         "QueryPageByApplyId": 50,
+        "QueryProductList": 50,
     }
 
 
@@ -73,11 +74,18 @@ def test_qps_overrides_one_action_and_keeps_the_rest():
         ({"IOT_QPS": "BatchCheckDeviceNames"}, "IOT_QPS"),
         ({"IOT_SIGNATURE": "hmac-sha1"}, "IOT_SIGNATURE"),
         ({"IOTREG_CHUNK_SIZE": "0"}, "IOTREG_CHUNK_SIZE"),
+        ({"IOTREG_REMINDERS": "1h,soon"}, "IOTREG_REMINDERS"),
+        ({"IOTREG_REMINDERS": "4h,1h"}, "IOTREG_REMINDERS"),
     ],
 )
 def test_malformed_values_name_their_variable(environ, named):
     with pytest.raises(ConfigError, match=named):
         Settings.from_env(environ)
+
+
+def test_reminders_are_durations_from_the_earliest():
+    assert Settings.from_env({"IOTREG_REMINDERS": "30m, 1h,4h"}).reminders == (1800.0, 3600.0, 14400.0)
+    assert Settings.from_env({}).reminders == ()
 
 
 def test_require_names_every_missing_variable():

@@ -22,11 +22,14 @@ def test_the_demo_plays_the_conversation_to_registered_devices():
         "[ Retry with the 289 valid names ]",
         "[ Approve ]  [ Reject ]",
         "@bob clicks [Approve]",
-        "Approved by @bob",
+        "1 of 2 approvals: @bob",
+        "@carol's DM  iotreg: @alice asks for your approval of device registration #2 (2 approvals needed).",
+        "@carol clicks [Approve] in the direct message iotreg sent her",
+        "Approved by @bob and @carol",
         "289 registered.",
         "📎 registration-2-a1EmuDemo01.csv (289 rows)",
         "#iot-notices  iotreg: Device registration #2",
-        "a direct message  iotreg: 📎 credentials-a1EmuDemo01-2.csv (secrets not shown here)",
+        "@alice's DM  iotreg: 📎 credentials-a1EmuDemo01-2.csv (secrets not shown here)",
     ):
         assert step in transcript, step
     rows = list(csv.DictReader(result.results_csv.open(encoding="utf-8")))

@@ -19,6 +19,7 @@ SCOPE_OF = {
     "chat_postEphemeral": "chat:write",
     "views_open": None,  # needs only a trigger_id
     "views_update": None,
+    "views_publish": None,  # the Home tab; needs no scope of its own
     "files_upload_v2": "files:write",
     "files_info": "files:read",
     "conversations_open": "im:write",
@@ -35,6 +36,7 @@ def test_the_one_command_is_the_one_the_code_listens_to():
 
 def test_requests_go_to_the_path_the_server_serves():
     urls = [c["url"] for c in MANIFEST["features"]["slash_commands"]] + [MANIFEST["settings"]["interactivity"]["request_url"]]
+    urls.append(MANIFEST["settings"]["event_subscriptions"]["request_url"])
     assert all(url.endswith(EVENTS_PATH) for url in urls)
     assert MANIFEST["settings"]["interactivity"]["is_enabled"] is True  # buttons and the modal need it
 
@@ -75,10 +77,19 @@ def test_every_button_the_bot_shows_has_a_listener():
     done_request = dataclasses_replace(request, state=State.DONE)
     done = blocks.anchor(done_request, Summary(done_request, 3, 0, 0, 0, 0), credentials_button=True)[1]
     failed_check = blocks.check_failed_reply(request, [], 1, 2)[1]
-    shown = action_ids([waiting, done, failed_check])
-    registered = {getattr(blocks, name) for name in re.findall(r"on\(blocks\.(\w+),", SLACK_CODE)}
+    home = blocks.home_view([(request, [], 2)], [request])
+    shown = action_ids([waiting, done, failed_check, home])
+    listened = re.findall(r"on\(blocks\.(\w+),", SLACK_CODE) + re.findall(r"@app\.action\(blocks\.(\w+)\)", SLACK_CODE)
+    registered = {getattr(blocks, name) for name in listened}
     assert shown == registered == set(blocks.ACTION_IDS)
-    assert "@app.view(blocks.VIEW_REGISTER)" in SLACK_CODE
+    views = {getattr(blocks, name) for name in re.findall(r"@app\.view\(blocks\.(\w+)\)", SLACK_CODE)}
+    assert views == set(blocks.VIEWS)
+
+
+def test_the_events_the_manifest_subscribes_to_are_the_ones_the_code_listens_to():
+    events = set(MANIFEST["settings"]["event_subscriptions"]["bot_events"])
+    assert events == set(re.findall(r"@app\.event\(\"(\w+)\"\)", SLACK_CODE)) == {"app_home_opened"}
+    assert MANIFEST["features"]["app_home"]["home_tab_enabled"] is True
 
 
 def dataclasses_replace(obj, **changes):

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from support import SIGNING_SECRET, SlackScenario, slack_scenario, wait_until
+from support import SIGNING_SECRET, SlackScenario, buttons, slack_scenario, text_of
 
 from bot.domain import State
 from bot.slack import blocks
@@ -24,19 +24,6 @@ ALICE, BOB, CAROL, DAVE = "U0ALICE", "U0BOB", "U0CAROL", "U0DAVE"
 
 
 class Scenario(SlackScenario):
-    def wait_state(self, request_id: int, *states: str) -> str:
-        """For what a listener does after its ack (in Bolt's thread pool)."""
-        wait_until(lambda: self.store.get(request_id) is not None and self.store.get(request_id).state in states)
-        return self.store.get(request_id).state
-
-    def anchor(self, request_id: int = 1) -> dict:
-        ts = self.store.get(request_id).origin_data.get("thread_ts")
-        assert ts, "no anchor message was posted"
-        return next(m for m in self.fake.messages(OPS) if m["ts"] == ts)
-
-    def replies(self, request_id: int = 1) -> list[dict]:
-        return self.fake.thread(OPS, self.store.get(request_id).origin_data.get("thread_ts"))
-
     def upload_devices(self, user: str, content: bytes, name: str = "devices.csv", product_key: str | None = None) -> None:
         """``user`` runs /devices register, and submits the modal with a file."""
         answer = self.ws.command(user, OPS, f"register {product_key or self.emulator.product_key}")
@@ -64,21 +51,6 @@ def sample_file(n: int, prefix: str = "cam", bad: bool = True) -> bytes:
     return ("\n".join(rows) + "\n").encode()
 
 
-def buttons(message: dict) -> dict[str, dict]:
-    return {e["action_id"]: e for b in message.get("blocks", []) if b["type"] == "actions" for e in b["elements"]}
-
-
-def text_of(message: dict) -> str:
-    parts = [message.get("text", "")]
-    for block in message.get("blocks", []):
-        if block.get("text"):
-            parts.append(block["text"]["text"])
-        for element in block.get("elements", []):
-            if isinstance(element, dict) and "text" in element and isinstance(element["text"], str):
-                parts.append(element["text"])
-    return "\n".join(parts)
-
-
 # -- the conversation ----------------------------------------------------------------------------
 
 
@@ -100,7 +72,7 @@ def test_the_whole_conversation_from_upload_to_registered_devices(scenario):
     anchor = scenario.anchor(1)
     assert set(buttons(anchor)) == {blocks.APPROVE, blocks.REJECT}
     assert buttons(anchor)[blocks.APPROVE]["style"] == "primary"
-    assert buttons(anchor)[blocks.REJECT]["style"] == "danger" and "confirm" in buttons(anchor)[blocks.REJECT]
+    assert buttons(anchor)[blocks.REJECT]["style"] == "danger"  # it opens a form: the confirmation
     assert "Waiting for approval" in text_of(anchor) and f"<@{ALICE}>" in text_of(anchor)
     skipped = text_of(scenario.replies(1)[0])
     assert "2 lines" in skipped and "line 32" in skipped and "bad#name" in skipped
@@ -169,10 +141,18 @@ def test_rejection_replaces_the_buttons_and_registers_nothing(scenario):
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
     scenario.drive(1, State.AWAITING_APPROVAL)
     scenario.ws.click(BOB, scenario.anchor(1), blocks.REJECT)
+    form = scenario.fake.wait_for(lambda: next((v for v in scenario.fake.views.values() if v["callback_id"] == blocks.VIEW_REJECT), None))
+    assert scenario.store.get(1).state == State.AWAITING_APPROVAL  # nothing happens until the form is sent
+    scenario.ws.submit_view(BOB, form, {blocks.REASON_BLOCK: {blocks.REASON_BLOCK: plain_text_value("wrong product: use the sandbox")}})
     scenario.wait_state(1, State.REJECTED)
     scenario.jobs.run_due()
     anchor = scenario.anchor(1)
     assert not buttons(anchor) and f"Rejected by <@{BOB}>" in text_of(anchor)
+    assert "wrong product: use the sandbox" in text_of(anchor)
+    notice = scenario.fake.messages(NOTICES)[-1]["text"]
+    assert "rejected by" in notice and "wrong product: use the sandbox" in notice
+    rejected = [e for e in scenario.store.audit(1) if e.event == "rejected"]
+    assert rejected[0].actor == BOB and rejected[0].detail["reason"] == "wrong product: use the sandbox"
     assert scenario.emulator.backend.devices(scenario.emulator.product_key) == []
 
 
@@ -269,7 +249,7 @@ def test_platform_named_devices_from_a_count(scenario):
     assert len(scenario.emulator.backend.devices(scenario.emulator.product_key)) == 5
 
 
-@pytest.mark.parametrize("text", ["", "help", "frobnicate", "register", "status"])
+@pytest.mark.parametrize("text", ["", "help", "frobnicate", "register 12", "status"])
 def test_help_and_mistakes_get_a_short_usage(scenario, text):
     answer = scenario.ws.command(ALICE, OPS, text)
     assert answer.status_code == 200

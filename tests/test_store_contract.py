@@ -15,9 +15,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from bot.domain import AuditEntry, Event, EventKind, Kind, Origin, Outcome, RejectedLine, State, Upload
+from bot.domain import Approval, AuditEntry, EventKind, Kind, Origin, Outcome, RejectedLine, Rule, State, Tally, Upload
 from bot.standins.postgres import free_port
-from bot.store import Store, StoreBusy, StoreUnavailable, open_store
+from bot.store import AlreadyRetried, Store, StoreBusy, StoreUnavailable, open_store
 from bot.store.postgres import PostgresStore
 from bot.store.sqlite import SqliteStore
 
@@ -181,6 +181,87 @@ def test_unicode_survives_in_names_nicknames_reasons_and_json(store):
     assert next(store.pending_events()).payload == {"who": "Zoë", "emoji": "🔥"}
     assert store.audit(request_id)[-1].detail == {"reason": "n’est pas approbateur", "list": ["ä", "€"]}
     assert store.audit(request_id)[-1].actor == "U—2"
+
+
+def test_a_request_keeps_its_rule_reason_and_an_automatic_decision(store):
+    rule = Rule(approvers=("U2", "S0OPS"), approvals=2, reason_required=True, auto_approve_max=5, source="product a1TestProd1")
+    request_id = new_request(store, rule=rule, justification="new line 3 sensors · 第三条线", decided_by="iotreg",
+                             audit=[("auto_approved", {"max": 5})])
+    request = store.get(request_id)
+    assert (request.rule, request.justification, request.decided_by, request.decided_at) == (rule, "new line 3 sensors · 第三条线", "iotreg", NOW)
+    assert (request.retried_as, request.reminders_sent) == (None, 0)
+    assert [(a.actor, a.event, a.detail) for a in store.audit(request_id)] == [
+        ("U1", "requested", {"product_key": "a1TestProd1", "count": 3, "rule": "product a1TestProd1", "reason": "new line 3 sensors · 第三条线"}),
+        ("iotreg", "auto_approved", {"max": 5}),
+    ]
+    assert store.get(new_request(store)).rule is None
+
+
+def test_requests_of_one_requester(store):
+    mine = new_request(store)
+    store.create_request(product_key="a1TestProd1", requester="U9", origin=Origin.SLACK, kind=Kind.COUNT, count=1,
+                         state=State.CHECKING, now=NOW)
+    assert [r.id for r in store.requests(requester="U1")] == [mine]
+
+
+def test_a_failed_check_is_retried_once_however_often_it_is_clicked(store):
+    failed = new_request(store, state=State.CHECK_FAILED)
+    retry = new_request(store, retry_of=failed)
+    assert store.get(failed).retried_as == retry and store.get(retry).retry_of == failed
+    requests, audit = len(store.requests(limit=None)), len(store.audit())
+    with pytest.raises(AlreadyRetried) as caught:
+        new_request(store, retry_of=failed, names=["dev-x", "dev-y"])
+    assert (caught.value.request_id, caught.value.retried_as) == (failed, retry)
+    assert (len(store.requests(limit=None)), len(store.audit())) == (requests, audit)  # nothing of the second was kept
+
+
+def test_approvals_are_counted_once_each_and_the_quorum_approves(store):
+    request_id = new_request(store)
+    assert store.add_approval(request_id, approver="U2", now=NOW, needed=2, reason="checked the list") == Tally.COUNTED
+    assert store.add_approval(request_id, approver="U2", now=LATER, needed=2) == Tally.ALREADY_COUNTED
+    assert store.get(request_id).state == State.AWAITING_APPROVAL
+    assert store.add_approval(request_id, approver="U3", now=LATER, needed=2) == Tally.QUORUM
+    request = store.get(request_id)
+    assert (request.state, request.decided_by, request.decided_at) == (State.APPROVED, "U3", LATER)
+    assert store.approvals(request_id) == [Approval("U2", NOW, "checked the list"), Approval("U3", LATER, None)]
+    assert store.add_approval(request_id, approver="U4", now=LATER, needed=2) == Tally.CLOSED
+    assert [a.event for a in store.audit(request_id)] == ["requested", "approval", "approval", "approved"]
+    assert store.audit(request_id)[-1].detail == {"approvers": ["U2", "U3"], "needed": 2}
+    assert [(e.kind, e.payload) for e in store.pending_events()] == [
+        (EventKind.APPROVAL, {"by": "U2", "count": 1, "needed": 2}),
+        (EventKind.APPROVED, {"by": "U3", "approvers": ["U2", "U3"]})]
+    assert store.add_approval(999, approver="U2", now=NOW, needed=1) == Tally.CLOSED
+
+
+def test_eight_approvers_at_once_reach_a_quorum_of_three_exactly_once(store):
+    request_id = new_request(store)
+    start = threading.Barrier(8)
+    tallies: list[Tally] = []
+
+    def click(n: int) -> None:
+        start.wait(timeout=30)
+        tallies.append(store.add_approval(request_id, approver=f"U{n}", now=NOW + timedelta(seconds=n), needed=3))
+
+    threads = [threading.Thread(target=click, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(tallies) == sorted([Tally.COUNTED] * 2 + [Tally.QUORUM] + [Tally.CLOSED] * 5)
+    assert len(store.approvals(request_id)) == 3
+    assert [a.event for a in store.audit(request_id)].count("approved") == 1
+
+
+def test_each_reminder_is_sent_once_and_only_while_the_request_waits(store):
+    request_id = new_request(store)
+    assert store.add_reminder(request_id, sent=1, now=LATER, payload={"n": 1})
+    assert not store.add_reminder(request_id, sent=1, now=LATER, payload={"n": 1})
+    assert not store.add_reminder(request_id, sent=3, now=LATER, payload={"n": 3})
+    assert store.get(request_id).reminders_sent == 1
+    approve(store, request_id)
+    assert not store.add_reminder(request_id, sent=2, now=LATER, payload={"n": 2})
+    assert [a.event for a in store.audit(request_id)] == ["requested", "reminded", "approved"]
+    assert [e.kind for e in store.pending_events()] == [EventKind.REMINDER, EventKind.APPROVED]
 
 
 # -- chunks, claims and devices -----------------------------------------------------------------

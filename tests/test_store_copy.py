@@ -16,7 +16,7 @@ from bot.jobs import InlineJobs
 from bot.domain import Timing
 from bot.registration import Workflow
 from bot.store.copy import CopyError, copy_sqlite_to_postgres
-from bot.store.postgres import PostgresStore
+from bot.store.postgres import TABLES, PostgresStore
 from bot.store.sqlite import SqliteStore
 
 ALICE, BOB = "U0ALICE", "U0BOB"
@@ -80,7 +80,7 @@ def test_a_copy_holds_the_whole_history_as_the_sqlite_store_shows_it(deployment,
     path, ids = deployment
     copied = copy_sqlite_to_postgres(path, postgres_url)
     assert {c.table: c.source for c in copied} == {c.table: c.target for c in copied}
-    assert {c.table for c in copied if c.source} == {"requests", "chunks", "devices", "rejected_lines", "audit", "outbox", "notified_steps", "uploads"}
+    assert {c.table for c in copied if c.source} == set(TABLES)  # the deployment has rows in every table
     before, after = SqliteStore(path), PostgresStore(postgres_url)
     try:
         assert after.requests(limit=None) == before.requests(limit=None)
@@ -89,6 +89,7 @@ def test_a_copy_holds_the_whole_history_as_the_sqlite_store_shows_it(deployment,
             assert after.chunks(request_id) == before.chunks(request_id)
             assert after.devices(request_id) == before.devices(request_id)
             assert after.rejected_lines(request_id) == before.rejected_lines(request_id)
+            assert after.approvals(request_id) == before.approvals(request_id)
             assert after.audit(request_id) == before.audit(request_id)
             assert after.delivered_events(request_id) == before.delivered_events(request_id)
         assert list(after.pending_events()) == list(before.pending_events())
@@ -122,7 +123,7 @@ def test_a_copied_deployment_goes_on_working(deployment, postgres_url, emulator)
 
 
 def test_iotreg_db_copy_prints_the_counts_and_refuses_a_database_that_is_not_empty(deployment, postgres_url, monkeypatch, tmp_path):
-    path, ids = deployment
+    path, _ = deployment
     monkeypatch.chdir(tmp_path)
     password_url = postgres_url.replace("iotreg@", "iotreg:hunter2-pw@")  # trust auth ignores it
     result = CliRunner().invoke(cli, ["db", "copy", "--to", password_url], env={"IOTREG_DB": str(path)})

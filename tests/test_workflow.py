@@ -219,10 +219,14 @@ def test_the_requester_cannot_approve_their_own_request_unless_allowed(harness):
         harness.workflow.requests.approve(request.id, ALICE)
     assert harness.state(request.id) == State.AWAITING_APPROVAL
     assert [e.event for e in harness.store.audit(request.id)][-1] == "approval_denied"
-    harness.policy = Policy(allow_self_approval=True)  # a deployment that allows it
+    harness.policy = Policy(allow_self_approval=True)  # a deployment that allows it from now on
     harness.restart()
-    harness.workflow.requests.approve(request.id, ALICE)
-    assert harness.run_until(request.id, State.DONE) == State.DONE
+    with pytest.raises(NotAllowed, match="someone else"):  # the request keeps the rule it was submitted under
+        harness.workflow.requests.approve(request.id, ALICE)
+    later = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("tap", 2), origin="cli")
+    harness.run_until(later.id, State.AWAITING_APPROVAL)
+    harness.workflow.requests.approve(later.id, ALICE)
+    assert harness.run_until(later.id, State.DONE) == State.DONE
 
 
 def test_two_approvers_at_once_register_exactly_once(harness):
@@ -438,7 +442,7 @@ def test_an_older_database_is_migrated_in_place_with_its_data(emulator, tmp_path
     old.conn.close()
 
     harness = Harness(emulator, path, Timing(poll_interval=1.0))
-    assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner", "m003_notification_steps", "m004_uploads", "m005_origin_data"]
+    assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner", "m003_notification_steps", "m004_uploads", "m005_origin_data", "m006_approvals"]
     assert harness.workflow.resume() == 1  # the old request is picked up where it was
     assert harness.run_until(7, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
     harness.workflow.requests.approve(7, BOB)

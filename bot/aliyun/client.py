@@ -67,9 +67,11 @@ MAX_COUNT_PER_REGISTER = 10_000
 MAX_PAGE_SIZE = 50
 
 #: Operations that may be sent again after an answer that leaves their effect unknown (see above).
-SAFE_TO_REPEAT = frozenset({"QueryBatchRegisterDeviceStatus", "QueryPageByApplyId", "BatchCheckDeviceNames"})
+SAFE_TO_REPEAT = frozenset({"QueryBatchRegisterDeviceStatus", "QueryPageByApplyId", "BatchCheckDeviceNames", "QueryProductList"})
 #: The two request signatures the client can make (see the module docstring).
 SIGNATURES = ("v1", "v3")
+#: The most products one QueryProductList page holds.
+MAX_PRODUCT_PAGE_SIZE = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +168,27 @@ class DevicePage:
     page_count: int
     total: int
     devices: tuple[DeviceInfo, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductInfo:
+    """A product of QueryProductList."""
+
+    product_key: str
+    name: str
+    node_type: int  # 0 device, 1 gateway
+    device_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductPage:
+    """One page of QueryProductList."""
+
+    page: int
+    page_size: int
+    page_count: int
+    total: int
+    products: tuple[ProductInfo, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +362,39 @@ class IotClient:
             result = self.query_page_by_apply_id(apply_id, page, page_size)
             yield from result.devices
             if page >= result.page_count or not result.devices:
+                return
+            page += 1
+
+    def query_product_list(self, page: int = 1, page_size: int = MAX_PRODUCT_PAGE_SIZE) -> ProductPage:
+        """One page of the instance's products (``page_size`` at most 200)."""
+        if not 1 <= page_size <= MAX_PRODUCT_PAGE_SIZE or page < 1:
+            raise ValueError(f"page must be 1 or more and page_size 1 to {MAX_PRODUCT_PAGE_SIZE}")
+        body = self._call("QueryProductList", {"CurrentPage": str(page), "PageSize": str(page_size)})
+        data = body.get("Data") or {}
+        infos = (data.get("List") or {}).get("ProductInfo") or []
+        return ProductPage(
+            page=int(data.get("CurrentPage", page)),
+            page_size=int(data.get("PageSize", page_size)),
+            page_count=int(data.get("PageCount", 0)),
+            total=int(data.get("Total", 0)),
+            products=tuple(
+                ProductInfo(
+                    product_key=p.get("ProductKey", ""),
+                    name=p.get("ProductName", ""),
+                    node_type=int(p.get("NodeType", 0) or 0),
+                    device_count=int(p.get("DeviceCount", 0) or 0),
+                )
+                for p in infos
+            ),
+        )
+
+    def iter_products(self, page_size: int = MAX_PRODUCT_PAGE_SIZE) -> Iterator[ProductInfo]:
+        """Every product of the instance, walking the pages in order."""
+        page = 1
+        while True:
+            result = self.query_product_list(page, page_size)
+            yield from result.products
+            if page >= result.page_count or not result.products:
                 return
             page += 1
 

@@ -52,6 +52,7 @@ DEFAULT_QPS: Mapping[str, float] = MappingProxyType(
         "BatchRegisterDevice": 10,
         "QueryBatchRegisterDeviceStatus": 30,
         "QueryPageByApplyId": 50,
+        "QueryProductList": 50,  # the product select of /devices register
     }
 )
 

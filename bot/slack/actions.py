@@ -1,11 +1,15 @@
 """The buttons: approve, reject, retry with the valid names, cancel, send me the credentials.
 
 Every click is acknowledged first, then checked on the server (who clicked, whether the request
-can still take it); a click that changes nothing is answered, ephemerally, with why.
+can still take it); a click that changes nothing is answered, ephemerally, with why. The buttons
+act the same in the channel, in an approver's direct message and on the Home tab (whose clicks
+are answered by DM, and which is then shown again as it now stands).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -14,9 +18,11 @@ from slack_bolt import Ack, App
 from slack_sdk import WebClient
 
 from bot import report
-from bot.domain import Conflict, NotAllowed, NotFound, Request, WorkflowError
-from bot.slack import blocks
+from bot.domain import Action, Conflict, NotAllowed, NotFound, Request, State, WorkflowError
+from bot.slack import blocks, home
+from bot.slack.commands import metadata_of
 from bot.slack.deps import Deps
+from bot.slack.notifier import check_failed_content
 from bot.slack.views import tell
 
 log = logging.getLogger(__name__)
@@ -32,10 +38,42 @@ def register(app: App, deps: Deps) -> None:
             deps.background.submit(carry_out, deps, client, handle, action.get("value", ""), user, channel)
 
     on(blocks.APPROVE, approve)
-    on(blocks.REJECT, reject)
-    on(blocks.RETRY_VALID, retry_valid)
     on(blocks.CANCEL, cancel)
     on(blocks.CREDENTIALS, send_credentials)
+
+    @app.action(blocks.REJECT)
+    def reject_clicked(ack: Ack, body: dict, action: dict, client: WebClient) -> None:
+        """Reject opens a form for the reason (and is its confirmation): opened at once, while
+        the trigger is valid; the rejection is checked and carried out when it is submitted."""
+        ack()
+        user = body["user"]["id"]
+        channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+        value = action.get("value", "")
+        request = deps.requests.get(int(value)) if value.isdigit() and len(value) <= 18 else None
+        if request is None or request.state != State.AWAITING_APPROVAL or not deps.requests.may(Action.REJECT, request, user):
+            deps.background.submit(carry_out, deps, client, reject, value, user, channel)  # says why
+            return
+        view = blocks.reject_modal(request, deps.label)
+        view["private_metadata"] = json.dumps({"request": request.id, "channel": channel or ""})
+        client.views_open(trigger_id=body["trigger_id"], view=view)
+
+    @app.view(blocks.VIEW_REJECT)
+    def reject_submitted(ack: Ack, body: dict, view: dict, client: WebClient) -> None:
+        ack()
+        meta = metadata_of(view)
+        user = body["user"]["id"]
+        reason = ((((view.get("state") or {}).get("values") or {}).get(blocks.REASON_BLOCK) or {}).get(blocks.REASON_BLOCK) or {}).get("value") or ""
+        handle = functools.partial(reject, reason=reason[: blocks.MAX_REASON])
+        deps.background.submit(carry_out, deps, client, handle, str(meta.get("request", "")), user, meta.get("channel") or None)
+
+    @app.action(blocks.RETRY_VALID)
+    def retry_clicked(ack: Ack, body: dict, action: dict, client: WebClient) -> None:
+        ack()
+        user = body["user"]["id"]
+        container = body.get("container") or {}
+        channel = (body.get("channel") or {}).get("id") or container.get("channel_id")
+        handle = functools.partial(retry_valid, client=client, channel=channel, ts=container.get("message_ts"))
+        deps.background.submit(carry_out, deps, client, handle, action.get("value", ""), user, channel)
 
 
 def carry_out(deps: Deps, client: WebClient, handle: Callable[[Deps, Request, str], str | None], value: str, user: str, channel: str | None) -> None:
@@ -46,6 +84,10 @@ def carry_out(deps: Deps, client: WebClient, handle: Callable[[Deps, Request, st
         answer = blocks.SORRY
     if answer and channel:
         tell(client, channel, user, answer)
+    elif answer:  # a click on the Home tab: answered by DM, and the tab shown as it now stands
+        client.chat_postMessage(channel=user, text=answer)
+    if not channel:
+        home.publish(deps, client, user)
 
 
 def dispatch(deps: Deps, handle: Callable[[Deps, Request, str], str | None], value: str, user: str) -> str | None:
@@ -65,18 +107,36 @@ def dispatch(deps: Deps, handle: Callable[[Deps, Request, str], str | None], val
 
 
 def approve(deps: Deps, request: Request, user: str) -> str | None:
-    deps.requests.approve(request.id, user)
+    request = deps.requests.approve(request.id, user)
+    if request.state == State.AWAITING_APPROVAL:
+        approvals = deps.requests.approvals(request.id)
+        return f"Your approval of request #{request.id} is counted: {blocks.progress_line(approvals, deps.requests.rule_of(request).approvals)}."
     return None
 
 
-def reject(deps: Deps, request: Request, user: str) -> str | None:
-    deps.requests.reject(request.id, user)  # the requester's Reject withdraws their own request
+def reject(deps: Deps, request: Request, user: str, reason: str = "") -> str | None:
+    deps.requests.reject(request.id, user, reason.strip())  # the requester's Reject withdraws their own request
     return None
 
 
-def retry_valid(deps: Deps, request: Request, user: str) -> str | None:
-    new = deps.requests.retry_valid(request.id, user)
+def retry_valid(deps: Deps, request: Request, user: str, *, client: WebClient, channel: str | None, ts: str | None) -> str | None:
+    """One retry request however many clicks (the store's compare-and-set); the button is replaced
+    by the number of the request that carries the retry as soon as there is one."""
+    try:
+        new = deps.requests.retry_valid(request.id, user)
+    except Conflict:
+        replace_retry_button(deps, client, request.id, channel, ts, None)
+        raise
+    replace_retry_button(deps, client, request.id, channel, ts, user)
     return f"Request #{new.id} checks the {new.count:,} valid names of #{request.id}."
+
+
+def replace_retry_button(deps: Deps, client: WebClient, request_id: int, channel: str | None, ts: str | None, by: str | None) -> None:
+    request = deps.requests.require(request_id)
+    if not channel or not ts or request.retried_as is None:
+        return
+    text, content = check_failed_content(deps.requests, request, retried_by=by)
+    client.chat_update(channel=channel, ts=ts, text=text, blocks=content)
 
 
 def cancel(deps: Deps, request: Request, user: str) -> str | None:

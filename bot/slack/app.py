@@ -31,7 +31,7 @@ from bot.jobs import SchedulerJobs
 from bot.domain import Origin
 from bot.policy import Policy
 from bot.registration import Jobs, Steps, Workflow
-from bot.slack import actions, blocks, commands, views
+from bot.slack import actions, blocks, commands, home, views
 from bot.slack.approvers import Approvers
 from bot.slack.deps import Deps
 from bot.slack.notifier import SlackNotifier
@@ -127,6 +127,7 @@ def create_app(
     web_client = web_client or slack_web_client(settings)
     workers = max(4, settings.workers // 2)
     approvers = Approvers(web_client, settings.approvers, clock)
+    default, products = wiring.rules(settings)  # a bad policy file stops the bot here, saying where
     workflow = wiring.workflow(
         settings,
         clock=clock,
@@ -136,7 +137,7 @@ def create_app(
             notify_channel=settings.notify_channel, credentials_dm=settings.credentials_dm, label=label,
         ),
         jobs=jobs or (lambda steps: SchedulerJobs(steps, workers=workers)),
-        policy=Policy(approvers, settings.allow_self_approval),
+        policy=Policy(approvers, default=default, products=products, membership=approvers.of),
         origins=frozenset({Origin.SLACK}),
     )
     app = App(
@@ -157,6 +158,7 @@ def create_app(
     commands.register(app, deps)
     views.register(app, deps)
     actions.register(app, deps)
+    home.register(app, deps)
 
     @app.error
     def on_error(error: Exception, body: dict, logger: logging.Logger) -> BoltResponse:

@@ -28,15 +28,53 @@ class NeedsSlack(Exception):
     """Whether a user may approve depends on a user group that is not cached."""
 
 
+#: The most members of one user group who are sent a request directly; a bigger group is mentioned.
+MAX_GROUP_DMS = 20
+
+
 class Approvers:
-    def __init__(self, client: WebClient, ids: Sequence[str], clock: Clock, *, cache_seconds: float = GROUP_CACHE_SECONDS) -> None:
+    def __init__(
+        self, client: WebClient, ids: Sequence[str], clock: Clock, *, cache_seconds: float = GROUP_CACHE_SECONDS,
+        shared: Approvers | None = None,
+    ) -> None:
+        """``shared``: another list whose user-group cache this one uses too."""
         self.client = client
         self.users = frozenset(i for i in ids if i[0] in "UW")
         self.groups = tuple(i for i in ids if i[0] == "S")
         self.clock = clock
         self.cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, frozenset[str]]] = {}
-        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, frozenset[str]]] = shared._cache if shared else {}
+        self._lock = shared._lock if shared else threading.Lock()
+        self._lists: dict[tuple[str, ...], Approvers] = {}
+
+    def of(self, ids: Sequence[str]) -> Approvers:
+        """The approvers named by ``ids`` (a product's rule), sharing this list's group cache."""
+        key = tuple(ids)
+        with self._lock:
+            found = self._lists.get(key)
+        if found is None:
+            found = Approvers(self.client, key, self.clock, cache_seconds=self.cache_seconds, shared=self)
+            with self._lock:
+                found = self._lists.setdefault(key, found)
+        return found
+
+    def people(self) -> tuple[list[str], list[str]]:
+        """Who to tell about a request: the user ids (named ones, and members of groups of at most
+        :data:`MAX_GROUP_DMS`), and the groups too big (or unreadable) to message one by one."""
+        users = set(self.users)
+        mentioned = []
+        for group in self.groups:
+            try:
+                members = self._members(group)
+            except SlackApiError as exc:
+                log.warning("could not resolve approver group %s: %s", group, exc.response.get("error"))
+                mentioned.append(group)
+                continue
+            if len(members) > MAX_GROUP_DMS:
+                mentioned.append(group)
+            else:
+                users |= members
+        return sorted(users), mentioned
 
     @property
     def anyone(self) -> bool:

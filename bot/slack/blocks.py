@@ -15,13 +15,15 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from bot.domain import STATES, DeviceRow, NotAllowed, RejectedLine, Request, State, Summary
+from bot.domain import STATES, Approval, DeviceRow, NotAllowed, RejectedLine, Request, State, Summary
 from bot.policy import Why
 
 COMMAND = "/devices"
 SORRY = "Sorry, that did not work because of an error on iotreg's side; it has been logged."
 #: The callback of the upload modal and the action ids of every button: the manifest test checks them.
 VIEW_REGISTER = "register_devices"
+VIEW_REJECT = "reject_with_reason"
+VIEWS = (VIEW_REGISTER, VIEW_REJECT)
 APPROVE = "approve_request"
 REJECT = "reject_request"
 RETRY_VALID = "retry_valid"
@@ -31,6 +33,9 @@ ACTION_IDS = (APPROVE, REJECT, RETRY_VALID, CANCEL, CREDENTIALS)
 
 FILE_BLOCK = "file"
 NAMES_BLOCK = "names"
+REASON_BLOCK = "reason"
+PRODUCT_BLOCK = "product"
+MAX_REASON = 500  # characters of a reason kept
 SECTION_LIMIT = 2900  # a little under Slack's 3,000 characters
 INLINE_DEVICES = 20  # longer lists go into a CSV file
 
@@ -105,8 +110,11 @@ def anchor(
     progress: tuple[int, int] | None = None,
     credentials_button: bool = False,
     label: str = "",
+    approvals: Sequence[Approval] = (),
+    needed: int = 1,
 ) -> tuple[str, Blocks]:
-    """The request's message in the channel, as it stands now."""
+    """The request's message in the channel (and the copies its approvers were sent), as it
+    stands now: ``approvals`` so far, of the ``needed``."""
     what = (
         f"{plural(request.count, 'device')} named by the platform"
         if request.kind == "count"
@@ -117,11 +125,19 @@ def anchor(
     if label:
         blocks.append(context(label))
     blocks.append(section(title))
+    if request.justification:
+        blocks.append(section(f"*Reason:* {escape(request.justification)}"))
     state_line = STATE_LINES[request.state]
     if request.state == State.REGISTERING and progress:
         state_line += f" {progress[0]} of {plural(progress[1], 'part')} done."
     if request.state in (State.APPROVED, State.REGISTERING, State.DONE, State.FAILED) and request.decided_by:
-        state_line += f"\nApproved by {user(request.decided_by)} at {when(request.decided_at)}."
+        if request.auto_approved and request.rule is not None:
+            state_line += f"\nApproved by policy (at most {plural(request.rule.auto_approve_max, 'device')} for this product)."
+        else:
+            by = " and ".join(user(a.approver) for a in approvals) if len(approvals) > 1 else user(request.decided_by)
+            state_line += f"\nApproved by {by} at {when(request.decided_at)}."
+    if request.state == State.AWAITING_APPROVAL and (needed > 1 or approvals):
+        state_line += "\n" + progress_line(approvals, needed)
     if request.state == State.REJECTED:
         state_line = f":no_entry_sign: Rejected by {user(request.decided_by or '')} at {when(request.decided_at)}: nothing was registered."
         if request.reason:
@@ -150,19 +166,7 @@ def anchor(
                 "block_id": f"decide-{request.id}",
                 "elements": [
                     button("Approve", APPROVE, value, "primary"),
-                    button(
-                        "Reject",
-                        REJECT,
-                        value,
-                        "danger",
-                        confirm={
-                            "title": {"type": "plain_text", "text": "Reject this registration?"},
-                            "text": {"type": "mrkdwn", "text": f"Request #{request.id} will register nothing. This cannot be undone."},
-                            "confirm": {"type": "plain_text", "text": "Reject"},
-                            "deny": {"type": "plain_text", "text": "Keep it"},
-                            "style": "danger",
-                        },
-                    ),
+                    button("Reject", REJECT, value, "danger"),  # opens a form for the reason: the confirmation
                 ],
             }
         )
@@ -176,6 +180,14 @@ def anchor(
         )
     text = f"Device registration #{request.id} ({escape(request.product_key)}): {request.state.label}"
     return text, blocks
+
+
+def progress_line(approvals: Sequence[Approval], needed: int) -> str:
+    """``1 of 2 approvals: @bob``."""
+    line = f"{len(approvals)} of {plural(needed, 'approval')}"
+    if approvals:
+        line += ": " + ", ".join(user(a.approver) + (f" ({escape(a.reason)})" if a.reason else "") for a in approvals)
+    return line
 
 
 def outcome_line(summary: Summary) -> str:
@@ -198,10 +210,18 @@ def rejected_lines_reply(rejected: Sequence[RejectedLine], total: int) -> tuple[
     return text, [section(text), section(bullet_list(lines, total, more=" (all listed in the result file)"))]
 
 
-def check_failed_reply(request: Request, invalid: Sequence[DeviceRow], invalid_total: int, valid: int) -> tuple[str, Blocks]:
+def check_failed_reply(
+    request: Request, invalid: Sequence[DeviceRow], invalid_total: int, valid: int, *, retried_by: str | None = None
+) -> tuple[str, Blocks]:
+    """The names refused, with a way to retry the rest: once retried (``request.retried_as``),
+    which request carries the retry instead of the button."""
     lines = (f"• `{escape(d.name)}`: {escape(d.reason or 'refused')}" for d in invalid)
     text = f"IoT Platform refused {plural(invalid_total, 'name')}; {plural(valid, 'name')} passed."
     blocks: Blocks = [section(text), section(bullet_list(lines, invalid_total))]
+    if request.retried_as is not None:
+        by = f" by {user(retried_by)}" if retried_by else ""
+        blocks.append(context(f":repeat: Retried{by}: request #{request.retried_as} checks the {valid:,} valid names."))
+        return text, blocks
     elements = []
     if valid:
         elements.append(button(f"Retry with the {valid:,} valid names", RETRY_VALID, str(request.id), "primary"))
@@ -229,22 +249,54 @@ def result_reply(summary: Summary, failed: Sequence[DeviceRow], created: Sequenc
 
 def notice(summary: Summary, permalink_hint: str = "") -> str:
     request = summary.request
+    if request.state == State.REJECTED:
+        why = f": {escape(request.reason)}" if request.reason else ""
+        return (
+            f"Device registration #{request.id} in product {escape(request.product_key)} ({user(request.requester)}): "
+            f"rejected by {user(request.decided_by or '')}{why}. Nothing was registered.{permalink_hint}"
+        )
+    why = f" Reason: {escape(request.justification)}." if request.justification else ""
     return (
         f"Device registration #{request.id} in product {escape(request.product_key)} ({user(request.requester)}): "
-        f"{request.state.label}. {outcome_line(summary).replace('*', '')}{permalink_hint}"
+        f"{request.state.label}. {outcome_line(summary).replace('*', '')}{why}{permalink_hint}"
     )
 
 
 # -- the upload modal ------------------------------------------------------------------------------
 
 
-def register_modal(product_key: str, metadata: dict[str, str], label: str = "") -> dict[str, Any]:
-    """The modal of ``/devices register <ProductKey>``: a file, or names pasted."""
+def register_modal(
+    product_key: str | None,
+    metadata: dict[str, str],
+    label: str = "",
+    *,
+    products: Sequence[tuple[str, str]] = (),
+    initial: str | None = None,
+    reason_required: bool = False,
+) -> dict[str, Any]:
+    """The modal of ``/devices register [ProductKey]``: a file, or names pasted, and a reason.
+
+    Without ``product_key`` it starts with a product select of ``products`` (``(key, name)``),
+    ``initial`` chosen. The reason is required when the product's rule says so (with a select,
+    it is checked when the form is submitted)."""
     blocks: Blocks = []
     if label:
         blocks.append(context(label))
+    if product_key:
+        blocks.append(section(f"Register devices in product `{escape(product_key)}`.\nUpload a CSV or TXT file, or paste the names below."))
+    else:
+        options = [_option(f"{name} ({key})" if name and name != key else key, key) for key, name in products[:100]]
+        select: dict[str, Any] = {
+            "type": "static_select", "action_id": PRODUCT_BLOCK, "options": options,
+            "placeholder": {"type": "plain_text", "text": "Choose a product"},
+        }
+        chosen = next((o for o in options if o["value"] == initial), None)
+        if chosen:
+            select["initial_option"] = chosen
+        blocks.append({"type": "input", "block_id": PRODUCT_BLOCK, "label": {"type": "plain_text", "text": "Product"}, "element": select})
+        if len(products) > len(options):
+            blocks.append(context(f"The first {len(options)} of {len(products):,} products; for another, run `{COMMAND} register &lt;ProductKey&gt;`."))
     blocks += [
-        section(f"Register devices in product `{escape(product_key)}`.\nUpload a CSV or TXT file, or paste the names below."),
         {
             "type": "input",
             "block_id": FILE_BLOCK,
@@ -265,6 +317,7 @@ def register_modal(product_key: str, metadata: dict[str, str], label: str = "") 
                 "placeholder": {"type": "plain_text", "text": "one name per line, or separated by commas or spaces"},
             },
         },
+        reason_input("Reason for these devices", optional=not reason_required),
     ]
     return {
         "type": "modal",
@@ -277,6 +330,104 @@ def register_modal(product_key: str, metadata: dict[str, str], label: str = "") 
     }
 
 
+def _option(text: str, value: str) -> dict[str, Any]:
+    return {"text": {"type": "plain_text", "text": text[:75]}, "value": value}
+
+
+def reason_input(label: str, *, optional: bool) -> dict[str, Any]:
+    return {
+        "type": "input",
+        "block_id": REASON_BLOCK,
+        "optional": optional,
+        "label": {"type": "plain_text", "text": label},
+        "element": {"type": "plain_text_input", "action_id": REASON_BLOCK, "max_length": MAX_REASON},
+    }
+
+
+def reject_modal(request: Request, label: str = "") -> dict[str, Any]:
+    """The form behind Reject: the confirmation, with a reason if the approver gives one."""
+    blocks: Blocks = [context(label)] if label else []
+    blocks += [
+        section(f"Reject device registration #{request.id} ({plural(request.count, 'device')} in `{escape(request.product_key)}`, "
+                f"requested by {user(request.requester)})? Nothing will be registered; this cannot be undone."),
+        reason_input("Reason (shown to the requester and in the audit trail)", optional=True),
+    ]
+    return {
+        "type": "modal",
+        "callback_id": VIEW_REJECT,
+        "private_metadata": json.dumps({"request": request.id}),
+        "title": {"type": "plain_text", "text": "Reject registration"},
+        "submit": {"type": "plain_text", "text": "Reject"},
+        "close": {"type": "plain_text", "text": "Keep it"},
+        "blocks": blocks,
+    }
+
+
+# -- what approvers are sent directly --------------------------------------------------------------
+
+
+def approver_intro(request: Request, needed: int) -> str:
+    return (
+        f"{user(request.requester)} asks for your approval of device registration #{request.id}"
+        + (f" ({plural(needed, 'approval')} needed)." if needed > 1 else ".")
+    )
+
+
+def reminder_text(request: Request, approvals: Sequence[Approval], needed: int) -> str:
+    return (
+        f":bell: Reminder: device registration #{request.id} (`{escape(request.product_key)}`, {plural(request.count, 'device')}, "
+        f"requested by {user(request.requester)}) still waits for approval: {progress_line(approvals, needed)}. "
+        f"It expires {when(request.expires_at)}."
+    )
+
+
+def expired_text(request: Request) -> str:
+    return (
+        f":hourglass: Device registration #{request.id} expired: nobody approved it by {when(request.expires_at)}. "
+        f"Nothing was registered; run `{COMMAND} register` again if the devices are still needed."
+    )
+
+
+def groups_mention(groups: Sequence[str]) -> str:
+    return "Approvers: " + ", ".join(f"<!subteam^{g}>" for g in groups) + ", this request waits for one of you."
+
+
+# -- the Home tab -------------------------------------------------------------------------------------
+
+
+def home_view(
+    waiting: Sequence[tuple[Request, Sequence[Approval], int]], own: Sequence[Request], label: str = ""
+) -> dict[str, Any]:
+    """The Home tab: what waits for this person's approval (with the buttons), and their own requests."""
+    blocks: Blocks = [context(label)] if label else []
+    blocks.append({"type": "header", "text": {"type": "plain_text", "text": "Waiting for your approval"}})
+    if not waiting:
+        blocks.append(section("Nothing waits for your approval."))
+    for request, approvals, needed in waiting[:15]:
+        line = (
+            f"*#{request.id}* · `{escape(request.product_key)}` · {plural(request.count, 'device')} · "
+            f"requested by {user(request.requester)} {when(request.created_at)} · {progress_line(approvals, needed)}"
+        )
+        if request.justification:
+            line += f"\n*Reason:* {escape(request.justification)}"
+        blocks.append(section(line))
+        value = str(request.id)
+        blocks.append({
+            "type": "actions", "block_id": f"home-decide-{request.id}",
+            "elements": [button("Approve", APPROVE, value, "primary"), button("Reject", REJECT, value, "danger")],
+        })
+    blocks.append({"type": "divider"})
+    blocks.append({"type": "header", "text": {"type": "plain_text", "text": "Your recent requests"}})
+    if not own:
+        blocks.append(section(f"You have not asked for any registration yet: `{COMMAND} register` starts one."))
+    for request in own[:10]:
+        blocks.append(section(
+            f"{request.state.info.emoji} *#{request.id}* · `{escape(request.product_key)}` · {plural(request.count, 'device')} · "
+            f"*{request.state.label}* · {when(request.created_at)}"
+        ))
+    return {"type": "home", "blocks": blocks}
+
+
 # -- ephemeral answers to /devices ----------------------------------------------------------------
 
 
@@ -284,9 +435,10 @@ def help_text() -> str:
     return "\n".join(
         [
             f"*{COMMAND}* registers IoT devices on Alibaba Cloud IoT Platform, after an approval.",
-            f"• `{COMMAND} register &lt;ProductKey&gt;`: upload a CSV/TXT file or paste names",
+            f"• `{COMMAND} register [ProductKey]`: upload a CSV/TXT file or paste names (no ProductKey: choose one)",
             f"• `{COMMAND} register &lt;ProductKey&gt; name1 name2 …`: names right in the command",
             f"• `{COMMAND} register &lt;ProductKey&gt; --count N`: N devices named by the platform",
+            "• add `--reason \"…\"` to say why (some products require it)",
             f"• `{COMMAND} status &lt;request id or ApplyId&gt;`: where a request stands",
             f"• `{COMMAND} list`: recent requests in this channel",
             f"• `{COMMAND} cancel &lt;request id&gt;`: withdraw a request before it is approved",

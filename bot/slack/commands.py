@@ -12,7 +12,9 @@ import uuid
 from slack_bolt import Ack, App, Respond
 from slack_sdk import WebClient
 
+from bot.aliyun.errors import IotError
 from bot.domain import NotAllowed, Origin, WorkflowError
+from bot.service import ReasonRequired
 from bot.names import DeviceListError, parse_pasted
 from bot.slack import blocks
 from bot.slack.approvers import NeedsSlack
@@ -51,40 +53,79 @@ def register(app: App, deps: Deps) -> None:
 
 
 def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, args: list[str]) -> None:
-    usage = f"Usage: `{blocks.COMMAND} register &lt;ProductKey&gt;` (then upload a file), add names after it, or `--count N`."
+    usage = (
+        f"Usage: `{blocks.COMMAND} register [ProductKey]` (then upload a file), add names after it, or `--count N`; "
+        f"`--reason \"…\"` says why."
+    )
+    user, channel = command["user_id"], command["channel_id"]
     if not args:
-        ack(text=usage)
+        ack()  # the product list comes from IoT Platform: asked after the ack, the form opened after it
+        open_form(deps, client, command, None)
         return
     product_key, rest = args[0], args[1:]
     if not PRODUCT_KEY.fullmatch(product_key):
         ack(text=f"`{blocks.escape(product_key)}` is not a ProductKey: it is letters and digits, like `a1BwAGVxxxx`. {usage}")
         return
-    user, channel = command["user_id"], command["channel_id"]
+    if "--reason" in rest:
+        at = rest.index("--reason")
+        if at + 1 >= len(rest) or not rest[at + 1].strip() or rest[at + 1].startswith("--"):
+            ack(text=f"`--reason` takes the reason, in quotes: `--reason \"new cameras for line 4\"`. {usage}")
+            return
+        reason, rest = rest[at + 1][: blocks.MAX_REASON], rest[:at] + rest[at + 2 :]
+    else:
+        reason = ""
     if not rest:
         ack()
-        metadata = {"channel": channel, "user": user, "product_key": product_key, "draft": uuid.uuid4().hex[:12]}
-        client.views_open(trigger_id=command["trigger_id"], view=blocks.register_modal(product_key, metadata, deps.label))
-        return
-    if rest[0] == "--count":
-        if len(rest) != 2 or not re.fullmatch(r"[0-9]{1,7}", rest[1]) or not 1 <= int(rest[1]) <= MAX_COUNT:
-            ack(text=f"`--count` takes a number of devices from 1 to {MAX_COUNT:,}.")
-            return
-        # Stored before the ack (a few milliseconds): once told "asking", the user never loses it.
-        request = deps.requests.submit_count(product_key, user, int(rest[1]), origin=Origin.SLACK, channel=channel)
-        ack(text=f"Request #{request.id}: asking for {int(rest[1]):,} devices in `{product_key}`…")
+        open_form(deps, client, command, product_key)
         return
     try:
-        devices = parse_pasted(" ".join(rest))
-    except DeviceListError as exc:
-        ack(text=exc.message)
+        if rest[0] == "--count":
+            if len(rest) != 2 or not re.fullmatch(r"[0-9]{1,7}", rest[1]) or not 1 <= int(rest[1]) <= MAX_COUNT:
+                ack(text=f"`--count` takes a number of devices from 1 to {MAX_COUNT:,}.")
+                return
+            # Stored before the ack (a few milliseconds): once told "asking", the user never loses it.
+            request = deps.requests.submit_count(product_key, user, int(rest[1]), origin=Origin.SLACK, channel=channel, reason=reason)
+            ack(text=f"Request #{request.id}: asking for {int(rest[1]):,} devices in `{product_key}`…")
+            return
+        try:
+            devices = parse_pasted(" ".join(rest))
+        except DeviceListError as exc:
+            ack(text=exc.message)
+            return
+        # Stored before the ack: a command's text holds a few hundred names at most, milliseconds to
+        # store, and once told "checking" the user must never lose the request to a restart.
+        request = deps.requests.submit(
+            product_key, user, devices.devices, origin=Origin.SLACK, channel=channel,
+            rejected=devices.rejected, rejected_count=devices.rejected_count, reason=reason,
+        )
+    except ReasonRequired as exc:
+        ack(text=f"Nothing was requested: {exc}. Add `--reason \"…\"` to the command.")
         return
-    # Stored before the ack: a command's text holds a few hundred names at most, milliseconds to
-    # store, and once told "checking" the user must never lose the request to a restart.
-    request = deps.requests.submit(
-        product_key, user, devices.devices, origin=Origin.SLACK, channel=channel,
-        rejected=devices.rejected, rejected_count=devices.rejected_count,
-    )
     ack(text=f"Request #{request.id}: checking {blocks.plural(len(devices.devices), 'name')} for `{product_key}`…")
+
+
+def open_form(deps: Deps, client: WebClient, command: dict, product_key: str | None) -> None:
+    """The register form: for ``product_key``, or with a product select (QueryProductList), the
+    product last used in the channel chosen."""
+    user, channel = command["user_id"], command["channel_id"]
+    metadata = {"channel": channel, "user": user, "product_key": product_key or "", "draft": uuid.uuid4().hex[:12]}
+    if product_key:
+        required = deps.requests.rule_for(product_key).reason_required
+        view = blocks.register_modal(product_key, metadata, deps.label, reason_required=required)
+    else:
+        try:
+            products = [(p.product_key, p.name) for p in deps.requests.products()]
+        except IotError as exc:
+            client.chat_postEphemeral(
+                channel=channel, user=user,
+                text=f"I could not list the products ({exc.code or type(exc).__name__}): run `{blocks.COMMAND} register &lt;ProductKey&gt;` instead.",
+            )
+            return
+        if not products:
+            client.chat_postEphemeral(channel=channel, user=user, text="IoT Platform lists no product for this account: create one first.")
+            return
+        view = blocks.register_modal(None, metadata, deps.label, products=products, initial=deps.requests.last_product(channel))
+    client.views_open(trigger_id=command["trigger_id"], view=view)
 
 
 def in_ack_or_after(ack: Ack, respond: Respond, deps: Deps, answer, *args) -> None:

@@ -16,7 +16,7 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
 from bot import report
-from bot.domain import SYSTEM, Event, EventKind, Outcome, Request, WorkflowError
+from bot.domain import SYSTEM, Event, EventKind, Outcome, Request, State, WorkflowError
 from bot.policy import Announcement, announcements
 from bot.service import RequestService
 from bot.slack import blocks
@@ -64,6 +64,10 @@ class SlackNotifier:
             Announcement.RESULT: lambda: self._post_result(request),
             Announcement.RESULT_FILE: lambda: self._post_result_file(request),
             Announcement.NOTICE: lambda: self._notice(request),
+            Announcement.ASK_APPROVERS: lambda: self._ask_approvers(request, event),
+            Announcement.APPROVER_COPIES: lambda: self._update_copies(request, event),
+            Announcement.REMIND: lambda: self._remind(request, event),
+            Announcement.EXPIRY: lambda: self._expired(request, event),
         }
         for announcement in announcements(event, request):
             try:
@@ -83,14 +87,7 @@ class SlackNotifier:
     def _update_anchor(self, request: Request, progress: tuple[int, int] | None = None) -> None:
         """Post the anchor the first time, update it after (and post it again if it was deleted)."""
         request = self.requests.get(request.id) or request
-        text, content = blocks.anchor(
-            request,
-            self.requests.summary(request.id),
-            approvers=self.approvers.describe(),
-            progress=progress,
-            credentials_button=self.credentials_dm,
-            label=self.label,
-        )
+        text, content = self._content(request, progress)
         thread_ts = request.origin_data.get("thread_ts")
         if thread_ts:
             try:
@@ -109,6 +106,97 @@ class SlackNotifier:
         self.requests.move_channel(request.id, posted["channel"])
         self.requests.set_origin_data(request.id, thread_ts=posted["ts"])
 
+    def _content(self, request: Request, progress: tuple[int, int] | None = None) -> tuple[str, blocks.Blocks]:
+        """The request's message as it stands: in its channel, and in each approver's copy."""
+        rule = self.requests.rule_of(request)
+        return blocks.anchor(
+            request,
+            self.requests.summary(request.id),
+            approvers=self.approvers.of(rule.approvers).describe(),
+            progress=progress,
+            credentials_button=self.credentials_dm,
+            label=self.label,
+            approvals=self.requests.approvals(request.id),
+            needed=rule.approvals,
+        )
+
+    def _copy(self, request: Request) -> tuple[str, blocks.Blocks]:
+        """An approver's copy: who asks, then the request's message with the same buttons."""
+        text, content = self._content(request)
+        intro = blocks.approver_intro(request, self.requests.rule_of(request).approvals)
+        return f"{intro} {text}", [blocks.section(intro), *content]
+
+    def _ask_approvers(self, request: Request, event: Event) -> None:
+        """Send each approver the request needs a copy with the buttons (members of user groups too,
+        up to :data:`~bot.slack.approvers.MAX_GROUP_DMS`; a bigger group is mentioned in the thread).
+        Each copy is kept in ``origin_data["dms"]`` as it is posted, so a redelivery sends none twice."""
+        rule = self.requests.rule_of(request)
+        members = self.approvers.of(rule.approvers)
+        if members.anyone:
+            return
+        users, groups = members.people()
+        for person in users:
+            if person == request.requester and not rule.self_approval:
+                continue
+            if person in (self.requests.require(request.id).origin_data.get("dms") or {}):
+                continue
+            try:
+                dm = self.client.conversations_open(users=person)["channel"]["id"]
+            except SlackApiError as exc:
+                if exc.response.get("error") not in UNREACHABLE_USER:
+                    raise
+                log.warning("request #%d: cannot message approver %s (%s)", request.id, person, exc.response.get("error"))
+                self.requests.record(request.id, SYSTEM, "approver_unreachable", {"approver": person, "error": exc.response.get("error")})
+                continue
+            text, content = self._copy(self.requests.require(request.id))
+            posted = self.client.chat_postMessage(channel=dm, text=text, blocks=content)
+            dms = dict(self.requests.require(request.id).origin_data.get("dms") or {})
+            dms[person] = [posted["channel"], posted["ts"]]
+            self.requests.set_origin_data(request.id, dms=dms)
+        if groups:
+            self._once(event, "mention_groups", lambda: self._reply(request, blocks.groups_mention(groups), [blocks.section(blocks.groups_mention(groups))]))
+
+    def _update_copies(self, request: Request, event: Event) -> None:
+        """Bring every approver's copy up to date, each once for this event."""
+        request = self.requests.require(request.id)
+        for person, (channel, ts) in (request.origin_data.get("dms") or {}).items():
+            def update(channel: str = channel, ts: str = ts) -> None:
+                text, content = self._copy(self.requests.require(request.id))
+                try:
+                    self.client.chat_update(channel=channel, ts=ts, text=text, blocks=content)
+                except SlackApiError as exc:
+                    if exc.response.get("error") not in ("message_not_found", "cant_update_message", "channel_not_found"):
+                        raise
+                    log.warning("request #%d: the copy sent to %s is gone", request.id, person)
+            self._once(event, f"copy:{person}", update)
+
+    def _remind(self, request: Request, event: Event) -> None:
+        """Remind the approvers who have not acted (by DM; in the thread when nobody was sent one)."""
+        request = self.requests.require(request.id)
+        if request.state != State.AWAITING_APPROVAL:
+            return
+        approvals = self.requests.approvals(request.id)
+        text = blocks.reminder_text(request, approvals, self.requests.rule_of(request).approvals)
+        dms = request.origin_data.get("dms") or {}
+        if not dms:
+            self._once(event, "remind_thread", lambda: self._reply(request, text, [blocks.section(text)]))
+            return
+        acted = {a.approver for a in approvals}
+        for person, (channel, _ts) in dms.items():
+            if person not in acted:
+                self._once(event, f"remind:{person}", lambda channel=channel: self.client.chat_postMessage(
+                    channel=channel, text=text, blocks=[blocks.section(text)],
+                ))
+
+    def _expired(self, request: Request, event: Event) -> None:
+        """Nobody approved in time: say so in the thread and to the requester."""
+        request = self.requests.require(request.id)
+        text = blocks.expired_text(request)
+        self._once(event, "expiry_thread", lambda: self._reply(request, text, [blocks.section(text)]))
+        self._once(event, "expiry_dm", lambda: self.client.chat_postMessage(
+            channel=self.client.conversations_open(users=request.requester)["channel"]["id"], text=text,
+        ))
+
     def _reply(self, request: Request, text: str, content: blocks.Blocks, *, broadcast: bool = False) -> None:
         thread_ts = self.requests.require(request.id).origin_data.get("thread_ts")  # set by the anchor just before
         if self.label:
@@ -116,9 +204,7 @@ class SlackNotifier:
         self.client.chat_postMessage(channel=request.channel, thread_ts=thread_ts, text=text, blocks=content, reply_broadcast=broadcast)
 
     def _check_failed(self, request: Request) -> None:
-        summary = self.requests.summary(request.id)
-        invalid = self.requests.devices(request.id, outcome=Outcome.INVALID, limit=blocks.INLINE_DEVICES)
-        self._reply(request, *blocks.check_failed_reply(request, invalid, summary.invalid, request.count - summary.invalid))
+        self._reply(request, *check_failed_content(self.requests, request))
 
     def _result_reply(self, request: Request) -> tuple[str, blocks.Blocks]:
         store = self.requests
@@ -190,8 +276,19 @@ class SlackNotifier:
         self._post_result_file(request, channel=dm, thread_ts=posted["ts"])
 
 
+def check_failed_content(requests: RequestService, request: Request, *, retried_by: str | None = None) -> tuple[str, blocks.Blocks]:
+    """The reply that lists the names the check refused, with the retry button or the retry's number."""
+    summary = requests.summary(request.id)
+    invalid = requests.devices(request.id, outcome=Outcome.INVALID, limit=blocks.INLINE_DEVICES)
+    return blocks.check_failed_reply(request, invalid, summary.invalid, request.count - summary.invalid, retried_by=retried_by)
+
+
 #: Errors that say the request's channel will not take the bot's messages, however often it tries.
 UNUSABLE_CHANNEL = frozenset({"channel_not_found", "not_in_channel", "is_archived", "restricted_action", "no_permission"})
+
+
+#: Errors that say an approver cannot be sent a direct message at all.
+UNREACHABLE_USER = frozenset({"user_not_found", "user_disabled", "cannot_dm_bot", "not_allowed_token_type"})
 
 
 class _ChannelUnusable(Exception):

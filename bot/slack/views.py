@@ -14,6 +14,7 @@ from bot.slack.commands import PRODUCT_KEY, metadata_of
 from bot.slack.deps import Deps
 from bot.slack.files import fetch_device_list
 from bot.domain import Origin, Upload
+from bot.service import ReasonRequired
 
 log = logging.getLogger(__name__)
 ACCEPTED = (".csv", ".txt")
@@ -26,6 +27,10 @@ def register(app: App, deps: Deps) -> None:
         values = (view.get("state") or {}).get("values") or {}
         files = ((values.get(blocks.FILE_BLOCK) or {}).get(blocks.FILE_BLOCK) or {}).get("files") or []
         pasted = ((values.get(blocks.NAMES_BLOCK) or {}).get(blocks.NAMES_BLOCK) or {}).get("value") or ""
+        reason = (((values.get(blocks.REASON_BLOCK) or {}).get(blocks.REASON_BLOCK) or {}).get("value") or "").strip()
+        if not meta.get("product_key"):  # chosen in the form
+            chosen = ((values.get(blocks.PRODUCT_BLOCK) or {}).get(blocks.PRODUCT_BLOCK) or {}).get("selected_option") or {}
+            meta["product_key"] = chosen.get("value", "")
         user = (body.get("user") or {}).get("id") if isinstance(body.get("user"), dict) else None
         # The context must be the one iotreg put there for this person: the submitter named in it,
         # a ProductKey that passes the command's check.
@@ -36,6 +41,9 @@ def register(app: App, deps: Deps) -> None:
             or not PRODUCT_KEY.fullmatch(str(meta.get("product_key", "")))
         ):
             ack(response_action="errors", errors={blocks.NAMES_BLOCK: "This form has lost its context; run /devices register again."})
+            return
+        if deps.requests.rule_for(meta["product_key"]).reason_required and not reason:
+            ack(response_action="errors", errors={blocks.REASON_BLOCK: f"Requests for {meta['product_key']} need a reason: say why these devices are needed."})
             return
         if not files and not pasted.strip():
             ack(response_action="errors", errors={blocks.NAMES_BLOCK: "Upload a CSV or TXT file above, or paste device names here."})
@@ -49,7 +57,7 @@ def register(app: App, deps: Deps) -> None:
         # Recorded before the ack, so that a restart between the two cannot lose the list: the
         # form has closed for the uploader by then. Read after the ack (a download can be slow).
         upload_id = deps.requests.add_upload(
-            user=user, channel=meta["channel"], product_key=meta["product_key"], origin_data={"files": files}, pasted=pasted
+            user=user, channel=meta["channel"], product_key=meta["product_key"], origin_data={"files": files, "reason": reason[: blocks.MAX_REASON]}, pasted=pasted
         )
         ack()
         deps.background.submit(take_list, deps, client, deps.requests.upload(upload_id))
@@ -72,10 +80,15 @@ def take_list(deps: Deps, client: WebClient, upload: Upload | None) -> None:
         tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` could not be read because of an error on iotreg's side; it has been logged.")
         deps.requests.finish_upload(upload.id)
         return
-    deps.requests.submit(
-        product_key, user, devices.devices, origin=Origin.SLACK, channel=channel,
-        rejected=devices.rejected, rejected_count=devices.rejected_count, upload_id=upload.id,
-    )
+    try:
+        deps.requests.submit(
+            product_key, user, devices.devices, origin=Origin.SLACK, channel=channel,
+            rejected=devices.rejected, rejected_count=devices.rejected_count, upload_id=upload.id,
+            reason=upload.origin_data.get("reason", ""),
+        )
+    except ReasonRequired as exc:  # the policy changed between the form and now
+        tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` was not used: {exc}.")
+        deps.requests.finish_upload(upload.id)
 
 
 def resume_uploads(deps: Deps, client: WebClient) -> int:

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from bot.domain import (
+    Approval,
     AuditEntry,
     Chunk,
     DeviceRow,
@@ -40,11 +41,13 @@ from bot.domain import (
     Outcome,
     RejectedLine,
     Request,
+    Rule,
     State,
+    Tally,
     Upload,
 )
 
-__all__ = ["Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
+__all__ = ["AlreadyRetried", "Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -55,6 +58,15 @@ class StoreUnavailable(Exception):
 
 class StoreBusy(Exception):
     """Another process already serves from this store, and the store cannot be shared (SQLite)."""
+
+
+class AlreadyRetried(Exception):
+    """A failed check's valid names were retried already (by request ``retried_as``)."""
+
+    def __init__(self, request_id: int, retried_as: int | None) -> None:
+        super().__init__(f"request #{request_id} was retried already as #{retried_as}")
+        self.request_id = request_id
+        self.retried_as = retried_as
 
 
 class Store(Protocol):
@@ -100,9 +112,17 @@ class Store(Protocol):
         expires_at: datetime | None = None,
         event: tuple[str, dict[str, Any]] | None = None,
         upload_id: int | None = None,
+        rule: Rule | None = None,
+        justification: str | None = None,
+        decided_by: str | None = None,
+        audit: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> int:
         """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines,
-        its ``requested`` audit row and its first event, and mark the upload it came from as read."""
+        its ``requested`` audit row (and the ``audit`` rows after it, by ``decided_by``), its first
+        event, and mark the upload it came from as read.
+
+        With ``retry_of``: in the same transaction, set that request's ``retried_as`` to the new
+        one only if it has none yet; otherwise write nothing and raise :class:`AlreadyRetried`."""
 
     def get(self, request_id: int) -> Request | None: ...
 
@@ -113,6 +133,7 @@ class Store(Protocol):
         channel: str | None = None,
         origins: Iterable[Origin] | None = None,
         limit: int | None = 20,
+        requester: str | None = None,
     ) -> list[Request]:
         """Newest first (``limit`` of them, or all with ``None``)."""
 
@@ -133,6 +154,21 @@ class Store(Protocol):
         **fields: Any,
     ) -> bool:
         """Compare-and-set the state; with it, the audit row, the outbox event and ``fields``."""
+
+    def add_approval(self, request_id: int, *, approver: str, now: datetime, needed: int, reason: str | None = None) -> Tally:
+        """Count one approval, in one transaction: nothing unless the request waits for approval
+        (:attr:`Tally.CLOSED`); insert it, or nothing if this approver was counted before
+        (:attr:`Tally.ALREADY_COUNTED`); with its ``approval`` audit row; then either an
+        ``approval`` event (:attr:`Tally.COUNTED`) or, when the count reaches ``needed``, the
+        compare-and-set to approved with ``decided_by``/``decided_at``, its ``approved`` audit row and
+        ``approved`` event (:attr:`Tally.QUORUM`). Under concurrent calls exactly one gets QUORUM."""
+
+    def approvals(self, request_id: int) -> list[Approval]:
+        """Who approved, oldest first."""
+
+    def add_reminder(self, request_id: int, *, sent: int, now: datetime, payload: dict[str, Any]) -> bool:
+        """Compare-and-set ``reminders_sent`` from ``sent - 1`` to ``sent`` while the request waits for
+        approval, with a ``reminded`` audit row and a ``reminder`` event; ``False`` changes nothing."""
 
     def update_request(self, request_id: int, **fields: Any) -> None:
         """Book-keeping that is not a state change (poll counters, error counts)."""

@@ -1,7 +1,8 @@
 """Moving a deployment from SQLite to PostgreSQL (``iotreg db copy --to URL``).
 
-Everything is copied with its history: requests with their ids, chunks (ApplyIds, register claims),
-devices in their order, rejected lines, the audit trail, the outbox (delivered or not, with the
+Everything is copied with its history: requests with their ids (and the rule each is decided
+under), chunks (ApplyIds, register claims), devices in their order, rejected lines, approvals, the
+audit trail, the outbox (delivered or not, with the
 steps of a delivery already done) and uploads. The SQLite tables are read directly (this is a
 migration tool, not a user of the store); the target is a :class:`PostgresStore`, migrated to the
 current schema when opened and written with ``COPY`` in one transaction, then its serials are moved
@@ -23,11 +24,12 @@ from bot.store.sqlite import SqliteStore
 SOURCES: dict[str, tuple[str, str]] = {
     "requests": (
         "id, product_key, requester, origin, channel, kind, count, rejected_count, state, reason, decided_by,"
-        " decided_at, expires_at, retry_of, polls, phase_started_at, errors_in_row, created_at, updated_at, origin_data",
+        " decided_at, expires_at, retry_of, polls, phase_started_at, errors_in_row, created_at, updated_at, origin_data,"
+        " rule, justification, retried_as, reminders_sent",
         "SELECT id, product_key, requester, origin, COALESCE(channel, ''), kind, COALESCE(count, 0),"
         " COALESCE(rejected_count, 0), state, reason, decided_by, decided_at, expires_at, retry_of, COALESCE(polls, 0),"
-        " phase_started_at, COALESCE(errors_in_row, 0), created_at, updated_at, COALESCE(origin_data, '{}')"
-        " FROM requests ORDER BY id",
+        " phase_started_at, COALESCE(errors_in_row, 0), created_at, updated_at, COALESCE(origin_data, '{}'),"
+        " rule, justification, retried_as, COALESCE(reminders_sent, 0) FROM requests ORDER BY id",
     ),
     "chunks": (
         "request_id, chunk_no, size, apply_id, status, register_sent_at, register_confirmed_at, error, claimed_by",
@@ -40,6 +42,7 @@ SOURCES: dict[str, tuple[str, str]] = {
         " FROM devices ORDER BY rowid",  # the order the devices were given in
     ),
     "rejected_lines": ("request_id, line, value, reason", "SELECT request_id, line, value, reason FROM rejected_lines ORDER BY rowid"),
+    "approvals": ("request_id, approver, at, reason", "SELECT request_id, approver, at, reason FROM approvals ORDER BY rowid"),
     "audit": (
         "id, request_id, at, actor, event, detail",
         "SELECT id, request_id, at, actor, event, COALESCE(detail, '{}') FROM audit ORDER BY id",

@@ -31,6 +31,8 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from bot.domain import (
+    SYSTEM,
+    Approval,
     AuditEntry,
     Chunk,
     DeviceRow,
@@ -41,10 +43,12 @@ from bot.domain import (
     Outcome,
     RejectedLine,
     Request,
+    Rule,
     State,
+    Tally,
     Upload,
 )
-from bot.store import StoreUnavailable, redact_url
+from bot.store import AlreadyRetried, StoreUnavailable, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +181,30 @@ def m001_initial(cur: psycopg.Cursor[Any]) -> None:
     )
 
 
+@migration
+def m002_approvals(cur: psycopg.Cursor[Any]) -> None:
+    """Approvals by more than one person, the rule each request is decided under, the requester's
+    reason, which request retried a failed check, and the reminders sent."""
+    cur.execute(
+        """
+        CREATE TABLE approvals (
+            request_id bigint NOT NULL REFERENCES requests (id),
+            approver text NOT NULL,
+            at timestamptz NOT NULL,
+            reason text,
+            PRIMARY KEY (request_id, approver)
+        );
+        ALTER TABLE requests
+            ADD COLUMN rule jsonb,
+            ADD COLUMN justification text,
+            ADD COLUMN retried_as bigint,
+            ADD COLUMN reminders_sent integer NOT NULL DEFAULT 0;
+        """
+    )
+
+
 #: Tables in the order they can be filled (a referenced table first), for copying a deployment.
-TABLES = ("requests", "chunks", "devices", "rejected_lines", "audit", "outbox", "notified_steps", "uploads")
+TABLES = ("requests", "chunks", "devices", "rejected_lines", "approvals", "audit", "outbox", "notified_steps", "uploads")
 #: Tables whose ids a serial hands out, and the column.
 SERIALS = {"requests": "id", "devices": "seq", "audit": "id", "outbox": "id", "uploads": "id"}
 
@@ -207,7 +233,8 @@ def _assignments(values: dict[str, Any]) -> str:
 
 _REQUEST_COLUMNS = (
     "id, product_key, requester, origin, channel, kind, count, rejected_count, state, reason, decided_by,"
-    " retry_of, polls, errors_in_row, origin_data, decided_at, expires_at, phase_started_at, created_at, updated_at"
+    " retry_of, polls, errors_in_row, origin_data, decided_at, expires_at, phase_started_at, created_at, updated_at,"
+    " rule, justification, retried_as, reminders_sent"
 )
 
 
@@ -217,6 +244,7 @@ def _request(r: Sequence[Any]) -> Request:
         count=r[6], rejected_count=r[7], state=State(r[8]), reason=r[9], decided_by=r[10], retry_of=r[11],
         polls=r[12], errors_in_row=r[13], origin_data=r[14] or {}, decided_at=r[15], expires_at=r[16],
         phase_started_at=r[17], created_at=r[18], updated_at=r[19],
+        rule=Rule.from_dict(r[20]) if r[20] else None, justification=r[21], retried_as=r[22], reminders_sent=r[23],
     )
 
 
@@ -354,6 +382,10 @@ class PostgresStore:
         expires_at: datetime | None = None,
         event: tuple[str, dict[str, Any]] | None = None,
         upload_id: int | None = None,
+        rule: Rule | None = None,
+        justification: str | None = None,
+        decided_by: str | None = None,
+        audit: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> int:
         """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines.
 
@@ -363,10 +395,11 @@ class PostgresStore:
             cur = conn.cursor()
             cur.execute(
                 "INSERT INTO requests (product_key, requester, origin, channel, origin_data, kind, count, rejected_count,"
-                " state, retry_of, expires_at, phase_started_at, created_at, updated_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                " state, retry_of, rule, justification, decided_by, decided_at, expires_at, phase_started_at, created_at,"
+                " updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
                 [product_key, requester, str(origin), channel, _json(origin_data or {}), str(kind), count,
-                 rejected_count or len(rejected), str(state), retry_of, expires_at, now, now, now],
+                 rejected_count or len(rejected), str(state), retry_of, _json(rule.as_dict()) if rule else None,
+                 justification, decided_by, now if decided_by else None, expires_at, now, now, now],
             )
             request_id = cur.fetchone()[0]
             with cur.copy("COPY devices (request_id, name, nickname, chunk_no, line) FROM STDIN (FORMAT BINARY)") as copy:
@@ -382,7 +415,20 @@ class PostgresStore:
                 with cur.copy("COPY rejected_lines (request_id, line, value, reason) FROM STDIN") as copy:
                     for line, value, reason in rejected:
                         copy.write_row((request_id, line, value, reason))
-            _audit(cur, request_id, requester, "requested", {"product_key": product_key, "count": count}, now)
+            if retry_of is not None:
+                # Compare-and-set in the same transaction: however many clicks, one retry request.
+                cur.execute("UPDATE requests SET retried_as = %s WHERE id = %s AND retried_as IS NULL", [request_id, retry_of])
+                if cur.rowcount != 1:
+                    found = cur.execute("SELECT retried_as FROM requests WHERE id = %s", [retry_of]).fetchone()
+                    raise AlreadyRetried(retry_of, found[0] if found else None)  # rolls the new request back
+            detail: dict[str, Any] = {"product_key": product_key, "count": count}
+            if rule is not None:
+                detail["rule"] = rule.source
+            if justification:
+                detail["reason"] = justification
+            _audit(cur, request_id, requester, "requested", detail, now)
+            for audit_event, audit_detail in audit:
+                _audit(cur, request_id, decided_by or requester, audit_event, audit_detail, now)
             if event:
                 _enqueue(cur, request_id, event[0], event[1], now)
             if upload_id is not None:
@@ -401,9 +447,13 @@ class PostgresStore:
         channel: str | None = None,
         origins: Iterable[Origin] | None = None,
         limit: int | None = 20,
+        requester: str | None = None,
     ) -> list[Request]:
         """Newest first (``limit`` of them, or all with ``None``)."""
         where, args = [], []
+        if requester is not None:
+            where.append("requester = %s")
+            args.append(requester)
         if origins is not None:
             where.append("origin = ANY(%s)")
             args.append(_texts(origins))
@@ -449,6 +499,57 @@ class PostgresStore:
             _audit(cur, request_id, actor, event, detail or {}, now)
             if notify:
                 _enqueue(cur, request_id, notify[0], notify[1], now)
+        return True
+
+    def add_approval(self, request_id: int, *, approver: str, now: datetime, needed: int, reason: str | None = None) -> Tally:
+        """Count one approval; the one that completes the quorum approves the request.
+
+        One transaction that locks the request's row first (``FOR UPDATE``), so concurrent
+        approvals are counted one after the other and exactly one of them reaches the quorum.
+        """
+        with self.connection() as conn:
+            cur = conn.cursor()
+            row = cur.execute("SELECT state FROM requests WHERE id = %s FOR UPDATE", [request_id]).fetchone()
+            if row is None or row[0] != State.AWAITING_APPROVAL:
+                return Tally.CLOSED
+            cur.execute(
+                "INSERT INTO approvals (request_id, approver, at, reason) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                [request_id, approver, now, reason or None],
+            )
+            if cur.rowcount != 1:
+                return Tally.ALREADY_COUNTED
+            approvers = [r[0] for r in cur.execute(
+                "SELECT approver FROM approvals WHERE request_id = %s ORDER BY at, approver", [request_id]).fetchall()]
+            _audit(cur, request_id, approver, "approval", {"reason": reason or "", "count": len(approvers), "needed": needed}, now)
+            if len(approvers) < needed:
+                _enqueue(cur, request_id, "approval", {"by": approver, "count": len(approvers), "needed": needed}, now)
+                return Tally.COUNTED
+            cur.execute(
+                "UPDATE requests SET state = %s, decided_by = %s, decided_at = %s, updated_at = %s WHERE id = %s AND state = %s",
+                [str(State.APPROVED), approver, now, now, request_id, str(State.AWAITING_APPROVAL)],
+            )
+            if cur.rowcount != 1:  # cannot happen while the row is locked; kept as the compare-and-set
+                raise RuntimeError(f"request #{request_id} changed state while its approval was counted")
+            _audit(cur, request_id, approver, "approved", {"approvers": approvers, "needed": needed}, now)
+            _enqueue(cur, request_id, "approved", {"by": approver, "approvers": approvers}, now)
+        return Tally.QUORUM
+
+    def approvals(self, request_id: int) -> list[Approval]:
+        rows = self._fetch("SELECT approver, at, reason FROM approvals WHERE request_id = %s ORDER BY at, approver", [request_id])
+        return [Approval(*r) for r in rows]
+
+    def add_reminder(self, request_id: int, *, sent: int, now: datetime, payload: dict[str, Any]) -> bool:
+        """Record reminder number ``sent`` and its event, once: ``False`` if it was sent already or
+        the request no longer waits for approval."""
+        with self.connection() as conn:
+            cur = conn.execute(
+                "UPDATE requests SET reminders_sent = %s WHERE id = %s AND state = %s AND reminders_sent = %s",
+                [sent, request_id, str(State.AWAITING_APPROVAL), sent - 1],
+            )
+            if cur.rowcount != 1:
+                return False
+            _audit(cur, request_id, SYSTEM, "reminded", payload, now)
+            _enqueue(cur, request_id, "reminder", payload, now)
         return True
 
     def update_request(self, request_id: int, **fields: Any) -> None:

@@ -22,6 +22,7 @@ from typing import IO, Any
 from sqlite_utils import Database, Migrations
 
 from bot.domain import (
+    Approval,
     AuditEntry,
     Chunk,
     DeviceRow,
@@ -32,10 +33,13 @@ from bot.domain import (
     Outcome,
     RejectedLine,
     Request,
+    Rule,
     State,
+    SYSTEM,
+    Tally,
     Upload,
 )
-from bot.store import StoreBusy, StoreUnavailable
+from bot.store import AlreadyRetried, StoreBusy, StoreUnavailable
 
 PENDING = Outcome.PENDING.value
 
@@ -166,6 +170,21 @@ def m005_origin_data(db: Database) -> None:
     )
 
 
+@migrations()
+def m006_approvals(db: Database) -> None:
+    """Approvals by more than one person, the rule each request is decided under, the requester's
+    reason, which request retried a failed check, and the reminders sent."""
+    db["approvals"].create(
+        {"request_id": int, "approver": str, "at": str, "reason": str},
+        pk=("request_id", "approver"),
+        foreign_keys=[("request_id", "requests", "id")],
+    )
+    db["requests"].add_column("rule", str)  # JSON of the Rule
+    db["requests"].add_column("justification", str)
+    db["requests"].add_column("retried_as", int)
+    db["requests"].add_column("reminders_sent", int, not_null_default=0)
+
+
 def format_time(value: datetime) -> str:
     """Times are stored as ISO 8601 UTC text, which sorts and compares correctly as text."""
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
@@ -205,6 +224,10 @@ def _request(row: dict[str, Any]) -> Request:
         polls=row["polls"] or 0,
         errors_in_row=row["errors_in_row"] or 0,
         origin_data=json.loads(row["origin_data"] or "{}"),
+        rule=Rule.from_dict(json.loads(row["rule"])) if row.get("rule") else None,
+        justification=row.get("justification"),
+        retried_as=row.get("retried_as"),
+        reminders_sent=row.get("reminders_sent") or 0,
         **{key: parse_time(row[key]) for key in _REQUEST_TIMES},  # type: ignore[arg-type]
     )
 
@@ -359,6 +382,10 @@ class SqliteStore:
         expires_at: datetime | None = None,
         event: tuple[str, dict[str, Any]] | None = None,
         upload_id: int | None = None,
+        rule: Rule | None = None,
+        justification: str | None = None,
+        decided_by: str | None = None,
+        audit: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> int:
         """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines."""
         stamp = format_time(now)
@@ -375,6 +402,10 @@ class SqliteStore:
                     "rejected_count": rejected_count or len(rejected),
                     "state": str(state),
                     "retry_of": retry_of,
+                    "rule": json.dumps(rule.as_dict()) if rule else None,
+                    "justification": justification,
+                    "decided_by": decided_by,
+                    "decided_at": stamp if decided_by else None,
                     "expires_at": format_time(expires_at) if expires_at else None,
                     "phase_started_at": stamp,
                     "created_at": stamp,
@@ -396,7 +427,22 @@ class SqliteStore:
                 "INSERT INTO rejected_lines (request_id, line, value, reason) VALUES (?, ?, ?, ?)",
                 ((request_id, line, value, reason) for line, value, reason in rejected),
             )
-            self._audit(request_id, requester, "requested", {"product_key": product_key, "count": count}, stamp)
+            if retry_of is not None:
+                # Compare-and-set in the same transaction: however many clicks, one retry request.
+                taken = db.conn.execute(
+                    "UPDATE requests SET retried_as = ? WHERE id = ? AND retried_as IS NULL", [request_id, retry_of]
+                )
+                if taken.rowcount != 1:
+                    row = db.conn.execute("SELECT retried_as FROM requests WHERE id = ?", [retry_of]).fetchone()
+                    raise AlreadyRetried(retry_of, row[0] if row else None)
+            detail: dict[str, Any] = {"product_key": product_key, "count": count}
+            if rule is not None:
+                detail["rule"] = rule.source
+            if justification:
+                detail["reason"] = justification
+            self._audit(request_id, requester, "requested", detail, stamp)
+            for audit_event, audit_detail in audit:
+                self._audit(request_id, decided_by or requester, audit_event, audit_detail, stamp)
             if event:
                 self._enqueue(request_id, event[0], event[1], stamp)
             if upload_id is not None:
@@ -415,6 +461,7 @@ class SqliteStore:
         channel: str | None = None,
         origins: Iterable[Origin] | None = None,
         limit: int | None = 20,
+        requester: str | None = None,
     ) -> list[Request]:
         """Newest first (``limit`` of them, or all with ``None``), optionally only in some states,
         from one channel, or from some origins."""
@@ -430,6 +477,9 @@ class SqliteStore:
         if channel is not None:
             where.append("channel = ?")
             args.append(channel)
+        if requester is not None:
+            where.append("requester = ?")
+            args.append(requester)
         condition = f"WHERE {' AND '.join(where)}" if where else ""
         rows = self._select(f"SELECT * FROM requests {condition} ORDER BY id DESC LIMIT ?", [*args, -1 if limit is None else limit])
         return [_request(r) for r in rows]
@@ -469,6 +519,61 @@ class SqliteStore:
             self._audit(request_id, actor, event, detail or {}, stamp)
             if notify:
                 self._enqueue(request_id, notify[0], notify[1], stamp)
+        return True
+
+    def add_approval(self, request_id: int, *, approver: str, now: datetime, needed: int, reason: str | None = None) -> Tally:
+        """Count one approval; the one that completes the quorum approves the request.
+
+        In one transaction: the request must wait for approval; the approval is inserted (an
+        approver already counted changes nothing); and when the count reaches ``needed``, the
+        state is compared-and-set to approved with its audit row and its event.
+        """
+        stamp = format_time(now)
+        with self._write() as db:
+            row = db.conn.execute("SELECT state FROM requests WHERE id = ?", [request_id]).fetchone()
+            if row is None or row[0] != State.AWAITING_APPROVAL:
+                return Tally.CLOSED
+            inserted = db.conn.execute(
+                "INSERT INTO approvals (request_id, approver, at, reason) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (request_id, approver) DO NOTHING",
+                [request_id, approver, stamp, reason or None],
+            )
+            if inserted.rowcount != 1:
+                return Tally.ALREADY_COUNTED
+            approvers = [r[0] for r in db.conn.execute("SELECT approver FROM approvals WHERE request_id = ? ORDER BY at, approver", [request_id])]
+            self._audit(request_id, approver, "approval", {"reason": reason or "", "count": len(approvers), "needed": needed}, stamp)
+            if len(approvers) < needed:
+                self._enqueue(request_id, "approval", {"by": approver, "count": len(approvers), "needed": needed}, stamp)
+                return Tally.COUNTED
+            cursor = db.conn.execute(
+                "UPDATE requests SET state = ?, decided_by = ?, decided_at = ?, updated_at = ? WHERE id = ? AND state = ?",
+                [str(State.APPROVED), approver, stamp, stamp, request_id, str(State.AWAITING_APPROVAL)],
+            )
+            if cursor.rowcount != 1:  # cannot happen under the write lock; kept as the compare-and-set
+                raise RuntimeError(f"request #{request_id} changed state while its approval was counted")
+            self._audit(request_id, approver, "approved", {"approvers": approvers, "needed": needed}, stamp)
+            self._enqueue(request_id, "approved", {"by": approver, "approvers": approvers}, stamp)
+        return Tally.QUORUM
+
+    def approvals(self, request_id: int) -> list[Approval]:
+        rows = self.db.execute(
+            "SELECT approver, at, reason FROM approvals WHERE request_id = ? ORDER BY at, approver", [request_id]
+        ).fetchall()
+        return [Approval(r[0], parse_time(r[1]), r[2]) for r in rows]  # type: ignore[arg-type]
+
+    def add_reminder(self, request_id: int, *, sent: int, now: datetime, payload: dict[str, Any]) -> bool:
+        """Record reminder number ``sent`` and its event, once: ``False`` if it was sent already or
+        the request no longer waits for approval."""
+        stamp = format_time(now)
+        with self._write() as db:
+            cursor = db.conn.execute(
+                "UPDATE requests SET reminders_sent = ? WHERE id = ? AND state = ? AND reminders_sent = ?",
+                [sent, request_id, str(State.AWAITING_APPROVAL), sent - 1],
+            )
+            if cursor.rowcount != 1:
+                return False
+            self._audit(request_id, SYSTEM, "reminded", payload, stamp)
+            self._enqueue(request_id, "reminder", payload, stamp)
         return True
 
     def update_request(self, request_id: int, **fields: Any) -> None:

@@ -54,6 +54,7 @@ MAX_NAMES_PER_CHECK = 10_000
 MAX_REGISTER_COUNT = 10_000
 DEFAULT_PAGE_SIZE = 10
 MAX_PAGE_SIZE = 50
+MAX_PRODUCT_PAGE_SIZE = 200  # QueryProductList
 #: The ApplyId in every example of the API reference; a seeded emulator counts up from there.
 FIRST_APPLY_ID = 1_295_006
 #: An unseeded emulator starts at FIRST_APPLY_ID plus the microseconds since this moment, so that
@@ -133,6 +134,7 @@ class Application:
 class _Product:
     key: str
     instance_id: str | None
+    created_ms: int = 0
     devices: dict[str, Device] = dataclasses.field(default_factory=dict)
     nicknames: set[str] = dataclasses.field(default_factory=set)
 
@@ -245,7 +247,8 @@ class IotBackend:
             existing = self._products.get(product_key)
             if existing is not None and existing.instance_id != (instance_id or None):
                 raise ValueError(f"product {product_key} exists in another instance")
-            self._products.setdefault(product_key, _Product(product_key, instance_id or None))
+            created = int(self._clock.now().timestamp() * 1000)
+            self._products.setdefault(product_key, _Product(product_key, instance_id or None, created))
 
     def add_device(self, product_key: str, device_name: str, nickname: str | None = None) -> Device:
         """Create a device directly, as if made earlier in the console (to set up name clashes)."""
@@ -458,6 +461,35 @@ class IotBackend:
                             "IotId": device.iot_id,
                         }
                         for device in chunk
+                    ]
+                },
+            }
+
+    def query_product_list(
+        self, current_page: str | int | None, page_size: str | int | None, *, iot_instance_id: str | None = None
+    ) -> dict[str, object]:
+        """QueryProductList: the instance's products, a page at a time (PageSize at most 200)."""
+        page, size = _parse_int(current_page), _parse_int(page_size)
+        if page is None or size is None or page < 1 or not 1 <= size <= MAX_PRODUCT_PAGE_SIZE:
+            raise BusinessFault(
+                "iot.common.InvalidPageParams", f"CurrentPage must be 1 or more and PageSize 1 to {MAX_PRODUCT_PAGE_SIZE}."
+            )
+        with self._lock:
+            products = [p for p in self._products.values() if p.instance_id == (iot_instance_id or None)]
+            chunk = products[(page - 1) * size : page * size]
+            return {
+                "CurrentPage": page,
+                "PageSize": size,
+                "PageCount": math.ceil(len(products) / size),
+                "Total": len(products),
+                "List": {
+                    "ProductInfo": [
+                        {
+                            "ProductKey": p.key, "ProductName": p.key, "NodeType": 0, "DataFormat": 1,
+                            "DeviceCount": len(p.devices), "GmtCreate": p.created_ms, "Description": "",
+                            "AuthType": "secret",
+                        }
+                        for p in chunk
                     ]
                 },
             }

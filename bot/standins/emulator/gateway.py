@@ -179,6 +179,10 @@ APIS: Mapping[str, _Api] = {
         ),
         top_level=True,
     ),
+    "QueryProductList": _Api(
+        ("CurrentPage", "PageSize"),
+        lambda b, p: b.query_product_list(p["CurrentPage"], p["PageSize"], iot_instance_id=_instance(p)),
+    ),
 }
 
 

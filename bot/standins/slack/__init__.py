@@ -10,11 +10,12 @@ against them unchanged:
   request without the bot token with HTTP 200 and a sign-in page, as Slack does) and
   ``response_url``\s. It keeps a model of the workspace for tests to read (:meth:`~FakeSlack.messages`,
   :meth:`~FakeSlack.thread`, :meth:`~FakeSlack.ephemeral`, :attr:`~FakeSlack.views`,
-  :attr:`~FakeSlack.uploads`, :meth:`~FakeSlack.dm`), records every request
+  :attr:`~FakeSlack.uploads`, :meth:`~FakeSlack.dm`, the Home tabs of ``views.publish``:
+  :meth:`~FakeSlack.home`), records every request
   (:attr:`~FakeSlack.calls`), injects faults (:meth:`~FakeSlack.fail`, :meth:`~FakeSlack.delay`) and
   lets a test wait for the bot without sleeping (:meth:`~FakeSlack.wait_for`).
-* :class:`Workspace` plays the people: it builds the slash command, ``block_actions`` and
-  ``view_submission`` requests Slack sends, signs them with the signing secret
+* :class:`Workspace` plays the people: it builds the slash command, ``block_actions``,
+  ``view_submission`` and Events API (``event_callback``, e.g. ``app_home_opened``) requests Slack sends, signs them with the signing secret
   (:func:`signature_headers`) and POSTs them to the app. The pure builders (:func:`command_body`,
   :func:`interaction_body`, :func:`block_actions_payload`, :func:`view_submission_payload`) are
   public for unit tests.
@@ -363,6 +364,7 @@ class FakeSlack:
         self._channels: dict[str, _Channel] = {}
         self._users: dict[str, dict[str, Any]] = {}
         self._views: dict[str, dict[str, Any]] = {}
+        self._homes: dict[str, dict[str, Any]] = {}
         self._closed_views: set[str] = set()
         self._triggers: dict[str, _Trigger] = {}
         self._files: dict[str, _FileRecord] = {}
@@ -634,6 +636,12 @@ class FakeSlack:
         """Views opened or updated, by id, as last set (with the state last submitted)."""
         with self._lock:
             return copy.deepcopy(self._views)
+
+    def home(self, user: str) -> dict[str, Any] | None:
+        """The Home tab ``user`` sees (published with ``views.publish``), or ``None``."""
+        with self._lock:
+            view = self._homes.get(user)
+            return copy.deepcopy(view) if view else None
 
     def view_is_open(self, view_id: str) -> bool:
         """False once a submission closed the modal (an empty ack, or ``response_action: clear``)."""
@@ -1177,6 +1185,23 @@ class FakeSlack:
         self._views[view["id"]] = view
         return {"view": copy.deepcopy(view)}
 
+    def _views_publish(self, params: dict[str, Any]) -> dict[str, Any]:
+        user = _str_or_none(params.get("user_id"))
+        if not user:
+            raise _invalid_arguments("missing required field: user_id")
+        if user not in self._users:
+            raise _ApiError("user_not_found")
+        view = _json_value(params.get("view"), "view")
+        if not isinstance(view, dict) or view.get("type") != "home":
+            raise _ApiError("invalid_arguments", detail="views.publish takes a view of type home")
+        current = self._homes.get(user)
+        given_hash = _str_or_none(params.get("hash"))
+        if given_hash and current and given_hash != current["hash"]:
+            raise _ApiError("hash_conflict")
+        built = self._build_view(view, view_id=current["id"] if current else None, previous=current)
+        self._homes[user] = built
+        return {"view": copy.deepcopy(built)}
+
     def _files_get_upload_url_external(self, params: dict[str, Any]) -> dict[str, Any]:
         filename = _str_or_none(params.get("filename"))
         length = params.get("length")
@@ -1286,6 +1311,7 @@ _API: dict[str, Callable[[FakeSlack, dict[str, Any]], dict[str, Any]]] = {
     "chat.getPermalink": FakeSlack._chat_get_permalink,
     "views.open": FakeSlack._views_open,
     "views.update": FakeSlack._views_update,
+    "views.publish": FakeSlack._views_publish,
     "files.getUploadURLExternal": FakeSlack._files_get_upload_url_external,
     "files.completeUploadExternal": FakeSlack._files_complete_upload_external,
     "files.info": FakeSlack._files_info,
@@ -1849,6 +1875,23 @@ class Workspace:
                 **common,
             )
         return self.post(interaction_body(payload), sign=sign, bad_signature=bad_signature)
+
+    def event(self, user: str, event: Mapping[str, Any], *, sign: bool = True) -> requests.Response:
+        """Slack's Events API delivers ``event`` (``type`` and the rest) about ``user`` to the app,
+        as an ``event_callback`` (e.g. ``{"type": "app_home_opened", "tab": "home"}``)."""
+        self._ensure_user(user)
+        now = self.clock()
+        body = {
+            "token": self.verification_token,
+            "team_id": self.fake.team_id,
+            "api_app_id": self.fake.app_id,
+            "event": {"user": user, "event_ts": f"{now:.6f}", **event},
+            "type": "event_callback",
+            "event_id": f"Ev{_random_id(10)}",
+            "event_time": int(now),
+            "authorizations": [{"team_id": self.fake.team_id, "user_id": self.fake.bot_user_id, "is_bot": True}],
+        }
+        return self.post(json.dumps(body), content_type="application/json", sign=sign)
 
     def submit_view(
         self,
