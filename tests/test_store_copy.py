@@ -145,3 +145,15 @@ def test_a_missing_source_or_a_non_postgres_target_is_refused_in_one_line(tmp_pa
     assert not (tmp_path / "nothing.db").exists()
     result = CliRunner().invoke(cli, ["db", "copy", "--from", str(tmp_path / "x.db"), "--to", str(tmp_path / "y.db")])
     assert result.exit_code == 2 and "expected a postgresql:// URL" in result.output
+
+
+def test_a_deployment_that_iotreg_serves_is_not_copied(deployment, postgres_url):
+    path, _ = deployment
+    serving = SqliteStore(path)
+    serving.hold("serve")
+    try:
+        with pytest.raises(CopyError, match="iotreg serve is running on .*: stop it, then copy"):
+            copy_sqlite_to_postgres(path, postgres_url)
+    finally:
+        serving.close()
+    assert {c.table: c.target for c in copy_sqlite_to_postgres(path, postgres_url)}["requests"] == 3  # once stopped

@@ -16,6 +16,7 @@ import dataclasses
 import sqlite3
 from pathlib import Path
 
+from bot.store import StoreBusy
 from bot.store.postgres import SERIALS, TABLES, PostgresStore
 from bot.store.sqlite import SqliteStore
 
@@ -84,7 +85,25 @@ def copy_sqlite_to_postgres(source: str | Path, target_url: str) -> list[Copied]
     source = Path(source)
     if not source.is_file():
         raise CopyError(f"there is no SQLite database at {source}: give the deployment's file with --from PATH")
-    SqliteStore(source).close()  # brings an older deployment's schema up to date, as iotreg does at start
+    # Opening it brings an older deployment's schema up to date, as iotreg does at start. Holding it
+    # as `serve` does refuses a copy while the bot runs on it, and the bot's start while it is copied.
+    holder = SqliteStore(source)
+    try:
+        holder.hold("serve")
+    except StoreBusy:
+        holder.close()
+        raise CopyError(f"iotreg serve is running on {source}: stop it, then copy (what it writes meanwhile would be lost)") from None
+    try:
+        copied = _copy(source, target_url)
+    finally:
+        holder.close()
+    wrong = [c for c in copied if c.source != c.target]
+    if wrong:
+        raise CopyError("the copy does not add up: " + ", ".join(f"{c.table} {c.source:,} in SQLite, {c.target:,} copied" for c in wrong))
+    return copied
+
+
+def _copy(source: Path, target_url: str) -> list[Copied]:
     target = PostgresStore(target_url)
     reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
     try:
@@ -107,9 +126,6 @@ def copy_sqlite_to_postgres(source: str | Path, target_url: str) -> list[Copied]
     finally:
         reader.close()
         target.close()
-    wrong = [c for c in copied if c.source != c.target]
-    if wrong:
-        raise CopyError("the copy does not add up: " + ", ".join(f"{c.table} {c.source:,} in SQLite, {c.target:,} copied" for c in wrong))
     return copied
 
 
