@@ -1,6 +1,6 @@
 """Ack latency: how fast `iotreg serve` answers Slack, beside a Bolt app that only acks.
 
-Both run under the same production server settings (gunicorn, one gthread worker, IOTREG_WORKERS
+Both run under the same production server settings (waitress, one process, IOTREG_WORKERS
 threads), each in its own process, against the same local fake Slack. 50 concurrent streams send
 signed `/devices` commands (help, list, status) and button clicks (Approve on a finished request,
 which the bot must check and answer). Rounds alternate between the two apps so that the machine's
@@ -59,7 +59,7 @@ def serve_minimal(port: int) -> None:
         def stop(self) -> None:
             pass
 
-        def wsgi(self):
+        def wsgi(self, events: bool = True):
             return SlackRequestHandler(self.app)
 
     Server(settings, host="127.0.0.1", port=port, build=Minimal).run()
@@ -85,7 +85,7 @@ def start(command: list[str], env: dict, port: int) -> subprocess.Popen:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a process and its children so far: the gunicorn master and worker."""
+    """CPU time (user + system) of a process and its children so far."""
     pids = [pid]
     try:
         with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as children:
@@ -229,7 +229,7 @@ def main() -> None:
     report(
         "Ack latency",
         f"{args.streams} concurrent streams × {args.requests} requests × {args.rounds} rounds per app (commands and clicks, "
-        "signed), gunicorn 1 worker × 16 threads, load generated on the same machine.\n\n"
+        "signed), waitress 1 process × 16 threads, load generated on the same machine.\n\n"
         + table(["app", "requests", "p50 ms", "p99 ms", "max ms", "p99 ms of each round", "server CPU ms a request (acks and all the work after)", "sent again (idle connection closed)"], rows)
         + "\n\n"
         + table(["target", "measured", ""], verdict),

@@ -7,6 +7,7 @@ bench/RESULTS.md. Not part of the test suite: a full run takes a few minutes.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,18 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = ["bench_files.py", "bench_client.py", "bench_approval.py", "bench_ack.py", "bench_scale.py", "bench_store.py"]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run every benchmark in bench/; each prints its figures and appends them to bench/RESULTS.md.")
+    parser.add_argument("--quick", action="store_true", help="each on a small run: checks the scripts work")
+    parser.add_argument("only", nargs="*", metavar="SCRIPT", help=f"only these ({', '.join(BENCHMARKS)})")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.only) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"no benchmark {', '.join(unknown)}; choose among {', '.join(BENCHMARKS)}")
     failed = []
-    for script in BENCHMARKS:
+    for script in args.only or BENCHMARKS:
         print(f"\n=== {script} ===", flush=True)
-        if subprocess.run([sys.executable, str(HERE / script), *sys.argv[1:]]).returncode != 0:
+        if subprocess.run([sys.executable, str(HERE / script), *(["--quick"] if args.quick else [])]).returncode != 0:
             failed.append(script)
     if failed:
         print(f"\nfailed: {', '.join(failed)}")

@@ -1,50 +1,88 @@
 """The ``iotreg`` command line: one click group, a sub-command per front end or tool.
 
-Errors reach the user here and only here: a :class:`~bot.config.ConfigError` or an
-:class:`~bot.aliyun.errors.IotError` becomes a one-line message and exit status 1.
+Errors reach the user here and only here (:class:`Iotreg.invoke`): a configuration, database,
+platform or workflow error becomes a one-line message, and every command ends with one of the
+:class:`Exit` statuses (README, "Exit status"). The commands call the request service, never the
+store; those that need no API call run without IoT credentials and never create a database.
 """
 
 from __future__ import annotations
 
+import enum
 import getpass
+import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import click
 
-from bot import __version__
-from bot.domain import ACTIVE_STATES, FINAL_STATES, Origin, Outcome, State
-from bot.policy import Policy, PolicyError
-from bot.service import RequestService
-from bot import wiring
-from bot.store import StoreUnavailable, is_url, open_store
+from bot import __version__, logs, wiring
 from bot.aliyun.client import ApplyStatus
 from bot.aliyun.errors import IotError
 from bot.clock import SystemClock
 from bot.config import ConfigError, Settings
-from bot.domain import Event, Request
+from bot.domain import (
+    ACTIVE_STATES, FINAL_STATES, AuditEntry, Chunk, Conflict, Event, Origin, Outcome, Request, State, Summary, WorkflowError,
+)
+from bot.policy import Policy, PolicyError
+from bot.registration import Workflow
+from bot.service import RequestService
+from bot.store import StoreUnavailable, is_url
 
 
-class Commands(click.Group):
-    """The command group; a database that cannot be reached ends any command with its one-line message."""
+class Exit(enum.IntEnum):
+    """How an ``iotreg`` command ended (its exit status); when several apply, the worst (last) wins."""
 
-    def invoke(self, ctx: click.Context) -> object:
+    OK = 0  # every line of the list became a device (or the command did what it was asked)
+    ERROR = 1  # it could not run: configuration, file, database; IoT Platform unreachable, refusing the key, no such product
+    USAGE = 2  # wrong arguments (click's own)
+    REJECTED_LOCALLY = 3  # some lines were not valid device names and were skipped; the rest were registered
+    REFUSED = 4  # IoT Platform's check refused names: nothing registered, or only the others (--skip-invalid)
+    FAILED = 5  # some devices were not created, or the registration failed
+    NOT_APPROVED = 6  # declined, cancelled or expired: nothing registered
+    WAITING = 7  # a request still waits: no answer at the prompt, or another terminal is driving it
+    INTERRUPTED = 130  # Ctrl-C (the request is saved: `iotreg resume`)
+
+
+SEVERITY = [Exit.OK, Exit.REJECTED_LOCALLY, Exit.REFUSED, Exit.NOT_APPROVED, Exit.WAITING, Exit.FAILED, Exit.ERROR, Exit.INTERRUPTED]
+
+
+def worst(*statuses: Exit) -> Exit:
+    return max(statuses, key=SEVERITY.index, default=Exit.OK)
+
+
+class Stop(click.ClickException):
+    """End the command with a one-line message and an :class:`Exit` status."""
+
+    def __init__(self, message: str, status: Exit = Exit.ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = int(status)
+
+
+class Iotreg(click.Group):
+    """The edge where errors are caught: each becomes one line and an exit status, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except StoreUnavailable as exc:
-            raise click.ClickException(str(exc)) from None
+        except (ConfigError, StoreUnavailable, WorkflowError, IotError, OSError) as exc:
+            raise Stop(str(exc)) from None
+        except KeyboardInterrupt:
+            raise Stop("interrupted", Exit.INTERRUPTED) from None
 
 
-@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Iotreg, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="iotreg")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def cli(verbose: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """Register IoT devices in batches on Alibaba Cloud IoT Platform."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ctx.obj = {"verbose": verbose}
+    logs.configure(verbose)
 
 
 def main() -> None:
@@ -52,10 +90,11 @@ def main() -> None:
     cli(prog_name="iotreg")
 
 
-# -- the registration front end ---------------------------------------------------------------
-
-CHECK_DONE = {ApplyStatus.CHECK_SUCCESS.value, ApplyStatus.CHECK_FAILED.value}
-CREATE_DONE = {ApplyStatus.CREATE_SUCCESS.value, ApplyStatus.CREATE_FAILED.value}
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON on standard output (messages go to standard error).")
+OUTPUT_OPTION = click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Write each device's outcome to this CSV file."
+)
+YES_OPTION = click.option("-y", "--yes", is_flag=True, help="Approve without asking (at the terminal, you are the approver).")
 
 
 def operator() -> str:
@@ -67,25 +106,62 @@ def operator() -> str:
 
 
 def load_settings() -> Settings:
-    try:
-        return Settings.load()
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    return Settings.load()
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+
+# -- the terminal: event lines, progress bars, and where the summary goes ------------------------
+
+
+class Terminal:
+    """Where the CLI speaks: event lines on standard error, never glued to a progress bar; the summary
+    on standard output, or on standard error when standard output carries JSON."""
+
+    def __init__(self, *, as_json: bool = False, err: IO[str] | None = None) -> None:
+        self.as_json = as_json
+        self.err = err
+        self.bar: Any = None
+
+    def line(self, text: str) -> None:
+        """An event line; a progress bar on the terminal is cleared first and drawn again after."""
+        stream = self.err or sys.stderr
+        drawn = self.bar is not None and stream.isatty()
+        if drawn:
+            stream.write("\r\x1b[K")
+        click.echo(text, file=stream)
+        if drawn:
+            self.bar._last_line = None  # click draws a line only when it changed; this one was wiped
+            self.bar.render_progress()
+
+    def say(self, text: str = "") -> None:
+        click.echo(text, err=self.as_json)
+
+    @contextmanager
+    def progress(self, label: str, length: int) -> Iterator[Any]:
+        stream = self.err or sys.stderr
+        with click.progressbar(length=length, label=label, file=stream, show_pos=False, show_percent=True) as bar:
+            self.bar = bar
+            try:
+                yield bar
+            finally:
+                self.bar = None
 
 
 class TerminalNotifier:
-    """The CLI's side of the workflow's notifications: one line per step, on standard error."""
+    """The CLI's side of the workflow's notifications: one line per step."""
 
-    def __init__(self, requests: RequestService) -> None:
+    def __init__(self, requests: RequestService, terminal: Terminal) -> None:
         self.requests = requests
+        self.terminal = terminal
 
     def deliver(self, event: Event) -> None:
         request = self.requests.get(event.request_id)
-        if request is None:
-            return
-        line = describe_event(event, request)
+        line = describe_event(event, request) if request is not None else None
         if line:
-            click.echo(line, err=True)
+            self.terminal.line(line)
 
 
 def describe_event(event: Event, request: Request) -> str | None:
@@ -120,145 +196,297 @@ def describe_event(event: Event, request: Request) -> str | None:
 
 
 @contextmanager
-def open_workflow(settings: Settings) -> Iterator[tuple[object, object]]:
-    """The workflow for CLI requests, run in this process on the real clock."""
+def open_workflow(settings: Settings, terminal: Terminal, *, api: bool = True) -> Iterator[Workflow]:
+    """The workflow for CLI requests, run in this process on the real clock.
+
+    ``api=False``: for commands that make no API call (no IoT credentials needed).
+    """
     from bot.jobs import InlineJobs
 
     clock = SystemClock()
+    if api:
+        settings.require("access_key_id", "access_key_secret")  # before a database is created
+    wiring.prepare_home(settings)
+    workflow = wiring.workflow(
+        settings,
+        clock=clock,
+        notifier=lambda requests: TerminalNotifier(requests, terminal),
+        jobs=lambda steps: InlineJobs(clock, steps),
+        policy=Policy(allow_self_approval=True),  # at the terminal, the operator approves
+        origins=frozenset({Origin.CLI}),
+        api=api,
+    )
     try:
-        workflow = wiring.workflow(
-            settings,
-            clock=clock,
-            notifier=TerminalNotifier,
-            jobs=lambda steps: InlineJobs(clock, steps),
-            policy=Policy(allow_self_approval=True),  # at the terminal, the operator approves
-            origins=frozenset({Origin.CLI}),
-        )
-    except (ConfigError, OSError, StoreUnavailable) as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
-        yield workflow, workflow.jobs
+        yield workflow
     finally:
         workflow.close()
 
 
-def wait_for(workflow, jobs, request_id: int, label: str, done_statuses: set[str], until: set[str]) -> Request:
-    """Run the workflow until the request reaches one of ``until``, with a progress bar of devices."""
-    store = workflow.requests
-    total = sum(c.size for c in store.chunks(request_id))
-    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
-        shown = 0
-
-        def reached() -> bool:
-            nonlocal shown
-            finished = sum(c.size for c in store.chunks(request_id) if c.status in done_statuses)
-            if finished > shown:
-                bar.update(finished - shown)
-                shown = finished
-            return store.get(request_id).state in until
-
-        jobs.run_until(reached)
-    jobs.run_due()  # deliver the notifications of the last step
-    return store.get(request_id)
+@contextmanager
+def reading(settings: Settings) -> Iterator[RequestService | None]:
+    """The request service for a query, or ``None`` when there is no database yet (none is created)."""
+    if not wiring.database_exists(settings):
+        yield None
+        return
+    with open_workflow(settings, Terminal(), api=False) as workflow:
+        yield workflow.requests
 
 
-def drive(workflow, jobs, request: Request, *, yes: bool, skip_invalid: bool, output: Path | None) -> int:
-    """Take a CLI request from wherever it is to the end; returns the exit status."""
-    user = operator()
-    if request.state == State.CHECKING:
-        request = wait_for(workflow, jobs, request.id, "Checking names", CHECK_DONE, set(FINAL_STATES) | {State.AWAITING_APPROVAL})
-    if request.state == State.CHECK_FAILED:
-        show_invalid(workflow.requests, request.id)
-        valid = request.count - workflow.requests.summary(request.id).invalid
-        if valid and (skip_invalid or (not yes and click.confirm(f"Register the {valid:,} valid name(s) in a new request?"))):
-            request = workflow.requests.retry_valid(request.id, user)
-            return drive(workflow, jobs, request, yes=yes, skip_invalid=False, output=output)
-        click.echo("Nothing was registered. Fix the names above and run again, or add --skip-invalid.", err=True)
-        return finish(workflow, request, output)
-    if request.state == State.AWAITING_APPROVAL:
-        question = f"Register {request.count:,} device(s) in product {request.product_key}?"
-        if yes or click.confirm(question):
-            workflow.requests.approve(request.id, user)  # at the terminal, the operator approves
+# -- driving a request at the terminal ---------------------------------------------------------
+
+CHECK_DONE = {ApplyStatus.CHECK_SUCCESS.value, ApplyStatus.CHECK_FAILED.value}
+CREATE_DONE = {ApplyStatus.CREATE_SUCCESS.value, ApplyStatus.CREATE_FAILED.value, "UNKNOWN"}
+
+
+def progress_units(chunks: list[Chunk], registering: bool) -> int:
+    """How far a phase is, in half-devices: a part counts half when the platform took it (an ApplyId,
+    a register call confirmed) and whole when it ended, so the bar moves with each part's steps."""
+    units = 0
+    for chunk in chunks:
+        if registering:
+            units += chunk.size * ((chunk.register_confirmed_at is not None) + (chunk.status in CREATE_DONE))
         else:
-            workflow.requests.reject(request.id, user, "declined at the terminal")
-            jobs.run_due()
-            return finish(workflow, workflow.requests.get(request.id), output)
-        request = workflow.requests.get(request.id)
-    if request.state in (State.APPROVED, State.REGISTERING):
-        request = wait_for(workflow, jobs, request.id, "Registering", CREATE_DONE, set(FINAL_STATES))
-    return finish(workflow, request, output)
+            units += chunk.size * ((chunk.apply_id is not None or chunk.status is not None) + (chunk.status in CHECK_DONE))
+    return units
 
 
-def show_invalid(store: RequestService, request_id: int, limit: int = 20) -> None:
-    invalid = store.devices(request_id, outcome=Outcome.INVALID)
-    click.echo("Names the platform refused:", err=True)
-    for device in invalid[:limit]:
-        click.echo(f"  {device.name:<34} {device.reason}", err=True)
-    if len(invalid) > limit:
-        click.echo(f"  … and {len(invalid) - limit:,} more (see --output)", err=True)
+class Driver:
+    """Takes CLI requests from wherever they are to their end, at this terminal."""
+
+    def __init__(self, workflow: Workflow, terminal: Terminal, *, yes: bool, output: Path | None = None) -> None:
+        self.workflow = workflow
+        self.requests = workflow.requests
+        self.jobs: Any = workflow.jobs
+        self.terminal = terminal
+        self.yes = yes
+        self.output = output
+        self.token = workflow.reconciler.owner
+        self.finished: list[Summary] = []
+
+    def drive(self, request: Request, *, skip_invalid: bool = False) -> Exit:
+        """Drive one request (and the retry --skip-invalid makes of it); returns its exit status."""
+        other = self.requests.drive(request.id, self.token)
+        if other is not None:
+            self.terminal.line(
+                f"Request #{request.id} is being driven by another iotreg ({describe_process(other)}): left to it. "
+                f"Run `iotreg status {request.id}` to follow it."
+            )
+            return Exit.WAITING
+        try:
+            return self._drive(request, skip_invalid)
+        except KeyboardInterrupt:
+            now = self.requests.get(request.id) or request
+            if now.state == State.AWAITING_APPROVAL:
+                hint = f"request #{now.id} waits for approval: `iotreg resume {now.id}` to answer, `iotreg cancel {now.id}` to withdraw it"
+            else:
+                hint = f"request #{now.id} is saved: run `iotreg resume {now.id}` to finish it"
+            raise Stop(f"interrupted; {hint}", Exit.INTERRUPTED) from None
+        finally:
+            self.requests.let_go(request.id, self.token)
+
+    def _drive(self, request: Request, skip_invalid: bool) -> Exit:
+        if request.state == State.CHECKING:
+            request = self.wait(request.id, "Checking names", registering=False, until=set(FINAL_STATES) | {State.AWAITING_APPROVAL})
+        if request.state == State.CHECK_FAILED:
+            self.show_invalid(request.id)
+            summary = self.requests.summary(request.id)
+            valid = request.count - summary.invalid
+            if valid and (skip_invalid or self.confirm(f"Register the {valid:,} valid name(s) in a new request?", request) is True):
+                self.finished.append(summary)  # for --json; the summary printed is the new request's
+                retry = self.requests.retry_valid(request.id, operator())
+                return worst(exit_status(summary), self.drive(retry))
+            self.terminal.line("Nothing was registered. Fix the names above and run again, or add --skip-invalid.")
+            return self.finish(request)
+        if request.state == State.AWAITING_APPROVAL:
+            question = f"Register {request.count:,} device(s) in product {request.product_key}?"
+            answer = True if self.yes else self.confirm(question, request)
+            if answer is None:
+                return Exit.WAITING
+            try:
+                if answer:
+                    self.requests.approve(request.id, operator())
+                else:
+                    self.requests.reject(request.id, operator(), "declined at the terminal")
+            except Conflict as exc:  # decided meanwhile (by another terminal, or it expired)
+                self.terminal.line(f"{exc}.")
+            self.jobs.run_due()
+            request = self.requests.require(request.id)
+        if request.state in (State.APPROVED, State.REGISTERING):
+            request = self.wait(request.id, "Registering", registering=True, until=set(FINAL_STATES))
+        return self.finish(request)
+
+    def confirm(self, question: str, request: Request) -> bool | None:
+        """Ask at the terminal; ``None`` when there is no one to answer (standard input closed)."""
+        try:
+            return click.confirm(question, err=self.terminal.as_json)
+        except click.Abort as exc:
+            if isinstance(exc.__context__, EOFError):
+                self.terminal.line(
+                    f"No answer at the prompt (no terminal?): request #{request.id} waits for approval. "
+                    f"`iotreg resume {request.id} --yes` approves it, `iotreg cancel {request.id}` withdraws it."
+                )
+                return None
+            raise KeyboardInterrupt from None
+
+    def wait(self, request_id: int, label: str, *, registering: bool, until: set[State]) -> Request:
+        """Run the workflow until the request reaches one of ``until``, with a progress bar."""
+        total = 2 * sum(c.size for c in self.requests.chunks(request_id))
+        with self.terminal.progress(label, total) as bar:
+            shown = 0
+
+            def reached() -> bool:
+                nonlocal shown
+                units = progress_units(self.requests.chunks(request_id), registering)
+                if units > shown:
+                    bar.update(units - shown)
+                    shown = units
+                return self.requests.require(request_id).state in until
+
+            self.jobs.run_until(reached)
+        self.jobs.run_due()  # deliver the notifications of the last step
+        return self.requests.require(request_id)
+
+    def show_invalid(self, request_id: int, limit: int = 20) -> None:
+        invalid = self.requests.devices(request_id, outcome=Outcome.INVALID)
+        self.terminal.line("Names the platform refused:")
+        for device in invalid[:limit]:
+            self.terminal.line(f"  {device.name:<34} {device.reason}")
+        if len(invalid) > limit:
+            self.terminal.line(f"  … and {len(invalid) - limit:,} more (see --output)")
+
+    def finish(self, request: Request) -> Exit:
+        """Print the summary, write the report; returns the request's exit status."""
+        from bot import report
+
+        summary = self.requests.summary(request.id)
+        self.finished.append(summary)
+        say = self.terminal.say
+        say(f"\nRequest #{request.id} ({request.product_key}): {request.state.label}")
+        if request.reason and request.state != State.DONE:
+            say(f"  reason: {request.reason}")
+        for label, count in summary_rows(summary):
+            if count or label == "registered":
+                say(f"  {label:<18}{count:>10,}")
+        failed = self.requests.devices(request.id, outcome=Outcome.NOT_CREATED, limit=20)
+        if failed:
+            say("Devices that failed:")
+            for device in failed:
+                say(f"  {device.name:<34} {device.reason}")
+            if summary.failed > len(failed):
+                say(f"  … and {summary.failed - len(failed):,} more")
+            say(f"`iotreg retry-failed {request.id}` registers them again in one new request.")
+        if self.output is not None:
+            rows_written = report.write_outcomes(self.output, self.requests, request.id)
+            say(f"Wrote {rows_written:,} device outcome(s) to {self.output}")
+        return exit_status(summary)
 
 
-def finish(workflow, request: Request, output: Path | None) -> int:
-    """Print the summary table, write the report; 0 only when every device was registered."""
-    from bot import report
-
-    summary = workflow.requests.summary(request.id)
-    click.echo(f"\nRequest #{request.id} ({request.product_key}): {request.state.label}")
-    if request.reason and request.state not in (State.DONE,):
-        click.echo(f"  reason: {request.reason}")
-    rows = [
+def summary_rows(summary: Summary) -> list[tuple[str, int]]:
+    return [
         ("registered", summary.created),
         ("failed", summary.failed),
         ("refused by check", summary.invalid),
-        ("not registered", summary.pending if request.final else 0),
+        ("not registered", summary.pending if summary.request.final else 0),
         ("rejected locally", summary.rejected_locally),
     ]
-    for label, count in rows:
-        if count or label == "registered":
-            click.echo(f"  {label:<18}{count:>10,}")
-    failed = workflow.requests.devices(request.id, outcome=Outcome.NOT_CREATED, limit=20)
-    if failed:
-        click.echo("Devices that failed:")
-        for device in failed:
-            click.echo(f"  {device.name:<34} {device.reason}")
-        if summary.failed > len(failed):
-            click.echo(f"  … and {summary.failed - len(failed):,} more")
-    if output is not None:
-        rows_written = report.write_outcomes(output, workflow.requests, request.id)
-        click.echo(f"Wrote {rows_written:,} device outcome(s) to {output}")
-    all_done = request.state == State.DONE and not (summary.failed or summary.invalid or summary.pending)
-    return 0 if all_done else 1
+
+
+def exit_status(summary: Summary) -> Exit:
+    """What a request's outcome means for the exit status (see :class:`Exit`)."""
+    state = summary.request.state
+    if state in (State.REJECTED, State.CANCELLED, State.EXPIRED):
+        return Exit.NOT_APPROVED
+    if state == State.FAILED and summary.request.decided_by is None:
+        return Exit.ERROR  # the check itself failed: unreachable, the key refused, no such product
+    if state == State.FAILED or summary.failed or (state == State.DONE and summary.pending):
+        return Exit.FAILED
+    if not state.final:
+        return Exit.WAITING
+    if state == State.CHECK_FAILED or summary.invalid:
+        return Exit.REFUSED
+    if summary.rejected_locally:
+        return Exit.REJECTED_LOCALLY
+    return Exit.OK
+
+
+def describe_process(token: str) -> str:
+    host, _, rest = token.partition(":")
+    return f"process {rest.partition(':')[0]} on {host}"
+
+
+def request_json(requests: RequestService, request: Request) -> dict[str, Any]:
+    """A request as ``--json`` shows it."""
+    summary = requests.summary(request.id)
+    return {
+        "id": request.id,
+        "product_key": request.product_key,
+        "state": str(request.state),
+        "kind": str(request.kind),
+        "origin": str(request.origin),
+        "requester": request.requester,
+        "created_at": request.created_at.isoformat(),
+        "updated_at": request.updated_at.isoformat(),
+        "decided_by": request.decided_by,
+        "reason": request.reason,
+        "retry_of": request.retry_of,
+        "devices": request.count,
+        "registered": summary.created,
+        "failed": summary.failed,
+        "refused_by_check": summary.invalid,
+        "pending": summary.pending,
+        "rejected_locally": summary.rejected_locally,
+        "apply_ids": requests.apply_ids(request.id),
+        "exit_status": int(exit_status(summary)),
+    }
+
+
+def end(driver: Driver, status: Exit, as_json: bool) -> None:
+    """Print the JSON of what was driven (``--json``) and exit with ``status``."""
+    if as_json:
+        print_json({"exit_status": int(status), "requests": [request_json(driver.requests, s.request) for s in driver.finished]})
+    sys.exit(int(status))
+
+
+# -- the commands ------------------------------------------------------------------------------
 
 
 @cli.command()
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-p", "--product-key", required=True, help="The product to register the devices in.")
 @click.option("--count", type=click.IntRange(1, 1_000_000), help="Let the platform name COUNT devices instead of reading FILE.")
-@click.option("-y", "--yes", is_flag=True, help="Approve without asking (at the terminal, you are the approver).")
+@YES_OPTION
 @click.option("--skip-invalid", is_flag=True, help="If the platform refuses some names, register the others.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Write each device's outcome to this CSV file.")
-def register(file: Path | None, product_key: str, count: int | None, yes: bool, skip_invalid: bool, output: Path | None) -> None:
+@OUTPUT_OPTION
+@JSON_OPTION
+def register(
+    file: Path | None, product_key: str, count: int | None, yes: bool, skip_invalid: bool, output: Path | None, as_json: bool
+) -> None:
     """Register the devices named in FILE (CSV or text, one name a line) in a product.
 
     Names are checked locally, then by IoT Platform; after your confirmation (or --yes) the
     devices are created. The request is saved as it goes: if this is interrupted, run
-    `iotreg resume` to finish it without registering anything twice.
+    `iotreg resume` to finish it without registering anything twice. Exit status 0 only when
+    every line became a device (README, "Exit status").
     """
     from bot.names import DeviceListError, read_device_file
 
     if (file is None) == (count is None):
         raise click.UsageError("give either FILE or --count")
     settings = load_settings()
+    terminal = Terminal(as_json=as_json)
     devices = None
     if file is not None:
         try:
             with file.open("rb") as source:
-                devices = read_device_file(source, filename=file.name)
+                devices = read_device_file(source, filename=file.name, product_key=product_key)
         except DeviceListError as exc:
-            raise click.ClickException(exc.message) from None
-        show_rejected(devices)
-    request = None
-    with open_workflow(settings) as (workflow, jobs):
+            raise Stop(exc.message) from None
+        encoding = getattr(devices, "encoding", None)  # when the reader says how it decoded the file
+        if encoding and encoding.lower().replace("-", "") not in ("utf8", "ascii"):
+            terminal.line(f"Read {file.name} as {encoding}.")
+        show_rejected(terminal, devices)
+    with open_workflow(settings, terminal) as workflow:
+        driver = Driver(workflow, terminal, yes=yes, output=output)
         try:
             if devices is not None:
                 request = workflow.requests.submit(
@@ -267,121 +495,204 @@ def register(file: Path | None, product_key: str, count: int | None, yes: bool, 
                 )
             else:
                 request = workflow.requests.submit_count(product_key, operator(), count, origin=Origin.CLI)
-            status = drive(workflow, jobs, request, yes=yes, skip_invalid=skip_invalid, output=output)
         except KeyboardInterrupt:
-            saved = f"request #{request.id} is saved: run `iotreg resume` to finish it" if request else "nothing was sent"
-            raise click.ClickException(f"interrupted; {saved}") from None
-        except IotError as exc:
-            raise click.ClickException(str(exc)) from None
-    sys.exit(status)
+            raise Stop("interrupted; nothing was sent", Exit.INTERRUPTED) from None
+        status = driver.drive(request, skip_invalid=skip_invalid)
+    end(driver, status, as_json)
 
 
-def show_rejected(devices, limit: int = 20) -> None:
+def show_rejected(terminal: Terminal, devices: Any, limit: int = 20) -> None:
     if not devices.rejected_count:
         return
-    click.echo(f"{devices.rejected_count:,} line(s) were not valid and will be skipped:", err=True)
+    terminal.line(f"{devices.rejected_count:,} line(s) were not valid and will be skipped:")
     for rejected in devices.rejected[:limit]:
-        click.echo(f"  {rejected}", err=True)
+        terminal.line(f"  {rejected}")
     if devices.rejected_count > limit:
-        click.echo(f"  … and {devices.rejected_count - limit:,} more (all listed in --output)", err=True)
+        terminal.line(f"  … and {devices.rejected_count - limit:,} more (all listed in --output)")
 
 
 @cli.command()
 @click.argument("request_ids", nargs=-1, type=int)
 @click.option("-y", "--yes", is_flag=True, help="Approve waiting requests without asking.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Write the outcomes of the (single) request to this CSV file.")
-def resume(request_ids: tuple[int, ...], yes: bool, output: Path | None) -> None:
-    """Finish CLI requests that were interrupted (all unfinished ones, or those given)."""
+@JSON_OPTION
+def resume(request_ids: tuple[int, ...], yes: bool, output: Path | None, as_json: bool) -> None:
+    """Finish CLI requests that were interrupted (all unfinished ones, or those given).
+
+    A request that another iotreg is driving right now (at its prompt, say) is left to it.
+    """
     settings = load_settings()
-    status = 0
-    with open_workflow(settings) as (workflow, jobs):
+    terminal = Terminal(as_json=as_json)
+    if not wiring.database_exists(settings):
+        terminal.say("No unfinished request.")
+        return
+    with open_workflow(settings, terminal) as workflow:
+        driver = Driver(workflow, terminal, yes=yes)
         if request_ids:
-            requests = [workflow.requests.get(i) for i in request_ids]
-            missing = [str(i) for i, r in zip(request_ids, requests) if r is None or r.origin != Origin.CLI]
+            found = [workflow.requests.get(i) for i in request_ids]
+            missing = [str(i) for i, r in zip(request_ids, found) if r is None or r.origin != Origin.CLI]
             if missing:
-                raise click.ClickException(f"no CLI request #{', #'.join(missing)}")
+                raise Stop(f"no CLI request #{', #'.join(missing)}")
+            requests = [r for r in found if r is not None]
         else:
             requests = workflow.requests.requests(states=ACTIVE_STATES, origins=[Origin.CLI], limit=1000)
+            busy = [r for r in requests if workflow.requests.driven_by(r)]
+            for request in busy:
+                terminal.line(f"Request #{request.id} is being driven by another iotreg ({describe_process(workflow.requests.driven_by(request) or '')}): skipped.")
+            requests = [r for r in requests if r not in busy]
         if not requests:
-            click.echo("No unfinished request.")
+            terminal.say("No unfinished request.")
             return
+        driver.output = output if len(requests) == 1 else None
         workflow.resume()
+        status = Exit.OK
         for request in sorted(requests, key=lambda r: r.id):
-            if request.final:
-                status |= finish(workflow, request, output)
-                continue
-            try:
-                status |= drive(workflow, jobs, request, yes=yes, skip_invalid=False, output=output if len(requests) == 1 else None)
-            except IotError as exc:
-                raise click.ClickException(str(exc)) from None
-    sys.exit(status)
+            status = worst(status, driver.finish(request) if request.final else driver.drive(request))
+    end(driver, status, as_json)
 
 
-@cli.command()
-@click.argument("apply_id", type=int)
-@click.option("-p", "--product-key", required=True, help="The product the ApplyId belongs to.")
-def status(apply_id: int, product_key: str) -> None:
-    """Ask IoT Platform where an ApplyId stands."""
+@cli.command("retry-failed")
+@click.argument("request_id", type=int)
+@YES_OPTION
+@OUTPUT_OPTION
+@JSON_OPTION
+def retry_failed(request_id: int, yes: bool, output: Path | None, as_json: bool) -> None:
+    """Register again, in one new request (one check, one approval), the devices of a finished
+    request that were not created."""
     settings = load_settings()
-    try:
-        with wiring.iot_client(settings) as client:
-            result = client.query_batch_register_device_status(product_key, apply_id)
-    except (ConfigError, IotError) as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"ApplyId {apply_id} ({product_key}): {result.status.value}")
-    if result.valid or result.invalid:
-        click.echo(f"  valid {len(result.valid):,}, invalid {len(result.invalid):,}")
-    for detail in result.details[:20]:
-        click.echo(f"  {detail.name:<34} {detail.reason}")
-    if len(result.details) > 20:
-        click.echo(f"  … and {len(result.details) - 20:,} more")
-
-    chunk = open_store(settings.db_path).chunk_for_apply_id(apply_id)
-    if chunk is not None:
-        click.echo(f"  part of request #{chunk.request_id}")
-
-
-@cli.command()
-@click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
-@click.option("--state", "states", multiple=True, type=click.Choice(sorted(FINAL_STATES | ACTIVE_STATES)), help="Only requests in this state (repeatable).")
-def requests(limit: int, states: tuple[str, ...]) -> None:
-    """Recent requests, newest first, with their states and outcomes."""
-
-    store = open_store(load_settings().db_path)
-    rows = store.requests(states=states or None, limit=limit)
-    if not rows:
-        click.echo("No requests yet.")
-        return
-    click.echo(f"{'ID':>5}  {'CREATED (UTC)':<16}  {'PRODUCT':<12}  {'STATE':<17}  {'DEVICES':>8}  {'REGISTERED':>10}  REQUESTER")
-    for request in rows:
-        counts = store.outcome_counts(request.id)
-        click.echo(
-            f"{request.id:>5}  {request.created_at:%Y-%m-%d %H:%M}  {request.product_key:<12}  {request.state:<17}  "
-            f"{request.count:>8,}  {counts.get(Outcome.CREATED, 0):>10,}  {request.requester}"
-        )
+    terminal = Terminal(as_json=as_json)
+    if not wiring.database_exists(settings):
+        raise Stop(f"there is no request #{request_id}")
+    with open_workflow(settings, terminal) as workflow:
+        driver = Driver(workflow, terminal, yes=yes, output=output)
+        new = workflow.requests.retry_failed(request_id, operator())
+        terminal.line(f"Request #{new.id} registers the {new.count:,} device(s) of #{request_id} that were not created.")
+        status = driver.drive(new)
+    end(driver, status, as_json)
 
 
 @cli.command()
 @click.argument("request_id", type=int)
-def audit(request_id: int) -> None:
-    """The audit trail of a request: who did what, and when."""
+def cancel(request_id: int) -> None:
+    """Withdraw a request that is not approved yet (checking, waiting for approval, or a failed check)."""
+    settings = load_settings()
+    if not wiring.database_exists(settings):
+        raise Stop(f"there is no request #{request_id}")
+    terminal = Terminal()
+    with open_workflow(settings, terminal, api=False) as workflow:
+        request = workflow.requests.cancel(request_id, operator())
+        workflow.jobs.run_due()  # type: ignore[attr-defined]  # InlineJobs: tell this terminal now
+    terminal.say(f"Request #{request.id} ({request.product_key}): {request.state.label}. Nothing was registered.")
 
-    store = open_store(load_settings().db_path)
-    entries = store.audit(request_id)
+
+@cli.command()
+@click.argument("ref")
+@click.option("-p", "--product-key", help="The product of an ApplyId that is not in the local database.")
+@JSON_OPTION
+def status(ref: str, product_key: str | None, as_json: bool) -> None:
+    """Where a request (its number, `12` or `#12`) or an ApplyId stands: its state, what became of
+    its devices, its ApplyIds. An ApplyId is also looked up on IoT Platform."""
+    settings = load_settings()
+    number = int(ref.lstrip("#")) if ref.lstrip("#").isdigit() else None
+    local, chunks, apply_id = None, [], None
+    with reading(settings) as requests:
+        request = requests.find(ref) if requests is not None else None
+        if requests is not None and request is not None:
+            local, chunks = request_json(requests, request), requests.chunks(request.id)
+            product_key = product_key or request.product_key
+            apply_id = number if number in local["apply_ids"] else None
+        elif product_key is not None and number is not None:
+            apply_id = number
+        else:
+            raise Stop(f"no request or ApplyId {ref} in {settings.db_path}; to ask IoT Platform about an ApplyId, add -p PRODUCT_KEY")
+    platform = None
+    if apply_id is not None and product_key is not None:
+        with wiring.iot_client(settings) as client:
+            platform = client.query_batch_register_device_status(product_key, apply_id)
+    if as_json:
+        print_json({
+            "request": local,
+            "platform": None if platform is None else {
+                "apply_id": apply_id, "status": platform.status.value, "valid": len(platform.valid), "invalid": len(platform.invalid),
+                "details": [{"name": d.name, "reason": d.reason} for d in platform.details],
+            },
+        })
+        return
+    if local is not None:
+        decided = f", decided by {local['decided_by']}" if local["decided_by"] else ""
+        click.echo(f"Request #{local['id']} ({local['product_key']}): {State(local['state']).label}")
+        click.echo(f"  requested by {local['requester']} at {local['created_at'][:16].replace('T', ' ')} UTC{decided}")
+        if local["reason"] and local["state"] != State.DONE:
+            click.echo(f"  reason: {local['reason']}")
+        for label, key in (
+            ("registered", "registered"), ("failed", "failed"), ("refused by check", "refused_by_check"),
+            ("pending", "pending"), ("rejected locally", "rejected_locally"),
+        ):
+            if local[key] or key == "registered":
+                click.echo(f"  {label:<18}{local[key]:>10,}")
+        for chunk in chunks:
+            if chunk.apply_id:
+                click.echo(f"  ApplyId {chunk.apply_id}: {chunk.size:,} device(s), {chunk.status or 'not sent'}")
+    if platform is not None:
+        click.echo(f"ApplyId {apply_id} on IoT Platform: {platform.status.value}")
+        if platform.valid or platform.invalid:
+            click.echo(f"  valid {len(platform.valid):,}, invalid {len(platform.invalid):,}")
+        for detail in platform.details[:20]:
+            click.echo(f"  {detail.name:<34} {detail.reason}")
+        if len(platform.details) > 20:
+            click.echo(f"  … and {len(platform.details) - 20:,} more")
+
+
+@cli.command()
+@click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(1, 10_000), help="How many requests to show.")
+@click.option("--state", "states", multiple=True, type=click.Choice(sorted(FINAL_STATES | ACTIVE_STATES)), help="Only requests in this state (repeatable).")
+@JSON_OPTION
+def requests(limit: int, states: tuple[str, ...], as_json: bool) -> None:
+    """Recent requests, newest first, with their states and outcomes."""
+    with reading(load_settings()) as service:
+        if service is None:
+            click.echo("[]" if as_json else "No requests yet.")
+            return
+        rows = service.requests(states=[State(s) for s in states] or None, limit=limit)
+        if as_json:
+            print_json([request_json(service, r) for r in rows])
+            return
+        if not rows:
+            click.echo("No requests yet.")
+            return
+        click.echo(f"{'ID':>5}  {'CREATED (UTC)':<16}  {'PRODUCT':<12}  {'STATE':<17}  {'DEVICES':>8}  {'REGISTERED':>10}  REQUESTER")
+        for request in rows:
+            click.echo(
+                f"{request.id:>5}  {request.created_at:%Y-%m-%d %H:%M}  {request.product_key:<12}  {request.state:<17}  "
+                f"{request.count:>8,}  {service.created_count(request.id):>10,}  {request.requester}"
+            )
+
+
+@cli.command()
+@click.argument("request_id", type=int)
+@JSON_OPTION
+def audit(request_id: int, as_json: bool) -> None:
+    """The audit trail of a request: who did what, and when."""
+    with reading(load_settings()) as service:
+        entries: list[AuditEntry] = service.audit(request_id) if service else []
     if not entries:
-        raise click.ClickException(f"there is no request #{request_id}")
+        raise Stop(f"there is no request #{request_id}")
+    if as_json:
+        print_json([{"at": e.at.isoformat(), "actor": e.actor, "event": e.event, "detail": e.detail} for e in entries])
+        return
     for entry in entries:
         detail = ", ".join(f"{k}={v}" for k, v in entry.detail.items())
         click.echo(f"{entry.at:%Y-%m-%d %H:%M:%S}  {entry.actor:<20} {entry.event:<20} {detail}")
 
 
 @cli.command()
-@click.argument("apply_id", type=int)
+@click.argument("ref")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The CSV file to create (readable by you only).")
-@click.option("-p", "--product-key", help="The product of the ApplyId (looked up in the local database if not given).")
+@click.option("-p", "--product-key", help="The product of an ApplyId that is not in the local database.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-def credentials(apply_id: int, output: Path, product_key: str | None, force: bool) -> None:
-    """Write the credentials of the devices created for APPLY_ID to a private CSV file.
+def credentials(ref: str, output: Path, product_key: str | None, force: bool) -> None:
+    """Write the credentials of the devices of a request (its number: all its ApplyIds in one
+    file) or of one ApplyId to a private CSV file.
 
     The file holds ProductKey, DeviceName, DeviceSecret and IotId, and is created with owner-only
     permissions. Secrets are never printed.
@@ -389,30 +700,38 @@ def credentials(apply_id: int, output: Path, product_key: str | None, force: boo
     from bot import report
 
     settings = load_settings()
-    if product_key is None:
-        chunk = open_store(settings.db_path).chunk_for_apply_id(apply_id)
-        request = open_store(settings.db_path).get(chunk.request_id) if chunk else None
-        if request is None:
-            raise click.UsageError(f"ApplyId {apply_id} is not in the local database: give --product-key")
-        product_key = request.product_key
     count = 0
 
-    def rows() -> Iterator[tuple[str, str, str, str]]:
+    def counted(rows: Iterator[tuple[str, str, str, str]]) -> Iterator[tuple[str, str, str, str]]:
         nonlocal count
-        for device in client.iter_devices_by_apply_id(apply_id):
+        for row in rows:
             count += 1
-            yield product_key, device.name, device.device_secret, device.iot_id
+            yield row
 
-    existed = output.exists()
-    try:
+    def write(rows: Callable[[], Iterator[tuple[str, str, str, str]]]) -> None:
+        existed = output.exists()
+        try:
+            report.write_private(output, report.credentials_csv(counted(rows())), overwrite=force)
+        except FileExistsError:
+            raise Stop(f"{output} exists; add --force to overwrite it") from None
+        except BaseException:
+            if not existed or force:
+                output.unlink(missing_ok=True)  # never leave half a file of secrets behind
+            raise
+
+    request = None
+    if wiring.database_exists(settings):
+        with open_workflow(settings, Terminal()) as workflow:
+            request = workflow.requests.find(ref)
+            if request is not None:
+                number = int(ref.lstrip("#"))
+                apply_id = number if number in workflow.requests.apply_ids(request.id) else None
+                write(lambda: workflow.requests.credentials(request.id, operator(), apply_id=apply_id))
+    if request is None:
+        if product_key is None or not ref.isdigit():
+            raise Stop(f"no request or ApplyId {ref} in {settings.db_path}; for an ApplyId of another database, add -p PRODUCT_KEY")
         with wiring.iot_client(settings) as client:
-            report.write_private(output, report.credentials_csv(rows()), overwrite=force)
-    except FileExistsError:
-        raise click.ClickException(f"{output} exists; add --force to overwrite it") from None
-    except (ConfigError, IotError, OSError) as exc:
-        if not existed or force:
-            output.unlink(missing_ok=True)  # never leave half a file of secrets behind
-        raise click.ClickException(str(exc)) from None
+            write(lambda: ((product_key, d.name, d.device_secret, d.iot_id) for d in client.iter_devices_by_apply_id(int(ref))))
     click.echo(f"Wrote the credentials of {count:,} device(s) to {output} (readable by you only).")
 
 
@@ -470,28 +789,36 @@ def demo(file: Path | None) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), help="HTTP port [default: PORT or 3000].")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Interface to listen on (HTTP mode).")
 @click.option("--emulator", "use_emulator", is_flag=True, help="Use a built-in IoT Platform emulator instead of Alibaba Cloud (a trial in a real workspace).")
-def serve(port: int | None, host: str, use_emulator: bool) -> None:
-    """Run the Slack bot: HTTP on PORT at POST /slack/events (GET /healthz), or Socket Mode when
-    SLACK_APP_TOKEN is set."""
+@click.pass_context
+def serve(ctx: click.Context, port: int | None, host: str, use_emulator: bool) -> None:
+    """Run the Slack bot: HTTP on PORT at POST /slack/events, or Socket Mode when SLACK_APP_TOKEN
+    is set; GET /healthz and GET /metrics on PORT in both modes."""
     from bot import server
+    from bot.slack.app import required_for_slack
 
     settings = load_settings()
+    logs.configure((ctx.obj or {}).get("verbose", 0), serving=True, json_format=settings.log_format == "json")
     try:
-        settings.require("slack_bot_token", "slack_signing_secret")
+        settings.require("slack_bot_token", *required_for_slack(settings))
         if not use_emulator:
             wiring.credentials(settings)  # no credentials anywhere: say so now, not at the first request
         wiring.rules(settings)  # a bad policy file stops the bot before it serves, saying where
     except (ConfigError, PolicyError) as exc:
         raise click.ClickException(str(exc)) from None
     build = server.emulator_bot(settings) if use_emulator else None
+    # Told through the log, so that with IOTREG_LOG_FORMAT=json every line is JSON.
+    say = logging.getLogger("bot.cli").info
     if use_emulator:
-        click.echo("iotreg: EMULATOR MODE: devices are created on a built-in emulator, not on Alibaba Cloud", err=True)
+        say("EMULATOR MODE: devices are created on a built-in emulator, not on Alibaba Cloud")
+    where = f"http://{host}:{port or settings.port}"
     if settings.slack_app_token:
-        click.echo("iotreg: connecting to Slack over Socket Mode", err=True)
-        server.socket_mode(settings, build=build)
+        say("connecting to Slack over Socket Mode; health and metrics on %s/healthz and /metrics", where)
     else:
-        click.echo(f"iotreg: serving Slack on http://{host}:{port or settings.port}/slack/events", err=True)
+        say("serving Slack on %s/slack/events; health and metrics on /healthz and /metrics", where)
+    try:
         server.Server(settings, host=host, port=port, build=build).run()
+    except (server.StartupError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()

@@ -5,8 +5,11 @@ value fails at once with :class:`ConfigError` naming the variable; a value that 
 need (the Alibaba Cloud keys, say) is checked by :meth:`Settings.require` when that command starts,
 so ``iotreg emulator`` runs without cloud credentials.
 
-A ``.env`` file in the working directory is honoured by :meth:`Settings.load`; variables already
-set in the environment win over the file.
+:meth:`Settings.load` also reads a ``.env`` file: the one in the working directory, or else the one
+in iotreg's home (``IOTREG_HOME``, by default ``~/.local/share/iotreg``); variables already set in
+the environment win over the file. The database lives in that home too, unless ``IOTREG_DB`` says
+otherwise or an ``iotreg.db`` from before is in the working directory: so ``iotreg resume`` finds
+the requests of ``iotreg register`` from any folder.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import urlsplit
+
+from dotenv.parser import parse_stream
 
 from bot.aliyun.client import MAX_NAMES_PER_CHECK, SIGNATURES
 from bot.aliyun.ratelimit import DEFAULT_QPS
@@ -48,6 +53,7 @@ class Settings:
     retry_deadline: float = 60.0
     # A SQLite file or a PostgreSQL URL; repr=False: a URL may hold a password (see db_location).
     db_path: str = dataclasses.field(default="iotreg.db", repr=False)
+    home: str | None = None
     poll_interval: float = 5.0
     poll_max_interval: float = 60.0
     poll_timeout: float = 3600.0
@@ -65,6 +71,7 @@ class Settings:
     notify_channel: str | None = None
     credentials_dm: bool = True
     workers: int = 16
+    log_format: str = "text"
 
     # Names of the environment variables behind the fields above, for error messages.
     ENV_NAMES = MappingProxyType(
@@ -81,6 +88,7 @@ class Settings:
             "max_attempts": "IOT_MAX_ATTEMPTS",
             "retry_deadline": "IOT_RETRY_DEADLINE",
             "db_path": "IOTREG_DB",
+            "home": "IOTREG_HOME",
             "poll_interval": "IOTREG_POLL_INTERVAL",
             "poll_max_interval": "IOTREG_POLL_MAX_INTERVAL",
             "poll_timeout": "IOTREG_POLL_TIMEOUT",
@@ -98,6 +106,7 @@ class Settings:
             "notify_channel": "IOTREG_NOTIFY_CHANNEL",
             "credentials_dm": "IOTREG_CREDENTIALS_DM",
             "workers": "IOTREG_WORKERS",
+            "log_format": "IOTREG_LOG_FORMAT",
         }
     )
     #: Every variable read: the fields' and DATABASE_URL (the database when IOTREG_DB is unset, as
@@ -138,7 +147,8 @@ class Settings:
             timeout=env.number("IOT_TIMEOUT", 10.0, minimum=0.1),
             max_attempts=int(env.number("IOT_MAX_ATTEMPTS", 5, minimum=1, integer=True)),
             retry_deadline=env.number("IOT_RETRY_DEADLINE", 60.0, minimum=0),
-            db_path=env.database("IOTREG_DB") or env.database("DATABASE_URL", url_only=True) or "iotreg.db",
+            db_path=env.database("IOTREG_DB") or env.database("DATABASE_URL", url_only=True) or default_db(environ),
+            home=home(environ),
             poll_interval=env.duration("IOTREG_POLL_INTERVAL", 5.0, minimum=0.05),
             poll_max_interval=env.duration("IOTREG_POLL_MAX_INTERVAL", 60.0, minimum=0.05),
             poll_timeout=env.duration("IOTREG_POLL_TIMEOUT", 3600.0, minimum=1),
@@ -156,15 +166,19 @@ class Settings:
             notify_channel=env.text("IOTREG_NOTIFY_CHANNEL"),
             credentials_dm=env.flag("IOTREG_CREDENTIALS_DM", True),
             workers=int(env.number("IOTREG_WORKERS", 16, minimum=2, integer=True)),
+            log_format=env.choice("IOTREG_LOG_FORMAT", ("text", "json"), "text"),
         )
 
     @classmethod
-    def load(cls, environ: Mapping[str, str] | None = None, env_file: Path | str | None = ".env") -> Settings:
-        """Settings from ``env_file`` (if it exists) overlaid by ``environ`` (default: the process)."""
+    def load(cls, environ: Mapping[str, str] | None = None, env_file: Path | str | None = None) -> Settings:
+        """Settings from ``env_file`` (default: :func:`env_file`, if it exists) overlaid by ``environ``
+        (default: the process)."""
+        environ = os.environ if environ is None else environ
+        path = Path(env_file) if env_file is not None else find_env_file(environ)
         merged: dict[str, str] = {}
-        if env_file is not None and Path(env_file).is_file():
-            merged.update(read_env_file(Path(env_file)))
-        merged.update(os.environ if environ is None else environ)
+        if path is not None and path.is_file():
+            merged.update(read_env_file(path))
+        merged.update(environ)
         return cls.from_env(merged)
 
     @property
@@ -232,6 +246,14 @@ class _Env:
             raise ConfigError(f"{name}: expected a token starting with {prefix!r}")
         return value
 
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        if raw.lower() not in choices:
+            raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(choices)}")
+        return raw.lower()
+
     def flag(self, name: str, default: bool) -> bool:
         raw = self.text(name)
         if raw is None:
@@ -297,21 +319,43 @@ class _Env:
         return MappingProxyType(quotas)
 
 
+def home(environ: Mapping[str, str]) -> str | None:
+    """iotreg's own folder: ``IOTREG_HOME``, or ``iotreg`` in the user's data folder (XDG)."""
+    explicit = environ.get("IOTREG_HOME", "").strip()
+    if explicit:
+        return str(Path(explicit).expanduser())
+    data = environ.get("XDG_DATA_HOME", "").strip() or (
+        str(Path(environ["HOME"]) / ".local" / "share") if environ.get("HOME", "").strip() else ""
+    )
+    return str(Path(data) / "iotreg") if data else None
+
+
+def default_db(environ: Mapping[str, str]) -> str:
+    """Where the database is when ``IOTREG_DB`` is not set: an ``iotreg.db`` already in the working
+    directory (where iotreg kept it before it had a home), else the home's, else the working directory's."""
+    folder = home(environ)
+    if folder is None or (not environ.get("IOTREG_HOME", "").strip() and Path("iotreg.db").exists()):
+        return "iotreg.db"
+    return str(Path(folder) / "iotreg.db")
+
+
+def find_env_file(environ: Mapping[str, str]) -> Path | None:
+    """The ``.env`` to read: the working directory's, else the one in iotreg's home."""
+    here = Path(".env")
+    if here.is_file():
+        return here
+    folder = home(environ)
+    return Path(folder) / ".env" if folder else None
+
+
 def read_env_file(path: Path) -> dict[str, str]:
-    """Read ``KEY=VALUE`` lines: ``#`` comments, an optional ``export``, single or double quotes."""
+    """``KEY=VALUE`` lines as python-dotenv reads them (comments, ``export``, quotes, escapes), with no
+    ``${VAR}`` expansion: a secret with a ``$`` in it stays as written."""
     values: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        line = line.removeprefix("export ").lstrip()
-        key, sep, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise ConfigError(f"{path}:{number}: expected KEY=VALUE")
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        else:
-            value = value.split(" #", 1)[0].rstrip()
-        values[key] = value
+    with path.open(encoding="utf-8-sig") as stream:
+        for binding in parse_stream(stream):
+            if binding.error:
+                raise ConfigError(f"{path}:{binding.original.line}: expected KEY=VALUE")
+            if binding.key is not None:
+                values[binding.key] = binding.value or ""
     return values

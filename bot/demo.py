@@ -163,10 +163,12 @@ def run_demo(
     create_seconds: float = 2.0,
     poll_interval: float = 0.5,
     timeout: float = 60.0,
+    folder: Path | None = None,
 ) -> DemoResult:
-    """Play the whole conversation; return what came of it. ``file``: your own device list."""
+    """Play the whole conversation; return what came of it. ``file``: your own device list;
+    ``folder``: where the database and the results go (a new temporary folder, kept, by default)."""
     started = time.monotonic()
-    folder = Path(tempfile.mkdtemp(prefix="iotreg-demo-"))
+    folder = folder or Path(tempfile.mkdtemp(prefix="iotreg-demo-"))
     content = file.read_bytes() if file else sample_devices()
     name = file.name if file else "sample_devices.csv"
     emulator = Emulator(clock=SystemClock(), check_seconds=check_seconds, create_seconds=create_seconds, seed=7).start()
@@ -232,9 +234,18 @@ def run_demo(
         view = wait("the upload form", lambda: next(iter(fake.views.values()), None))
         uploaded = fake.add_file(content, name=name, filetype=name.rsplit(".", 1)[-1], mimetype="text/csv", user=ALICE)
         transcript.note(f"@alice attaches {name} ({len(content):,} bytes) and presses [Check names]")
+        before = len(fake.calls)
         ws.submit_view(ALICE, view, {blocks.FILE_BLOCK: {blocks.FILE_BLOCK: file_input_value(uploaded)}})
         request_ids = [1]
-        outcome = wait("the check", lambda: message_with(blocks.APPROVE) or message_with(blocks.RETRY_VALID, in_threads=True))
+
+        def refused() -> bool:
+            """The bot told Alice alone that her file is not a device list, and made no request."""
+            told = any(c.method == "chat.postEphemeral" and c.status == 200 for c in fake.calls[before:])
+            return told and requests.get(1) is None and not requests.unread_uploads()
+
+        outcome = wait("the check", lambda: message_with(blocks.APPROVE) or message_with(blocks.RETRY_VALID, in_threads=True) or refused())
+        if outcome is True:
+            raise DemoError(f"the bot refused {name} (its answer is above): nothing to register")
         if blocks.RETRY_VALID in json.dumps(outcome.get("blocks")):
             transcript.note("@alice clicks [Retry with the valid names]")
             ws.click(ALICE, outcome, blocks.RETRY_VALID)

@@ -282,6 +282,7 @@ class RejectedLine:
     line: int
     value: str
     reason: str
+    nickname: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,6 +86,7 @@ _NICK_RULE = "use Chinese or Japanese characters, letters, digits and _"
 _DELIMITERS = ("\t", ";", ",")
 _NAME_HEADER = "devicename"
 _NICK_HEADERS = ("devicenickname", "nickname")
+_PRODUCT_HEADER = "productkey"
 # A first line of a headerless list that is one of these is a column title, not a device.
 _TITLE_WORDS = frozenset(
     {"name", "names", "device", "devices", "devicenames", "deviceid", "serial", "serialnumber", "imei"}
@@ -117,6 +118,8 @@ class Device:
 
     name: str
     nickname: str | None = None
+    # Where it is in the file or text (1-based), for the outcome report; not part of what it is.
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,7 @@ class Rejected:
     value: str
     reason: str
     item: int | None = None
+    nickname: str | None = None  # the nickname given beside the value, kept for the outcome report
 
     @property
     def where(self) -> str:
@@ -251,6 +255,11 @@ def _where_of(place: int | tuple[int | None, int | None]) -> str:
     return _where(*place) if isinstance(place, tuple) else _where(place, None)
 
 
+def _line_of(place: Any) -> int | None:
+    """The line of a place kept by :class:`_Collector`: a line number, or ``(line, item)``."""
+    return place[0] if isinstance(place, tuple) else place
+
+
 class _Collector:
     """Checks values, keeps the valid ones once each (the first time) and the first rejections.
 
@@ -276,7 +285,7 @@ class _Collector:
         """Check one value (and its nickname) found at ``line``/``item``."""
         if not _NAME_RE.fullmatch(name):
             # Past the rejections kept in detail, counting is enough: skip working out why.
-            self.reject(name, (validate_name(name) or "") if self._room() else "", line, item)
+            self.reject(name, (validate_name(name) or "") if self._room() else "", line, item, nickname)
             return
         if len(name) == len(_NAME_HEADER) and name.lower() == _NAME_HEADER:
             self.reject(name, "this is a header line, not a device: delete the line", line, item)
@@ -286,11 +295,11 @@ class _Collector:
                 nickname = unicodedata.normalize("NFC", nickname)
             reason = validate_nickname(nickname)
             if reason is not None:  # the line is the device's: listed under its name, the reason says why
-                self.reject(name, reason, line, item)
+                self.reject(name, reason, line, item, nickname)
                 return
         if name in self._seen:
             self.duplicates += 1
-            if self.reject(name, "duplicate", line, item):
+            if self.reject(name, "duplicate", line, item, nickname):
                 self._repeats.append((len(self.rejected) - 1, name))
             return
         self._seen.add(name)
@@ -323,13 +332,15 @@ class _Collector:
 
     def _devices(self) -> list[Device]:
         """The devices, made a slice at a time while the list of names is emptied."""
-        names, nicknames = self._names, self._nicknames
+        names, nicknames, places = self._names, self._nicknames, self._places
         self._names, self._nicknames, self._places = [], None, []
         devices: list[Device] = []
         step = 1 << 16
         while names:
-            devices.extend(map(Device, names[:step], nicknames[:step] if nicknames else repeat(None)))
+            lines = places[:step] if isinstance(places, array) else map(_line_of, places[:step])
+            devices.extend(map(Device, names[:step], nicknames[:step] if nicknames else repeat(None), lines))
             del names[:step]
+            del places[:step]
             if nicknames:
                 del nicknames[:step]
         return devices
@@ -337,14 +348,14 @@ class _Collector:
     def _room(self) -> bool:
         return len(self.rejected) < self._keep
 
-    def reject(self, value: str, reason: str, line: int | None, item: int | None = None) -> bool:
+    def reject(self, value: str, reason: str, line: int | None, item: int | None = None, nickname: str | None = None) -> bool:
         """Count a rejection; True when it is kept in detail."""
         self.rejected_count += 1
         if not self._room():
             return False
         if len(value) > _VALUE_SHOWN:
             value = value[: _VALUE_SHOWN - 1] + "…"
-        self.rejected.append(Rejected(line, value, reason, item))
+        self.rejected.append(Rejected(line, value, reason, item, nickname))
         return True
 
     def result(self, lines_read: int, format: Literal["csv", "text"], empty_message: str) -> DeviceList:
@@ -387,17 +398,19 @@ def read_device_file(
     filename: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     keep_rejected: int = KEEP_REJECTED,
+    product_key: str | None = None,
 ) -> DeviceList:
     """Read and check a device list from its bytes, a binary file object or an iterable of chunks.
 
-    ``filename`` only names the file in messages. Raises :class:`DeviceListError` when the whole
+    ``filename`` only names the file in messages. With ``product_key``, a CSV list's ``ProductKey``
+    column is honoured: a row that names another product is rejected, not registered in this one. Raises :class:`DeviceListError` when the whole
     file must be refused, including when it is larger than ``max_bytes`` (counted while reading,
     so an endless stream is refused too) or has no valid name.
     """
     subject = _Subject(filename)
     reader = _LineReader(_chunks(data, max_bytes, subject), subject)
     try:
-        return _read_lines(reader, subject, keep_rejected)
+        return _read_lines(reader, subject, keep_rejected, product_key)
     finally:
         reader.close()
 
@@ -578,7 +591,7 @@ def _utf16_without_bom(head: bytes) -> str | None:
     return encoding
 
 
-def _read_lines(reader: _LineReader, subject: _Subject, keep: int) -> DeviceList:
+def _read_lines(reader: _LineReader, subject: _Subject, keep: int, product_key: str | None = None) -> DeviceList:
     collector = _Collector(keep)
     batches = iter(reader)
     # Blank lines, empty rows and comments may come before the header or the first name.
@@ -613,10 +626,11 @@ def _read_lines(reader: _LineReader, subject: _Subject, keep: int) -> DeviceList
     if _NAME_HEADER in keys:
         name_at = keys.index(_NAME_HEADER)
         nick_at = next((keys.index(k) for k in _NICK_HEADERS if k in keys), None)
+        product = (keys.index(_PRODUCT_HEADER), product_key) if product_key and _PRODUCT_HEADER in keys else None
         if delimiter is None:
             _read_one_a_line(more, line_no + 1, collector, comments=False)
         else:
-            _read_csv_rows(more, line_no + 1, collector, delimiter, name_at, nick_at)
+            _read_csv_rows(more, line_no + 1, collector, delimiter, name_at, nick_at, product)
         return collector.result(reader.count, "csv", f"{subject} has a header but no device names")
     if delimiter is not None or keys[0] in _NICK_HEADERS:
         found = ", ".join(repr(c.strip()) for c in cells if c.strip())
@@ -731,13 +745,16 @@ def _read_csv_rows(
     delimiter: str,
     name_at: int,
     nick_at: int | None,
+    product: tuple[int, str] | None = None,
 ) -> None:
+    """``product``: the ProductKey column and the product the list is for (rows are then read one
+    by one, each one's product checked)."""
     pattern = _csv_row_pattern(delimiter, name_at, nick_at)
     nick_first = nick_at is not None and nick_at < name_at
-    rows = _CsvRows(collector, delimiter, name_at, nick_at)
+    rows = _CsvRows(collector, delimiter, name_at, nick_at, product)
     for lines in batches:
         start, line_no = line_no, line_no + len(lines)
-        if not rows.open and _csv_batch(lines, start, collector, pattern, nick_at is not None, nick_first):
+        if not rows.open and product is None and _csv_batch(lines, start, collector, pattern, nick_at is not None, nick_first):
             continue
         rows.feed(lines, start)
     rows.finish()
@@ -771,7 +788,10 @@ class _CsvRows:
     the file, rejects the line that opened it, and the lines after it are read as rows again.
     """
 
-    def __init__(self, collector: _Collector, delimiter: str, name_at: int, nick_at: int | None) -> None:
+    def __init__(
+        self, collector: _Collector, delimiter: str, name_at: int, nick_at: int | None, product: tuple[int, str] | None = None
+    ) -> None:
+        self._product = product
         self._collector = collector
         self._delimiter = delimiter
         self._name_at = name_at
@@ -816,6 +836,8 @@ class _CsvRows:
         for number, (raw, cells) in enumerate(zip(lines, parsed, strict=True), start):
             name = cells[name_at].strip() if name_at < len(cells) else ""
             nickname = cells[nick_at].strip() if nick_at is not None and nick_at < len(cells) else ""
+            if name and self._other_product(cells, name, number):
+                continue
             if name:
                 add(name, nickname or None, number)
             elif any(c.strip() for c in cells):
@@ -828,8 +850,21 @@ class _CsvRows:
         nickname = cells[nick_at].strip() if nick_at is not None and nick_at < len(cells) else ""
         return cells, name, nickname
 
+    def _other_product(self, cells: list[str], name: str, number: int) -> bool:
+        """Reject a row whose ProductKey is another product's; True when it was."""
+        if self._product is None:
+            return False
+        at, product_key = self._product
+        named = cells[at].strip() if at < len(cells) else ""
+        if not named or named == product_key:
+            return False
+        self._collector.reject(name, f"the ProductKey column says {named}, not {product_key}: register it with -p {named}", number)
+        return True
+
     def _row(self, raw: str, number: int) -> None:
         cells, name, nickname = self._cells(raw)
+        if name and self._other_product(cells, name, number):
+            return
         if name:
             self._collector.add(name, nickname or None, number)
         elif any(c.strip() for c in cells):

@@ -275,7 +275,7 @@ class Reconciler:
             return "send" if self.store.claim_register(request.id, chunk.chunk_no, self.owner, now) else "wait"
         if chunk.claimed_by == self.owner:
             return "resolve"
-        if (now - chunk.register_sent_at).total_seconds() < self.timing.claim_lease and _may_be_alive(chunk.claimed_by):
+        if (now - chunk.register_sent_at).total_seconds() < self.timing.claim_lease and may_be_alive(chunk.claimed_by):
             return "wait"  # another process may have the call in flight
         return "resolve"
 
@@ -447,12 +447,19 @@ class Reconciler:
 
     def _api_error(self, request: Request, exc: errors.IotError) -> None:
         request = self.store.get(request.id) or request  # the step may have moved it on (approved -> registering)
-        errors_in_row = request.errors_in_row + (0 if exc.retryable else 1)
+        # The client retried until IOT_RETRY_DEADLINE already: a platform it could not even connect
+        # to (refused, unresolvable) counts as an error in a row, not as a passing hiccup.
+        unreachable = isinstance(exc, errors.TransportError) and not exc.may_have_taken_effect
+        errors_in_row = request.errors_in_row + (0 if exc.retryable and not unreachable else 1)
         self.store.record(request.id, SYSTEM, "api_error", self.clock.now(), {"code": exc.code, "message": exc.message, "request_id": exc.request_id})
-        # A check the platform refuses outright (no such product, malformed key) will not get better,
-        # nor will an ApplyId the platform no longer knows, in any state.
+        # A check the platform refuses outright (no such product, malformed key, credentials it
+        # does not accept), or that cannot reach it at all, will not get better by waiting: nothing
+        # is registered while checking, so it ends at once and says why. Nor will an ApplyId the
+        # platform no longer knows, in any state.
         gone = exc.code == APPLY_GONE
-        final_at_once = gone or isinstance(exc, errors.BusinessError) and not exc.retryable and request.state == State.CHECKING
+        final_at_once = gone or request.state == State.CHECKING and (
+            unreachable or isinstance(exc, errors.AuthError) or isinstance(exc, errors.BusinessError) and not exc.retryable
+        )
         reason = self._gone(request) if gone else _explain(exc, request)
         if request.state == State.REGISTERING and gone:
             self._give_up_registering(request, reason, "not created: IoT Platform no longer knows the ApplyId")
@@ -497,7 +504,7 @@ Reconciler.PHASES = {
 assert set(Reconciler.PHASES) == ACTIVE_STATES, "every unfinished state needs a phase"
 
 
-def _may_be_alive(owner: str | None) -> bool:
+def may_be_alive(owner: str | None) -> bool:
     """Whether the process behind an owner token (``host:pid:nonce``) may still be running.
 
     Only a process on this host can be seen to be gone; one elsewhere is given its lease.
@@ -518,6 +525,8 @@ def _may_be_alive(owner: str | None) -> bool:
 def _explain(exc: errors.IotError, request: Request) -> str:
     if exc.code == "iot.prod.NotExistedProduct":
         return f"product {request.product_key} does not exist (check the ProductKey, the region and IOT_INSTANCE_ID)"
+    if isinstance(exc, errors.TransportError) and not exc.may_have_taken_effect:
+        return f"IoT Platform could not be reached: {exc.message} (check IOT_ENDPOINT or IOT_REGION_ID, and the network)"
     if isinstance(exc, errors.AuthError):
         return f"IoT Platform did not accept iotreg's credentials ({exc.code}): check the AccessKey settings"
     return f"IoT Platform answered {exc.code or type(exc).__name__}: {exc.message}"

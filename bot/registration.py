@@ -67,7 +67,7 @@ class Workflow:
     def __init__(
         self,
         store: Store,
-        client: IotClient,
+        client: IotClient | None,
         clock: Clock,
         timing: Timing | None = None,
         *,
@@ -107,5 +107,6 @@ class Workflow:
         return self.reconciler.resume()
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         self.store.close()

@@ -71,7 +71,7 @@ def outcome_rows(store: Outcomes, request_id: int) -> Iterator[tuple[object, ...
             device.line or "",
         )
     for rejected in store.rejected_lines(request_id):
-        yield (rejected.value, "", REJECTED_LABEL, rejected.reason, "", rejected.line)
+        yield (rejected.value, rejected.nickname or "", REJECTED_LABEL, rejected.reason, "", rejected.line)
 
 
 def outcomes_csv(store: Outcomes, request_id: int) -> str:

@@ -40,7 +40,8 @@ from bot.domain import (
     WorkflowError,
 )
 from bot.policy import Policy
-from bot.store import AlreadyRetried, Store, StoreUnavailable
+from bot.reconciler import may_be_alive
+from bot.store import AlreadyRetried, Figures, Store, StoreUnavailable
 
 if TYPE_CHECKING:
     from bot.registration import Jobs
@@ -62,7 +63,7 @@ class ReasonRequired(WorkflowError):
 class RequestService:
     """Commands and queries on requests, for every front end."""
 
-    def __init__(self, store: Store, client: IotClient, clock: Clock, timing: Timing, jobs: Jobs, policy: Policy) -> None:
+    def __init__(self, store: Store, client: IotClient | None, clock: Clock, timing: Timing, jobs: Jobs, policy: Policy) -> None:
         self.store = store
         self.client = client
         self.clock = clock
@@ -109,7 +110,7 @@ class RequestService:
             count=len(rows),
             state=State.CHECKING,
             now=self.clock.now(),
-            rejected=[(r.line, r.value, r.reason) for r in rejected],
+            rejected=[(r.line, r.value, r.reason, getattr(r, "nickname", None)) for r in rejected],
             rejected_count=len(rejected) if rejected_count is None else rejected_count,
             devices=rows,
             chunks=chunks,
@@ -135,19 +136,20 @@ class RequestService:
         return rule
 
     def submit_count(
-        self, product_key: str, requester: str, count: int, *, origin: Origin, channel: str = "", reason: str = ""
+        self, product_key: str, requester: str, count: int, *, origin: Origin, channel: str = "", reason: str = "",
+        retry_of: int | None = None, rule: Rule | None = None,
     ) -> Request:
         """Open a request for ``count`` devices named by the platform. Nothing to check: it waits
         for approval, or is approved at once when its rule approves so few devices by itself."""
         if count < 1:
             raise WorkflowError("the number of devices must be at least 1")
-        rule = self.checked_rule(product_key, reason)
+        rule = rule or self.checked_rule(product_key, reason)
         size = min(self.timing.chunk_size, MAX_COUNT_PER_REGISTER)
         chunks = [min(size, count - start) for start in range(0, count, size)]
         now = self.clock.now()
         common: dict[str, Any] = dict(
             product_key=product_key, requester=requester, origin=origin, channel=channel, kind=Kind.COUNT, count=count,
-            now=now, chunks=chunks, rule=rule, justification=reason.strip() or None,
+            now=now, chunks=chunks, rule=rule, justification=reason.strip() or None, retry_of=retry_of,
         )
         if rule.auto_approves(count):
             request_id = self.store.create_request(
@@ -258,35 +260,93 @@ class RequestService:
         valid = [d for d in self.store.devices(request_id) if d.outcome != Outcome.INVALID]
         if not valid:
             raise WorkflowError(f"request #{request_id} has no valid name left to retry")
+        return self._retry(request, actor, valid)
+
+    def retry_failed(self, request_id: int, actor: str) -> Request:
+        """A new request with the devices a finished registration did not create: one check, one approval.
+
+        Devices whose creation failed, and those still unconfirmed when the registration gave up
+        (the check of the new request refuses any that the platform did create after all).
+        """
+        request = self.require(request_id)
+        self._allowed(Action.RETRY, request, actor)
+        if request.state not in (State.DONE, State.FAILED):
+            raise Conflict(f"request #{request_id} is {request.state.label}, not a finished registration", request)
+        if request.kind == Kind.COUNT:
+            missing = request.count - self.created_count(request_id)
+            if missing <= 0:
+                raise WorkflowError(f"every device of request #{request_id} was registered: nothing to retry")
+            return self._retry(request, actor, missing)
+        failed = [d for d in self.store.devices(request_id) if d.outcome in (Outcome.NOT_CREATED, Outcome.PENDING)]
+        if not failed:
+            raise WorkflowError(f"every device of request #{request_id} was registered: nothing to retry")
+        return self._retry(request, actor, failed)
+
+    def _retry(self, request: Request, actor: str, devices: list[DeviceRow] | int) -> Request:
+        """The one retry of ``request`` (a second, however close behind, gets :class:`Conflict`).
+
+        The retry is still the original requester's request, under the same rule: whoever clicked,
+        they may not approve it themselves, and the clicker is kept in the audit trail.
+        """
         if request.retried_as is not None:
-            raise Conflict(f"request #{request_id} was retried already: request #{request.retried_as} checks its valid names", request)
-        # The retry is still the original requester's request, under the same rule: whoever
-        # clicked, they may not approve it themselves, and the clicker is kept in the audit trail.
+            raise Conflict(_retried(request.id, request.retried_as), request)
+        common: dict[str, Any] = dict(
+            origin=request.origin, channel=request.channel, retry_of=request.id,
+            reason=request.justification or "", rule=self.policy.rule_of(request),
+        )
         try:
-            new = self.submit(
-                request.product_key, request.requester, valid, origin=request.origin, channel=request.channel,
-                retry_of=request_id, reason=request.justification or "", rule=self.policy.rule_of(request),
-            )
+            if isinstance(devices, int):
+                new = self.submit_count(request.product_key, request.requester, devices, **common)
+            else:
+                new = self.submit(request.product_key, request.requester, devices, **common)
         except AlreadyRetried as exc:
-            raise Conflict(f"request #{request_id} was retried already: request #{exc.retried_as} checks its valid names", request) from None
-        self.store.record(request_id, actor, "retried", self.clock.now(), {"new_request": new.id})
-        self.store.record(new.id, actor, "retry_of", self.clock.now(), {"request": request_id})
+            raise Conflict(_retried(request.id, exc.retried_as), request) from None
+        self.store.record(request.id, actor, "retried", self.clock.now(), {"new_request": new.id})
+        self.store.record(new.id, actor, "retry_of", self.clock.now(), {"request": request.id})
         return new
 
-    def credentials(self, request_id: int, actor: str) -> Iterator[tuple[str, str, str, str]]:
+    def drive(self, request_id: int, driver: str) -> str | None:
+        """Say that the process ``driver`` (a ``host:pid:nonce`` token) is moving the request on in
+        front of a person (a terminal that shows its progress, or asks for its approval).
+
+        Returns the token of another process that still runs and drives it, and then changes
+        nothing; ``None`` when ``driver`` now does. The mark is kept in the request's
+        ``origin_data`` (``driver``) until :meth:`let_go`, or until its process is gone.
+        """
+        current = self.driven_by(self.require(request_id))
+        if current is not None and current != driver:
+            return current
+        self.store.update_origin_data(request_id, driver=driver)
+        return None
+
+    def let_go(self, request_id: int, driver: str) -> None:
+        """``driver`` no longer drives the request (it finished, or its person left)."""
+        request = self.get(request_id)
+        if request is not None and request.origin_data.get("driver") == driver:
+            self.store.update_origin_data(request_id, driver=None)
+
+    @staticmethod
+    def driven_by(request: Request) -> str | None:
+        """The process driving the request right now, if it still runs (see :meth:`drive`)."""
+        driver = request.origin_data.get("driver")
+        return driver if driver and may_be_alive(driver) else None
+
+    def credentials(self, request_id: int, actor: str, *, apply_id: int | None = None) -> Iterator[tuple[str, str, str, str]]:
         """``(ProductKey, DeviceName, DeviceSecret, IotId)`` of every created device, fetched fresh.
 
         Checked first: raises :class:`NotAllowed` (and records it) for someone not entitled.
         Secrets are never stored by iotreg: they come from QueryPageByApplyId each time.
+        ``apply_id``: only the devices of that one of the request's ApplyIds.
         """
         request = self.require(request_id)
         self._allowed(Action.CREDENTIALS, request, actor, audit="credentials_denied")
-        return self._credentials(request)
+        return self._credentials(request, apply_id)
 
-    def _credentials(self, request: Request) -> Iterator[tuple[str, str, str, str]]:
+    def _credentials(self, request: Request, apply_id: int | None = None) -> Iterator[tuple[str, str, str, str]]:
+        assert self.client is not None, "credentials need the IoT client"
         for chunk in self.store.chunks(request.id):
             # Every chunk the platform took: even one iotreg gave up waiting for may have devices.
-            if chunk.apply_id and chunk.register_confirmed_at is not None:
+            if chunk.apply_id and chunk.register_confirmed_at is not None and apply_id in (None, chunk.apply_id):
                 for device in self.client.iter_devices_by_apply_id(chunk.apply_id):
                     yield request.product_key, device.name, device.device_secret, device.iot_id
 
@@ -431,6 +491,10 @@ class RequestService:
     def audit(self, request_id: int | None = None, *, limit: int = 500) -> list[AuditEntry]:
         return self.store.audit(request_id, limit=limit)
 
+    def figures(self) -> Figures:
+        """Counts for the metrics: requests by state, notifications waiting, devices created."""
+        return self.store.figures()
+
     def health(self, origins: Sequence[Origin] | None = None) -> Health:
         try:
             self.store.ping()
@@ -475,6 +539,10 @@ def _device_row(device: Any) -> tuple[str, str | None, int | None]:
     if isinstance(device, str):
         return device, None, None
     return device.name, getattr(device, "nickname", None), getattr(device, "line", None)
+
+
+def _retried(request_id: int, retried_as: int | None) -> str:
+    return f"request #{request_id} was retried already: request #{retried_as} carries the retry"
 
 
 def _already(request: Request) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from typing import Any
+from pathlib import Path
 
 import requests
 
@@ -29,7 +30,7 @@ from bot.domain import Origin, Rule, Timing
 from bot.policy import Policy, load_rules
 from bot.registration import Jobs, Notifier, Steps, Workflow
 from bot.service import RequestService
-from bot.store import Store, open_store
+from bot.store import Store, is_url, open_store
 
 #: The rate limiter's account when the chain gives credentials: its AccessKeyIds rotate, the
 #: account's quotas do not.
@@ -96,8 +97,10 @@ def iot_client(
     session: requests.Session | None = None,
     clock: Clock | None = None,
     chain: Callable[[], CredentialsProvider] = DefaultChain,
+    observer: Callable[[str, str, float], None] | None = None,
 ) -> IotClient:
-    """A client for the configured account, sharing the process-wide rate limiter."""
+    """A client for the configured account, sharing the process-wide rate limiter; ``observer``
+    is told of every call (the metrics)."""
     provider = credentials(settings, chain=chain)
     clock = clock or SystemClock()
     account = provider.access_key_id if isinstance(provider, Credentials) else CHAIN_ACCOUNT
@@ -112,6 +115,7 @@ def iot_client(
         retry=RetryPolicy(max_attempts=settings.max_attempts, deadline=settings.retry_deadline),
         limiter=shared_limiter(account, settings.endpoint, settings.qps, clock),
         clock=clock,
+        observer=observer,
     )
 
 
@@ -148,11 +152,19 @@ def workflow(
     store: Store | None = None,
     policy: Policy | None = None,
     origins: frozenset[Origin] | None = None,
+    api: bool = True,
 ) -> Workflow:
-    """The workflow over the configured database and IoT Platform account."""
+    """The workflow over the configured database and IoT Platform account.
+
+    ``api=False``: without an IoT client, for what needs no API call (queries, a cancel); such a
+    workflow must not be resumed. The client is built first, so that a missing AccessKey stops a
+    command before it creates a database.
+    """
+    if client is None and api:
+        client = iot_client(settings, clock=clock)
     return Workflow(
         store or open_store(settings.db_path),
-        client or iot_client(settings, clock=clock),
+        client,
         clock,
         timing(settings),
         notifier=notifier,
@@ -160,3 +172,15 @@ def workflow(
         policy=policy or Policy(allow_self_approval=settings.allow_self_approval),
         origins=origins,
     )
+
+
+def database_exists(settings: Settings) -> bool:
+    """Whether there is a database to read: a SQLite file that is not there yet has no requests,
+    and a query should not create it (a server database always counts as there)."""
+    return is_url(settings.db_path) or Path(settings.db_path).exists()
+
+
+def prepare_home(settings: Settings) -> None:
+    """Create iotreg's home folder when the database is to be made in it."""
+    if settings.home and not is_url(settings.db_path) and Path(settings.db_path).parent == Path(settings.home):
+        Path(settings.home).mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 nothing was lost or done twice.
 
 The IoT Platform emulator and the fake Slack run in this process (they outlive every kill); the bot
-runs as `iotreg serve` (gunicorn, the real scheduler, SQLite on disk). People send signed
+runs as `iotreg serve` (waitress, the real scheduler, SQLite on disk). People send signed
 `/devices register` commands and an approver clicks Approve whenever an Approve button appears,
 retrying while the bot is down. A killer sends SIGKILL every 0.3 to 2.5 seconds (during checks,
 approvals, register calls, polls and posts alike) and starts the bot again. When the kills stop
@@ -71,7 +71,7 @@ class Bot:
                 self.process = subprocess.Popen(
                     [sys.executable, "-m", "bot", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
                     env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own process group: gunicorn's master and worker
+                    start_new_session=True,  # its own process group
                 )
             self.starts += 1
         deadline = time.monotonic() + 30

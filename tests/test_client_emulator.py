@@ -98,11 +98,16 @@ def test_business_errors_arrive_typed(emulator, call, kind, code, signature):
 
 
 @pytest.mark.parametrize(("signature", "string_to_sign"), [("v1", "POST&%2F&"), ("v3", "ACS3-HMAC-SHA256\n")])
-def test_a_wrong_secret_is_an_auth_error_that_shows_the_server_string_to_sign(emulator, signature, string_to_sign):
-    with pytest.raises(errors.AuthError) as info:
-        client_for(emulator, secret="not-the-secret", signature=signature).query_page_by_apply_id(1)
+def test_a_wrong_secret_fails_at_once_naming_the_setting_and_keeps_the_string_to_sign_for_debug(emulator, caplog, signature, string_to_sign):
+    with caplog.at_level("DEBUG", logger="bot.aliyun.client"):
+        with pytest.raises(errors.AuthError) as info:
+            client_for(emulator, secret="not-the-secret", signature=signature).query_page_by_apply_id(1)
     assert info.value.code == "SignatureDoesNotMatch" and info.value.http_status == 400
-    assert f"server string to sign is:{string_to_sign}" in info.value.message
+    assert "ALIBABA_CLOUD_ACCESS_KEY_SECRET" in info.value.message and "string to sign" not in info.value.message
+    assert emulator.gateway.calls["QueryPageByApplyId"] == 1  # not retried
+    quoted = [r for r in caplog.records if "string to sign" in r.getMessage()]
+    assert quoted and all(r.levelname == "DEBUG" and string_to_sign in r.getMessage() for r in quoted)
+    assert not any("not-the-secret" in r.getMessage() for r in caplog.records)
     assert "not-the-secret" not in str(info.value)
 
 

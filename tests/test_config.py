@@ -154,3 +154,36 @@ def test_a_database_password_is_in_no_repr_and_the_location_hides_it():
     assert "hunter2-pw" not in repr(s)
     assert s.db_location == "postgresql://iotreg:***@db.internal/iotreg"
     assert Settings.from_env({"IOTREG_DB": "/data/iotreg.db"}).db_location == "/data/iotreg.db"
+
+
+def test_the_log_format_is_text_or_json():
+    assert Settings.from_env({}).log_format == "text"
+    assert Settings.from_env({"IOTREG_LOG_FORMAT": "JSON"}).log_format == "json"
+    with pytest.raises(ConfigError, match="IOTREG_LOG_FORMAT"):
+        Settings.from_env({"IOTREG_LOG_FORMAT": "xml"})
+
+
+def test_a_quoted_value_followed_by_a_comment_loses_its_quotes(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text('IOT_INSTANCE_ID="iot-cn-0pp1n8t"   # the Overview page\nIOTREG_APPROVERS=\'U0BOB\'  # Bob\n', encoding="utf-8")
+    s = Settings.load({}, env_file)
+    assert (s.instance_id, s.approvers) == ("iot-cn-0pp1n8t", ("U0BOB",))
+
+
+def test_the_database_and_the_env_file_live_in_iotregs_home_whatever_the_folder(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".env").write_text("IOT_REGION_ID=eu-central-1\n", encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    s = Settings.load({"IOTREG_HOME": str(home)})
+    assert (s.db_path, s.region_id) == (str(home / "iotreg.db"), "eu-central-1")
+    assert Settings.from_env({"HOME": str(tmp_path)}).db_path == str(tmp_path / ".local/share/iotreg/iotreg.db")
+
+
+def test_an_iotreg_db_left_in_the_working_folder_is_still_used(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "iotreg.db").write_bytes(b"")
+    assert Settings.from_env({"HOME": str(tmp_path / "h")}).db_path == "iotreg.db"
+    assert Settings.from_env({"IOTREG_DB": "/data/x.db", "HOME": "/h"}).db_path == "/data/x.db"

@@ -135,7 +135,7 @@ def test_the_credentials_file_and_its_profile_through_the_real_chain(make_emulat
     env = {"IOT_ENDPOINT": emulator.endpoint, "ALIBABA_CLOUD_CREDENTIALS_FILE": str(credentials_file), "ALIBABA_CLOUD_PROFILE": "iotreg"}
     result = iotreg(["status", str(apply_id), "-p", emulator.product_key], env, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert f"ApplyId {apply_id} ({emulator.product_key}): CHECK" in result.stdout
+    assert f"ApplyId {apply_id} on IoT Platform: CHECK" in result.stdout
     assert "file-secret" not in result.stdout + result.stderr
 
 

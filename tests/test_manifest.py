@@ -24,6 +24,7 @@ SCOPE_OF = {
     "files_info": "files:read",
     "conversations_open": "im:write",
     "usergroups_users_list": "usergroups:read",
+    "apps_connections_open": None,  # Socket Mode: the app-level token's connections:write, no bot scope
 }
 
 

@@ -1,4 +1,4 @@
-"""`iotreg serve` as deployed: gunicorn, the real scheduler, signed requests, a healthy /healthz."""
+"""`iotreg serve` as deployed: waitress, the real scheduler, signed requests, a healthy /healthz."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
-def test_serve_runs_the_bot_behind_gunicorn_from_command_to_registered_devices(make_emulator, tmp_path):
+def test_serve_runs_the_bot_over_http_from_command_to_registered_devices(make_emulator, tmp_path):
     emulator = make_emulator(clock=SystemClock(), check_seconds=0.2, create_seconds=0.2)
     port = free_port()
     with FakeSlack() as fake:

@@ -88,6 +88,26 @@ def test_state_counts_leave_out_states_with_no_request(store):
     assert store.state_counts() == {State.AWAITING_APPROVAL: 3, State.APPROVED: 1}
 
 
+def test_figures_count_requests_by_state_waiting_events_and_devices_created(store):
+    assert (store.figures().requests_by_state, store.figures().outbox_pending, store.figures().devices_created) == ({}, 0, 0)
+    one = new_request(store, event=(EventKind.CREATED, {}))
+    approve(store, new_request(store))
+    store.set_outcomes(one, [("dev-a", Outcome.CREATED, None, "iot-a"), ("dev-b", Outcome.NOT_CREATED, "no", None)])
+    figures = store.figures()
+    assert figures.requests_by_state == {State.AWAITING_APPROVAL: 1, State.APPROVED: 1} == store.state_counts()
+    assert (figures.outbox_pending, figures.devices_created) == (2, 1)
+
+
+def test_every_request_created_or_moved_is_one_log_line(store, caplog):
+    caplog.set_level(logging.INFO, logger="bot.store")
+    request_id = new_request(store, rejected=[(7, "bad#1", "'#' is not allowed", "泵")])
+    approve(store, request_id)
+    assert not approve(store, request_id)  # no move, no line
+    lines = [(r.request_id, r.state, r.event, r.devices, r.rejected, r.actor) for r in caplog.records if r.name == "bot.store"]
+    assert lines == [(request_id, "awaiting_approval", "requested", 3, 1, "U1"), (request_id, "approved", "approved", 3, 1, "U2")]
+    assert store.rejected_lines(request_id) == [RejectedLine(7, "bad#1", "'#' is not allowed", "泵")]
+
+
 # -- transitions --------------------------------------------------------------------------------
 
 MOVES = [

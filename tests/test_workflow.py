@@ -6,6 +6,7 @@ end got, the devices that exist on the platform afterwards, and the audit trail.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from bot.config import DEFAULT_QPS
 from bot.standins.emulator import Emulator, FaultPlan
 from bot.jobs import InlineJobs
 from bot.policy import Policy
-from bot.domain import Conflict, NotAllowed, NotFound, Timing
+from bot.domain import Conflict, NotAllowed, NotFound, Timing, WorkflowError
 from bot.registration import Workflow
 from bot.store import StoreUnavailable
 from bot.store.sqlite import SqliteStore
@@ -442,7 +443,7 @@ def test_an_older_database_is_migrated_in_place_with_its_data(emulator, tmp_path
     old.conn.close()
 
     harness = Harness(emulator, path, Timing(poll_interval=1.0))
-    assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner", "m003_notification_steps", "m004_uploads", "m005_origin_data", "m006_approvals"]
+    assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner", "m003_notification_steps", "m004_uploads", "m005_origin_data", "m006_approvals", "m007_rejected_nicknames"]
     assert harness.workflow.resume() == 1  # the old request is picked up where it was
     assert harness.run_until(7, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
     harness.workflow.requests.approve(7, BOB)
@@ -610,3 +611,74 @@ def test_a_database_lost_while_running_delays_the_work_and_loses_nothing(emulato
     assert harness.register_calls(request.id) == [1]
     assert harness.platform_devices() == set(names("outage", 6))
     assert harness.notifier.kinds(request.id).count("finished") == 1
+
+
+def test_retry_failed_puts_the_devices_not_created_in_one_new_request_for_one_approval(make_emulator, tmp_path):
+    emulator = make_emulator(create_failure_rate=1.0)
+    harness = Harness(emulator, tmp_path / "db", Timing(poll_interval=1.0))
+    requests = harness.workflow.requests
+    request = requests.submit(emulator.product_key, ALICE, names("again", 4), origin="slack", channel="C1")
+    with pytest.raises(Conflict, match="not a finished registration"):
+        requests.retry_failed(request.id, ALICE)
+    harness.run_until(request.id, State.AWAITING_APPROVAL)
+    requests.approve(request.id, BOB)
+    assert harness.run_until(request.id, State.DONE, State.FAILED) == State.FAILED
+    emulator.backend.create_failure_rate = 0.0
+    retry = requests.retry_failed(request.id, ALICE)
+    assert (retry.retry_of, retry.count, retry.requester, retry.channel) == (request.id, 4, ALICE, "C1")
+    assert [d.name for d in requests.devices(retry.id)] == names("again", 4)
+    harness.run_until(retry.id, State.AWAITING_APPROVAL)
+    requests.approve(retry.id, BOB)
+    assert harness.run_until(retry.id, State.DONE, State.FAILED) == State.DONE
+    assert harness.platform_devices() == set(names("again", 4))
+    assert ("retried", {"new_request": retry.id}) in [(e.event, e.detail) for e in requests.audit(request.id)]
+    with pytest.raises(WorkflowError, match="nothing to retry"):
+        requests.retry_failed(retry.id, ALICE)
+
+
+def test_a_request_driven_by_a_live_process_is_not_taken_by_another_until_let_go(harness):
+    import socket
+    import subprocess
+
+    requests = harness.workflow.requests
+    request = requests.submit(harness.emulator.product_key, ALICE, names("lease", 1), origin="cli")
+    here = socket.gethostname()
+    first, second = f"{here}:{os.getpid()}:aaaa", f"{here}:{os.getpid()}:bbbb"
+    assert requests.drive(request.id, first) is None
+    assert requests.drive(request.id, second) == first
+    assert requests.driven_by(requests.require(request.id)) == first
+    requests.let_go(request.id, second)  # not its mark: nothing changes
+    assert requests.drive(request.id, second) == first
+    requests.let_go(request.id, first)
+    assert requests.drive(request.id, second) is None
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a process that has ended: its mark holds nothing
+    harness.store.update_origin_data(request.id, driver=f"{here}:{ended.pid}:cccc")
+    assert requests.driven_by(requests.require(request.id)) is None
+    assert requests.drive(request.id, first) is None
+
+
+def test_a_platform_that_cannot_be_reached_fails_the_check_at_once_naming_the_endpoint(harness):
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    harness.workflow.reconciler.client = IotClient(
+        endpoint, Credentials("k", "s"), clock=harness.clock, retry=RetryPolicy(max_attempts=3, deadline=5)
+    )
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("far", 2), origin="slack")
+    assert harness.run_until(request.id, State.FAILED, State.AWAITING_APPROVAL) == State.FAILED
+    reason = harness.store.get(request.id).reason
+    assert reason.startswith(f"IoT Platform could not be reached: connection to {endpoint} failed: Connection refused")
+    assert harness.notifier.events[-1].kind == "finished"
+
+
+def test_credentials_the_platform_does_not_accept_fail_the_check_after_one_call(harness):
+    harness.workflow.reconciler.client = IotClient(
+        harness.emulator.endpoint, Credentials(harness.emulator.access_key_id, "not-the-secret"), clock=harness.clock
+    )
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("sig", 2), origin="slack")
+    assert harness.run_until(request.id, State.FAILED, State.AWAITING_APPROVAL) == State.FAILED
+    assert "did not accept iotreg's credentials (SignatureDoesNotMatch)" in harness.store.get(request.id).reason
+    assert harness.emulator.gateway.calls["BatchCheckDeviceNames"] == 1

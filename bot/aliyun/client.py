@@ -35,8 +35,10 @@ import dataclasses
 import enum
 import logging
 import random
+import re
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -223,6 +225,7 @@ class IotClient:
         limiter: RateLimiter | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        observer: Callable[[str, str, float], None] | None = None,
     ) -> None:
         if signature not in SIGNATURES:
             raise ValueError(f"signature must be one of {', '.join(SIGNATURES)}, not {signature!r}")
@@ -243,6 +246,8 @@ class IotClient:
         self.clock = clock or SystemClock()
         self.limiter = limiter or RateLimiter(DEFAULT_QPS, self.clock)
         self.rng = rng or random.Random()
+        #: Told of every HTTP call: the action, ``ok``, ``throttled`` or ``error``, and its seconds.
+        self.observer = observer
 
     def close(self) -> None:
         self.session.close()
@@ -407,14 +412,24 @@ class IotClient:
         while True:
             attempt += 1
             self.limiter.acquire(action)
+            sent = time.perf_counter()
             try:
-                return self._send(action, params, form or {})
+                body = self._send(action, params, form or {})
             except errors.IotError as exc:
+                self._observe(action, "throttled" if isinstance(exc, errors.ThrottledError) else "error", sent)
                 if not self._should_retry(exc, action, attempt, started):
+                    log.info("IoT Platform call failed: %s", exc, extra={"action": action, "code": exc.code})
                     raise
                 delay = self.retry.delay(attempt, self.rng)
-                log.info("%s: %s; retry %d in %.2fs", action, exc.code or type(exc).__name__, attempt, delay)
+                log.info("IoT Platform call failed: %s; retry %d in %.2fs", exc, attempt, delay, extra={"action": action, "code": exc.code})
                 self.clock.sleep(delay)
+            else:
+                self._observe(action, "ok", sent)
+                return body
+
+    def _observe(self, action: str, outcome: str, sent: float) -> None:
+        if self.observer is not None:
+            self.observer(action, outcome, time.perf_counter() - sent)
 
     def _should_retry(self, exc: errors.IotError, action: str, attempt: int, started: float) -> bool:
         if not exc.retryable or attempt >= self.retry.max_attempts:
@@ -538,9 +553,10 @@ class IotClient:
         request_id = str(body.get("RequestId", ""))
         log.debug("%s -> HTTP %d in %.0f ms (RequestId %s)", action, response.status_code, elapsed * 1000, request_id)
         if response.status_code >= 400:
-            raise errors.gateway_error(
-                response.status_code, str(body.get("Code", "")), str(body.get("Message", "")), request_id, action
-            )
+            code, message = str(body.get("Code", "")), str(body.get("Message", ""))
+            if code == "SignatureDoesNotMatch":
+                message = _without_string_to_sign(action, message)
+            raise errors.gateway_error(response.status_code, code, message, request_id, action)
         if body.get("Success") is False:
             message = str(body.get("ErrorMessage") or body.get("Message") or "")
             data = body.get("Data") if isinstance(body.get("Data"), dict) else None
@@ -622,6 +638,15 @@ def _refused_names(data: Mapping, nicknames: Mapping[str, str | None]) -> tuple[
     return tuple(found.values())
 
 
+def _without_string_to_sign(action: str, message: str) -> str:
+    """The platform's answer to a wrong secret quotes its string to sign: worth comparing when
+    debugging the signer (``-vv``), noise in a warning or an error a person reads."""
+    said, marker, string_to_sign = message.partition("server string to sign is:")
+    if marker:
+        log.debug("%s: IoT Platform's string to sign: %s", action, string_to_sign)
+    return f"{said.strip() or 'the signature does not match'} Check ALIBABA_CLOUD_ACCESS_KEY_SECRET."
+
+
 def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:
     """Whether a connection error happened before the request could be sent."""
     text = repr(exc)
@@ -629,6 +654,13 @@ def _never_connected(exc: requests.exceptions.ConnectionError) -> bool:
 
 
 def _reason(exc: Exception) -> str:
-    """A short cause, without the URL (which carries the signature and the key id)."""
+    """A short cause, without the URL (which carries the signature and the key id): the system's
+    words (``Connection refused``, ``Name or service not known``) when there are some."""
     text = str(exc.args[0] if exc.args else exc)
-    return text.split("(Caused by ", 1)[-1].rstrip(")")[:200] if "(Caused by " in text else type(exc).__name__
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if errno:
+        return errno[1].strip()
+    if "(Caused by " in text:
+        cause = text.split("(Caused by ", 1)[-1].rstrip(")")
+        return re.sub(r"^\w+\(.*?\): ", "", cause.split("(", 1)[0] if cause.startswith(("ConnectTimeout", "ReadTimeout")) else cause)[:160]
+    return type(exc).__name__

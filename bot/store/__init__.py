@@ -25,6 +25,8 @@ What every store promises:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -47,7 +49,9 @@ from bot.domain import (
     Upload,
 )
 
-__all__ = ["AlreadyRetried", "Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
+log = logging.getLogger(__name__)
+
+__all__ = ["Figures", "log_transition", "AlreadyRetried", "Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -67,6 +71,23 @@ class AlreadyRetried(Exception):
         super().__init__(f"request #{request_id} was retried already as #{retried_as}")
         self.request_id = request_id
         self.retried_as = retried_as
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    """What :meth:`Store.figures` counts: requests by state, undelivered events, devices created."""
+
+    requests_by_state: dict[State, int]
+    outbox_pending: int
+    devices_created: int
+
+
+def log_transition(request_id: int, product: str, state: str, event: str, devices: int, rejected: int, actor: str) -> None:
+    """One INFO line per request created or moved (every store logs its own), its fields also
+    given apart (for JSON logs)."""
+    fields = {"request_id": request_id, "product": product, "state": str(state), "event": event,
+              "devices": devices, "rejected": rejected, "actor": actor}
+    log.info("request #%d (%s): %s (%s), %d device(s), %d rejected, by %s", *fields.values(), extra=fields)
 
 
 class Store(Protocol):
@@ -103,7 +124,7 @@ class Store(Protocol):
         now: datetime,
         channel: str = "",
         origin_data: dict[str, Any] | None = None,
-        rejected: Sequence[tuple[int, str, str]] = (),
+        rejected: Sequence[tuple[int, str, str] | tuple[int, str, str, str | None]] = (),
         rejected_count: int = 0,
         devices: Iterable[tuple[str, str | None, int | None]] = (),
         chunks: Sequence[int] = (),
@@ -117,9 +138,9 @@ class Store(Protocol):
         decided_by: str | None = None,
         audit: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> int:
-        """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines,
-        its ``requested`` audit row (and the ``audit`` rows after it, by ``decided_by``), its first
-        event, and mark the upload it came from as read.
+        """Insert a request with its devices ``(name, nickname, line)``, chunks and rejected lines
+        ``(line, value, reason[, nickname])``, its ``requested`` audit row (and the ``audit`` rows
+        after it, by ``decided_by``), its first event, and mark the upload it came from as read.
 
         With ``retry_of``: in the same transaction, set that request's ``retried_as`` to the new
         one only if it has none yet; otherwise write nothing and raise :class:`AlreadyRetried`."""
@@ -139,6 +160,9 @@ class Store(Protocol):
 
     def state_counts(self) -> dict[State, int]:
         """How many requests are in each state (states with none are left out)."""
+
+    def figures(self) -> Figures:
+        """Counts for the metrics, read from the database so that every replica reports the same."""
 
     def transition(
         self,

@@ -42,7 +42,7 @@ SOURCES: dict[str, tuple[str, str]] = {
         "SELECT request_id, name, nickname, chunk_no, line, COALESCE(outcome, 'pending'), reason, iot_id"
         " FROM devices ORDER BY rowid",  # the order the devices were given in
     ),
-    "rejected_lines": ("request_id, line, value, reason", "SELECT request_id, line, value, reason FROM rejected_lines ORDER BY rowid"),
+    "rejected_lines": ("request_id, line, value, reason, nickname", "SELECT request_id, line, value, reason, nickname FROM rejected_lines ORDER BY rowid"),
     "approvals": ("request_id, approver, at, reason", "SELECT request_id, approver, at, reason FROM approvals ORDER BY rowid"),
     "audit": (
         "id, request_id, at, actor, event, detail",

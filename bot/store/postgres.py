@@ -48,7 +48,7 @@ from bot.domain import (
     Tally,
     Upload,
 )
-from bot.store import AlreadyRetried, StoreUnavailable, redact_url
+from bot.store import AlreadyRetried, Figures, StoreUnavailable, log_transition, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,12 @@ def m002_approvals(cur: psycopg.Cursor[Any]) -> None:
             ADD COLUMN reminders_sent integer NOT NULL DEFAULT 0;
         """
     )
+
+
+@migration
+def m003_rejected_nicknames(cur: psycopg.Cursor[Any]) -> None:
+    """The nickname given beside a line refused locally, for the outcome report."""
+    cur.execute("ALTER TABLE rejected_lines ADD COLUMN nickname text")
 
 
 #: Tables in the order they can be filled (a referenced table first), for copying a deployment.
@@ -412,9 +418,9 @@ class PostgresStore:
                     [(request_id, n, size) for n, size in enumerate(chunks)],
                 )
             if rejected:
-                with cur.copy("COPY rejected_lines (request_id, line, value, reason) FROM STDIN") as copy:
-                    for line, value, reason in rejected:
-                        copy.write_row((request_id, line, value, reason))
+                with cur.copy("COPY rejected_lines (request_id, line, value, reason, nickname) FROM STDIN") as copy:
+                    for row in rejected:  # (line, value, reason[, nickname])
+                        copy.write_row((request_id, *row[:3], row[3] if len(row) > 3 else None))
             if retry_of is not None:
                 # Compare-and-set in the same transaction: however many clicks, one retry request.
                 cur.execute("UPDATE requests SET retried_as = %s WHERE id = %s AND retried_as IS NULL", [request_id, retry_of])
@@ -434,6 +440,7 @@ class PostgresStore:
             if upload_id is not None:
                 # In the same transaction: an upload read again after a crash cannot make a second request.
                 cur.execute("UPDATE uploads SET done_at = %s, request_id = %s WHERE id = %s", [now, request_id, upload_id])
+        log_transition(int(request_id), product_key, state, "requested", count, rejected_count or len(rejected), requester)
         return int(request_id)
 
     def get(self, request_id: int) -> Request | None:
@@ -467,6 +474,20 @@ class PostgresStore:
         rows = self._fetch(f"SELECT {_REQUEST_COLUMNS} FROM requests {condition} ORDER BY id DESC LIMIT %s", [*args, limit])
         return [_request(r) for r in rows]
 
+    def figures(self) -> Figures:
+        """The metrics' counts in one round trip."""
+        rows = self._fetch(
+            "SELECT 'state', state, COUNT(*) FROM requests GROUP BY state"
+            " UNION ALL SELECT 'outbox', '', COUNT(*) FROM outbox WHERE delivered_at IS NULL"
+            " UNION ALL SELECT 'created', '', COUNT(*) FROM devices WHERE outcome = %s",
+            [str(Outcome.CREATED)],
+        )
+        totals = {what: n for what, _, n in rows if what != "state"}
+        return Figures(
+            requests_by_state={State(state): n for what, state, n in rows if what == "state"},
+            outbox_pending=totals["outbox"], devices_created=totals["created"],
+        )
+
     def state_counts(self) -> dict[State, int]:
         return {State(state): count for state, count in self._fetch("SELECT state, COUNT(*) FROM requests GROUP BY state")}
 
@@ -491,14 +512,17 @@ class PostgresStore:
         values.update(state=str(to_state), updated_at=now)
         with self.connection() as conn:
             cur = conn.execute(
-                f"UPDATE requests SET {_assignments(values)} WHERE id = %s AND state = ANY(%s)",
+                f"UPDATE requests SET {_assignments(values)} WHERE id = %s AND state = ANY(%s)"
+                " RETURNING product_key, count, rejected_count",
                 [*values.values(), request_id, _texts(from_states)],
             )
-            if cur.rowcount != 1:
+            moved = cur.fetchone()
+            if moved is None:
                 return False
             _audit(cur, request_id, actor, event, detail or {}, now)
             if notify:
                 _enqueue(cur, request_id, notify[0], notify[1], now)
+        log_transition(request_id, moved[0], to_state, event, moved[1], moved[2], actor)
         return True
 
     def add_approval(self, request_id: int, *, approver: str, now: datetime, needed: int, reason: str | None = None) -> Tally:
@@ -524,14 +548,16 @@ class PostgresStore:
             if len(approvers) < needed:
                 _enqueue(cur, request_id, "approval", {"by": approver, "count": len(approvers), "needed": needed}, now)
                 return Tally.COUNTED
-            cur.execute(
-                "UPDATE requests SET state = %s, decided_by = %s, decided_at = %s, updated_at = %s WHERE id = %s AND state = %s",
+            moved = cur.execute(
+                "UPDATE requests SET state = %s, decided_by = %s, decided_at = %s, updated_at = %s WHERE id = %s AND state = %s"
+                " RETURNING product_key, count, rejected_count",
                 [str(State.APPROVED), approver, now, now, request_id, str(State.AWAITING_APPROVAL)],
-            )
-            if cur.rowcount != 1:  # cannot happen while the row is locked; kept as the compare-and-set
+            ).fetchone()
+            if moved is None:  # cannot happen while the row is locked; kept as the compare-and-set
                 raise RuntimeError(f"request #{request_id} changed state while its approval was counted")
             _audit(cur, request_id, approver, "approved", {"approvers": approvers, "needed": needed}, now)
             _enqueue(cur, request_id, "approved", {"by": approver, "approvers": approvers}, now)
+        log_transition(request_id, moved[0], State.APPROVED, "approved", moved[1], moved[2], approver)
         return Tally.QUORUM
 
     def approvals(self, request_id: int) -> list[Approval]:
@@ -656,7 +682,7 @@ class PostgresStore:
         )
 
     def rejected_lines(self, request_id: int) -> list[RejectedLine]:
-        rows = self._fetch("SELECT line, value, reason FROM rejected_lines WHERE request_id = %s ORDER BY line", [request_id])
+        rows = self._fetch("SELECT line, value, reason, nickname FROM rejected_lines WHERE request_id = %s ORDER BY line", [request_id])
         return [RejectedLine(*r) for r in rows]
 
     # -- uploads ------------------------------------------------------------------------------

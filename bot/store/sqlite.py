@@ -39,7 +39,8 @@ from bot.domain import (
     Tally,
     Upload,
 )
-from bot.store import AlreadyRetried, StoreBusy, StoreUnavailable
+from bot.store import AlreadyRetried, Figures, StoreBusy, StoreUnavailable, log_transition
+
 
 PENDING = Outcome.PENDING.value
 
@@ -183,6 +184,12 @@ def m006_approvals(db: Database) -> None:
     db["requests"].add_column("justification", str)
     db["requests"].add_column("retried_as", int)
     db["requests"].add_column("reminders_sent", int, not_null_default=0)
+
+
+@migrations()
+def m007_rejected_nicknames(db: Database) -> None:
+    """The nickname given beside a line refused locally, for the outcome report."""
+    db["rejected_lines"].add_column("nickname", str)
 
 
 def format_time(value: datetime) -> str:
@@ -424,8 +431,8 @@ class SqliteStore:
                 ((request_id, n, size) for n, size in enumerate(chunks)),
             )
             db.conn.executemany(
-                "INSERT INTO rejected_lines (request_id, line, value, reason) VALUES (?, ?, ?, ?)",
-                ((request_id, line, value, reason) for line, value, reason in rejected),
+                "INSERT INTO rejected_lines (request_id, line, value, reason, nickname) VALUES (?, ?, ?, ?, ?)",
+                ((request_id, *row[:3], row[3] if len(row) > 3 else None) for row in rejected),
             )
             if retry_of is not None:
                 # Compare-and-set in the same transaction: however many clicks, one retry request.
@@ -448,6 +455,7 @@ class SqliteStore:
             if upload_id is not None:
                 # In the same transaction: an upload read again after a crash cannot make a second request.
                 db.conn.execute("UPDATE uploads SET done_at = ?, request_id = ? WHERE id = ?", [stamp, request_id, upload_id])
+        log_transition(int(request_id), product_key, state, "requested", count, rejected_count or len(rejected), requester)
         return int(request_id)
 
     def get(self, request_id: int) -> Request | None:
@@ -519,6 +527,10 @@ class SqliteStore:
             self._audit(request_id, actor, event, detail or {}, stamp)
             if notify:
                 self._enqueue(request_id, notify[0], notify[1], stamp)
+            product, count, rejected = db.conn.execute(
+                "SELECT product_key, count, rejected_count FROM requests WHERE id = ?", [request_id]
+            ).fetchone()
+        log_transition(request_id, product, to_state, event, count or 0, rejected or 0, actor)
         return True
 
     def add_approval(self, request_id: int, *, approver: str, now: datetime, needed: int, reason: str | None = None) -> Tally:
@@ -553,6 +565,10 @@ class SqliteStore:
                 raise RuntimeError(f"request #{request_id} changed state while its approval was counted")
             self._audit(request_id, approver, "approved", {"approvers": approvers, "needed": needed}, stamp)
             self._enqueue(request_id, "approved", {"by": approver, "approvers": approvers}, stamp)
+            product, count, rejected = db.conn.execute(
+                "SELECT product_key, count, rejected_count FROM requests WHERE id = ?", [request_id]
+            ).fetchone()
+        log_transition(request_id, product, State.APPROVED, "approved", count or 0, rejected or 0, approver)
         return Tally.QUORUM
 
     def approvals(self, request_id: int) -> list[Approval]:
@@ -679,7 +695,7 @@ class SqliteStore:
 
     def rejected_lines(self, request_id: int) -> list[RejectedLine]:
         rows = self.db.execute(
-            "SELECT line, value, reason FROM rejected_lines WHERE request_id = ? ORDER BY line", [request_id]
+            "SELECT line, value, reason, nickname FROM rejected_lines WHERE request_id = ? ORDER BY line", [request_id]
         )
         return [RejectedLine(*r) for r in rows.fetchall()]
 
@@ -803,6 +819,12 @@ class SqliteStore:
     def mark_step(self, event_id: int, step: str) -> None:
         with self._write() as db:
             db.conn.execute("INSERT OR IGNORE INTO notified_steps (event_id, step) VALUES (?, ?)", [event_id, step])
+
+    # -- figures for monitoring -----------------------------------------------------------------
+
+    def figures(self) -> Figures:
+        created = self.db.execute("SELECT COUNT(*) FROM devices WHERE outcome = ?", [Outcome.CREATED.value]).fetchone()[0]
+        return Figures(requests_by_state=self.state_counts(), outbox_pending=self.pending_count(), devices_created=created)
 
     def delivered_events(self, request_id: int) -> list[Event]:
         rows = self.db.execute(

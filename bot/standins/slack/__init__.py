@@ -14,6 +14,10 @@ against them unchanged:
   :meth:`~FakeSlack.home`), records every request
   (:attr:`~FakeSlack.calls`), injects faults (:meth:`~FakeSlack.fail`, :meth:`~FakeSlack.delay`) and
   lets a test wait for the bot without sleeping (:meth:`~FakeSlack.wait_for`).
+* Socket Mode: ``apps.connections.open`` (with the app-level token, :attr:`FakeSlack.app_token`)
+  hands out ``ws://`` URLs of :attr:`FakeSlack.socket_mode`, a local Socket Mode server
+  (:mod:`bot.standins.slack.socketmode`) that sends envelopes, collects acks and drops connections
+  in every way Slack's can end.
 * :class:`Workspace` plays the people: it builds the slash command, ``block_actions``,
   ``view_submission`` and Events API (``event_callback``, e.g. ``app_home_opened``) requests Slack sends, signs them with the signing secret
   (:func:`signature_headers`) and POSTs them to the app. The pure builders (:func:`command_body`,
@@ -338,8 +342,10 @@ class FakeSlack:
         app_id: str = "A0IOTREG",
         clock: Callable[[], float] = time.time,
         trigger_ttl: float | None = TRIGGER_TTL,
+        app_token: str = "xapp-1-A0IOTREG-1-test",
     ) -> None:
         self.bot_token = bot_token
+        self.app_token = app_token
         self.team_id = team_id
         self.team_domain = team_domain
         self.team_name = team_name
@@ -374,6 +380,7 @@ class FakeSlack:
         self._redirects: dict[str, tuple[int, str]] = {}
         self._faults: dict[str, list[_Fault]] = {}
         self._delays: dict[str, float] = {}
+        self._socket_mode: Any = None
         self.add_user(bot_user_id, name=bot_name, is_bot=True)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -404,8 +411,21 @@ class FakeSlack:
         self._thread.start()
         return self
 
+    @property
+    def socket_mode(self) -> Any:
+        """The Socket Mode endpoint (:class:`~bot.standins.slack.socketmode.SocketModeServer`),
+        started on first use; ``apps.connections.open`` hands out its URLs."""
+        with self._lock:
+            if self._socket_mode is None:
+                from bot.standins.slack.socketmode import SocketModeServer
+
+                self._socket_mode = SocketModeServer(self.host, app_id=self.app_id).start()
+            return self._socket_mode
+
     def stop(self) -> None:
         """Stop serving (delayed answers are cut short) and close the socket."""
+        if self._socket_mode is not None:
+            self._socket_mode.stop()
         httpd, thread = self._httpd, self._thread
         if httpd is None:
             return
@@ -761,8 +781,9 @@ class FakeSlack:
             return self._api_answer(method, params, {"ok": False, "error": "unknown_method", "req_method": method})
         if not token:
             return self._api_answer(method, params, {"ok": False, "error": "not_authed"})
-        if token != self.bot_token:
-            return self._api_answer(method, params, {"ok": False, "error": "invalid_auth"})
+        if token != (self.app_token if method in _APP_TOKEN_METHODS else self.bot_token):
+            error = "not_allowed_token_type" if token in (self.bot_token, self.app_token) else "invalid_auth"
+            return self._api_answer(method, params, {"ok": False, "error": error})
         fault = self._before(method, json_api=True)
         if fault is not None:
             error = json.loads(fault.body).get("error") if fault.content_type.startswith("application/json") else None
@@ -1295,6 +1316,9 @@ class FakeSlack:
             raise _ApiError("no_such_subteam")
         return {"users": list(self.usergroups[group])}
 
+    def _apps_connections_open(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"url": self.socket_mode.url()}
+
     def _users_info(self, params: dict[str, Any]) -> dict[str, Any]:
         user = self._users.get(_str_or_none(params.get("user")) or "")
         if user is None:
@@ -1303,6 +1327,7 @@ class FakeSlack:
 
 
 _API: dict[str, Callable[[FakeSlack, dict[str, Any]], dict[str, Any]]] = {
+    "apps.connections.open": FakeSlack._apps_connections_open,
     "auth.test": FakeSlack._auth_test,
     "chat.postMessage": FakeSlack._chat_post_message,
     "chat.update": FakeSlack._chat_update,
@@ -1319,6 +1344,9 @@ _API: dict[str, Callable[[FakeSlack, dict[str, Any]], dict[str, Any]]] = {
     "usergroups.users.list": FakeSlack._usergroups_users_list,
     "users.info": FakeSlack._users_info,
 }
+
+#: Methods called with the app-level token (xapp-); every other one takes the bot token.
+_APP_TOKEN_METHODS = frozenset({"apps.connections.open"})
 
 
 # ---------------------------------------------------------------------------------------------
