@@ -604,7 +604,7 @@ def status(ref: str, product_key: str | None, as_json: bool) -> None:
         elif product_key is not None and number is not None:
             apply_id = number
         else:
-            raise Stop(f"no request or ApplyId {ref} in {settings.db_path}; to ask IoT Platform about an ApplyId, add -p PRODUCT_KEY")
+            raise Stop(f"no request or ApplyId {ref} in {settings.db_location}; to ask IoT Platform about an ApplyId, add -p PRODUCT_KEY")
     platform = None
     if apply_id is not None and product_key is not None:
         with wiring.iot_client(settings) as client:
@@ -729,7 +729,7 @@ def credentials(ref: str, output: Path, product_key: str | None, force: bool) ->
                 write(lambda: workflow.requests.credentials(request.id, operator(), apply_id=apply_id))
     if request is None:
         if product_key is None or not ref.isdigit():
-            raise Stop(f"no request or ApplyId {ref} in {settings.db_path}; for an ApplyId of another database, add -p PRODUCT_KEY")
+            raise Stop(f"no request or ApplyId {ref} in {settings.db_location}; for an ApplyId of another database, add -p PRODUCT_KEY")
         with wiring.iot_client(settings) as client:
             write(lambda: ((product_key, d.name, d.device_secret, d.iot_id) for d in client.iter_devices_by_apply_id(int(ref))))
     click.echo(f"Wrote the credentials of {count:,} device(s) to {output} (readable by you only).")

@@ -21,3 +21,11 @@ def test_help_never_shows_the_database_url(tmp_path, monkeypatch):
     for args in (["--help"], ["db", "--help"], ["db", "copy", "--help"], ["serve", "--help"], ["requests", "--help"]):
         result = CliRunner().invoke(cli, args, env=env)
         assert result.exit_code == 0 and "hunter2-pw" not in result.output
+
+
+def test_a_request_not_found_names_the_database_without_its_password(tmp_path, monkeypatch, postgres_url):
+    monkeypatch.chdir(tmp_path)
+    url = postgres_url.replace("iotreg@", "iotreg:hunter2-pw@")  # the test server trusts; the password goes unused
+    result = CliRunner().invoke(cli, ["status", "4242"], env={"IOTREG_DB": url})
+    assert result.exit_code == 1 and "no request or ApplyId 4242 in postgresql://iotreg:***@" in result.output
+    assert "hunter2-pw" not in result.output
