@@ -481,9 +481,8 @@ def register(
                 devices = read_device_file(source, filename=file.name, product_key=product_key)
         except DeviceListError as exc:
             raise Stop(exc.message) from None
-        encoding = getattr(devices, "encoding", None)  # when the reader says how it decoded the file
-        if encoding and encoding.lower().replace("-", "") not in ("utf8", "ascii"):
-            terminal.line(f"Read {file.name} as {encoding}.")
+        if devices.read_as:
+            terminal.line(f"Read {file.name} as {devices.read_as}: it is not UTF-8. If names look wrong, save it as CSV UTF-8.")
         show_rejected(terminal, devices)
     with open_workflow(settings, terminal) as workflow:
         driver = Driver(workflow, terminal, yes=yes, output=output)

@@ -8,7 +8,11 @@ What is read:
   Excel's "Unicode text"), is sniffed from the header line;
 * one name per line: a single column without a header, or plain text, where lines starting with
   ``#`` are comments;
-* UTF-8 with or without a BOM, UTF-16 with a BOM (or recognisably without one), any line endings.
+* UTF-8 with or without a BOM, UTF-16 with a BOM (or recognisably without one), any line endings;
+  without a BOM, a file that is not UTF-8 may be in one of Excel's legacy encodings, GB18030 (GBK,
+  Excel on Chinese Windows) or Windows-1252: that is decided once, on a window of bytes from the
+  first non-ASCII byte on (:data:`_DETECT_WINDOW`), and the whole file must then decode in it.
+  :attr:`DeviceList.encoding` says which was used, :attr:`DeviceList.read_as` names a legacy one.
 
 The rules are the platform's (alibaba-iot-api.md, "Parameters and limits"): a DeviceName is 4 to 32
 characters of ``A-Z a-z 0-9 - _ @ . :``; a DeviceNickname is 4 to 64 characters of Chinese or
@@ -28,6 +32,13 @@ Problems come back two ways, by what the operator has to do:
 Files are read as a stream of bytes, a chunk at a time: only the valid devices (the output) and the
 first ``keep_rejected`` rejections are kept, so a million-line file costs about as much memory as the
 names in it.
+
+The cost is bounded by the size, whatever the shape: the bytes are cut into chunks of the same size
+however they arrive (so the answer does not depend on it); a long line is gathered in pieces, not
+grown by copying; regular expressions that meet quotes cannot backtrack; a line is cut into at most
+:data:`MAX_COLUMNS` cells (a header or a row with more is refused as such); and the fast paths,
+which match a whole batch of rows with one expression, are only taken for the first
+:data:`_FAST_COLUMNS` columns.
 """
 
 from __future__ import annotations
@@ -40,12 +51,13 @@ import unicodedata
 from array import array
 from collections.abc import Iterable, Iterator, MutableSequence
 from dataclasses import dataclass, field, replace
-from itertools import chain, repeat
+from itertools import chain, islice, repeat
 from typing import Any, BinaryIO, Literal
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "KEEP_REJECTED",
+    "MAX_COLUMNS",
     "Device",
     "DeviceList",
     "DeviceListError",
@@ -62,12 +74,30 @@ NICKNAME_MIN, NICKNAME_MAX = 4, 64
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 #: Rejections kept in detail; the rest are only counted (a file of garbage must not fill memory).
 KEEP_REJECTED = 1000
+#: Columns a header or a row may have (Excel's own limit is 16,384): past it, a line is not a row of
+#: a device list, and cutting it into cells would cost memory for nothing.
+MAX_COLUMNS = 65_536
 
 #: Anything a file can be given as: its bytes, a binary file object, or chunks (an HTTP body).
 Source = bytes | bytearray | memoryview | BinaryIO | Iterable[bytes]
 
 _CHUNK = 64 * 1024
-_HEAD = 4096  # bytes looked at before deciding what a file is
+_HEAD = 4096  # bytes (and then characters) looked at before deciding what a file is
+#: Bytes from the first non-ASCII byte on that decide the encoding of a file without a BOM.
+_DETECT_WINDOW = 64 * 1024
+#: Excel's legacy encodings, tried when a file without a BOM is not UTF-8.
+_LEGACY_ENCODINGS = ("gb18030", "cp1252")
+_ENCODING_LABELS = {
+    "utf-8": "UTF-8",
+    "utf-16-le": "UTF-16",
+    "utf-16-be": "UTF-16",
+    "gb18030": "GB18030",
+    "cp1252": "Windows-1252",
+}
+#: The fast paths match a batch of rows with one expression holding every column up to the last
+#: one read: past this many columns, rows are read one by one (a pattern per column would grow
+#: with the header, and so would its cost).
+_FAST_COLUMNS = 32
 _VALUE_SHOWN = 80  # longer values are cut in Rejected.value; the reason still counts the whole
 
 _NAME_CLASS = r"[A-Za-z0-9\-_@.:]"
@@ -162,6 +192,15 @@ class DeviceList:
     duplicates: int = 0
     lines_read: int = 0
     format: Literal["csv", "text"] = "text"
+    #: The encoding the file was read in: ``utf-8``, ``utf-16-le``, ``utf-16-be``, or one of
+    #: Excel's legacy encodings, ``gb18030`` or ``cp1252`` (then named by :attr:`read_as`).
+    encoding: str = "utf-8"
+
+    @property
+    def read_as(self) -> str | None:
+        """``"GB18030"`` or ``"Windows-1252"`` when the file was in a legacy encoding (front ends say
+        "read as …", since a wrong guess shows as odd characters), else None."""
+        return _ENCODING_LABELS[self.encoding] if self.encoding in _LEGACY_ENCODINGS else None
 
 
 # --- rules -----------------------------------------------------------------------------------
@@ -211,10 +250,7 @@ def _length_problem(what: str, n: int, low: int, high: int, unit: str) -> str | 
 def _bad_characters(value: str, allowed: re.Pattern[str], rule: str, where: str = "") -> str:
     """``'#' is not allowed: <rule>``, ``'=', a space and '!' are not allowed: <rule>``, or "" when
     every character is allowed."""
-    seen: dict[str, None] = {}
-    for char in value:
-        if not allowed.match(char):
-            seen.setdefault(char)
+    seen = {char: None for char in dict.fromkeys(value) if not allowed.match(char)}
     if not seen:
         return ""
     shown = [_describe_character(c) for c in list(seen)[:3]]
@@ -285,7 +321,7 @@ class _Collector:
         """Check one value (and its nickname) found at ``line``/``item``."""
         if not _NAME_RE.fullmatch(name):
             # Past the rejections kept in detail, counting is enough: skip working out why.
-            self.reject(name, (validate_name(name) or "") if self._room() else "", line, item, nickname)
+            self.reject(name, (validate_name(name) or "") if self.room() else "", line, item, nickname)
             return
         if len(name) == len(_NAME_HEADER) and name.lower() == _NAME_HEADER:
             self.reject(name, "this is a header line, not a device: delete the line", line, item)
@@ -325,6 +361,15 @@ class _Collector:
         self._names.extend(names)
         return True
 
+    def repeats_only(self, names: list[str]) -> bool:
+        """Past the rejections kept in detail: count ``names`` as repeats when every one is; False,
+        having counted nothing, when one is new."""
+        if self.room() or not self._seen.issuperset(names):
+            return False
+        self.duplicates += len(names)
+        self.rejected_count += len(names)
+        return True
+
     def _nicknames_so_far(self) -> list[str | None]:
         if self._nicknames is None:
             self._nicknames = [None] * len(self._names)
@@ -345,13 +390,13 @@ class _Collector:
                 del nicknames[:step]
         return devices
 
-    def _room(self) -> bool:
+    def room(self) -> bool:
         return len(self.rejected) < self._keep
 
     def reject(self, value: str, reason: str, line: int | None, item: int | None = None, nickname: str | None = None) -> bool:
         """Count a rejection; True when it is kept in detail."""
         self.rejected_count += 1
-        if not self._room():
+        if not self.room():
             return False
         if len(value) > _VALUE_SHOWN:
             value = value[: _VALUE_SHOWN - 1] + "…"
@@ -410,9 +455,11 @@ def read_device_file(
     subject = _Subject(filename)
     reader = _LineReader(_chunks(data, max_bytes, subject), subject)
     try:
-        return _read_lines(reader, subject, keep_rejected, product_key)
+        result = _read_lines(reader, subject, keep_rejected, product_key)
     finally:
         reader.close()
+    result.encoding = reader.encoding
+    return result
 
 
 @dataclass(frozen=True)
@@ -430,6 +477,9 @@ class _Subject:
 
 
 def _chunks(data: Source, max_bytes: int, subject: _Subject) -> Iterator[bytes]:
+    """The bytes in chunks of :data:`_CHUNK` (the last one shorter), however they arrive: what the
+    reader decides at a chunk's edge is then the same for the same bytes. Refused past ``max_bytes``,
+    counted while reading, so an endless stream is refused too."""
     too_large = f"{subject} is larger than {_size(max_bytes)}: split the list into smaller files"
     if isinstance(data, (bytes, bytearray, memoryview)):
         view = memoryview(data).cast("B")
@@ -443,6 +493,7 @@ def _chunks(data: Source, max_bytes: int, subject: _Subject) -> Iterator[bytes]:
     read = getattr(data, "read", None)
     source: Iterable[bytes] = iter(lambda: read(_CHUNK), b"") if read else data  # type: ignore[misc]
     total = 0
+    pending = bytearray()
     for chunk in source:
         if isinstance(chunk, str):
             raise TypeError("read_device_file() needs bytes: open the file in binary mode")
@@ -451,7 +502,16 @@ def _chunks(data: Source, max_bytes: int, subject: _Subject) -> Iterator[bytes]:
         total += len(chunk)
         if total > max_bytes:
             raise DeviceListError(too_large)
-        yield bytes(chunk)
+        pending += chunk
+        if len(pending) >= _CHUNK:
+            whole = len(pending) - len(pending) % _CHUNK
+            view = memoryview(pending)
+            chunks = [bytes(view[start : start + _CHUNK]) for start in range(0, whole, _CHUNK)]
+            view.release()
+            del pending[:whole]
+            yield from chunks
+    if pending:
+        yield bytes(pending)
 
 
 def _size(n: int) -> str:
@@ -461,14 +521,27 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
+class _Undecodable(Exception):
+    """Bytes that are not text in the file's encoding; ``good`` is the text decoded before them in
+    the chunk that failed."""
+
+    def __init__(self, good: str) -> None:
+        super().__init__(good)
+        self.good = good
+
+
+_NON_ASCII_RE = re.compile(b"[\x80-\xff]")
+
+
 class _LineReader:
     """Decodes chunks into batches of physical lines (split at CR, LF or CRLF), after checking that
-    the file is text at all. ``count`` is the number of lines handed out so far."""
+    the file is text at all. ``count`` is the number of lines handed out so far, ``encoding`` the
+    one the file is read in (known once the first non-ASCII byte has been met)."""
 
     def __init__(self, chunks: Iterator[bytes], subject: _Subject) -> None:
         self._chunks = chunks
         self._subject = subject
-        self._encoding = "utf-8"
+        self.encoding = "utf-8"
         self.count = 0
 
     def close(self) -> None:
@@ -477,68 +550,115 @@ class _LineReader:
             close()
 
     def __iter__(self) -> Iterator[list[str]]:
-        head = b""
-        for chunk in self._chunks:  # gather enough to recognise the file, even from tiny chunks
-            head += chunk
-            if len(head) >= _HEAD:
-                break
+        head = next(self._chunks, b"")  # a whole chunk, unless the file is smaller
         if not head:
             raise DeviceListError(f"{self._subject} is empty")
-        self._encoding, head = self._sniff(head)
-        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder(self._encoding)(), translate=True)
-        tail = ""
+        encoding, head = self._sniff(head)
+        newlines = io.IncrementalNewlineDecoder(None, translate=True)
+        parts: list[str] = []  # the line begun and not ended yet, in pieces: never grown by copying
+        start = ""  # the first _HEAD characters, checked once they are all there
         checked = False
-        for chunk in chain((head,), self._chunks):
+        texts = self._texts(encoding, chain((head,), self._chunks))
+        while True:
             try:
-                text = decoder.decode(chunk)
-            except UnicodeDecodeError as exc:
-                raise self._undecodable(decoder, chunk, tail, exc) from None
-            if not checked and text:
-                self._check_start(text)
-                checked = True
+                text = next(texts, None)
+            except _Undecodable as exc:
+                line = self.count + len(_NEWLINE_RE.findall(exc.good)) + 1
+                raise self._undecodable(line) from None
+            final = text is None
+            text = newlines.decode(text or "", final=final)
+            if not checked:
+                start += text[: _HEAD - len(start)]
+                if len(start) >= _HEAD or final:
+                    self._check_start(start)
+                    checked = True
             if "\x00" in text:
                 raise DeviceListError(self._binary())
-            lines = (tail + text).split("\n")
-            tail = lines.pop()
+            if "\n" not in text:
+                if text:
+                    parts.append(text)
+                if not final:
+                    continue
+                lines = ["".join(parts)] if parts else []
+                parts = []
+            else:
+                lines = text.split("\n")
+                if parts:
+                    parts.append(lines[0])
+                    lines[0] = "".join(parts)
+                last = lines.pop()
+                parts = [last] if last else []
+                if final and parts:
+                    lines.append(last)
             if lines:
                 self.count += len(lines)
                 yield lines
-        try:
-            text = tail + decoder.decode(b"", final=True)
-        except UnicodeDecodeError as exc:  # the file ends in the middle of a character
-            raise self._undecodable(decoder, b"", tail, exc) from None
-        if not checked:
-            self._check_start(text)
-        if "\x00" in text:
-            raise DeviceListError(self._binary())
-        lines = text.split("\n")
-        if lines[-1] == "":
-            lines.pop()
-        if lines:
-            self.count += len(lines)
-            yield lines
+            if final:
+                return
 
-    def _sniff(self, head: bytes) -> tuple[str, bytes]:
-        """The encoding, and the head without its BOM; refuse what is plainly not text."""
+    def _texts(self, encoding: str | None, chunks: Iterator[bytes]) -> Iterator[str]:
+        """The text of the chunks. ``encoding`` None (no BOM, not UTF-16): ASCII goes through as
+        it is (it is the same in every candidate); at the first non-ASCII byte, the encoding is
+        decided on a window of :data:`_DETECT_WINDOW` bytes from it, and the rest must decode in it.
+        Raises :class:`_Undecodable` at the first byte that does not."""
+        if encoding is None:
+            encoding = "utf-8"
+            for chunk in chunks:
+                found = _NON_ASCII_RE.search(chunk)
+                if found is None:
+                    yield chunk.decode("ascii")
+                    continue
+                window = [chunk[found.start() :]]
+                size = len(window[0])
+                while size < _DETECT_WINDOW:
+                    more = next(chunks, None)
+                    if more is None:
+                        break
+                    window.append(more)
+                    size += len(more)
+                rest = b"".join(window)
+                encoding = _detect_encoding(rest[:_DETECT_WINDOW])
+                if found.start():
+                    yield chunk[: found.start()].decode("ascii")
+                chunks = chain((rest,), chunks)
+                break
+        self.encoding = encoding
+        decoder = codecs.getincrementaldecoder(encoding)()
+        for chunk in chain(chunks, (b"",)):
+            try:
+                yield decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                # The decoder still holds the bytes it kept from the last chunk: with this chunk,
+                # they lead up to the bad byte at exc.start.
+                pending = decoder.getstate()[0]
+                raise _Undecodable((pending + chunk)[: exc.start].decode(encoding, "replace")) from None
+
+    def _sniff(self, head: bytes) -> tuple[str | None, bytes]:
+        """The encoding (None: to be decided at the first non-ASCII byte), and the head without its
+        BOM; refuse what is plainly not text. Only the first :data:`_HEAD` bytes decide, so one odd
+        line further on is a rejected line, not a refused file."""
         this = self._subject.this
         if head.startswith(b"PK\x03\x04"):
             raise DeviceListError(f"{this} looks like an Excel workbook or a zip file: save it as CSV")
         if head.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
             raise DeviceListError(f"{this} looks like an old Excel workbook (.xls): save it as CSV")
+        if head.startswith(b"%PDF-"):
+            raise DeviceListError(f"{this} is a PDF document, not a device list: export the list as CSV")
         if head.startswith(codecs.BOM_UTF8):
             return "utf-8", head[3:]
         if head.startswith(codecs.BOM_UTF16_LE):
             return "utf-16-le", head[2:]
         if head.startswith(codecs.BOM_UTF16_BE):
             return "utf-16-be", head[2:]
-        if b"\x00" in head:
-            encoding = _utf16_without_bom(head)
+        start = head[:_HEAD]
+        if b"\x00" in start:
+            encoding = _utf16_without_bom(start)
             if encoding is None:
                 raise DeviceListError(self._binary())
             return encoding, head
-        if _CONTROL_BYTES_RE.search(head):
+        if _CONTROL_BYTES_RE.search(start):
             raise DeviceListError(self._binary())
-        return "utf-8", head
+        return None, head
 
     def _check_start(self, text: str) -> None:
         start = text[:_HEAD].lower()
@@ -551,19 +671,36 @@ class _LineReader:
     def _binary(self) -> str:
         return f"{self._subject.this} is a binary file, not a device list: upload a CSV or a text file"
 
-    def _undecodable(
-        self, decoder: io.IncrementalNewlineDecoder, chunk: bytes, tail: str, exc: UnicodeDecodeError
-    ) -> DeviceListError:
-        # The decoder still holds the bytes it kept from the last chunk: with this chunk, they lead
-        # up to the bad byte at exc.start.
-        pending = decoder.getstate()[0]
-        good = (pending + chunk)[: exc.start].decode(self._encoding, "replace")
-        line = self.count + len(_NEWLINE_RE.findall(tail + good)) + 1
-        label = "UTF-8" if self._encoding == "utf-8" else "UTF-16"
+    def _undecodable(self, line: int) -> DeviceListError:
+        label = _ENCODING_LABELS.get(self.encoding, self.encoding)
+        read_as = f" (it was read as {label}, the encoding its first lines are in)" if self.encoding in _LEGACY_ENCODINGS else ""
         return DeviceListError(
-            f"line {line} of {self._subject} is not {label} text: save the list as "
+            f"line {line} of {self._subject} is not {label} text{read_as}: save the list as "
             '"CSV UTF-8" (in Excel: Save As, CSV UTF-8) or as UTF-8 text'
         )
+
+
+def _detect_encoding(window: bytes) -> str:
+    """The encoding of a file without a BOM, from ``window``: bytes from its first non-ASCII byte on.
+
+    UTF-8 when the window decodes as UTF-8, or when a whole line of it did before the first bad byte
+    (a file of mixed encodings is refused at that byte, not read in a third one); otherwise the
+    legacy encoding charset-normalizer finds likeliest among :data:`_LEGACY_ENCODINGS`, UTF-8 (and so
+    a refusal) when none fits. The window is a function of the file's bytes alone, so the answer is
+    the same however they arrive; the whole file must then decode in it.
+    """
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(window)
+        return "utf-8"
+    except UnicodeDecodeError as exc:
+        if _NEWLINE_RE.search(window[: exc.start].decode("utf-8", "replace")):
+            return "utf-8"
+    from charset_normalizer import from_bytes  # only for the rare file that needs it
+
+    end = max(window.rfind(b"\n"), window.rfind(b"\r"))
+    sample = window[: end + 1] if end > 0 else window  # whole lines, no character cut in two
+    best = from_bytes(sample, cp_isolation=list(_LEGACY_ENCODINGS)).best()
+    return best.encoding if best is not None and best.encoding in _LEGACY_ENCODINGS else "utf-8"
 
 
 def _utf16_without_bom(head: bytes) -> str | None:
@@ -597,6 +734,8 @@ def _read_lines(reader: _LineReader, subject: _Subject, keep: int, product_key: 
     # Blank lines, empty rows and comments may come before the header or the first name.
     first, line_no, only_comments, empty_rows, rest = "", 0, False, False, []
     for lines in batches:
+        if not "".join(lines).strip():  # a batch of blank lines: no line of it can be the first
+            continue
         for index, raw in enumerate(lines):
             first = raw.strip()
             if first and first[0] in ",;" and _EMPTY_ROW_RE.fullmatch(first):
@@ -621,8 +760,8 @@ def _read_lines(reader: _LineReader, subject: _Subject, keep: int, product_key: 
         raise DeviceListError(f"{subject} is empty")
     more = chain((rest,), batches)
 
-    delimiter, cells = _sniff_header(first)
-    keys = [_header_key(c) for c in cells]
+    delimiter, cells = _sniff_header(first, subject)
+    keys = [_header_key(c) if c else "" for c in cells]
     if _NAME_HEADER in keys:
         name_at = keys.index(_NAME_HEADER)
         nick_at = next((keys.index(k) for k in _NICK_HEADERS if k in keys), None)
@@ -633,7 +772,7 @@ def _read_lines(reader: _LineReader, subject: _Subject, keep: int, product_key: 
             _read_csv_rows(more, line_no + 1, collector, delimiter, name_at, nick_at, product)
         return collector.result(reader.count, "csv", f"{subject} has a header but no device names")
     if delimiter is not None or keys[0] in _NICK_HEADERS:
-        found = ", ".join(repr(c.strip()) for c in cells if c.strip())
+        found = ", ".join(_shown(c.strip(), 40) for c in islice((c for c in cells if c.strip()), 5))
         has = f" (the first line has {found})" if found else ""
         raise DeviceListError(
             f"{subject} has no DeviceName column{has}: put the device names "
@@ -649,9 +788,15 @@ def _read_lines(reader: _LineReader, subject: _Subject, keep: int, product_key: 
     return collector.result(reader.count, "text", f"{subject} has no device names")
 
 
-def _sniff_header(line: str) -> tuple[str | None, list[str]]:
+def _sniff_header(line: str, subject: _Subject) -> tuple[str | None, list[str]]:
     """The delimiter and the cells of the first line; None when it has no delimiter at all."""
     present = [d for d in _DELIMITERS if d in line]
+    for d in present:
+        if line.count(d) >= MAX_COLUMNS:
+            raise DeviceListError(
+                f"the first line of {subject} has {line.count(d) + 1:,} columns; a device list may have "
+                f"{MAX_COLUMNS:,} at most: keep the DeviceName and DeviceNickname columns and delete the empty ones"
+            )
     split = {d: _split(line, d) for d in present}
     for d, cells in split.items():
         if _NAME_HEADER in (_header_key(c) for c in cells):
@@ -675,6 +820,11 @@ def _split(line: str, delimiter: str) -> list[str]:
         return line.split(delimiter)
 
 
+def _shown(value: str, limit: int) -> str:
+    """``repr(value)``, cut to about ``limit`` characters of the value."""
+    return repr(value) if len(value) <= limit else repr(value[: limit - 1] + "…")
+
+
 def _unquote(value: str) -> str:
     """``"name"`` as a spreadsheet quotes a lone value, without the quotes."""
     if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
@@ -688,6 +838,10 @@ def _unquote(value: str) -> str:
 # lines the line-by-line code would accept the same way.
 _PLAIN_NAMES_RE = re.compile(rf"(?:{_NAME_RE.pattern}\n)*{_NAME_RE.pattern}")
 _ONE_A_LINE_RE = re.compile(rf"^[ \t]*(?:({_NAME_RE.pattern})[ \t]*|(?:[,;][ \t,;]*)?)$", re.M)
+# Text in which a line the patterns above do not match cannot become a name once stripped or unquoted:
+# no quote, and no whitespace but spaces and tabs (str.strip() would take it away).
+_ODD_SPACES = "".join(c for c in map(chr, range(0x3001)) if c.isspace() and c not in " \t\n")
+_ONLY_COUNTED_RE = re.compile(f'[^"{_ODD_SPACES}]*')
 _ONE_A_LINE_COMMENTS_RE = re.compile(rf"^[ \t]*(?:({_NAME_RE.pattern})[ \t]*|#.*|(?:[,;][ \t,;]*)?)$", re.M)
 
 
@@ -698,6 +852,8 @@ def _read_one_a_line(
     for lines in batches:
         start, line_no = line_no, line_no + len(lines)
         joined = "\n".join(lines)
+        if comments and joined[:1] == "#" and joined.count("\n#") == len(lines) - 1:
+            continue  # every line a comment
         if _NAME_HEADER not in joined.lower():
             # Most often every line is a name and nothing else: then the lines are the names.
             names = lines if _PLAIN_NAMES_RE.fullmatch(joined) else pattern.findall(joined)
@@ -705,11 +861,23 @@ def _read_one_a_line(
                 if "" not in names:
                     if collector.extend(names, None, range(start, line_no)):
                         continue
+                    if not collector.room() and collector.repeats_only(names):
+                        continue
+                elif not any(names):  # blank lines and comments only
+                    continue
                 else:
                     kept = [(n, i) for i, n in enumerate(names, start) if n]
                     if collector.extend([n for n, _ in kept], None, (i for _, i in kept)):
                         continue
+            elif not collector.room() and _ONLY_COUNTED_RE.fullmatch(joined):
+                # Past the rejections kept in detail, a batch of junk (lines the pattern did not
+                # match) and repeats is only counted.
+                named = [n for n in names if n]
+                if collector.repeats_only(named):
+                    collector.rejected_count += len(lines) - len(names)
+                    continue
         add = collector.add
+        counting = not collector.room()  # past the rejections kept in detail: a bad line is counted
         for number, raw in enumerate(lines, start):
             value = raw.strip()
             if not value or (comments and value[0] == "#"):
@@ -718,6 +886,9 @@ def _read_one_a_line(
                 continue
             if value[0] == '"':
                 value = _unquote(value)
+            if counting and _NAME_RE.fullmatch(value) is None:
+                collector.rejected_count += 1
+                continue
             add(value, None, number)
 
 
@@ -749,15 +920,37 @@ def _read_csv_rows(
 ) -> None:
     """``product``: the ProductKey column and the product the list is for (rows are then read one
     by one, each one's product checked)."""
-    pattern = _csv_row_pattern(delimiter, name_at, nick_at)
+    last = max(name_at, -1 if nick_at is None else nick_at)
+    pattern = _csv_row_pattern(delimiter, name_at, nick_at) if last < _FAST_COLUMNS and product is None else None
     nick_first = nick_at is not None and nick_at < name_at
     rows = _CsvRows(collector, delimiter, name_at, nick_at, product)
     for lines in batches:
         start, line_no = line_no, line_no + len(lines)
-        if not rows.open and product is None and _csv_batch(lines, start, collector, pattern, nick_at is not None, nick_first):
+        if sum(map(len, lines)) >= MAX_COLUMNS and any(raw.count(delimiter) >= MAX_COLUMNS for raw in lines):
+            _read_wide_batch(lines, start, rows, collector, delimiter)
             continue
+        if pattern is not None and not rows.open:
+            if _csv_batch(lines, start, collector, pattern, nick_at is not None, nick_first):
+                continue
+            if not collector.room() and _csv_junk(lines, collector, pattern, nick_at is not None, nick_first):
+                continue
         rows.feed(lines, start)
     rows.finish()
+
+
+def _read_wide_batch(lines: list[str], start: int, rows: _CsvRows, collector: _Collector, delimiter: str) -> None:
+    """A batch with a line of :data:`MAX_COLUMNS` columns or more: that line is rejected without
+    being cut into cells (a quoted row left open before it ends there), the others read as rows."""
+    done = 0
+    for index, raw in enumerate(lines):
+        if raw.count(delimiter) < MAX_COLUMNS:
+            continue
+        rows.feed(lines[done:index], start + done)
+        rows.finish()
+        reason = f"{raw.count(delimiter) + 1:,} columns: a row may have {MAX_COLUMNS:,} at most"
+        collector.reject(raw.strip(), reason, start + index)
+        done = index + 1
+    rows.feed(lines[done:], start + done)
 
 
 #: Lines a quoted cell may run over before its opening quote is taken for one never closed.
@@ -772,11 +965,13 @@ def _csv_line_patterns(delimiter: str) -> tuple[re.Pattern[str], re.Pattern[str]
     starts inside a quoted cell, and for lines joined with "\\n". A row that is not complete at the
     end of its line ends inside quotes."""
     d = re.escape(delimiter)
-    after_quote = rf'"(?:[^"{d}\n][^{d}\n]*)?'  # the closing quote; anything after it is plain text
-    cell = rf' *(?:"(?:[^"\n]|"")*{after_quote}|[^ "{d}\n][^{d}\n]*)?'
-    row = rf"{cell}(?:{d}{cell})*"
-    closing = rf'(?:[^"\n]|"")*{after_quote}(?:{d}{cell})*'
-    return re.compile(row), re.compile(closing), re.compile(rf"(?:{row}\n)*{row}")
+    # Every repetition is possessive (*+): each can only end where the next part begins, so giving
+    # characters back could never make a match; and without it a line of quotes backtracks.
+    after_quote = rf'"(?:[^"{d}\n][^{d}\n]*+)?'  # the closing quote; anything after it is plain text
+    cell = rf' *+(?:"(?:[^"\n]++|"")*+{after_quote}|[^ "{d}\n][^{d}\n]*+)?'
+    row = rf"{cell}(?:{d}{cell})*+"
+    closing = rf'(?:[^"\n]++|"")*+{after_quote}(?:{d}{cell})*+'
+    return re.compile(row), re.compile(closing), re.compile(rf"(?:{row}\n)*+{row}")
 
 
 class _CsvRows:
@@ -797,6 +992,9 @@ class _CsvRows:
         self._name_at = name_at
         self._nick_at = nick_at
         self._complete, self._closing, self._all_complete = _csv_line_patterns(delimiter)
+        # A row is cut into the cells up to the last one read, and the rest in one piece.
+        self._cuts = max(name_at, -1 if nick_at is None else nick_at) + 1
+        self._blank = re.compile(rf"[\s{re.escape(delimiter)}]*")
         self.open: list[str] = []  # the lines so far of a row that ends inside quotes
         self._open_at = 0
 
@@ -804,7 +1002,7 @@ class _CsvRows:
         if not self.open:
             joined = "\n".join(lines)
             if '"' not in joined:
-                self._rows(lines, start, [raw.split(self._delimiter) for raw in lines])
+                self._rows(lines, start, [raw.split(self._delimiter, self._cuts) for raw in lines])
                 return
             if self._all_complete.fullmatch(joined):  # no quote left open: one csv reader for all
                 try:
@@ -840,11 +1038,15 @@ class _CsvRows:
                 continue
             if name:
                 add(name, nickname or None, number)
-            elif any(c.strip() for c in cells):
+            elif self._filled(cells):
                 self._collector.reject(raw.strip(), "no DeviceName on this line", number)
 
+    def _filled(self, cells: list[str]) -> bool:
+        """Whether a cell holds anything; the last may be the rest of the row, delimiters and all."""
+        return bool(cells) and (any(c.strip() for c in cells[:-1]) or not self._blank.fullmatch(cells[-1]))
+
     def _cells(self, row: str) -> tuple[list[str], str, str]:
-        cells = row.split(self._delimiter) if '"' not in row else _split(row, self._delimiter)
+        cells = row.split(self._delimiter, self._cuts) if '"' not in row else _split(row, self._delimiter)
         name = cells[self._name_at].strip() if self._name_at < len(cells) else ""
         nick_at = self._nick_at
         nickname = cells[nick_at].strip() if nick_at is not None and nick_at < len(cells) else ""
@@ -867,7 +1069,7 @@ class _CsvRows:
             return
         if name:
             self._collector.add(name, nickname or None, number)
-        elif any(c.strip() for c in cells):
+        elif self._filled(cells):
             self._collector.reject(raw.strip(), "no DeviceName on this line", number)
 
     def _quoted_row(self) -> None:
@@ -876,7 +1078,7 @@ class _CsvRows:
         row = "\n".join(lines)
         cells, name, nickname = self._cells(row)
         if "\n" in name or "\n" in nickname:
-            reason = _LINE_BREAK_REASON.format(first, first + len(lines) - 1)
+            reason = _LINE_BREAK_REASON.format(first, first + len(lines) - 1) if self._collector.room() else ""
             self._collector.reject(name or row.strip(), reason, first)
         else:
             self._row(row, first)
@@ -887,6 +1089,21 @@ class _CsvRows:
         _, name, _ = self._cells(lines[0])
         self._collector.reject(name or lines[0].strip(), _NEVER_CLOSED_REASON, first)
         self.feed(lines[1:], first + 1)
+
+
+def _csv_junk(lines: list[str], collector: _Collector, pattern: re.Pattern[str], nicks: bool, nick_first: bool) -> bool:
+    """Past the rejections kept in detail, count a batch in one go when no row of it can be a
+    device: without quotes, odd whitespace or nicknames to compose, a row the pattern does not
+    match is a rejected one."""
+    joined = "\n".join(lines)
+    if not _ONLY_COUNTED_RE.fullmatch(joined) or not (joined.isascii() or unicodedata.is_normalized("NFC", joined)):
+        return False
+    found = pattern.findall(joined)
+    names = [row[nick_first] for row in found] if nicks else found
+    if any(names):
+        return False
+    collector.rejected_count += len(lines) - len(found)
+    return True
 
 
 def _csv_batch(

@@ -248,6 +248,7 @@ class Announcement(enum.StrEnum):
     APPROVER_COPIES = "approver_copies"  # the copies the approvers were sent, kept current
     REMIND = "remind"  # the approvers who have not acted yet are reminded
     EXPIRY = "expiry"  # the thread and the requester hear that nobody approved in time
+    READ_AS = "read_as"  # the list was not UTF-8: which encoding it was read in
     SKIPPED_LINES = "skipped"  # the lines of the list refused locally
     CHECK_FAILED = "check_failed"  # the names the platform refused, and a way to retry the rest
     RESULT = "result"  # what became of every device
@@ -266,6 +267,8 @@ def announcements(event: Event, request: Request) -> list[Announcement]:
     if event.kind is EventKind.REMINDER:
         return [Announcement.REMIND]
     said = [Announcement.MESSAGE]
+    if event.kind is EventKind.CREATED and event.payload.get("read_as"):
+        said.append(Announcement.READ_AS)
     if event.kind is EventKind.CREATED and request.rejected_count:
         said.append(Announcement.SKIPPED_LINES)
     if event.kind is EventKind.CHECK_FAILED:

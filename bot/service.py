@@ -87,6 +87,7 @@ class RequestService:
         upload_id: int | None = None,
         reason: str = "",
         rule: Rule | None = None,
+        read_as: str | None = None,
     ) -> Request:
         """Open a request for ``devices`` (objects with ``name``/``nickname``/``line``, or names).
 
@@ -94,6 +95,7 @@ class RequestService:
         they are kept for the report. The check starts at once. The product's rule is decided now
         and kept with the request (``rule``: one decided before, for a retry); ``reason`` is the
         requester's, refused with :class:`ReasonRequired` when the rule needs one and it is empty.
+        ``read_as``: the legacy encoding a list was read in (said in the ``created`` event).
         """
         rows = [_device_row(d) for d in devices]
         if not rows:
@@ -116,7 +118,7 @@ class RequestService:
             chunks=chunks,
             chunk_size=size,
             retry_of=retry_of,
-            event=("created", {}),
+            event=("created", {"read_as": read_as} if read_as else {}),
             upload_id=upload_id,
             rule=rule,
             justification=reason.strip() or None,

@@ -384,3 +384,12 @@ def test_rows_that_name_another_product_are_not_registered_in_this_one(run, live
     assert result.exit_code == Exit.REJECTED_LOCALLY, result.output
     assert "line 3: 'theirs-0001': the ProductKey column says a1OtherProd, not" in result.output
     assert {d.device_name for d in live.backend.devices(live.product_key)} == {"ours-0001", "ours-0002"}
+
+
+def test_a_list_saved_by_chinese_excel_is_read_as_gb18030_and_says_so(run, live, tmp_path):
+    path = tmp_path / "设备.csv"
+    path.write_bytes("DeviceName,DeviceNickname\r\ngb-0001,温度传感器_1\r\ngb-0002,水泵_2\r\n".encode("gb18030"))
+    result = run("register", str(path), "-p", live.product_key, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "Read 设备.csv as GB18030: it is not UTF-8." in result.output
+    assert {(d.device_name, d.nickname) for d in live.backend.devices(live.product_key)} == {("gb-0001", "温度传感器_1"), ("gb-0002", "水泵_2")}

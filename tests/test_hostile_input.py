@@ -60,6 +60,7 @@ BINARY = ("is a binary file, not a device list", "upload a CSV or a text file")
 NOT_UTF8 = ("is not UTF-8 text", "CSV UTF-8")
 WORKBOOK = ("looks like an Excel workbook or a zip file", "save it as CSV")
 HTML = ("is an HTML page, not a device list",)
+PDF = ("is a PDF document, not a device list", "export the list as CSV")
 
 
 def read(name: str, **options: Any) -> DeviceList:
@@ -78,9 +79,9 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "devices_in_archive.zip": WORKBOOK,
     "devices.xlsx": WORKBOOK,
     "old_excel_renamed.csv": ("looks like an old Excel workbook (.xls)", "save it as CSV"),
-    "devices_printed.pdf": BINARY,
-    # A PDF whose first kilobytes are text: refused at its first non-UTF-8 byte, told to save as CSV.
-    "pdf_text_header_only.pdf": ("line 2 of", *NOT_UTF8),
+    "devices_printed.pdf": PDF,
+    # A PDF whose first kilobytes are text: known by its first bytes all the same.
+    "pdf_text_header_only.pdf": PDF,
     "screenshot_of_the_list.png": BINARY,
     "devices.csv.gz": BINARY,
     "slack_sign_in_page.csv": HTML,
@@ -89,7 +90,6 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "nul_in_the_middle.txt": BINARY,
     "control_characters.txt": BINARY,  # BEL and an ANSI colour escape
     "utf8_then_latin1.csv": ("line 3 of", *NOT_UTF8),
-    "windows1252_smart_quotes.csv": ("line 3 of", *NOT_UTF8),
     "utf16_truncated.txt": ("line 2 of", "is not UTF-16 text"),
     "utf16_lone_surrogate.txt": ("line 2 of", "is not UTF-16 text"),
     "lone_utf8_bom.csv": ("is empty",),
@@ -101,6 +101,8 @@ REFUSED: dict[str, tuple[str, ...]] = {
     "header_only_with_empty_rows.csv": ("has a header but no device names",),
     "all_comments.txt": ("has no device names, only comments",),
     "emoji.csv": ("no valid device names (3 rejected", "'😀' is not allowed in a nickname", "'🚀' is not allowed"),
+    # A million-comma header's little sibling: past the columns a device list may have.
+    "wide_header.csv": ("has 70,001 columns; a device list may have 65,536 at most", "delete the empty ones"),
     "excel_2003_xml.xml": ("no valid device names (7 rejected", "line 1: '<?xml", "'<', '?', a space and 3 more are not allowed"),
 }
 
@@ -186,6 +188,49 @@ READ: dict[str, tuple[list[tuple[str, str | None]], list[tuple[int, str, str]]]]
         [("eof-0001", None), ("eof-0002", None)],
         [(3, "\x1a", "an invisible character (U+001A) is not allowed")],
     ),
+    # Excel's Windows-1252: read as such, and the curly quotes around a name are not part of one.
+    "windows1252_smart_quotes.csv": (
+        [("win-0001", "Pump_1")],
+        [(3, "\u201cwin-0002\u201d", f"'\u201c' and '\u201d' are not allowed: {NAME_RULE}")],
+    ),
+    # A line of 200,000 quotes: one bad line, read in linear time, and the row after it still counts.
+    "line_of_quotes.csv": ([("quo-0001", "Pump_1")], [(2, '"' * 79 + "…", "'\"' is not allowed: " + NAME_RULE)]),
+    # An ANSI escape past the first 4 KB: one bad line, whatever the chunks (not a binary file).
+    "control_escape_late.txt": (
+        [(f"late-{i:04d}", None) for i in range(501)],
+        [(451, "late-\x1b[31mred", f"an invisible character (U+001B) and '[' are not allowed: {NAME_RULE}")],
+    ),
+    # Quotes opened and never closed on their line: each pair of lines is one row broken in two.
+    "unbalanced_quotes.csv": (
+        [("ub-9999", "Pump_9")],
+        [
+            (n, f"ub-{n - 2:04d},Pump_{n - 2}\nub-{n - 1:04d}", f"a line break inside quotes (lines {n} to {n + 1})")
+            for n in range(2, 302, 2)
+        ],
+    ),
+    "many_tiny_columns.csv": ([(f"tiny-{i:04d}", None) for i in range(5)], []),
+    "huge_field.csv": ([("huge-0001", None), ("huge-0002", None)], []),
+    "separator_lines.csv": (
+        [("sep-0001", "Pump_1")],
+        [(n, (",;\t" * 20_000)[:79] + "…", "no DeviceName on this line") for n in range(2, 7)],
+    ),
+    # Excel on Chinese Windows: GB18030 (GBK), read as such.
+    "gb18030_nicknames.csv": (
+        [(f"gb-{i:04d}", f"温度传感器{i}号") for i in range(1, 6)],
+        [(7, "gb-0006", "a space is not allowed in a nickname")],
+    ),
+    "cp1252_accents.csv": (
+        [("capteur-0001", "Pompe_1")],
+        [(3, "capteur-0002", "'é' is not allowed in a nickname"), (4, "sonde-°3", "'°' is not allowed")],
+    ),
+    # Markup, links and mentions are values like any other here; Slack shows them inert.
+    "backtick_url.txt": (
+        [("bt-0001", None)],
+        [
+            (2, "x` https://evil.example/reset-password `y", "'`', a space and '/' are not allowed"),
+            (3, "<!channel> @here <@U012ABCDEF>", "'<', '!', '>' and 1 more are not allowed"),
+        ],
+    ),
     # Two DeviceName columns: the first is read, the second ignored (an ambiguous file; see the report).
     "duplicate_devicename_columns.csv": ([("dup-0001", "Pump_1"), ("dup-0002", "Pump_2")], []),
 }
@@ -204,6 +249,26 @@ def test_a_hostile_file_is_read_with_every_bad_line_explained(name):
         for got, (_, _, words) in zip(result.rejected, rejected):
             assert words in got.reason, f"{name} line {got.line}: {words!r} not in {got.reason!r}"
         assert result.rejected_count == len(rejected)
+
+
+#: How Slack's download, a disk and a test may hand the bytes over.
+CUTS = (1, 7, 1000, 4096, 65_535, 65_536, 1 << 20)
+
+
+@pytest.mark.parametrize("name", sorted(set(READ) | set(REFUSED)))
+def test_every_file_gets_the_same_answer_however_its_bytes_arrive(name):
+    data = (CORPUS / name).read_bytes()
+
+    def answer(source):
+        try:
+            result = read_device_file(source, filename=name)
+        except DeviceListError as refused:
+            return refused.message
+        return result.devices, result.rejected, result.rejected_count, result.lines_read, result.encoding
+
+    whole = answer(data)
+    for cut in CUTS:
+        assert answer(iter(chunked(data, cut))) == whole, f"{name} in chunks of {cut}"
 
 
 def test_the_corpus_has_no_untested_file():

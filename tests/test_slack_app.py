@@ -276,6 +276,21 @@ def response_after(scenario, before: int, timeout: float = 5.0) -> str:
     return scenario.fake.wait_for(lambda: scenario.fake.responses[before:] and scenario.fake.responses[before].payload["text"], timeout=timeout)
 
 
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [({"status": 429, "retry_after": 0}, "`ratelimited`"), ({"status": 503}, "HTTP 503"), ({"error": "expired_trigger_id"}, "`expired_trigger_id`")],
+)
+def test_a_form_slack_will_not_open_is_explained_through_the_response_url(scenario, fault, said):
+    scenario.fake.fail("views.open", times=10, **fault)  # through every one of slack-sdk's retries
+    product_key = scenario.emulator.product_key
+    before = len(scenario.fake.responses)
+    assert scenario.ws.command(ALICE, OPS, f"register {product_key}").status_code == 200
+    text = response_after(scenario, before, timeout=15)
+    assert text.startswith(f"The registration form could not be opened: Slack answered {said}. Nothing was registered.")
+    assert f"`/devices register {product_key} name1 name2 …`" in text
+    assert not scenario.fake.views
+
+
 def test_status_list_and_cancel(scenario):
     scenario.upload_devices(ALICE, sample_file(2, bad=False))
     scenario.drive(1, State.AWAITING_APPROVAL)
@@ -492,3 +507,21 @@ def test_an_upload_interrupted_by_a_restart_is_read_when_the_bot_starts_again(sc
     scenario.stop_bot()
     scenario.start_bot()  # and read once only
     assert scenario.store.get(2) is None
+
+
+def test_a_list_from_chinese_excel_is_read_and_the_thread_says_it_was_read_as_gb18030(scenario):
+    content = "DeviceName,DeviceNickname\r\ngb-0001,温度传感器_1\r\ngb-0002,水泵_2\r\n".encode("gb18030")
+    scenario.upload_devices(ALICE, content, name="设备.csv")
+    assert scenario.drive(1, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
+    assert [(d.name, d.nickname) for d in scenario.store.devices(1)] == [("gb-0001", "温度传感器_1"), ("gb-0002", "水泵_2")]
+    (said,) = [text_of(r) for r in scenario.replies(1) if "read as" in text_of(r)]
+    assert "The list was read as GB18030: it is not UTF-8." in said and "CSV UTF-8" in said
+
+
+def test_a_rejected_line_cannot_turn_into_a_link_or_a_mention_in_the_thread(scenario):
+    content = b"bt-0001\nx` https://evil.example/reset-password `y\n<!channel> @here\n"
+    scenario.upload_devices(ALICE, content, name="list.txt")
+    assert scenario.drive(1, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
+    (skipped,) = [text_of(r) for r in scenario.replies(1) if "could not be used" in text_of(r)]
+    assert "• line 2: `x\u02cb https://evil.example/reset-password \u02cby`: " in skipped
+    assert "• line 3: `&lt;!channel&gt; @here`: " in skipped and "<!" not in skipped

@@ -153,7 +153,7 @@ def send_credentials(deps: Deps, request: Request, user: str) -> str | None:
         if key in deps.in_flight:
             return "Your credentials file is on its way; it will arrive in a direct message."
         deps.in_flight.add(key)
-    deps.background.submit(export_credentials, deps, request, user, rows)
+    deps.slow.submit(export_credentials, deps, request, user, rows)
     return f"Preparing the credentials of request #{request.id}; they will arrive in a direct message."
 
 

@@ -79,6 +79,7 @@ class Bot:
     def stop(self) -> None:
         if self.deps is not None:
             self.deps.background.shutdown(wait=True)
+            self.deps.slow.shutdown(wait=True)
         if isinstance(self.jobs, SchedulerJobs):
             self.jobs.shutdown(wait=True)
         self.workflow.close()

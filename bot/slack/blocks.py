@@ -6,11 +6,17 @@ No function here calls Slack: each returns ``(text, blocks)`` or a view dict, so
 Limits respected here (slack-platform.md): at most 50 blocks a message, 3,000 characters a section,
 confirm texts of 300, button values of 2,000. Long device lists are cut with "… and N more": the
 complete list goes into a CSV file.
+
+Text that came from a person, a file or the platform goes into mrkdwn through :func:`escape` only,
+which keeps it inside the formatting it is put in: no link, no mention, no formatting of its own,
+no code span closed early, no line break, and never longer than its room.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -38,17 +44,68 @@ PRODUCT_BLOCK = "product"
 MAX_REASON = 500  # characters of a reason kept
 SECTION_LIMIT = 2900  # a little under Slack's 3,000 characters
 INLINE_DEVICES = 20  # longer lists go into a CSV file
+VALUE_LIMIT = 100  # a name or a rejected line as shown in a list (the reader cuts values at 80)
+REASON_LIMIT = 300  # why it was refused
 
 Blocks = list[dict[str, Any]]
 
 
-def escape(text: object) -> str:
-    """Text a person or the platform wrote, made safe for mrkdwn (no mentions, no links)."""
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+#: Characters Slack's mrkdwn reads as markup, and what they are shown as instead.
+_CODE_MARKUP = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "`": "\u02cb"})
+_MARKUP = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "`": "\u02cb", "*": "\u2217", "~": "\u223c"})
+#: Outside a code span: what Slack would turn into a link or a mention (a dot before a letter, as in
+#: a host name; "12.0" stays), or an underscore that could open or close italics (one between two
+#: letters or digits cannot).
+_LINKABLE = re.compile(r"(?<=[^\W_])\.(?=[^\W\d_])|(?<=[:/])/|[@#](?=\w)|(?<![^\W_])_|_(?![^\W_])")
+_LINK_BREAKERS = {".": "\u2024", "/": "\u2215", "@": "@\u2060", "#": "#\u2060", "_": "\u02cd"}
+_USER_ID = re.compile(r"[UW][A-Z0-9]{2,20}")
+_CHANNEL_ID = re.compile(r"[CDG][A-Z0-9]{2,20}")
+
+
+def escape(text: object, *, code: bool = False, limit: int = SECTION_LIMIT) -> str:
+    """``text`` from a person, a file or the platform, as mrkdwn that shows it and nothing else.
+
+    Line breaks, control and invisible characters (bidirectional overrides, zero-width ones) show
+    as ``�`` (``↵`` for a line break); ``& < >`` are escaped; a backtick, ``*`` and ``~`` become
+    look-alikes. With ``code``, the text comes back as an inline code span (in which Slack makes no
+    link and no mention); without, dots inside words, ``//``, ``@`` and ``#`` before a word and
+    underscores at a word's edge are replaced or broken, so that nothing is linked, mentioned or
+    put in italics. The result, backticks included, is at most ``limit`` characters, cut with ``…``.
+    """
+    assert limit > 3, "room for at least one character, the backticks and …"
+    raw = str(text)[:limit]  # every character comes out as one or more: no more are ever needed
+    room = limit - (2 if code else 0)
+    shown = _escaped(raw, code)
+    while len(shown) > room:  # cut the text in proportion, leaving room for "…"
+        raw = raw[: min(len(raw) - 1, len(raw) * (room - 1) // len(shown))]
+        shown = _escaped(raw, code) + "…"
+    return f"`{shown}`" if code else shown
+
+
+def _escaped(text: str, code: bool) -> str:
+    if not text.isascii() or not text.isprintable():
+        text = "".join(_visible(c) for c in text)
+    if code:
+        return text.translate(_CODE_MARKUP)
+    return _LINKABLE.sub(lambda m: _LINK_BREAKERS[m[0]], text.translate(_MARKUP))
+
+
+def _visible(char: str) -> str:
+    if char in "\r\n\u2028\u2029\x85":
+        return "\u21b5"
+    if char == "\t":
+        return " "
+    return "\ufffd" if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") else char
 
 
 def user(user_id: str) -> str:
-    return f"<@{user_id}>" if user_id and user_id[0] in "UW" else escape(user_id)
+    """A mention of a Slack user id; anything else (``cli:root``) as plain text."""
+    return f"<@{user_id}>" if _USER_ID.fullmatch(user_id or "") else escape(user_id)
+
+
+def channel(channel_id: str) -> str:
+    """A link to a Slack channel id; anything else as plain text."""
+    return f"<#{channel_id}>" if _CHANNEL_ID.fullmatch(channel_id or "") else escape(channel_id, code=True, limit=100)
 
 
 def when(moment: datetime | None) -> str:
@@ -120,7 +177,7 @@ def anchor(
         if request.kind == "count"
         else plural(request.count, "device name")
     )
-    title = f"*Device registration #{request.id}* · product `{escape(request.product_key)}` · {what} · requested by {user(request.requester)}"
+    title = f"*Device registration #{request.id}* · product {escape(request.product_key, code=True)} · {what} · requested by {user(request.requester)}"
     blocks: Blocks = []
     if label:
         blocks.append(context(label))
@@ -141,11 +198,11 @@ def anchor(
     if request.state == State.REJECTED:
         state_line = f":no_entry_sign: Rejected by {user(request.decided_by or '')} at {when(request.decided_at)}: nothing was registered."
         if request.reason:
-            state_line += f"\n>{escape(request.reason)}"
+            state_line += f"\n>{escape(request.reason, limit=1000)}"
     if request.state == State.CANCELLED:
         state_line = f":heavy_multiplication_x: Cancelled by {user(request.decided_by or '')} at {when(request.decided_at)}: nothing was registered."
     if request.state == State.FAILED and request.reason:
-        state_line += f"\n>{escape(request.reason)}"
+        state_line += f"\n>{escape(request.reason, limit=1000)}"
     if request.state in (State.DONE, State.FAILED):
         state_line += "\n" + outcome_line(summary)
     blocks.append(section(state_line))
@@ -205,9 +262,21 @@ def outcome_line(summary: Summary) -> str:
 
 
 def rejected_lines_reply(rejected: Sequence[RejectedLine], total: int) -> tuple[str, Blocks]:
-    lines = (f"• {f'line {r.line}: ' if r.line else ''}`{escape(r.value)}`: {escape(r.reason)}" for r in rejected)
+    lines = (
+        f"• {f'line {r.line}: ' if r.line else ''}{escape(r.value, code=True, limit=VALUE_LIMIT)}: {escape(r.reason, limit=REASON_LIMIT)}"
+        for r in rejected
+    )
     text = f"{plural(total, 'line')} of the list could not be used and will be skipped:"
     return text, [section(text), section(bullet_list(lines, total, more=" (all listed in the result file)"))]
+
+
+def read_as_reply(encoding: str) -> tuple[str, Blocks]:
+    """The list was not UTF-8 and was read in a legacy encoding: say which, and what to do if wrong."""
+    text = (
+        f"The list was read as {escape(encoding, limit=40)}: it is not UTF-8. If names or nicknames look wrong, "
+        "save it as CSV UTF-8 (in Excel: Save As, CSV UTF-8) and upload it again."
+    )
+    return text, [section(text)]
 
 
 def check_failed_reply(
@@ -215,7 +284,7 @@ def check_failed_reply(
 ) -> tuple[str, Blocks]:
     """The names refused, with a way to retry the rest: once retried (``request.retried_as``),
     which request carries the retry instead of the button."""
-    lines = (f"• `{escape(d.name)}`: {escape(d.reason or 'refused')}" for d in invalid)
+    lines = (f"• {escape(d.name, code=True, limit=VALUE_LIMIT)}: {escape(d.reason or 'refused', limit=REASON_LIMIT)}" for d in invalid)
     text = f"IoT Platform refused {plural(invalid_total, 'name')}; {plural(valid, 'name')} passed."
     blocks: Blocks = [section(text), section(bullet_list(lines, invalid_total))]
     if request.retried_as is not None:
@@ -234,13 +303,13 @@ def result_reply(summary: Summary, failed: Sequence[DeviceRow], created: Sequenc
     request = summary.request
     headline = f"Request #{request.id}: {outcome_line(summary)}"
     if request.state == State.FAILED and request.reason:
-        headline += f"\n>{escape(request.reason)}"
+        headline += f"\n>{escape(request.reason, limit=1000)}"
     blocks: Blocks = [section(headline)]
     if failed:
-        lines = (f"• `{escape(d.name)}`: {escape(d.reason or 'failed')}" for d in failed)
+        lines = (f"• {escape(d.name, code=True, limit=VALUE_LIMIT)}: {escape(d.reason or 'failed', limit=REASON_LIMIT)}" for d in failed)
         blocks.append(section("*Not registered:*\n" + bullet_list(lines, summary.failed + (summary.pending if request.final else 0))))
     if created and not with_file:
-        lines = (f"• `{escape(d.name)}`" + (f" · {escape(d.iot_id)}" if d.iot_id else "") for d in created)
+        lines = (f"• {escape(d.name, code=True, limit=VALUE_LIMIT)}" + (f" · {escape(d.iot_id, limit=VALUE_LIMIT)}" if d.iot_id else "") for d in created)
         blocks.append(section("*Registered:*\n" + bullet_list(lines, summary.created)))
     if with_file:
         blocks.append(context("Every device's outcome is in the file below."))
@@ -283,7 +352,7 @@ def register_modal(
     if label:
         blocks.append(context(label))
     if product_key:
-        blocks.append(section(f"Register devices in product `{escape(product_key)}`.\nUpload a CSV or TXT file, or paste the names below."))
+        blocks.append(section(f"Register devices in product {escape(product_key, code=True)}.\nUpload a CSV or TXT file, or paste the names below."))
     else:
         options = [_option(f"{name} ({key})" if name and name != key else key, key) for key, name in products[:100]]
         select: dict[str, Any] = {
@@ -348,7 +417,7 @@ def reject_modal(request: Request, label: str = "") -> dict[str, Any]:
     """The form behind Reject: the confirmation, with a reason if the approver gives one."""
     blocks: Blocks = [context(label)] if label else []
     blocks += [
-        section(f"Reject device registration #{request.id} ({plural(request.count, 'device')} in `{escape(request.product_key)}`, "
+        section(f"Reject device registration #{request.id} ({plural(request.count, 'device')} in {escape(request.product_key, code=True)}, "
                 f"requested by {user(request.requester)})? Nothing will be registered; this cannot be undone."),
         reason_input("Reason (shown to the requester and in the audit trail)", optional=True),
     ]
@@ -375,7 +444,7 @@ def approver_intro(request: Request, needed: int) -> str:
 
 def reminder_text(request: Request, approvals: Sequence[Approval], needed: int) -> str:
     return (
-        f":bell: Reminder: device registration #{request.id} (`{escape(request.product_key)}`, {plural(request.count, 'device')}, "
+        f":bell: Reminder: device registration #{request.id} ({escape(request.product_key, code=True)}, {plural(request.count, 'device')}, "
         f"requested by {user(request.requester)}) still waits for approval: {progress_line(approvals, needed)}. "
         f"It expires {when(request.expires_at)}."
     )
@@ -405,7 +474,7 @@ def home_view(
         blocks.append(section("Nothing waits for your approval."))
     for request, approvals, needed in waiting[:15]:
         line = (
-            f"*#{request.id}* · `{escape(request.product_key)}` · {plural(request.count, 'device')} · "
+            f"*#{request.id}* · {escape(request.product_key, code=True)} · {plural(request.count, 'device')} · "
             f"requested by {user(request.requester)} {when(request.created_at)} · {progress_line(approvals, needed)}"
         )
         if request.justification:
@@ -422,7 +491,7 @@ def home_view(
         blocks.append(section(f"You have not asked for any registration yet: `{COMMAND} register` starts one."))
     for request in own[:10]:
         blocks.append(section(
-            f"{request.state.info.emoji} *#{request.id}* · `{escape(request.product_key)}` · {plural(request.count, 'device')} · "
+            f"{request.state.info.emoji} *#{request.id}* · {escape(request.product_key, code=True)} · {plural(request.count, 'device')} · "
             f"*{request.state.label}* · {when(request.created_at)}"
         ))
     return {"type": "home", "blocks": blocks}
@@ -447,11 +516,20 @@ def help_text() -> str:
     )
 
 
+def form_not_opened(product_key: str, failure: str) -> str:
+    """The answer to ``/devices register`` when Slack would not open the form."""
+    return (
+        f"The registration form could not be opened: Slack answered {failure}. Nothing was registered. "
+        f"Run `{COMMAND} register {product_key}` again in a minute, or put the names right after it: "
+        f"`{COMMAND} register {product_key} name1 name2 …`."
+    )
+
+
 def status_text(summary: Summary, apply_ids: Sequence[int]) -> str:
     request = summary.request
     lines = [
-        f"*Request #{request.id}* · product `{escape(request.product_key)}` · requested by {user(request.requester)} {when(request.created_at)}",
-        f"State: *{request.state.label}*" + (f": {escape(request.reason)}" if request.reason else ""),
+        f"*Request #{request.id}* · product {escape(request.product_key, code=True)} · requested by {user(request.requester)} {when(request.created_at)}",
+        f"State: *{request.state.replace('_', ' ')}*" + (f": {escape(request.reason, limit=1000)}" if request.reason else ""),
         outcome_line(summary) if request.state in (State.DONE, State.FAILED, State.REGISTERING) else f"{plural(request.count, 'device')}",
     ]
     if apply_ids:
@@ -465,7 +543,7 @@ def list_text(rows: Sequence[tuple[Request, int]]) -> str:
     lines = ["*Recent registration requests in this channel:*"]
     for request, created in rows:
         lines.append(
-            f"• #{request.id} · `{escape(request.product_key)}` · {request.state.label} · "
+            f"• #{request.id} · {escape(request.product_key, code=True)} · {request.state.replace('_', ' ')} · "
             f"{request.count:,} devices, {created:,} registered · {user(request.requester)} {when(request.created_at)}"
         )
     return "\n".join(lines)

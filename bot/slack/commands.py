@@ -11,6 +11,7 @@ import uuid
 
 from slack_bolt import Ack, App, Respond
 from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError, SlackClientError
 
 from bot.aliyun.errors import IotError
 from bot.domain import NotAllowed, Origin, WorkflowError
@@ -37,7 +38,7 @@ def register(app: App, deps: Deps) -> None:
         verb = words[0].lower() if words else "help"
         user, channel = command["user_id"], command["channel_id"]
         if verb == "register":
-            register_command(ack, client, deps, command, words[1:])
+            register_command(ack, client, deps, command, words[1:], respond)
         elif verb == "status" and len(words) == 2:
             in_ack_or_after(ack, respond, deps, status, words[1], user, channel)
         elif verb == "cancel" and len(words) == 2:
@@ -48,11 +49,11 @@ def register(app: App, deps: Deps) -> None:
         elif verb == "list":
             in_ack_or_after(ack, respond, deps, listing, channel)
         else:
-            prefix = "" if verb == "help" else f"I don't know `{blocks.escape(' '.join(words))}`.\n"
+            prefix = "" if verb == "help" else f"I don't know {blocks.escape(' '.join(words), code=True, limit=200)}.\n"
             ack(text=prefix + blocks.help_text())
 
 
-def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, args: list[str]) -> None:
+def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, args: list[str], respond: Respond) -> None:
     usage = (
         f"Usage: `{blocks.COMMAND} register [ProductKey]` (then upload a file), add names after it, or `--count N`; "
         f"`--reason \"…\"` says why."
@@ -60,11 +61,11 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
     user, channel = command["user_id"], command["channel_id"]
     if not args:
         ack()  # the product list comes from IoT Platform: asked after the ack, the form opened after it
-        open_form(deps, client, command, None)
+        open_form(deps, client, command, None, respond)
         return
     product_key, rest = args[0], args[1:]
     if not PRODUCT_KEY.fullmatch(product_key):
-        ack(text=f"`{blocks.escape(product_key)}` is not a ProductKey: it is letters and digits, like `a1BwAGVxxxx`. {usage}")
+        ack(text=f"{blocks.escape(product_key, code=True, limit=100)} is not a ProductKey: it is letters and digits, like `a1BwAGVxxxx`. {usage}")
         return
     if "--reason" in rest:
         at = rest.index("--reason")
@@ -76,7 +77,7 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
         reason = ""
     if not rest:
         ack()
-        open_form(deps, client, command, product_key)
+        open_form(deps, client, command, product_key, respond)
         return
     try:
         if rest[0] == "--count":
@@ -90,7 +91,7 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
         try:
             devices = parse_pasted(" ".join(rest))
         except DeviceListError as exc:
-            ack(text=exc.message)
+            ack(text=blocks.escape(exc.message))
             return
         # Stored before the ack: a command's text holds a few hundred names at most, milliseconds to
         # store, and once told "checking" the user must never lose the request to a restart.
@@ -104,7 +105,7 @@ def register_command(ack: Ack, client: WebClient, deps: Deps, command: dict, arg
     ack(text=f"Request #{request.id}: checking {blocks.plural(len(devices.devices), 'name')} for `{product_key}`…")
 
 
-def open_form(deps: Deps, client: WebClient, command: dict, product_key: str | None) -> None:
+def open_form(deps: Deps, client: WebClient, command: dict, product_key: str | None, respond: Respond) -> None:
     """The register form: for ``product_key``, or with a product select (QueryProductList), the
     product last used in the channel chosen."""
     user, channel = command["user_id"], command["channel_id"]
@@ -125,7 +126,21 @@ def open_form(deps: Deps, client: WebClient, command: dict, product_key: str | N
             client.chat_postEphemeral(channel=channel, user=user, text="IoT Platform lists no product for this account: create one first.")
             return
         view = blocks.register_modal(None, metadata, deps.label, products=products, initial=deps.requests.last_product(channel))
-    client.views_open(trigger_id=command["trigger_id"], view=view)
+    try:
+        client.views_open(trigger_id=command["trigger_id"], view=view)
+    except (SlackClientError, OSError) as exc:  # after slack-sdk's retries: the person must hear it
+        log.warning("views.open failed for /devices register: %s", slack_failure(exc))
+        respond(text=blocks.form_not_opened(product_key, slack_failure(exc)))
+
+
+def slack_failure(exc: Exception) -> str:
+    """What Slack answered, in a few words: its error code, else the HTTP status, else the exception."""
+    if isinstance(exc, SlackApiError):
+        error = exc.response.get("error") if isinstance(exc.response.data, dict) else None
+        if isinstance(error, str) and re.fullmatch(r"[a-z_]{1,60}", error):  # a code, not an HTML page
+            return f"`{error}`"
+        return f"HTTP {exc.response.status_code}"
+    return type(exc).__name__
 
 
 def in_ack_or_after(ack: Ack, respond: Respond, deps: Deps, answer, *args) -> None:
@@ -165,7 +180,7 @@ def status(deps: Deps, ref: str, user: str, channel: str, *, at_once: bool = Fal
         except NeedsSlack:
             return None
     if request is None:
-        return f"There is no request or ApplyId `{blocks.escape(ref)}`. `{blocks.COMMAND} list` shows this channel's requests."
+        return f"There is no request or ApplyId {blocks.escape(ref, code=True, limit=100)}. `{blocks.COMMAND} list` shows this channel's requests."
     if at_once and request.count > AT_ONCE_DEVICES:
         return None
     return blocks.status_text(deps.requests.summary(request.id), deps.requests.apply_ids(request.id))
@@ -183,7 +198,7 @@ def listing(deps: Deps, channel: str, *, at_once: bool = False) -> str | None:
 def cancel(deps: Deps, ref: str, user: str, channel: str = "") -> str:
     request = deps.requests.find(ref)
     if request is None:
-        return f"There is no request `{blocks.escape(ref)}`."
+        return f"There is no request {blocks.escape(ref, code=True, limit=100)}."
     try:
         deps.requests.cancel(request.id, user)
     except NotAllowed as exc:

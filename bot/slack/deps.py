@@ -18,9 +18,13 @@ class Deps:
     api_url: str
     credentials_dm: bool = True
     label: str = ""  # shown on every message and modal, e.g. in emulator mode
-    #: Everything after an ack (answers, clicks, downloads, credential exports) runs here, not in
-    #: Bolt's listener pool, so no amount of it can delay another request's ack.
-    background: Executor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="after-ack"))
+    #: What people wait for after an ack (clicks, /devices answers, cancels) runs here, not in
+    #: Bolt's listener pool, so no amount of it can delay another request's ack; and nothing slow
+    #: runs here, so nobody's decision waits behind a download.
+    background: Executor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="after-ack"))
+    #: Slow work: reading uploaded lists (a download of up to 10 MB, then the reader) and credential
+    #: exports. Two at a time, each read capped in size: memory stays bounded however many arrive.
+    slow: Executor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="slow-work"))
     #: (request, user) pairs whose credentials file is being prepared: a second click waits.
     in_flight: set[tuple[int, str]] = dataclasses.field(default_factory=set)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)

@@ -57,6 +57,7 @@ class SlackNotifier:
             progress = (event.payload.get("chunks_done", 0), event.payload.get("chunks", 0))
         steps: dict[Announcement, Callable[[], None]] = {
             Announcement.MESSAGE: lambda: self._update_anchor(request, progress=progress),
+            Announcement.READ_AS: lambda: self._reply(request, *blocks.read_as_reply(str(event.payload.get("read_as")))),
             Announcement.SKIPPED_LINES: lambda: self._reply(
                 request, *blocks.rejected_lines_reply(self.requests.rejected_lines(request.id), request.rejected_count)
             ),
@@ -264,7 +265,7 @@ class SlackNotifier:
         self.client.chat_postMessage(
             channel=dm,
             text=(
-                f"I could not post device registration #{request.id} in <#{request.channel}> (Slack said `{error}`). "
+                f"I could not post device registration #{request.id} in {blocks.channel(request.channel)} (Slack said {blocks.escape(error, code=True, limit=100)}). "
                 f"Invite me there with `/invite @iotreg`, or use a channel I am in, and run `{blocks.COMMAND}` again.{stopped}"
             ),
         )

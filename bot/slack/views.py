@@ -60,7 +60,7 @@ def register(app: App, deps: Deps) -> None:
             user=user, channel=meta["channel"], product_key=meta["product_key"], origin_data={"files": files, "reason": reason[: blocks.MAX_REASON]}, pasted=pasted
         )
         ack()
-        deps.background.submit(take_list, deps, client, deps.requests.upload(upload_id))
+        deps.slow.submit(take_list, deps, client, deps.requests.upload(upload_id))
 
 
 def take_list(deps: Deps, client: WebClient, upload: Upload | None) -> None:
@@ -72,22 +72,22 @@ def take_list(deps: Deps, client: WebClient, upload: Upload | None) -> None:
     try:
         devices = read_submission(deps, upload.origin_data.get("files", []), upload.pasted)
     except DeviceListError as exc:
-        tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` was not used: {exc.message}")
+        tell(client, channel, user, f"Your device list for {blocks.escape(product_key, code=True)} was not used: {blocks.escape(exc.message)}")
         deps.requests.finish_upload(upload.id)
         return
     except Exception:  # noqa: BLE001 - this thread is an edge: the uploader must hear something
         log.exception("reading a submitted device list failed")
-        tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` could not be read because of an error on iotreg's side; it has been logged.")
+        tell(client, channel, user, f"Your device list for {blocks.escape(product_key, code=True)} could not be read because of an error on iotreg's side; it has been logged.")
         deps.requests.finish_upload(upload.id)
         return
     try:
         deps.requests.submit(
             product_key, user, devices.devices, origin=Origin.SLACK, channel=channel,
             rejected=devices.rejected, rejected_count=devices.rejected_count, upload_id=upload.id,
-            reason=upload.origin_data.get("reason", ""),
+            reason=upload.origin_data.get("reason", ""), read_as=devices.read_as,
         )
     except ReasonRequired as exc:  # the policy changed between the form and now
-        tell(client, channel, user, f"Your device list for `{blocks.escape(product_key)}` was not used: {exc}.")
+        tell(client, channel, user, f"Your device list for {blocks.escape(product_key, code=True)} was not used: {blocks.escape(str(exc))}.")
         deps.requests.finish_upload(upload.id)
 
 
@@ -95,7 +95,7 @@ def resume_uploads(deps: Deps, client: WebClient) -> int:
     """At start: read the lists a restart interrupted."""
     unread = deps.requests.unread_uploads()
     for upload in unread:
-        deps.background.submit(take_list, deps, client, upload)
+        deps.slow.submit(take_list, deps, client, upload)
     return len(unread)
 
 

@@ -12,8 +12,9 @@ against them unchanged:
   :meth:`~FakeSlack.thread`, :meth:`~FakeSlack.ephemeral`, :attr:`~FakeSlack.views`,
   :attr:`~FakeSlack.uploads`, :meth:`~FakeSlack.dm`, the Home tabs of ``views.publish``:
   :meth:`~FakeSlack.home`), records every request
-  (:attr:`~FakeSlack.calls`), injects faults (:meth:`~FakeSlack.fail`, :meth:`~FakeSlack.delay`) and
-  lets a test wait for the bot without sleeping (:meth:`~FakeSlack.wait_for`).
+  (:attr:`~FakeSlack.calls`), injects faults (:meth:`~FakeSlack.fail`, :meth:`~FakeSlack.delay`),
+  holds answers until a test releases them (:meth:`~FakeSlack.hold`) and lets a test wait for the
+  bot without sleeping (:meth:`~FakeSlack.wait_for`).
 * Socket Mode: ``apps.connections.open`` (with the app-level token, :attr:`FakeSlack.app_token`)
   hands out ``ws://`` URLs of :attr:`FakeSlack.socket_mode`, a local Socket Mode server
   (:mod:`bot.standins.slack.socketmode`) that sends envelopes, collects acks and drops connections
@@ -65,6 +66,7 @@ __all__ = [
     "Call",
     "Download",
     "FakeSlack",
+    "Hold",
     "ResponseUrlPost",
     "Upload",
     "Workspace",
@@ -211,6 +213,32 @@ class _Reply:
     @classmethod
     def text(cls, status: int, text: str) -> _Reply:
         return cls(status, text.encode("utf-8"), "text/plain; charset=utf-8")
+
+
+class Hold:
+    """Requests held by :meth:`FakeSlack.hold` until :meth:`release`."""
+
+    def __init__(self, changed: threading.Condition) -> None:
+        self._changed = changed
+        self._released = threading.Event()
+        self.waiting = 0  # requests held now (read it in FakeSlack.wait_for)
+
+    def release(self) -> None:
+        self._released.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait(self, stopping: threading.Event) -> None:
+        with self._changed:
+            self.waiting += 1
+            self._changed.notify_all()
+        try:
+            while not self._released.wait(0.05) and not stopping.is_set():
+                pass
+        finally:
+            with self._changed:
+                self.waiting -= 1
+                self._changed.notify_all()
 
 
 @dataclasses.dataclass
@@ -381,6 +409,7 @@ class FakeSlack:
         self._faults: dict[str, list[_Fault]] = {}
         self._delays: dict[str, float] = {}
         self._socket_mode: Any = None
+        self._holds: dict[str, Hold] = {}
         self.add_user(bot_user_id, name=bot_name, is_bot=True)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -584,10 +613,20 @@ class FakeSlack:
             else:
                 self._delays.pop(method, None)
 
+    def hold(self, method: str) -> Hold:
+        """Hold every answer for ``method`` (or ``files.upload``/``files.download``) until the
+        returned :class:`Hold` is released; :attr:`Hold.waiting` counts the requests held now."""
+        with self._lock:
+            held = self._holds[method] = Hold(self._changed)
+            return held
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
             self._delays.clear()
+            holds, self._holds = list(self._holds.values()), {}
+        for held in holds:
+            held.release()
 
     # -- reading the workspace ------------------------------------------------------------------
 
@@ -749,8 +788,11 @@ class FakeSlack:
         """Apply an injected delay (outside the lock) and fault, if any."""
         with self._lock:
             delay = self._delays.get(name, 0.0)
+            held = self._holds.get(name)
         if delay:
             self._stopping.wait(delay)
+        if held is not None:
+            held.wait(self._stopping)
         with self._lock:
             queue = self._faults.get(name)
             if not queue:
@@ -835,7 +877,8 @@ class FakeSlack:
                     200,
                     record.content,
                     record.file["mimetype"],
-                    {"Content-Disposition": f"{disposition}; filename=\"{record.file['name']}\""},
+                    # RFC 6266: a name that is not ASCII (设备.csv) goes percent-encoded, as HTTP headers are Latin-1.
+                    {"Content-Disposition": f"{disposition}; filename*=UTF-8''{quote(record.file['name'])}"},
                 )
         download = Download(path, authorization, reply.status, reply.content_type, file_id, self.clock())
         with self._changed:
