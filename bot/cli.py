@@ -31,7 +31,7 @@ from bot.domain import (
 from bot.policy import Policy, PolicyError
 from bot.registration import Workflow
 from bot.service import RequestService
-from bot.store import StoreUnavailable
+from bot.store import StoreUnavailable, is_url
 
 
 class Exit(enum.IntEnum):
@@ -603,7 +603,7 @@ def status(ref: str, product_key: str | None, as_json: bool) -> None:
         elif product_key is not None and number is not None:
             apply_id = number
         else:
-            raise Stop(f"no request or ApplyId {ref} in {settings.db_path}; to ask IoT Platform about an ApplyId, add -p PRODUCT_KEY")
+            raise Stop(f"no request or ApplyId {ref} in {settings.db_location}; to ask IoT Platform about an ApplyId, add -p PRODUCT_KEY")
     platform = None
     if apply_id is not None and product_key is not None:
         with wiring.iot_client(settings) as client:
@@ -728,10 +728,45 @@ def credentials(ref: str, output: Path, product_key: str | None, force: bool) ->
                 write(lambda: workflow.requests.credentials(request.id, operator(), apply_id=apply_id))
     if request is None:
         if product_key is None or not ref.isdigit():
-            raise Stop(f"no request or ApplyId {ref} in {settings.db_path}; for an ApplyId of another database, add -p PRODUCT_KEY")
+            raise Stop(f"no request or ApplyId {ref} in {settings.db_location}; for an ApplyId of another database, add -p PRODUCT_KEY")
         with wiring.iot_client(settings) as client:
             write(lambda: ((product_key, d.name, d.device_secret, d.iot_id) for d in client.iter_devices_by_apply_id(int(ref))))
     click.echo(f"Wrote the credentials of {count:,} device(s) to {output} (readable by you only).")
+
+
+@cli.group()
+def db() -> None:
+    """The database: move a deployment from SQLite to PostgreSQL."""
+
+
+@db.command("copy")
+@click.option("--to", "target", required=True, metavar="URL", help="The PostgreSQL database to copy into (postgresql://…); it must be empty.")
+@click.option("--from", "source", metavar="PATH", help="The SQLite file to copy [default: IOTREG_DB].")
+def db_copy(target: str, source: str | None) -> None:
+    """Copy the SQLite database, its whole history, into an empty PostgreSQL database.
+
+    Stop iotreg first; then point IOTREG_DB at the URL and start it again. Requests keep their
+    numbers, waiting requests can still be approved, and unfinished ones resume.
+    """
+    from bot.store import redact_url
+    from bot.store.copy import CopyError, copy_sqlite_to_postgres
+
+    if not is_url(target):
+        raise click.UsageError("--to: expected a postgresql:// URL")
+    if source is None:
+        settings = load_settings()
+        if is_url(settings.db_path):
+            raise click.UsageError(f"IOTREG_DB is already a database URL ({settings.db_location}): give the SQLite file with --from PATH")
+        source = settings.db_path
+    try:
+        copied = copy_sqlite_to_postgres(source, target)
+    except CopyError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Copied {source} to {redact_url(target)}:")
+    click.echo(f"  {'table':<16}{'SQLite':>12}{'PostgreSQL':>12}")
+    for row in copied:
+        click.echo(f"  {row.table:<16}{row.source:>12,}{row.target:>12,}")
+    click.echo("Every table adds up. Next: set IOTREG_DB to the URL and start iotreg again.")
 
 
 @cli.command()

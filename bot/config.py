@@ -20,11 +20,13 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
+from urllib.parse import urlsplit
 
 from dotenv.parser import parse_stream
 
 from bot.aliyun.client import MAX_NAMES_PER_CHECK, SIGNATURES
 from bot.aliyun.ratelimit import DEFAULT_QPS
+from bot.store import POSTGRES_SCHEMES, is_url, redact_url
 
 DEFAULT_REGION = "cn-shanghai"
 
@@ -49,7 +51,8 @@ class Settings:
     timeout: float = 10.0
     max_attempts: int = 5
     retry_deadline: float = 60.0
-    db_path: str = "iotreg.db"
+    # A SQLite file or a PostgreSQL URL; repr=False: a URL may hold a password (see db_location).
+    db_path: str = dataclasses.field(default="iotreg.db", repr=False)
     home: str | None = None
     poll_interval: float = 5.0
     poll_max_interval: float = 60.0
@@ -106,6 +109,9 @@ class Settings:
             "log_format": "IOTREG_LOG_FORMAT",
         }
     )
+    #: Every variable read: the fields' and DATABASE_URL (the database when IOTREG_DB is unset, as
+    #: platforms that provision PostgreSQL set it).
+    VARIABLES = (*ENV_NAMES.values(), "DATABASE_URL")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -141,7 +147,7 @@ class Settings:
             timeout=env.number("IOT_TIMEOUT", 10.0, minimum=0.1),
             max_attempts=int(env.number("IOT_MAX_ATTEMPTS", 5, minimum=1, integer=True)),
             retry_deadline=env.number("IOT_RETRY_DEADLINE", 60.0, minimum=0),
-            db_path=env.text("IOTREG_DB") or default_db(environ),
+            db_path=env.database("IOTREG_DB") or env.database("DATABASE_URL", url_only=True) or default_db(environ),
             home=home(environ),
             poll_interval=env.duration("IOTREG_POLL_INTERVAL", 5.0, minimum=0.05),
             poll_max_interval=env.duration("IOTREG_POLL_MAX_INTERVAL", 60.0, minimum=0.05),
@@ -175,6 +181,11 @@ class Settings:
         merged.update(environ)
         return cls.from_env(merged)
 
+    @property
+    def db_location(self) -> str:
+        """The database, fit for a log line or a message (a URL's password replaced by ``***``)."""
+        return redact_url(self.db_path) if is_url(self.db_path) else self.db_path
+
     def require(self, *fields: str) -> None:
         """Raise :class:`ConfigError` naming every variable behind ``fields`` that is unset."""
         missing = [self.ENV_NAMES[f] for f in fields if getattr(self, f) in (None, "")]
@@ -197,6 +208,24 @@ class _Env:
         if value is not None and not re.match(r"https?://[^/\s]+", value):
             raise ConfigError(f"{name}: {value!r} is not an http(s) URL")
         return value.rstrip("/") if value else None
+
+    def database(self, name: str, *, url_only: bool = False) -> str | None:
+        """A SQLite file path or a ``postgresql://`` URL; an error never repeats the URL's password."""
+        value = self.text(name)
+        if value is None:
+            return None
+        if "://" not in value:
+            if url_only:
+                raise ConfigError(f"{name}: expected a postgresql:// URL")
+            return value
+        scheme = value.split("://", 1)[0]
+        if scheme.lower() not in POSTGRES_SCHEMES:
+            raise ConfigError(f"{name}: {scheme}:// is not supported: give a SQLite file path or a postgresql:// URL")
+        try:
+            urlsplit(value).port  # noqa: B018 - parsing the port is the check
+        except ValueError:
+            raise ConfigError(f"{name}: {redact_url(value)} is not a well-formed URL (the port?)") from None
+        return value
 
     def number(self, name: str, default: float, *, minimum: float, integer: bool = False) -> float:
         raw = self.text(name)

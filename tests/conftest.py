@@ -9,17 +9,25 @@ time (the official SDK's) are inside the 15-minute window. It exposes ``endpoint
 calls advances the clock a second or sets ``emulator.gateway.enforce_quotas = False``.
 
 ``make_emulator(**options)``: the same with other :class:`~bot.standins.emulator.Emulator` options.
+
+``store`` (with ``store_location``): a fresh store of every kind, SQLite and PostgreSQL, for the
+contract suite; ``pg_cluster`` and ``postgres_url``: the session's PostgreSQL server (see
+``tests/postgres.py``) and a new database on it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
 from bot.clock import ManualClock
 from bot.standins.emulator import Emulator
+from bot.standins.postgres import TempCluster
+from bot.store import Store, open_store
+from postgres import fresh_database, start_cluster
 
 EMULATOR_DEFAULTS: dict[str, object] = {
     "access_key_id": "test-key-id",
@@ -51,3 +59,43 @@ def make_emulator() -> Iterator[Callable[..., Emulator]]:
 def emulator(make_emulator: Callable[..., Emulator]) -> Emulator:
     """A running emulator with known credentials and one product (see the module docstring)."""
     return make_emulator()
+
+
+# -- stores -----------------------------------------------------------------------------------
+#
+# ``store_location`` is a fresh database of each kind (a SQLite file, a PostgreSQL database), and
+# ``store`` the store open on it: the contract suite runs every test once per kind. Another store
+# is one more entry in STORES.
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[TempCluster]:
+    """The session's PostgreSQL server (skipped where none is installed, failed under CI=true)."""
+    cluster = start_cluster()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def postgres_url(pg_cluster: TempCluster) -> str:
+    """A new, empty database for this test alone."""
+    return fresh_database(pg_cluster)
+
+
+STORES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
+    "sqlite": lambda request, tmp_path: str(tmp_path / "iotreg.db"),
+    "postgres": lambda request, tmp_path: request.getfixturevalue("postgres_url"),
+}
+
+
+@pytest.fixture(params=sorted(STORES))
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a fresh store of each kind lives: what ``IOTREG_DB`` would be set to."""
+    return STORES[request.param](request, tmp_path)
+
+
+@pytest.fixture
+def store(store_location: str) -> Iterator[Store]:
+    opened = open_store(store_location)
+    yield opened
+    opened.close()

@@ -121,6 +121,41 @@ def test_missing_env_file_is_fine(tmp_path):
     assert Settings.load({}, tmp_path / "absent.env").region_id == "cn-shanghai"
 
 
+def test_the_database_is_a_file_by_default_or_a_postgres_url():
+    assert Settings.from_env({}).db_path == "iotreg.db"
+    assert Settings.from_env({"IOTREG_DB": "/data/iotreg.db"}).db_path == "/data/iotreg.db"
+    url = "postgresql://iotreg:pw@db.internal:5432/iotreg"
+    assert Settings.from_env({"IOTREG_DB": url}).db_path == url
+
+
+def test_database_url_is_used_when_iotreg_db_is_unset_and_iotreg_db_wins():
+    url = "postgres://iotreg:pw@db.internal/iotreg"
+    assert Settings.from_env({"DATABASE_URL": url}).db_path == url
+    assert Settings.from_env({"DATABASE_URL": url, "IOTREG_DB": "/data/iotreg.db"}).db_path == "/data/iotreg.db"
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"IOTREG_DB": "mysql://iotreg:hunter2-pw@db/iotreg"}, "IOTREG_DB"),
+        ({"IOTREG_DB": "postgresql://iotreg:hunter2-pw@db:fivefour/iotreg"}, "IOTREG_DB"),
+        ({"DATABASE_URL": "/data/iotreg.db"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite://hunter2-pw"}, "DATABASE_URL"),
+    ],
+)
+def test_a_malformed_database_setting_is_named_without_its_password(environ, named):
+    with pytest.raises(ConfigError, match=named) as caught:
+        Settings.from_env(environ)
+    assert "hunter2-pw" not in str(caught.value)
+
+
+def test_a_database_password_is_in_no_repr_and_the_location_hides_it():
+    s = Settings.from_env({"IOTREG_DB": "postgresql://iotreg:hunter2-pw@db.internal/iotreg"})
+    assert "hunter2-pw" not in repr(s)
+    assert s.db_location == "postgresql://iotreg:***@db.internal/iotreg"
+    assert Settings.from_env({"IOTREG_DB": "/data/iotreg.db"}).db_location == "/data/iotreg.db"
+
+
 def test_the_log_format_is_text_or_json():
     assert Settings.from_env({}).log_format == "text"
     assert Settings.from_env({"IOTREG_LOG_FORMAT": "JSON"}).log_format == "json"

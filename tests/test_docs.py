@@ -20,14 +20,14 @@ def test_every_command_is_in_the_readme(command):
     assert f"iotreg {command}" in README
 
 
-@pytest.mark.parametrize("variable", sorted(Settings.ENV_NAMES.values()))
+@pytest.mark.parametrize("variable", sorted(Settings.VARIABLES))
 def test_every_setting_is_in_the_configuration_table(variable):
     assert re.search(rf"^\| `{variable}` \|", README, re.MULTILINE), f"{variable} missing from the table"
 
 
 def test_every_documented_setting_exists():
     documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", README, re.MULTILINE))
-    assert documented <= set(Settings.ENV_NAMES.values())
+    assert documented <= set(Settings.VARIABLES)
 
 
 def test_the_quick_start_is_a_virtual_environment_the_demo_and_what_ci_runs():
@@ -39,7 +39,7 @@ def test_the_quick_start_is_a_virtual_environment_the_demo_and_what_ci_runs():
     assert tests.startswith("pip install") and tests in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("variable", sorted(Settings.ENV_NAMES.values()))
+@pytest.mark.parametrize("variable", sorted(Settings.VARIABLES))
 def test_every_setting_is_in_the_env_example(variable):
     example = (ROOT / ".env.example").read_text(encoding="utf-8")
     assert re.search(rf"^#? ?{variable}=", example, re.MULTILINE), f"{variable} missing from .env.example"

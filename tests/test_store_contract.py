@@ -1,0 +1,566 @@
+"""What every store promises (bot/store/__init__.py), tested against each of them: SQLite and PostgreSQL.
+
+The ``store`` fixture (tests/conftest.py) gives each test a fresh store of every kind, so each test
+here runs once per store; a third store is one module and one entry in ``STORES``.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from bot.domain import Approval, AuditEntry, EventKind, Kind, Origin, Outcome, RejectedLine, Rule, State, Tally, Upload
+from bot.standins.postgres import free_port
+from bot.store import AlreadyRetried, Store, StoreBusy, StoreUnavailable, open_store
+from bot.store.postgres import PostgresStore
+from bot.store.sqlite import SqliteStore
+
+NOW = datetime(2026, 11, 22, 3, 29, 0, 123456, tzinfo=timezone.utc)
+LATER = NOW + timedelta(minutes=5)
+
+
+def new_request(store: Store, *, names=("dev-a", "dev-b", "dev-c"), state=State.AWAITING_APPROVAL, origin=Origin.SLACK,
+                channel="C1", now=NOW, chunk_size=10_000, **options) -> int:
+    names = list(names)
+    chunks = [min(chunk_size, len(names) - i) for i in range(0, len(names), chunk_size)]
+    return store.create_request(
+        product_key="a1TestProd1", requester="U1", origin=origin, kind=Kind.NAMES, count=len(names), state=state,
+        now=now, channel=channel, devices=((n, None, i + 1) for i, n in enumerate(names)), chunks=chunks,
+        chunk_size=chunk_size, **options,
+    )
+
+
+def approve(store: Store, request_id: int, actor: str = "U2", now: datetime = LATER) -> bool:
+    return store.transition(
+        request_id, from_states=[State.AWAITING_APPROVAL], to_state=State.APPROVED, actor=actor, event="approved",
+        now=now, detail={"by": actor}, notify=(EventKind.APPROVED, {"by": actor}), decided_by=actor, decided_at=now,
+    )
+
+
+# -- requests -----------------------------------------------------------------------------------
+
+
+def test_a_request_comes_back_as_it_was_created(store):
+    request_id = store.create_request(
+        product_key="a1TestProd1", requester="U1", origin=Origin.SLACK, kind=Kind.NAMES, count=2,
+        state=State.CHECKING, now=NOW, channel="C1", origin_data={"thread_ts": "1.2"},
+        rejected=[(3, "bad#name", "'#' is not allowed")], devices=[("dev-a", "泵一号", 1), ("dev-b", None, 2)],
+        chunks=[2], expires_at=NOW + timedelta(hours=24), event=(EventKind.CREATED, {"n": 2}),
+    )
+    request = store.get(request_id)
+    assert (request.product_key, request.requester, request.origin, request.kind, request.state) == (
+        "a1TestProd1", "U1", Origin.SLACK, Kind.NAMES, State.CHECKING)
+    assert (request.count, request.rejected_count, request.channel, request.origin_data) == (2, 1, "C1", {"thread_ts": "1.2"})
+    assert request.created_at == request.updated_at == request.phase_started_at == NOW
+    assert request.expires_at == NOW + timedelta(hours=24) and request.expires_at.tzinfo == timezone.utc
+    assert request.created_at.utcoffset() == timedelta(0)
+    assert store.rejected_lines(request_id) == [RejectedLine(3, "bad#name", "'#' is not allowed")]
+    assert [(c.chunk_no, c.size, c.apply_id, c.register_sent_at) for c in store.chunks(request_id)] == [(0, 2, None, None)]
+    assert store.audit(request_id) == [AuditEntry(request_id, NOW, "U1", "requested", {"product_key": "a1TestProd1", "count": 2})]
+    assert [(e.kind, e.payload, e.attempts, e.next_at) for e in store.pending_events()] == [(EventKind.CREATED, {"n": 2}, 0, NOW)]
+    assert store.get(request_id + 1) is None
+
+
+def test_requests_are_listed_newest_first_by_state_channel_and_origin(store):
+    first = new_request(store, channel="C1")
+    second = new_request(store, channel="C2", origin=Origin.CLI)
+    third = new_request(store, channel="C1", state=State.CHECKING)
+    assert [r.id for r in store.requests()] == [third, second, first]
+    assert [r.id for r in store.requests(limit=2)] == [third, second]
+    assert [r.id for r in store.requests(limit=None)] == [third, second, first]
+    assert [r.id for r in store.requests(channel="C1")] == [third, first]
+    assert [r.id for r in store.requests(origins=[Origin.CLI])] == [second]
+    assert [r.id for r in store.requests(states=[State.CHECKING, State.DONE])] == [third]
+    assert store.requests(states=[]) == []
+
+
+def test_state_counts_leave_out_states_with_no_request(store):
+    assert store.state_counts() == {}
+    for _ in range(3):
+        new_request(store)
+    approve(store, new_request(store))
+    assert store.state_counts() == {State.AWAITING_APPROVAL: 3, State.APPROVED: 1}
+
+
+def test_figures_count_requests_by_state_waiting_events_and_devices_created(store):
+    assert (store.figures().requests_by_state, store.figures().outbox_pending, store.figures().devices_created) == ({}, 0, 0)
+    one = new_request(store, event=(EventKind.CREATED, {}))
+    approve(store, new_request(store))
+    store.set_outcomes(one, [("dev-a", Outcome.CREATED, None, "iot-a"), ("dev-b", Outcome.NOT_CREATED, "no", None)])
+    figures = store.figures()
+    assert figures.requests_by_state == {State.AWAITING_APPROVAL: 1, State.APPROVED: 1} == store.state_counts()
+    assert (figures.outbox_pending, figures.devices_created) == (2, 1)
+
+
+def test_every_request_created_or_moved_is_one_log_line(store, caplog):
+    caplog.set_level(logging.INFO, logger="bot.store")
+    request_id = new_request(store, rejected=[(7, "bad#1", "'#' is not allowed", "泵")])
+    approve(store, request_id)
+    assert not approve(store, request_id)  # no move, no line
+    lines = [(r.request_id, r.state, r.event, r.devices, r.rejected, r.actor) for r in caplog.records if r.name == "bot.store"]
+    assert lines == [(request_id, "awaiting_approval", "requested", 3, 1, "U1"), (request_id, "approved", "approved", 3, 1, "U2")]
+    assert store.rejected_lines(request_id) == [RejectedLine(7, "bad#1", "'#' is not allowed", "泵")]
+
+
+# -- transitions --------------------------------------------------------------------------------
+
+MOVES = [
+    (State.CHECKING, State.AWAITING_APPROVAL),
+    (State.CHECKING, State.CHECK_FAILED),
+    (State.AWAITING_APPROVAL, State.APPROVED),
+    (State.AWAITING_APPROVAL, State.REJECTED),
+    (State.AWAITING_APPROVAL, State.CANCELLED),
+    (State.AWAITING_APPROVAL, State.EXPIRED),
+    (State.APPROVED, State.REGISTERING),
+    (State.REGISTERING, State.DONE),
+    (State.REGISTERING, State.FAILED),
+]
+
+
+@pytest.mark.parametrize(("before", "after"), MOVES, ids=[f"{a}-{b}" for a, b in MOVES])
+def test_each_transition_happens_from_its_state_with_its_audit_row_and_event(store, before, after):
+    request_id = new_request(store, state=before)
+    moved = store.transition(
+        request_id, from_states=[before], to_state=after, actor="U2", event=str(after), now=LATER,
+        detail={"why": "because"}, notify=(EventKind.PROGRESS, {"to": str(after)}), reason="a reason", polls=0,
+    )
+    assert moved
+    request = store.get(request_id)
+    assert (request.state, request.reason, request.updated_at) == (after, "a reason", LATER)
+    assert store.audit(request_id)[-1] == AuditEntry(request_id, LATER, "U2", str(after), {"why": "because"})
+    assert [e.payload for e in store.pending_events()][-1] == {"to": str(after)}
+
+
+@pytest.mark.parametrize(("before", "after"), MOVES, ids=[f"{a}-{b}" for a, b in MOVES])
+def test_a_transition_from_any_other_state_changes_nothing_and_records_nothing(store, before, after):
+    others = [s for s in State if s != before]
+    for state in others:
+        request_id = new_request(store, state=state)
+        audit, events = len(store.audit()), store.pending_count()
+        assert not store.transition(
+            request_id, from_states=[before], to_state=after, actor="U2", event="moved", now=LATER,
+            notify=(EventKind.PROGRESS, {}), reason="should not be written",
+        )
+        request = store.get(request_id)
+        assert (request.state, request.reason, request.updated_at) == (state, None, NOW)
+        assert (len(store.audit()), store.pending_count()) == (audit, events)
+
+
+def test_a_second_approval_loses_and_the_first_keeps_its_decision(store):
+    request_id = new_request(store)
+    assert approve(store, request_id, "U2")
+    assert not approve(store, request_id, "U3", now=LATER + timedelta(seconds=1))
+    request = store.get(request_id)
+    assert (request.decided_by, request.decided_at) == ("U2", LATER)
+    assert [a.actor for a in store.audit(request_id)] == ["U1", "U2"]
+
+
+def test_a_transition_for_a_request_that_does_not_exist_is_refused(store):
+    assert not store.transition(999, from_states=[State.CHECKING], to_state=State.APPROVED, actor="U2", event="x", now=NOW)
+    assert store.audit() == []
+
+
+def test_bookkeeping_updates_change_only_the_fields_given(store):
+    request_id = new_request(store)
+    store.update_request(request_id, polls=3, errors_in_row=2, phase_started_at=LATER)
+    request = store.get(request_id)
+    assert (request.polls, request.errors_in_row, request.phase_started_at, request.state) == (3, 2, LATER, State.AWAITING_APPROVAL)
+    store.update_request(request_id)  # nothing to change
+    assert store.get(request_id) == request
+
+
+def test_origin_data_is_merged_and_a_none_removes_a_key(store):
+    request_id = new_request(store, origin_data={"thread_ts": "1.2", "error": "channel_not_found"})
+    store.update_origin_data(request_id, message_ts="3.4", error=None)
+    assert store.get(request_id).origin_data == {"thread_ts": "1.2", "message_ts": "3.4"}
+    store.update_origin_data(request_id, thread_ts="5.6", note={"说明": "🚀 ok", "n": [1, 2]})
+    assert store.get(request_id).origin_data == {"thread_ts": "5.6", "message_ts": "3.4", "note": {"说明": "🚀 ok", "n": [1, 2]}}
+    store.update_origin_data(999, thread_ts="x")  # no such request: nothing happens
+
+
+def test_unicode_survives_in_names_nicknames_reasons_and_json(store):
+    names = [("sensor-01", "一号车间冷却泵"), ("ｓｅｎ-02", "センサー_二"), ("dev:03@x", None)]
+    request_id = store.create_request(
+        product_key="a1TestProd1", requester="U1", origin=Origin.SLACK, kind=Kind.NAMES, count=3,
+        state=State.CHECKING, now=NOW, devices=[(n, nick, i) for i, (n, nick) in enumerate(names)], chunks=[3],
+        rejected=[(9, "sensor hz 🚫", "a space is not allowed: « »")], origin_data={"标题": "注册 ✔"},
+        event=(EventKind.CREATED, {"who": "Zoë", "emoji": "🔥"}),
+    )
+    store.set_outcomes(request_id, [("ｓｅｎ-02", Outcome.INVALID, "名称已存在。", None)])
+    store.record(request_id, "U—2", "denied", LATER, {"reason": "n’est pas approbateur", "list": ["ä", "€"]})
+    assert store.device_names(request_id) == names
+    assert store.devices(request_id, outcome=Outcome.INVALID)[0].reason == "名称已存在。"
+    assert store.rejected_lines(request_id)[0].value == "sensor hz 🚫"
+    assert store.get(request_id).origin_data == {"标题": "注册 ✔"}
+    assert next(store.pending_events()).payload == {"who": "Zoë", "emoji": "🔥"}
+    assert store.audit(request_id)[-1].detail == {"reason": "n’est pas approbateur", "list": ["ä", "€"]}
+    assert store.audit(request_id)[-1].actor == "U—2"
+
+
+def test_a_request_keeps_its_rule_reason_and_an_automatic_decision(store):
+    rule = Rule(approvers=("U2", "S0OPS"), approvals=2, reason_required=True, auto_approve_max=5, source="product a1TestProd1")
+    request_id = new_request(store, rule=rule, justification="new line 3 sensors · 第三条线", decided_by="iotreg",
+                             audit=[("auto_approved", {"max": 5})])
+    request = store.get(request_id)
+    assert (request.rule, request.justification, request.decided_by, request.decided_at) == (rule, "new line 3 sensors · 第三条线", "iotreg", NOW)
+    assert (request.retried_as, request.reminders_sent) == (None, 0)
+    assert [(a.actor, a.event, a.detail) for a in store.audit(request_id)] == [
+        ("U1", "requested", {"product_key": "a1TestProd1", "count": 3, "rule": "product a1TestProd1", "reason": "new line 3 sensors · 第三条线"}),
+        ("iotreg", "auto_approved", {"max": 5}),
+    ]
+    assert store.get(new_request(store)).rule is None
+
+
+def test_requests_of_one_requester(store):
+    mine = new_request(store)
+    store.create_request(product_key="a1TestProd1", requester="U9", origin=Origin.SLACK, kind=Kind.COUNT, count=1,
+                         state=State.CHECKING, now=NOW)
+    assert [r.id for r in store.requests(requester="U1")] == [mine]
+
+
+def test_a_failed_check_is_retried_once_however_often_it_is_clicked(store):
+    failed = new_request(store, state=State.CHECK_FAILED)
+    retry = new_request(store, retry_of=failed)
+    assert store.get(failed).retried_as == retry and store.get(retry).retry_of == failed
+    requests, audit = len(store.requests(limit=None)), len(store.audit())
+    with pytest.raises(AlreadyRetried) as caught:
+        new_request(store, retry_of=failed, names=["dev-x", "dev-y"])
+    assert (caught.value.request_id, caught.value.retried_as) == (failed, retry)
+    assert (len(store.requests(limit=None)), len(store.audit())) == (requests, audit)  # nothing of the second was kept
+
+
+def test_approvals_are_counted_once_each_and_the_quorum_approves(store):
+    request_id = new_request(store)
+    assert store.add_approval(request_id, approver="U2", now=NOW, needed=2, reason="checked the list") == Tally.COUNTED
+    assert store.add_approval(request_id, approver="U2", now=LATER, needed=2) == Tally.ALREADY_COUNTED
+    assert store.get(request_id).state == State.AWAITING_APPROVAL
+    assert store.add_approval(request_id, approver="U3", now=LATER, needed=2) == Tally.QUORUM
+    request = store.get(request_id)
+    assert (request.state, request.decided_by, request.decided_at) == (State.APPROVED, "U3", LATER)
+    assert store.approvals(request_id) == [Approval("U2", NOW, "checked the list"), Approval("U3", LATER, None)]
+    assert store.add_approval(request_id, approver="U4", now=LATER, needed=2) == Tally.CLOSED
+    assert [a.event for a in store.audit(request_id)] == ["requested", "approval", "approval", "approved"]
+    assert store.audit(request_id)[-1].detail == {"approvers": ["U2", "U3"], "needed": 2}
+    assert [(e.kind, e.payload) for e in store.pending_events()] == [
+        (EventKind.APPROVAL, {"by": "U2", "count": 1, "needed": 2}),
+        (EventKind.APPROVED, {"by": "U3", "approvers": ["U2", "U3"]})]
+    assert store.add_approval(999, approver="U2", now=NOW, needed=1) == Tally.CLOSED
+
+
+def test_eight_approvers_at_once_reach_a_quorum_of_three_exactly_once(store):
+    request_id = new_request(store)
+    start = threading.Barrier(8)
+    tallies: list[Tally] = []
+
+    def click(n: int) -> None:
+        start.wait(timeout=30)
+        tallies.append(store.add_approval(request_id, approver=f"U{n}", now=NOW + timedelta(seconds=n), needed=3))
+
+    threads = [threading.Thread(target=click, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(tallies) == sorted([Tally.COUNTED] * 2 + [Tally.QUORUM] + [Tally.CLOSED] * 5)
+    assert len(store.approvals(request_id)) == 3
+    assert [a.event for a in store.audit(request_id)].count("approved") == 1
+
+
+def test_each_reminder_is_sent_once_and_only_while_the_request_waits(store):
+    request_id = new_request(store)
+    assert store.add_reminder(request_id, sent=1, now=LATER, payload={"n": 1})
+    assert not store.add_reminder(request_id, sent=1, now=LATER, payload={"n": 1})
+    assert not store.add_reminder(request_id, sent=3, now=LATER, payload={"n": 3})
+    assert store.get(request_id).reminders_sent == 1
+    approve(store, request_id)
+    assert not store.add_reminder(request_id, sent=2, now=LATER, payload={"n": 2})
+    assert [a.event for a in store.audit(request_id)] == ["requested", "reminded", "approved"]
+    assert [e.kind for e in store.pending_events()] == [EventKind.REMINDER, EventKind.APPROVED]
+
+
+# -- chunks, claims and devices -----------------------------------------------------------------
+
+
+def test_a_register_call_is_claimed_once_and_taken_over_only_from_the_claim_seen(store):
+    request_id = new_request(store)
+    assert store.claim_register(request_id, 0, "pid-1", NOW)
+    assert not store.claim_register(request_id, 0, "pid-2", LATER)
+    chunk = store.chunks(request_id)[0]
+    assert (chunk.register_sent_at, chunk.claimed_by) == (NOW, "pid-1")
+    assert not store.claim_register(request_id, 0, "pid-2", LATER, replacing=NOW - timedelta(microseconds=1))
+    assert store.claim_register(request_id, 0, "pid-2", LATER, replacing=NOW)
+    assert not store.claim_register(request_id, 0, "pid-3", LATER, replacing=NOW)  # that claim is gone
+    store.release_register(request_id, 0, "pid-1")  # not its claim any more: nothing changes
+    assert store.chunks(request_id)[0].claimed_by == "pid-2"
+    store.release_register(request_id, 0, "pid-2")
+    chunk = store.chunks(request_id)[0]
+    assert (chunk.register_sent_at, chunk.claimed_by) == (None, None)
+    assert store.claim_register(request_id, 0, "pid-3", LATER)
+
+
+def test_chunks_are_updated_and_found_by_apply_id(store):
+    request_id = new_request(store, names=[f"dev-{i:04d}" for i in range(25)], chunk_size=10)
+    store.update_chunk(request_id, 1, apply_id=4242, status="CHECK", register_confirmed_at=LATER)
+    store.update_chunk(request_id, 2, error="refused")
+    chunk = store.chunk_for_apply_id(4242)
+    assert (chunk.request_id, chunk.chunk_no, chunk.size, chunk.status, chunk.register_confirmed_at) == (request_id, 1, 10, "CHECK", LATER)
+    assert [c.size for c in store.chunks(request_id)] == [10, 10, 5]
+    assert store.chunks(request_id)[2].error == "refused"
+    assert store.chunk_for_apply_id(4243) is None
+
+
+def test_devices_keep_the_order_they_were_given_in(store):
+    names = ["zeta-001", "alpha-02", "mid-0003", "beta-004", "aaaa-005"]
+    request_id = new_request(store, names=names, chunk_size=2)
+    assert [n for n, _ in store.device_names(request_id)] == names
+    assert [n for n, _ in store.device_names(request_id, 1)] == ["mid-0003", "beta-004"]
+    assert [(d.name, d.chunk_no, d.line) for d in store.devices(request_id)] == [(n, i // 2, i + 1) for i, n in enumerate(names)]
+    assert [d.name for d in store.devices(request_id, limit=2)] == names[:2]
+
+
+def test_outcomes_reasons_and_counts(store):
+    request_id = new_request(store, names=["dev-a", "dev-b", "dev-c", "dev-d"])
+    store.set_outcomes(request_id, [("dev-a", Outcome.CREATED, None, "iot-a"), ("dev-b", Outcome.NOT_CREATED, None, None),
+                                    ("dev-c", Outcome.NOT_CREATED, "quota", None)])
+    store.set_outcomes(request_id, [("dev-a", Outcome.CREATED, None, None)])  # an iot_id once known is kept
+    store.set_reasons(request_id, Outcome.NOT_CREATED, "Failed to create the device.")
+    assert store.outcome_counts(request_id) == {Outcome.CREATED: 1, Outcome.NOT_CREATED: 2, Outcome.PENDING: 1}
+    by_name = {d.name: d for d in store.devices(request_id)}
+    assert by_name["dev-a"].iot_id == "iot-a"
+    assert (by_name["dev-b"].reason, by_name["dev-c"].reason) == ("Failed to create the device.", "quota")
+    assert [d.name for d in store.devices(request_id, outcome=Outcome.NOT_CREATED)] == ["dev-b", "dev-c"]
+
+
+def test_devices_named_by_the_platform_are_added_once_in_the_order_recorded(store):
+    request_id = store.create_request(product_key="a1TestProd1", requester="U1", origin=Origin.CLI, kind=Kind.COUNT,
+                                      count=3, state=State.REGISTERING, now=NOW, chunks=[3])
+    store.add_devices(request_id, 0, [("zz-plat-1", Outcome.CREATED, "iot-1"), ("aa-plat-2", Outcome.CREATED, "iot-2")])
+    store.set_outcomes(request_id, [("zz-plat-1", Outcome.CREATED, "kept", None)])
+    store.add_devices(request_id, 0, [("zz-plat-1", Outcome.NOT_CREATED, "other"), ("mm-plat-3", Outcome.CREATED, "iot-3")])
+    assert [(d.name, d.outcome, d.reason, d.iot_id) for d in store.devices(request_id)] == [
+        ("zz-plat-1", Outcome.CREATED, "kept", "iot-1"), ("aa-plat-2", Outcome.CREATED, None, "iot-2"),
+        ("mm-plat-3", Outcome.CREATED, None, "iot-3")]
+
+
+def test_a_hundred_thousand_names_in_one_request(store):
+    names = [f"sensor-{i:06d}" for i in range(100_000)]
+    started = time.perf_counter()
+    request_id = new_request(store, names=reversed(names))
+    elapsed = time.perf_counter() - started
+    assert [c.size for c in store.chunks(request_id)] == [10_000] * 10
+    stored = store.device_names(request_id)
+    assert len(stored) == 100_000 and stored[0][0] == names[-1] and stored[-1][0] == names[0]
+    assert [n for n, _ in store.device_names(request_id, 9)] == names[9_999::-1]
+    store.set_outcomes(request_id, [(n, Outcome.CREATED, None, f"iot-{n}") for n in names[:10_000]])
+    assert store.outcome_counts(request_id) == {Outcome.CREATED: 10_000, Outcome.PENDING: 90_000}
+    assert elapsed < 15, f"100,000 names took {elapsed:.1f} s"  # bench/bench_store.py measures it: ~1 s
+
+
+# -- uploads ------------------------------------------------------------------------------------
+
+
+def test_an_upload_is_read_once_and_the_request_made_from_it_marks_it_read(store):
+    first = store.add_upload(user="U1", channel="C1", product_key="a1TestProd1", pasted="dev-a dev-b",
+                             origin_data={"files": [{"id": "F1", "name": "列表.csv"}]}, now=NOW)
+    second = store.add_upload(user="U2", channel="C2", product_key="a1TestProd1", pasted="", origin_data={}, now=NOW)
+    assert store.upload(first) == Upload(first, "U1", "C1", "a1TestProd1", "dev-a dev-b", {"files": [{"id": "F1", "name": "列表.csv"}]})
+    assert [u.id for u in store.unread_uploads()] == [first, second]
+    new_request(store, upload_id=first)
+    assert store.upload(first) is None
+    store.finish_upload(second, LATER)
+    assert store.upload(second) is None and store.unread_uploads() == []
+
+
+# -- audit and outbox ---------------------------------------------------------------------------
+
+
+def test_audit_rows_and_events_come_oldest_first(store):
+    one, two = new_request(store), new_request(store, origin=Origin.CLI)
+    store.record(two, "U9", "denied", LATER, {"why": "not an approver"})
+    approve(store, one)
+    store.enqueue(two, EventKind.PROGRESS, {"done": 1}, LATER)
+    assert [(a.request_id, a.event) for a in store.audit()] == [(one, "requested"), (two, "requested"), (two, "denied"), (one, "approved")]
+    assert [a.event for a in store.audit(two)] == ["requested", "denied"]
+    assert len(store.audit(limit=2)) == 2
+    assert [(e.request_id, e.kind) for e in store.pending_events()] == [(one, EventKind.APPROVED), (two, EventKind.PROGRESS)]
+    assert [e.request_id for e in store.pending_events([Origin.CLI])] == [two]
+
+
+def test_the_outbox_counts_delivers_retries_and_remembers_steps(store):
+    one, two = new_request(store), new_request(store, origin=Origin.CLI)
+    assert (store.pending_count(), store.next_event_time()) == (0, None)
+    store.enqueue(one, EventKind.CREATED, {}, NOW)
+    store.enqueue(one, EventKind.PROGRESS, {}, NOW + timedelta(seconds=1))
+    store.enqueue(two, EventKind.CREATED, {}, NOW + timedelta(seconds=2))
+    assert (store.pending_count(), store.pending_count([Origin.CLI]), store.pending_count([Origin.SLACK])) == (3, 1, 2)
+    first, second, third = list(store.pending_events())
+    assert store.next_event_time() == NOW
+    store.mark_failed(first.id, "slack said no " * 100, NOW + timedelta(minutes=1))
+    # The request's first event waits; its second may not overtake it: the next is the other request's.
+    assert store.next_event_time() == NOW + timedelta(seconds=2)
+    assert store.next_event_time([Origin.SLACK]) == NOW + timedelta(minutes=1)
+    assert next(store.pending_events()).attempts == 1
+    assert not store.step_done(first.id, "post")
+    store.mark_step(first.id, "post")
+    store.mark_step(first.id, "post")
+    assert store.step_done(first.id, "post") and not store.step_done(first.id, "thread")
+    store.mark_delivered(first.id, LATER)
+    assert store.next_event_time([Origin.SLACK]) == NOW + timedelta(seconds=1)
+    assert [e.id for e in store.delivered_events(one)] == [first.id]
+    assert store.pending_count() == 2
+
+
+# -- concurrency --------------------------------------------------------------------------------
+
+
+def test_two_threads_racing_for_one_approval_register_it_once(store):
+    request_id = new_request(store)
+    start = threading.Barrier(8)
+    wins: list[bool] = []
+
+    def click(n: int) -> None:
+        start.wait(timeout=30)
+        wins.append(approve(store, request_id, f"U{n}"))
+
+    threads = [threading.Thread(target=click, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(wins) == [False] * 7 + [True]
+    assert [a.event for a in store.audit(request_id)] == ["requested", "approved"]
+    assert store.pending_count() == 1
+
+
+# A process that opens the store (or, for "open", waits to open it), says "ready", and on a line
+# from its standard input approves the request (or opens the store) and prints what happened.
+RACER = """
+import sys
+from datetime import datetime
+from bot.domain import EventKind, State
+from bot.store import open_store
+
+location, action, *rest = sys.argv[1:]
+store = open_store(location) if action == "approve" else None
+print("ready", flush=True)
+sys.stdin.readline()
+if action == "approve":
+    request_id, actor, now = int(rest[0]), rest[1], datetime.fromisoformat(rest[2])
+    won = store.transition(
+        request_id, from_states=[State.AWAITING_APPROVAL], to_state=State.APPROVED, actor=actor, event="approved",
+        now=now, detail={"by": actor}, notify=(EventKind.APPROVED, {"by": actor}), decided_by=actor, decided_at=now,
+    )
+    print(f"{actor} {'won' if won else 'lost'}", flush=True)
+else:
+    store = open_store(location)
+    print(",".join(store.schema_version()), flush=True)
+store.close()
+"""
+
+
+def in_processes(*argvs: list[str]) -> list[str]:
+    """Run RACER once per ``argv``, let them all go at once when all are ready; each one's answer."""
+    processes = [
+        subprocess.Popen([sys.executable, "-c", RACER, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for argv in argvs
+    ]
+    try:
+        for p in processes:
+            assert p.stdout.readline().strip() == "ready"
+        for p in processes:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        answers = [p.stdout.readline().strip() for p in processes]
+        for p in processes:
+            assert p.wait(timeout=60) == 0
+        return answers
+    finally:
+        for p in processes:
+            p.kill()
+
+
+def test_two_processes_racing_for_one_approval_register_it_once(store, store_location):
+    request_id = new_request(store)
+    answers = in_processes(*([store_location, "approve", str(request_id), actor, LATER.isoformat()] for actor in ("U2", "U3")))
+    assert sorted(a.split()[1] for a in answers) == ["lost", "won"]
+    winner = next(a.split()[0] for a in answers if a.endswith("won"))
+    assert store.get(request_id).decided_by == winner
+    assert [a.actor for a in store.audit(request_id)] == ["U1", winner]
+    assert store.pending_count() == 1
+
+
+def test_two_processes_starting_at_once_migrate_once(store_location):
+    versions = [v.split(",") for v in in_processes([store_location, "open"], [store_location, "open"])]
+    store = open_store(store_location)
+    try:
+        assert versions[0] == versions[1] == store.schema_version() != []
+        assert len(set(store.schema_version())) == len(store.schema_version())
+        new_request(store)  # and the schema works
+    finally:
+        store.close()
+
+
+def test_a_store_held_to_serve_is_shared_only_if_it_can_be(store, store_location):
+    store.hold("serve")
+    store.hold("serve")  # again, by the same process: fine
+    second = open_store(store_location)
+    try:
+        if isinstance(store, SqliteStore):  # one process per SQLite file: the second is told what to use
+            with pytest.raises(StoreBusy, match="PostgreSQL"):
+                second.hold("serve")
+            second.hold("cli")  # another purpose
+        else:
+            second.hold("serve")
+        new_request(second)
+    finally:
+        second.close()
+
+
+# -- PostgreSQL's own failures ------------------------------------------------------------------
+
+
+def test_an_unreachable_postgres_is_named_in_one_line_without_its_password():
+    url = f"postgresql://iotreg:s3cret-pw@127.0.0.1:{free_port()}/iotreg_prod"
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as caught:
+        open_store(url)
+    message = str(caught.value)
+    assert time.monotonic() - started < 10
+    assert "\n" not in message and "s3cret-pw" not in message
+    assert "127.0.0.1" in message and "iotreg_prod" in message and str(url.split(":")[3].split("/")[0]) in message
+
+
+def test_postgres_restarted_mid_run_fails_calls_clearly_and_loses_nothing(pg_cluster, postgres_url, caplog):
+    caplog.set_level(logging.DEBUG)
+    url = postgres_url.replace("iotreg@", "iotreg:s3cret-pw@")  # the test server trusts; the password goes unused
+    store = PostgresStore(url, timeout=1)
+    assert "s3cret-pw" not in repr(store) and "s3cret-pw" not in store.location
+    try:
+        request_id = new_request(store)
+        pg_cluster.stop()
+        try:
+            for call in (lambda: store.get(request_id), lambda: approve(store, request_id), store.ping):
+                with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{pg_cluster.port}/") as caught:
+                    call()
+                assert "s3cret-pw" not in str(caught.value) and "\n" not in str(caught.value)
+        finally:
+            pg_cluster.start()
+        deadline = time.monotonic() + 30
+        while True:  # the pool reconnects on its own
+            try:
+                store.ping()
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the store did not reconnect within 30 s"
+        assert store.get(request_id).state == State.AWAITING_APPROVAL
+        assert approve(store, request_id)
+        assert [a.event for a in store.audit(request_id)] == ["requested", "approved"]
+    finally:
+        store.close()
+    assert caplog.records and not [r for r in caplog.records if "s3cret-pw" in r.getMessage()]
