@@ -86,8 +86,11 @@ class Server:
 
         try:
             bot = self.build() if self.build else create_app(self.settings)
-            # One serving process per SQLite file; PostgreSQL takes any number.
-            bot.workflow.store.hold("serve")
+            # One serving process per SQLite file; PostgreSQL takes any number. (A bot built by a
+            # benchmark may have no store of its own.)
+            store = getattr(getattr(bot, "workflow", None), "store", None)
+            if store is not None:
+                store.hold("serve")
         except (StoreUnavailable, StoreBusy) as exc:
             raise StartupError(f"IOTREG_DB: {exc}") from None
         return bot
