@@ -198,8 +198,10 @@ def main() -> None:
         cpu: dict[str, float] = {name: 0.0 for name in apps}
         resets: dict[str, list[str]] = {name: [] for name in apps}
         pids = {"iotreg serve": bot.pid, "minimal Bolt app (ack only)": minimal.pid}
-        load(ws, anchor, 5, 4)  # warm both up
-        load(apps["minimal Bolt app (ack only)"], anchor, 5, 4)
+        # Warm both up at full concurrency (every server thread, its database connection and its
+        # Slack connections made), so that the rounds measure a running service, not its start.
+        for workspace in apps.values():
+            load(workspace, anchor, args.streams, 4)
         for _ in range(args.rounds):
             for name, workspace in apps.items():
                 before = settled_cpu(pids[name])

@@ -49,7 +49,7 @@ import io
 import re
 import unicodedata
 from array import array
-from collections.abc import Iterable, Iterator, MutableSequence
+from collections.abc import Iterable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import chain, islice, repeat
 from typing import Any, BinaryIO, Literal
@@ -152,6 +152,51 @@ class Device:
     line: int | None = field(default=None, compare=False)
 
 
+class Devices(Sequence[Device]):
+    """The valid devices of a list, kept as columns (names, nicknames, lines) and made into
+    :class:`Device` objects only when read one by one: a million names cost a million strings, not
+    a million objects as well. :meth:`rows` hands them to the store as they are kept."""
+
+    __slots__ = ("_names", "_nicknames", "_places")
+
+    def __init__(self, names: list[str], nicknames: list[str | None] | None, places: Sequence[Any]) -> None:
+        self._names, self._nicknames, self._places = names, nicknames, places
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return list(self._devices(index))
+        nickname = self._nicknames[index] if self._nicknames else None
+        return Device(self._names[index], nickname, _line_of(self._places[index]))
+
+    def __iter__(self) -> Iterator[Device]:
+        return self._devices(slice(None))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Devices({len(self):,} devices)"
+
+    def rows(self) -> Iterator[tuple[str, str | None, int | None]]:
+        """``(name, nickname, line)`` of each device, in order."""
+        nicknames = self._nicknames or repeat(None)
+        places = self._places if isinstance(self._places, array) else map(_line_of, self._places)
+        return zip(self._names, nicknames, places)
+
+    def _devices(self, part: slice) -> Iterator[Device]:
+        names = self._names[part]
+        nicknames = self._nicknames[part] if self._nicknames else repeat(None)
+        places = self._places[part]
+        return map(Device, names, nicknames, places if isinstance(places, array) else map(_line_of, places))
+
+
 @dataclass(frozen=True, slots=True)
 class Rejected:
     """A value that cannot be registered, where it was, and why (a reason to show as is).
@@ -186,7 +231,7 @@ class DeviceList:
     physical lines, ``format`` ``"csv"`` for a file with a header, ``"text"`` for one name a line.
     """
 
-    devices: list[Device]
+    devices: Sequence[Device]
     rejected: list[Rejected] = field(default_factory=list)
     rejected_count: int = 0
     duplicates: int = 0
@@ -375,19 +420,10 @@ class _Collector:
             self._nicknames = [None] * len(self._names)
         return self._nicknames
 
-    def _devices(self) -> list[Device]:
-        """The devices, made a slice at a time while the list of names is emptied."""
-        names, nicknames, places = self._names, self._nicknames, self._places
+    def _devices(self) -> Devices:
+        """The devices, as the columns kept while reading (the collector lets go of them)."""
+        devices = Devices(self._names, self._nicknames, self._places)
         self._names, self._nicknames, self._places = [], None, []
-        devices: list[Device] = []
-        step = 1 << 16
-        while names:
-            lines = places[:step] if isinstance(places, array) else map(_line_of, places[:step])
-            devices.extend(map(Device, names[:step], nicknames[:step] if nicknames else repeat(None), lines))
-            del names[:step]
-            del places[:step]
-            if nicknames:
-                del nicknames[:step]
         return devices
 
     def room(self) -> bool:

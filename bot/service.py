@@ -97,7 +97,8 @@ class RequestService:
         requester's, refused with :class:`ReasonRequired` when the rule needs one and it is empty.
         ``read_as``: the legacy encoding a list was read in (said in the ``created`` event).
         """
-        rows = [_device_row(d) for d in devices]
+        # A list read from a file hands over its rows as kept; anything else is turned into rows here.
+        rows = list(devices.rows()) if hasattr(devices, "rows") else [_device_row(d) for d in devices]
         if not rows:
             raise WorkflowError("there are no valid device names to register")
         rule = rule or self.checked_rule(product_key, reason)
