@@ -47,6 +47,7 @@ import codecs
 import csv
 import io
 import re
+import threading
 import unicodedata
 from array import array
 from collections.abc import Iterable, Iterator, MutableSequence, Sequence
@@ -850,10 +851,42 @@ def _header_key(cell: str) -> str:
 def _split(line: str, delimiter: str) -> list[str]:
     if '"' not in line:
         return line.split(delimiter)
+    feeder, reader = _readers(delimiter)
+    feeder.line = line
     try:
-        return next(csv.reader((line,), delimiter=delimiter, skipinitialspace=True, strict=False))
+        return next(reader)
     except csv.Error:  # a quoted value over the csv module's field size limit
         return line.split(delimiter)
+    finally:
+        feeder.line = None
+
+
+class _Feeder:
+    """The lines of one csv reader, given one at a time: a reader made once serves every row that
+    needs one (making a reader costs more than reading a short row with it)."""
+
+    line: str | None = None
+
+    def __iter__(self) -> _Feeder:
+        return self
+
+    def __next__(self) -> str:
+        line, self.line = self.line, None
+        if line is None:
+            raise StopIteration
+        return line
+
+
+_READERS = threading.local()
+
+
+def _readers(delimiter: str) -> tuple[_Feeder, Any]:
+    """This thread's reusable csv reader for ``delimiter``, with its feeder."""
+    cache: dict[str, tuple[_Feeder, Any]] = _READERS.__dict__.setdefault("by_delimiter", {})
+    if delimiter not in cache:
+        feeder = _Feeder()
+        cache[delimiter] = feeder, csv.reader(feeder, delimiter=delimiter, skipinitialspace=True, strict=False)
+    return cache[delimiter]
 
 
 def _shown(value: str, limit: int) -> str:
