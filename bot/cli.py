@@ -441,7 +441,8 @@ def request_json(requests: RequestService, request: Request) -> dict[str, Any]:
 
 
 def end(driver: Driver, status: Exit, as_json: bool) -> None:
-    """Print the JSON of what was driven (``--json``) and exit with ``status``."""
+    """Print the JSON of what was driven (``--json``) and exit with ``status``; called with the
+    workflow still open, as the JSON is read from its store."""
     if as_json:
         print_json({"exit_status": int(status), "requests": [request_json(driver.requests, s.request) for s in driver.finished]})
     sys.exit(int(status))
@@ -497,7 +498,7 @@ def register(
         except KeyboardInterrupt:
             raise Stop("interrupted; nothing was sent", Exit.INTERRUPTED) from None
         status = driver.drive(request, skip_invalid=skip_invalid)
-    end(driver, status, as_json)
+        end(driver, status, as_json)
 
 
 def show_rejected(terminal: Terminal, devices: Any, limit: int = 20) -> None:
@@ -547,7 +548,7 @@ def resume(request_ids: tuple[int, ...], yes: bool, output: Path | None, as_json
         status = Exit.OK
         for request in sorted(requests, key=lambda r: r.id):
             status = worst(status, driver.finish(request) if request.final else driver.drive(request))
-    end(driver, status, as_json)
+        end(driver, status, as_json)
 
 
 @cli.command("retry-failed")
@@ -567,7 +568,7 @@ def retry_failed(request_id: int, yes: bool, output: Path | None, as_json: bool)
         new = workflow.requests.retry_failed(request_id, operator())
         terminal.line(f"Request #{new.id} registers the {new.count:,} device(s) of #{request_id} that were not created.")
         status = driver.drive(new)
-    end(driver, status, as_json)
+        end(driver, status, as_json)
 
 
 @cli.command()

@@ -10,8 +10,11 @@ calls advances the clock a second or sets ``emulator.gateway.enforce_quotas = Fa
 
 ``make_emulator(**options)``: the same with other :class:`~bot.standins.emulator.Emulator` options.
 
-``store`` (with ``store_location``): a fresh store of every kind, SQLite and PostgreSQL, for the
-contract suite; ``pg_cluster`` and ``postgres_url``: the session's PostgreSQL server (see
+``store_location``: a fresh database of every kind, SQLite and PostgreSQL (what ``IOTREG_DB`` is
+set to): a test that takes it, or a fixture that does (the Slack scenarios, the CLI's ``run``), runs
+once per kind. ``store``: the store open on it, for the contract suite. A test about SQLite's own
+file asks for that kind alone with ``@pytest.mark.parametrize("store_location", ["sqlite"],
+indirect=True)``. ``pg_cluster`` and ``postgres_url``: the session's PostgreSQL server (see
 ``tests/postgres.py``) and a new database on it.
 """
 

@@ -21,12 +21,11 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> bool:
 import dataclasses  # noqa: E402
 from collections.abc import Iterator, Mapping  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from bot.domain import Request
 
-from bot.store.sqlite import SqliteStore  # noqa: E402
+from bot.store import Store  # noqa: E402
 from bot.config import Settings  # noqa: E402
 from bot.jobs import InlineJobs  # noqa: E402
 from bot.server import serve_locally  # noqa: E402
@@ -62,7 +61,7 @@ class SlackScenario:
         self.bot.stop()
 
     @property
-    def store(self) -> SqliteStore:
+    def store(self) -> Store:
         return self.bot.workflow.store
 
     def request(self, request_id: int = 1) -> Request:
@@ -115,7 +114,7 @@ def text_of(message: dict) -> str:
 def slack_scenario(
     cls: type[SlackScenario],
     emulator: Any,
-    tmp_path: Path,
+    db: str,
     *,
     channels: Mapping[str, dict[str, Any]],
     notify_channel: str,
@@ -124,7 +123,9 @@ def slack_scenario(
     usergroups: Mapping[str, list[str]] = {},  # noqa: B006 - read only
     settings: Mapping[str, str] = {},  # noqa: B006 - read only
 ) -> Iterator[SlackScenario]:
-    """A started ``cls`` over a fake Slack with ``channels`` (id -> add_channel options); the
+    """A started ``cls`` on the database ``db`` (what ``IOTREG_DB`` is set to: a SQLite file or a
+    PostgreSQL URL, the ``store_location`` fixture's) over a fake Slack with ``channels`` (id ->
+    add_channel options); the
     approvers and the members of ``usergroups`` are people of the workspace; ``settings`` are
     more environment variables."""
     fake = FakeSlack(bot_token=bot_token).start()
@@ -140,7 +141,7 @@ def slack_scenario(
         "SLACK_BOT_TOKEN": fake.bot_token,
         "SLACK_SIGNING_SECRET": SIGNING_SECRET,
         "SLACK_API_URL": fake.api_url,
-        "IOTREG_DB": str(tmp_path / "iotreg.db"),
+        "IOTREG_DB": db,
         "IOTREG_NOTIFY_CHANNEL": notify_channel,
         "IOTREG_APPROVERS": approvers,
         "IOTREG_POLL_INTERVAL": "1",

@@ -51,11 +51,11 @@ class Scenario(SlackScenario):
 
 
 @pytest.fixture
-def scenario(make_emulator, tmp_path):
+def scenario(make_emulator, tmp_path, store_location):
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY, encoding="utf-8")
     with slack_scenario(
-        Scenario, make_emulator(product_keys=(PROD, SANDBOX, PLAIN)), tmp_path,
+        Scenario, make_emulator(product_keys=(PROD, SANDBOX, PLAIN)), store_location,
         channels={OPS: {"name": "iot-ops"}, NOTICES: {"name": "iot-notices"}},
         notify_channel=NOTICES, approvers="", usergroups={"S0LEADS": [CAROL, DAVE]},
         settings={"IOTREG_POLICY": str(policy), "IOTREG_REMINDERS": "1h,4h", "IOTREG_APPROVAL_TTL": "8h"},
@@ -344,22 +344,21 @@ def test_the_bot_does_not_start_on_a_bad_policy_file(tmp_path):
         create_app(settings)
 
 
-def test_approvals_from_many_processes_at_once_complete_the_quorum_exactly_once(tmp_path):
+def test_approvals_from_many_processes_at_once_complete_the_quorum_exactly_once(store_location):
     """Twenty approvers clicking at once, each through a store of its own on one database (as
-    replicas would): two approvals are needed, exactly one completes the quorum."""
+    replicas would), SQLite and PostgreSQL: two approvals are needed, exactly one completes the quorum."""
     from datetime import datetime, timezone
 
     from bot.domain import Kind, Origin, Tally
-    from bot.store.sqlite import SqliteStore
+    from bot.store import open_store
 
-    path = tmp_path / "shared.db"
     now = datetime(2026, 1, 5, tzinfo=timezone.utc)
-    first = SqliteStore(path)
+    first = open_store(store_location)
     request_id = first.create_request(
         product_key=PROD, requester=ALICE, origin=Origin.SLACK, kind=Kind.COUNT, count=3,
         state=State.AWAITING_APPROVAL, now=now, chunks=[3], rule=Rule(approvals=2),
     )
-    stores = [SqliteStore(path) for _ in range(20)]
+    stores = [open_store(store_location) for _ in range(20)]
 
     def approve(index: int) -> Tally:
         return stores[index].add_approval(request_id, approver=f"U0APP{index % 7:03d}", now=now, needed=2)

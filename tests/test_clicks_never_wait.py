@@ -20,9 +20,9 @@ ALICE, BOB, CAROL = "U0ALICE", "U0BOB", "U0CAROL"
 
 
 @pytest.fixture
-def scenario(make_emulator, tmp_path):
+def scenario(make_emulator, store_location):
     with slack_scenario(
-        SlackScenario, make_emulator(check_seconds=2, create_seconds=3), tmp_path,
+        SlackScenario, make_emulator(check_seconds=2, create_seconds=3), store_location,
         channels={OPS: {"name": "iot-ops"}, NOTICES: {"name": "iot-notices"}},
         notify_channel=NOTICES, approvers=BOB,
     ) as scenario:

@@ -90,9 +90,9 @@ class Scenario(SlackScenario):
 
 
 @pytest.fixture
-def scenario(make_emulator, tmp_path):
+def scenario(make_emulator, store_location):
     with slack_scenario(
-        Scenario, make_emulator(product_keys=(PRODUCT, OTHER_PRODUCT), check_seconds=2, create_seconds=3), tmp_path,
+        Scenario, make_emulator(product_keys=(PRODUCT, OTHER_PRODUCT), check_seconds=2, create_seconds=3), store_location,
         channels={OPS: {"name": "iot-ops"}, NOTICES: {"name": "iot-notices"}, PRIVATE: {"name": "secret-project", "private": True}},
         notify_channel=NOTICES, approvers=f"{BOB},S0LEADS", usergroups={"S0LEADS": [CAROL]}, bot_token=BOT_TOKEN,
     ) as scenario:

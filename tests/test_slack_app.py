@@ -35,9 +35,9 @@ class Scenario(SlackScenario):
 
 
 @pytest.fixture
-def scenario(make_emulator, tmp_path):
+def scenario(make_emulator, store_location):
     with slack_scenario(
-        Scenario, make_emulator(check_seconds=2, create_seconds=3), tmp_path,
+        Scenario, make_emulator(check_seconds=2, create_seconds=3), store_location,
         channels={OPS: {"name": "iot-ops"}, NOTICES: {"name": "iot-notices"}},
         notify_channel=NOTICES, approvers=f"{BOB},S0LEADS", usergroups={"S0LEADS": [CAROL]},
     ) as scenario:
