@@ -32,9 +32,15 @@ only grow; ``chat.update`` keeping the old blocks when ``blocks`` is omitted; bl
 bot gave none; a ``trigger_id`` that works once (``exchanged_trigger_id``) and for 3 seconds
 (``expired_trigger_id``); ``views.update`` with a stale ``hash`` (``hash_conflict``);
 ``files_upload_v2``'s three steps (the bytes go to the upload URL raw, or multipart); a
-``response_url`` that works 5 times (``used_url``). Where the fake is stricter than Slack, it says
+``response_url`` that works 5 times (``used_url``); message ``metadata`` (``event_type`` and
+``event_payload``, ``invalid_metadata_format``/``invalid_metadata_schema``), returned by
+``conversations.history`` (top-level messages and broadcasts, newest first) and
+``conversations.replies`` (the parent, then the replies oldest first) only with
+``include_all_metadata``, both cursor-paginated with ``oldest``/``latest``/``inclusive``. Where the fake is stricter than Slack, it says
 so: a ``thread_ts`` that names no message in the channel is refused (``thread_not_found``), and
-``conversations.open`` supports one user only.
+``conversations.open`` supports one user only. It is more lenient in one place: Slack's reference
+says bot tokens may lack permission for ``conversations.replies`` in channels; here a bot in the
+channel may read its threads. Scopes are not modelled (``fail(..., error="missing_scope")`` plays one).
 
 Everything the handlers touch is guarded by one lock; every recorded request notifies a condition
 that :meth:`FakeSlack.wait_for` waits on.
@@ -42,6 +48,7 @@ that :meth:`FakeSlack.wait_for` waits on.
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import hashlib
@@ -1002,6 +1009,7 @@ class FakeSlack:
         *,
         broadcast: bool = False,
         files: list[dict[str, Any]] | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         parent = None
         if thread_ts:
@@ -1013,8 +1021,11 @@ class FakeSlack:
         message = self._message(text, _with_block_ids(blocks), self._next_ts())
         if files is not None:
             message.update({"files": files, "upload": True, "display_as_bot": False})
+        if metadata is not None:
+            message["metadata"] = metadata
         if parent is not None:
             message["thread_ts"] = parent["ts"]
+            message["parent_user_id"] = parent.get("user")
             if broadcast:
                 message["subtype"] = "thread_broadcast"
             parent["thread_ts"] = parent["ts"]
@@ -1169,6 +1180,7 @@ class FakeSlack:
             blocks,
             _str_or_none(params.get("thread_ts")),
             broadcast=_flag(params.get("reply_broadcast")),
+            metadata=_message_metadata(params.get("metadata")),
         )
         return {"channel": ch.id, "ts": message["ts"], "message": _public(message)}
 
@@ -1353,6 +1365,47 @@ class FakeSlack:
             answer = {"no_op": True, "already_open": True, **answer}
         return answer
 
+    def _readable(self, params: dict[str, Any]) -> _Channel:
+        ch = self._resolve_channel(params.get("channel"))
+        if not ch.bot_member:
+            raise _ApiError("not_in_channel")
+        return ch
+
+    def _conversations_history(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The channel's messages, newest first; replies only when broadcast (as Slack does)."""
+        ch = self._readable(params)
+        metadata = _flag(params.get("include_all_metadata"))
+        found = [m for m in reversed(ch.messages) if _is_top_level(m) and _in_range(m["ts"], params)]
+        page, cursor = _page(found, params, 100, 999)
+        return {
+            "messages": [_public(m, metadata=metadata) for m in page],
+            "has_more": bool(cursor),
+            "pin_count": 0,
+            "channel_actions_ts": None,
+            "channel_actions_count": 0,
+            "response_metadata": {"next_cursor": cursor},
+        }
+
+    def _conversations_replies(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The thread's parent first, then its replies oldest first (``ts`` may name a reply)."""
+        ch = self._readable(params)
+        ts = _str_or_none(params.get("ts"))
+        if not ts:
+            raise _invalid_arguments("missing required field: ts")
+        named = next((m for m in ch.messages if m["ts"] == ts), None)
+        if named is None:
+            raise _ApiError("thread_not_found")
+        parent_ts = named.get("thread_ts") or named["ts"]
+        parent = next(m for m in ch.messages if m["ts"] == parent_ts)
+        replies = [m for m in ch.messages if m.get("thread_ts") == parent_ts and m["ts"] != parent_ts and _in_range(m["ts"], params)]
+        metadata = _flag(params.get("include_all_metadata"))
+        page, cursor = _page([parent, *replies], params, 1000, 1000)
+        return {
+            "messages": [_public(m, metadata=metadata) for m in page],
+            "has_more": bool(cursor),
+            "response_metadata": {"next_cursor": cursor},
+        }
+
     def _usergroups_users_list(self, params: dict[str, Any]) -> dict[str, Any]:
         group = _str_or_none(params.get("usergroup"))
         if not group or group not in self.usergroups:
@@ -1384,6 +1437,8 @@ _API: dict[str, Callable[[FakeSlack, dict[str, Any]], dict[str, Any]]] = {
     "files.completeUploadExternal": FakeSlack._files_complete_upload_external,
     "files.info": FakeSlack._files_info,
     "conversations.open": FakeSlack._conversations_open,
+    "conversations.history": FakeSlack._conversations_history,
+    "conversations.replies": FakeSlack._conversations_replies,
     "usergroups.users.list": FakeSlack._usergroups_users_list,
     "users.info": FakeSlack._users_info,
 }
@@ -1401,9 +1456,68 @@ def _is_top_level(message: dict[str, Any]) -> bool:
     return thread_ts is None or thread_ts == message["ts"] or message.get("subtype") == "thread_broadcast"
 
 
-def _public(message: dict[str, Any]) -> dict[str, Any]:
-    """A message as the API returns it: without the fake's own keys."""
-    return {k: copy.deepcopy(v) for k, v in message.items() if k not in ("history", "user_to")}
+def _public(message: dict[str, Any], *, metadata: bool = False) -> dict[str, Any]:
+    """A message as the API returns it: without the fake's own keys, and without its metadata unless
+    asked for (``include_all_metadata``)."""
+    hidden = ("history", "user_to") if metadata else ("history", "user_to", "metadata")
+    return {k: copy.deepcopy(v) for k, v in message.items() if k not in hidden}
+
+
+def _message_metadata(value: Any) -> dict[str, Any] | None:
+    """``metadata`` of chat.postMessage: an object with a string ``event_type`` and an object
+    ``event_payload`` (a JSON string when form-encoded)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise _ApiError("invalid_metadata_format") from None
+    if not isinstance(value, dict):
+        raise _ApiError("invalid_metadata_format")
+    event_type, payload = value.get("event_type"), value.get("event_payload")
+    if not isinstance(event_type, str) or not event_type or not isinstance(payload, dict) or set(value) - {"event_type", "event_payload"}:
+        raise _ApiError("invalid_metadata_schema")
+    return {"event_type": event_type, "event_payload": copy.deepcopy(payload)}
+
+
+def _page(items: list[dict[str, Any]], params: dict[str, Any], default_limit: int, max_limit: int) -> tuple[list[dict[str, Any]], str]:
+    """One page of ``items`` after ``cursor``, at most ``limit`` long, and the next page's cursor ("" at the end)."""
+    try:
+        limit = int(params.get("limit") or default_limit)
+    except (TypeError, ValueError):
+        raise _invalid_arguments("limit must be a number") from None
+    limit = max(1, min(limit, max_limit))
+    cursor = _str_or_none(params.get("cursor"))
+    start = 0
+    if cursor:
+        try:
+            start = int(base64.urlsafe_b64decode(cursor.encode()).decode().removeprefix("next:"))
+        except (ValueError, UnicodeDecodeError):
+            raise _ApiError("invalid_cursor") from None
+    page = items[start : start + limit]
+    more = start + limit < len(items)
+    return page, base64.urlsafe_b64encode(f"next:{start + limit}".encode()).decode() if more else ""
+
+
+def _in_range(ts: str, params: dict[str, Any]) -> bool:
+    """Whether ``ts`` lies between ``oldest`` and ``latest`` (both ends only if ``inclusive``)."""
+    inclusive = _flag(params.get("inclusive"))
+    key = _ts_key(ts)
+    oldest, latest = params.get("oldest"), params.get("latest")
+    if oldest not in (None, "") and (key < _ts_key(oldest, "invalid_ts_oldest") or (key == _ts_key(oldest) and not inclusive)):
+        return False
+    if latest not in (None, "") and (key > _ts_key(latest, "invalid_ts_latest") or (key == _ts_key(latest) and not inclusive)):
+        return False
+    return True
+
+
+def _ts_key(ts: Any, error: str = "invalid_arguments") -> tuple[int, int]:
+    seconds, _, micros = str(ts).partition(".")
+    try:
+        return int(seconds), int((micros or "0").ljust(6, "0")[:6])
+    except ValueError:
+        raise _ApiError(error) from None
 
 
 def _replace_message(message: dict[str, Any], text: str | None, blocks: list | None, edited_ts: str) -> None:
