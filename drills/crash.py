@@ -164,12 +164,14 @@ def main() -> int:
             time.sleep(rng.uniform(0, 0.4))
 
     def approver() -> None:
-        clicked: set[str] = set()
+        # A click is acked before it is carried out, so a kill in between loses it: as a person
+        # would, the approver clicks again when the button is still there 5 seconds later.
+        clicked: dict[str, float] = {}
         while not done.is_set():
             for message in fake.messages(OPS):
-                if message["ts"] not in clicked and blocks.APPROVE in str(message.get("blocks")):
+                if time.monotonic() - clicked.get(message["ts"], -10.0) > 5.0 and blocks.APPROVE in str(message.get("blocks")):
                     if send(ws.click, APPROVER, message, blocks.APPROVE):
-                        clicked.add(message["ts"])
+                        clicked[message["ts"]] = time.monotonic()
             time.sleep(0.1)
 
     def killer() -> None:
