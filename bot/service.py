@@ -513,6 +513,11 @@ class RequestService:
     def mark_step(self, event_id: int, step: str) -> None:
         self.store.mark_step(event_id, step)
 
+    def begin_step(self, event_id: int, step: str) -> datetime | None:
+        """Record that a step which posts is about to post; when an earlier attempt began it (and
+        may have posted before it was cut short), return when, else None."""
+        return self.store.begin_step(event_id, step, self.clock.now())
+
     # -- helpers ------------------------------------------------------------------------------
 
     def _allowed(self, action: Action, request: Request, actor: str, *, audit: str | None = None) -> None:

@@ -11,6 +11,8 @@ and every request has ended, it verifies:
 - every request reached a final state;
 - every ApplyId got at most one BatchRegisterDeviceWithApplyId (exactly one if it was registered);
 - every request that was registered got exactly one final result in its thread;
+- no notification's message was posted twice (each carries its event and step as metadata), and no
+  result file was shared twice in one place;
 - every device the platform created is recorded as created on its request, and no recorded device
   is missing from the platform.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import random
 import signal
@@ -161,12 +164,14 @@ def main() -> int:
             time.sleep(rng.uniform(0, 0.4))
 
     def approver() -> None:
-        clicked: set[str] = set()
+        # A click is acked before it is carried out, so a kill in between loses it: as a person
+        # would, the approver clicks again when the button is still there 5 seconds later.
+        clicked: dict[str, float] = {}
         while not done.is_set():
             for message in fake.messages(OPS):
-                if message["ts"] not in clicked and blocks.APPROVE in str(message.get("blocks")):
+                if time.monotonic() - clicked.get(message["ts"], -10.0) > 5.0 and blocks.APPROVE in str(message.get("blocks")):
                     if send(ws.click, APPROVER, message, blocks.APPROVE):
-                        clicked.add(message["ts"])
+                        clicked[message["ts"]] = time.monotonic()
             time.sleep(0.1)
 
     def killer() -> None:
@@ -238,6 +243,12 @@ def main() -> int:
                 repeated.append((request.id, [r.get("text", "")[:70] for r in results]))
             missing_results += 1 if not results else 0
     created = sum(len(store.devices(r.id, outcome=Outcome.CREATED)) for r in all_requests)
+    # Every message the bot posted carries the (event, step) it was posted for: none may appear twice.
+    posted = list(fake.messages(OPS)) + [r for m in fake.messages(OPS) for r in fake.thread(OPS, m["ts"])] + fake.dm(APPROVER)
+    marks = collections.Counter(json.dumps(m["metadata"]["event_payload"], sort_keys=True) for m in posted if m.get("metadata"))
+    twice = {mark: n for mark, n in marks.items() if n > 1}
+    shares = collections.Counter((u.channel, u.thread_ts, u.name) for u in fake.uploads.values() if u.completed)
+    files_twice = sum(n - 1 for n in shares.values() if n > 1)
     # SQLite's own check of the file; PostgreSQL's server was never killed (only iotreg was).
     integrity = store.db.execute("PRAGMA integrity_check").fetchone()[0] if isinstance(store, SqliteStore) else "ok"
     print(f"Crash drill on {args.db} (seed {args.seed}) in {time.monotonic() - started:.0f}s: {args.requests} commands sent "
@@ -253,11 +264,15 @@ def main() -> int:
     print(f"  final results in threads: missing {missing_results}, duplicated {duplicate_results}")
     for request_id, texts in repeated:
         print(f"    #{request_id}: {texts}")
+    print(f"  messages posted: {len(posted):,} ({sum(marks.values()):,} notification posts); posted twice: {sum(n - 1 for n in twice.values())}; result files shared twice: {files_twice}")
+    for mark, n in twice.items():
+        print(f"    {mark}: {n} times")
     print(f"  database after every kill: integrity_check {integrity}" if args.db == "sqlite" else "  database: PostgreSQL (its server was not killed)")
     ok = (
         all(r.final for r in all_requests)
         and not any(k > 1 for k in register_calls)
         and unaccounted == 0 and missing == 0 and missing_results == 0 and duplicate_results == 0
+        and not twice and files_twice == 0
         and integrity == "ok"
     )
     print("PASS" if ok else "FAIL")

@@ -583,3 +583,33 @@ def test_clicks_in_a_modal_and_on_an_ephemeral_message(fake: FakeSlack, bolt: tu
     assert in_note["container"]["is_ephemeral"] is True and "message" not in in_note
     assert in_note["actions"][0]["value"] == "2" and in_note["response_url"].startswith(fake.base_url)
     assert in_note["trigger_id"] == ws.last_trigger_id
+
+
+def test_message_metadata_comes_back_only_when_asked_for(fake: FakeSlack, client: WebClient) -> None:
+    mark = {"event_type": "iotreg_step", "event_payload": {"event_id": 7, "step": "result"}}
+    parent = client.chat_postMessage(channel=OPS, text="anchor", metadata=mark)
+    assert "metadata" not in parent["message"]
+    for n in range(3):
+        client.chat_postMessage(channel=OPS, thread_ts=parent["ts"], text=f"reply {n}", metadata={**mark, "event_payload": {"n": n}})
+    newest = client.conversations_history(channel=OPS, limit=1, include_all_metadata=True)
+    assert [m["text"] for m in newest["messages"]] == ["anchor"] and newest["messages"][0]["metadata"] == mark  # replies are not history
+    assert "metadata" not in client.conversations_history(channel=OPS)["messages"][0]
+    thread = client.conversations_replies(channel=OPS, ts=parent["ts"], include_all_metadata=True, limit=2)
+    assert [m["text"] for m in thread["messages"]] == ["anchor", "reply 0"] and thread["has_more"]
+    rest = client.conversations_replies(channel=OPS, ts=parent["ts"], include_all_metadata=True, cursor=thread["response_metadata"]["next_cursor"])
+    assert [m["metadata"]["event_payload"] for m in rest["messages"]] == [{"n": 1}, {"n": 2}] and not rest["has_more"]
+    assert all(m["parent_user_id"] == fake.bot_user_id for m in rest["messages"])
+
+
+def test_bad_metadata_and_unreadable_conversations_are_refused_as_slack_does(fake: FakeSlack, client: WebClient) -> None:
+    for metadata, error in (({"event_type": "x"}, "invalid_metadata_schema"), ("{not json", "invalid_metadata_format")):
+        with pytest.raises(SlackApiError) as refused:
+            client.chat_postMessage(channel=OPS, text="x", metadata=metadata)
+        assert refused.value.response["error"] == error
+    with pytest.raises(SlackApiError) as missing:
+        client.conversations_replies(channel=OPS, ts="1.000001")
+    assert missing.value.response["error"] == "thread_not_found"
+    fake.add_channel("C0ELSEWHERE", "elsewhere", bot_member=False)
+    with pytest.raises(SlackApiError) as outside:
+        client.conversations_history(channel="C0ELSEWHERE")
+    assert outside.value.response["error"] == "not_in_channel"

@@ -525,3 +525,73 @@ def test_a_rejected_line_cannot_turn_into_a_link_or_a_mention_in_the_thread(scen
     (skipped,) = [text_of(r) for r in scenario.replies(1) if "could not be used" in text_of(r)]
     assert "• line 2: `x\u02cb https://evil.example/reset-password \u02cby`: " in skipped
     assert "• line 3: `&lt;!channel&gt; @here`: " in skipped and "<!" not in skipped
+
+
+# -- a crash between Slack's answer and the record that a step was done ------------------------
+
+
+def cut_short(monkeypatch, scenario, method: str, when) -> list:
+    """Make the service's ``method`` fail once when ``when(args, kwargs)`` holds, as a crash would
+    cut the step short right after Slack took its post; returns the calls it cut."""
+    service = scenario.bot.workflow.requests
+    real, cut = getattr(service, method), []
+
+    def once(*args, **kwargs):
+        if not cut and when(args, kwargs):
+            cut.append(args or kwargs)
+            raise RuntimeError("the process died here")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service, method, once)
+    return cut
+
+
+def test_a_result_cut_short_after_slack_took_it_is_not_posted_again(scenario, monkeypatch):
+    cut = cut_short(monkeypatch, scenario, "mark_step", lambda args, _kw: args[1] == "result")
+    finish_one(scenario, n=3)
+    scenario.jobs.run_until(lambda: not list(scenario.store.pending_events()), timeout=3600)
+    assert cut, "the result step was never cut short"
+    results = results_in_thread(scenario)
+    assert len(results) == 1 and "3 registered" in text_of(results[0])
+    assert results[0]["metadata"]["event_type"] == "iotreg_step"
+    assert scenario.fake.calls_to("conversations.replies"), "the redelivery did not look for its message"
+    assert len(scenario.fake.messages(NOTICES)) == 1  # the steps after it went out once each
+
+
+def test_a_result_file_cut_short_after_slack_shared_it_is_not_uploaded_again(scenario, monkeypatch):
+    cut = cut_short(monkeypatch, scenario, "mark_step", lambda args, _kw: args[1] == "result_file")
+    finish_one(scenario, n=25)
+    scenario.jobs.run_until(lambda: not list(scenario.store.pending_events()), timeout=3600)
+    assert cut
+    assert len([u for u in scenario.fake.uploads.values() if u.channel == OPS]) == 1
+    assert scenario.fake.calls_to("files.info"), "the redelivery did not ask whether the file was shared"
+    assert len(results_in_thread(scenario)) == 1
+
+
+def test_a_request_message_whose_ts_was_lost_is_found_not_posted_twice(scenario, monkeypatch):
+    cut = cut_short(monkeypatch, scenario, "set_origin_data", lambda _args, kw: "thread_ts" in kw)
+    scenario.upload_devices(ALICE, sample_file(2, bad=False))
+    scenario.drive(1, State.AWAITING_APPROVAL)
+    assert cut
+    anchors = [m for m in scenario.fake.messages(OPS) if "#1" in text_of(m)]
+    assert len(anchors) == 1 and scenario.anchor(1)["ts"] == anchors[0]["ts"]
+    assert scenario.fake.calls_to("conversations.history")
+
+
+def test_an_approver_dm_whose_ts_was_lost_is_found_not_sent_twice(scenario, monkeypatch):
+    cut = cut_short(monkeypatch, scenario, "set_origin_data", lambda _args, kw: BOB in (kw.get("dms") or {}))
+    scenario.upload_devices(ALICE, sample_file(2, bad=False))
+    scenario.drive(1, State.AWAITING_APPROVAL)
+    scenario.jobs.run_until(lambda: not list(scenario.store.pending_events()), timeout=600)
+    assert cut
+    assert len(scenario.fake.dm(BOB)) == 1 and len(scenario.fake.dm(CAROL)) == 1
+    assert scenario.store.get(1).origin_data["dms"][BOB][1] == scenario.fake.dm(BOB)[0]["ts"]
+
+
+def test_without_the_history_scopes_a_result_cut_short_still_arrives(scenario, monkeypatch):
+    """An installation not yet given the history scopes: at least once, as before, never lost."""
+    scenario.fake.fail("conversations.replies", error="missing_scope", times=5)
+    cut = cut_short(monkeypatch, scenario, "mark_step", lambda args, _kw: args[1] == "result")
+    finish_one(scenario, n=3)
+    scenario.jobs.run_until(lambda: not list(scenario.store.pending_events()), timeout=3600)
+    assert cut and len(results_in_thread(scenario)) == 2

@@ -416,6 +416,18 @@ def test_the_outbox_counts_delivers_retries_and_remembers_steps(store):
     assert store.pending_count() == 2
 
 
+def test_a_step_begun_says_when_to_the_next_attempt(store):
+    one = new_request(store)
+    store.enqueue(one, EventKind.CREATED, {}, NOW)
+    event = next(store.pending_events())
+    assert store.begin_step(event.id, "result", NOW) is None  # the first attempt
+    # A second attempt (after a crash) learns when the first began, whatever time it is now.
+    assert store.begin_step(event.id, "result", LATER) == NOW
+    assert store.begin_step(event.id, "result", LATER) == NOW
+    assert store.begin_step(event.id, "notice", LATER) is None
+    assert not store.step_done(event.id, "result")  # begun is not done
+
+
 # -- concurrency --------------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from click.testing import CliRunner
@@ -71,6 +71,7 @@ def deployment(tmp_path, emulator):
     store.enqueue(waiting.id, EventKind.PROGRESS, {"note": "still waiting"}, emulator.clock.now())
     pending = list(store.pending_events())[-1]
     store.mark_step(pending.id, "post")
+    store.begin_step(pending.id, "thread", emulator.clock.now())  # begun, then cut short
     store.mark_failed(pending.id, "slack said no", emulator.clock.now() + timedelta(seconds=30))
     workflow.close()
     return path, {"done": done.id, "waiting": waiting.id, "rejected": rejected.id}
@@ -96,6 +97,8 @@ def test_a_copy_holds_the_whole_history_as_the_sqlite_store_shows_it(deployment,
         assert after.next_event_time() == before.next_event_time()
         event = list(after.pending_events())[-1]
         assert after.step_done(event.id, "post") and event.attempts == 1
+        begun = before.begin_step(event.id, "thread", datetime.now(timezone.utc))
+        assert begun is not None and after.begin_step(event.id, "thread", datetime.now(timezone.utc)) == begun
         assert after.unread_uploads() == before.unread_uploads() and len(after.unread_uploads()) == 1
         assert after.outcome_counts(ids["done"]) == {Outcome.CREATED: 25}
     finally:

@@ -283,6 +283,10 @@ class Store(Protocol):
 
     def mark_step(self, event_id: int, step: str) -> None: ...
 
+    def begin_step(self, event_id: int, step: str, now: datetime) -> datetime | None:
+        """Record that a step which posts has begun (before it posts); return when an earlier attempt
+        began it, or None if this is the first, so a redelivery knows to look for what it posted."""
+
     def delivered_events(self, request_id: int) -> list[Event]: ...
 
 

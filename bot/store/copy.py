@@ -54,6 +54,7 @@ SOURCES: dict[str, tuple[str, str]] = {
         " last_error FROM outbox ORDER BY id",
     ),
     "notified_steps": ("event_id, step", "SELECT event_id, step FROM notified_steps ORDER BY event_id, step"),
+    "begun_steps": ("event_id, step, begun_at", "SELECT event_id, step, begun_at FROM begun_steps ORDER BY event_id, step"),
     "uploads": (
         "id, uploader, channel, product_key, pasted, origin_data, created_at, done_at, request_id",
         "SELECT id, user, COALESCE(channel, ''), COALESCE(product_key, ''), COALESCE(pasted, ''),"

@@ -209,8 +209,24 @@ def m003_rejected_nicknames(cur: psycopg.Cursor[Any]) -> None:
     cur.execute("ALTER TABLE rejected_lines ADD COLUMN nickname text")
 
 
+@migration
+def m004_begun_steps(cur: psycopg.Cursor[Any]) -> None:
+    """A notification step that posts is marked begun before it posts, so that a redelivery after a
+    crash between Slack's answer and ``notified_steps`` looks for the message before posting again."""
+    cur.execute(
+        """
+        CREATE TABLE begun_steps (
+            event_id bigint NOT NULL,
+            step text NOT NULL,
+            begun_at timestamptz NOT NULL,
+            PRIMARY KEY (event_id, step)
+        )
+        """
+    )
+
+
 #: Tables in the order they can be filled (a referenced table first), for copying a deployment.
-TABLES = ("requests", "chunks", "devices", "rejected_lines", "approvals", "audit", "outbox", "notified_steps", "uploads")
+TABLES = ("requests", "chunks", "devices", "rejected_lines", "approvals", "audit", "outbox", "notified_steps", "begun_steps", "uploads")
 #: Tables whose ids a serial hands out, and the column.
 SERIALS = {"requests": "id", "devices": "seq", "audit": "id", "outbox": "id", "uploads": "id"}
 
@@ -780,6 +796,15 @@ class PostgresStore:
 
     def mark_step(self, event_id: int, step: str) -> None:
         self._execute("INSERT INTO notified_steps (event_id, step) VALUES (%s, %s) ON CONFLICT DO NOTHING", [event_id, step])
+
+    def begin_step(self, event_id: int, step: str, now: datetime) -> datetime | None:
+        inserted = self._fetch(
+            "INSERT INTO begun_steps (event_id, step, begun_at) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING begun_at",
+            [event_id, step, now],
+        )
+        if inserted:
+            return None
+        return self._fetch("SELECT begun_at FROM begun_steps WHERE event_id = %s AND step = %s", [event_id, step])[0][0]
 
     def delivered_events(self, request_id: int) -> list[Event]:
         rows = self._fetch(

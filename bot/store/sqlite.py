@@ -192,6 +192,13 @@ def m007_rejected_nicknames(db: Database) -> None:
     db["rejected_lines"].add_column("nickname", str)
 
 
+@migrations()
+def m008_begun_steps(db: Database) -> None:
+    """A notification step that posts is marked begun before it posts, so that a redelivery after a
+    crash between Slack's answer and ``notified_steps`` looks for the message before posting again."""
+    db["begun_steps"].create({"event_id": int, "step": str, "begun_at": str}, pk=("event_id", "step"))
+
+
 def format_time(value: datetime) -> str:
     """Times are stored as ISO 8601 UTC text, which sorts and compares correctly as text."""
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
@@ -819,6 +826,14 @@ class SqliteStore:
     def mark_step(self, event_id: int, step: str) -> None:
         with self._write() as db:
             db.conn.execute("INSERT OR IGNORE INTO notified_steps (event_id, step) VALUES (?, ?)", [event_id, step])
+
+    def begin_step(self, event_id: int, step: str, now: datetime) -> datetime | None:
+        with self._write() as db:
+            row = db.execute("SELECT begun_at FROM begun_steps WHERE event_id = ? AND step = ?", [event_id, step]).fetchone()
+            if row is not None:
+                return datetime.fromisoformat(row[0])
+            db.conn.execute("INSERT INTO begun_steps (event_id, step, begun_at) VALUES (?, ?, ?)", [event_id, step, format_time(now)])
+        return None
 
     # -- figures for monitoring -----------------------------------------------------------------
 
