@@ -498,6 +498,11 @@ class RequestService:
         """Counts for the metrics: requests by state, notifications waiting, devices created."""
         return self.store.figures()
 
+    @property
+    def reads_in_process(self) -> bool:
+        """Whether a query is a few reads in this process (SQLite), not round trips to a server."""
+        return self.store.reads_in_process
+
     def health(self, origins: Sequence[Origin] | None = None) -> Health:
         try:
             self.store.ping()

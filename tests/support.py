@@ -156,3 +156,8 @@ def slack_scenario(
     finally:
         scenario.stop_bot()
         fake.stop()
+
+
+def response_after(scenario, before: int, timeout: float = 5.0) -> str:
+    """The text of the first answer through a response_url after the first ``before`` ones."""
+    return scenario.fake.wait_for(lambda: scenario.fake.responses[before:] and scenario.fake.responses[before].payload["text"], timeout=timeout)

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from support import SIGNING_SECRET, SlackScenario, buttons, slack_scenario, text_of
+from support import SIGNING_SECRET, SlackScenario, buttons, response_after, slack_scenario, text_of
 
 from bot.domain import State
 from bot.slack import blocks
@@ -271,11 +271,6 @@ def answered(scenario, user: str, text: str) -> str:
     return response_after(scenario, before)
 
 
-def response_after(scenario, before: int, timeout: float = 5.0) -> str:
-    """The text of the first answer through a response_url after the first ``before`` ones."""
-    return scenario.fake.wait_for(lambda: scenario.fake.responses[before:] and scenario.fake.responses[before].payload["text"], timeout=timeout)
-
-
 @pytest.mark.parametrize(
     ("fault", "said"),
     [({"status": 429, "retry_after": 0}, "`ratelimited`"), ({"status": 503}, "HTTP 503"), ({"error": "expired_trigger_id"}, "`expired_trigger_id`")],
@@ -332,8 +327,12 @@ def test_a_status_that_needs_the_approver_group_is_answered_after_the_ack_not_in
     assert answer.status_code == 200 and answer.elapsed.total_seconds() < 1.0 and not answer.content
     later = response_after(scenario, before, timeout=15)
     assert "no request or ApplyId" in later
-    # The group is cached now: the next answer needs no Slack call, and comes in the ack.
-    assert "no request or ApplyId" in scenario.ws.command(DAVE, OPS, "status 1").text
+    # The group is cached now: the next answer needs no Slack call, and comes in the ack (on an
+    # embedded database; with a database server every query is answered after the ack).
+    if scenario.bot.workflow.requests.reads_in_process:
+        assert "no request or ApplyId" in scenario.ws.command(DAVE, OPS, "status 1").text
+    else:
+        assert "no request or ApplyId" in answered(scenario, DAVE, "status 1")
 
 
 def test_status_and_list_of_big_requests_are_counted_after_the_ack_not_in_it(scenario):

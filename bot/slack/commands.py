@@ -144,10 +144,12 @@ def slack_failure(exc: Exception) -> str:
 
 
 def in_ack_or_after(ack: Ack, respond: Respond, deps: Deps, answer, *args) -> None:
-    """Answer in the ack itself when ``answer(deps, *args, at_once=True)`` can: a few reads of the
-    database (which never wait for a writer in WAL mode) and no call to Slack, so no second trip
-    through the response_url. Otherwise ack now and answer after, in the background pool."""
-    text = computed(answer, deps, *args, at_once=True)
+    """Answer in the ack itself when ``answer(deps, *args, at_once=True)`` can: a few reads of an
+    embedded database (which never wait for a writer in WAL mode) and no call to Slack, so no
+    second trip through the response_url. Otherwise (a database server, whose round trips would
+    hold the ack back; a call to Slack; a big request to count) ack now and answer after, in the
+    background pool."""
+    text = computed(answer, deps, *args, at_once=True) if deps.requests.reads_in_process else None
     if text is not None:
         ack(text=text)
     else:

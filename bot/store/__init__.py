@@ -95,6 +95,9 @@ class Store(Protocol):
 
     #: Where the data is, safe to show (a file path, or a URL without its password).
     location: str
+    #: Whether a read costs no more than a few microseconds in this process (an embedded file),
+    #: rather than a round trip to a server: only then is a command answered in its ack.
+    reads_in_process: bool
 
     def close(self) -> None: ...
 
