@@ -421,6 +421,26 @@ def test_health_endpoint(scenario):
     assert answer.status_code == 200 and answer.json()["database"] == "ok"
 
 
+def test_health_is_503_while_the_database_does_not_answer_and_200_once_it_does(scenario, monkeypatch):
+    import requests
+
+    from bot.store import StoreUnavailable
+
+    url = f"http://127.0.0.1:{scenario.server.server_port}/healthz"
+    store = scenario.bot.workflow.store
+
+    def gone() -> None:
+        raise StoreUnavailable("lost the database at db.test:5432/iotreg: server closed the connection")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "ping", gone)
+        answer = requests.get(url, timeout=5)
+        assert answer.status_code == 503 and answer.json()["database"] == "unavailable"
+        assert "5432" not in answer.text  # the body says what is down, not where
+    answer = requests.get(url, timeout=5)
+    assert answer.status_code == 200 and answer.json()["database"] == "ok"
+
+
 # -- what review found: permanent errors, partial deliveries, double clicks -------------------------
 
 
