@@ -39,7 +39,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import requests
@@ -362,13 +362,7 @@ class IotClient:
 
     def iter_devices_by_apply_id(self, apply_id: int, page_size: int = MAX_PAGE_SIZE) -> Iterator[DeviceInfo]:
         """Every device created for ``apply_id``, walking the pages in order."""
-        page = 1
-        while True:
-            result = self.query_page_by_apply_id(apply_id, page, page_size)
-            yield from result.devices
-            if page >= result.page_count or not result.devices:
-                return
-            page += 1
+        return _every_page(lambda page: self.query_page_by_apply_id(apply_id, page, page_size), "devices")
 
     def query_product_list(self, page: int = 1, page_size: int = MAX_PRODUCT_PAGE_SIZE) -> ProductPage:
         """One page of the instance's products (``page_size`` at most 200)."""
@@ -395,13 +389,7 @@ class IotClient:
 
     def iter_products(self, page_size: int = MAX_PRODUCT_PAGE_SIZE) -> Iterator[ProductInfo]:
         """Every product of the instance, walking the pages in order."""
-        page = 1
-        while True:
-            result = self.query_product_list(page, page_size)
-            yield from result.products
-            if page >= result.page_count or not result.products:
-                return
-            page += 1
+        return _every_page(lambda page: self.query_product_list(page, page_size), "products")
 
     # -- the wire -----------------------------------------------------------------------------
 
@@ -664,3 +652,16 @@ def _reason(exc: Exception) -> str:
         cause = text.split("(Caused by ", 1)[-1].rstrip(")")
         return re.sub(r"^\w+\(.*?\): ", "", cause.split("(", 1)[0] if cause.startswith(("ConnectTimeout", "ReadTimeout")) else cause)[:160]
     return type(exc).__name__
+
+
+def _every_page(fetch: Callable[[int], Any], items: str) -> Iterator[Any]:
+    """The ``items`` of every page ``fetch(page)`` answers, in order, up to its ``page_count``
+    (or the first empty page)."""
+    page = 1
+    while True:
+        result = fetch(page)
+        found = getattr(result, items)
+        yield from found
+        if page >= result.page_count or not found:
+            return
+        page += 1

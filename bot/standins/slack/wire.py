@@ -168,7 +168,7 @@ class FakeSlack(SlackState):
         app_id: str = "A0IOTREG",
         clock: Callable[[], float] = time.time,
         trigger_ttl: float | None = TRIGGER_TTL,
-        app_token: str = "xapp-1-A0IOTREG-1-test",
+        app_token: str = "xapp-local-iotreg-test",
     ) -> None:
         super().__init__(
             bot_token,
