@@ -210,24 +210,10 @@ class RequestService:
         if self.policy.withdraws(request, actor):
             return self.cancel(request_id, actor)
         self.expire_if_due(request)
-        now = self.clock.now()
-        if not self.store.transition(
-            request_id,
-            from_states=[State.AWAITING_APPROVAL],
-            to_state=State.REJECTED,
-            actor=actor,
-            event="rejected",
-            now=now,
-            detail={"reason": reason},
-            decided_by=actor,
-            decided_at=now,
-            reason=reason or None,
-            notify=("rejected", {"by": actor, "reason": reason}),
-        ):
-            request = self.require(request_id)
-            raise Conflict(_already(request), request)
-        self._kick(request_id)
-        return self.require(request_id)
+        return self._decide(
+            request_id, [State.AWAITING_APPROVAL], State.REJECTED, actor, ("rejected", {"by": actor, "reason": reason}),
+            detail={"reason": reason}, reason=reason or None,
+        )
 
     def cancel(self, request_id: int, actor: str) -> Request:
         """Withdraw a request before it is approved (the requester, or an approver)."""
@@ -237,17 +223,21 @@ class RequestService:
 
     def stop(self, request_id: int, actor: str) -> Request:
         """Cancel on the system's own account (a front end that cannot reach its people any more)."""
+        return self._decide(
+            request_id, [State.CHECKING, State.AWAITING_APPROVAL, State.CHECK_FAILED], State.CANCELLED, actor,
+            ("cancelled", {"by": actor}),
+        )
+
+    def _decide(
+        self, request_id: int, from_states: list[State], to_state: State, actor: str, notify: tuple[str, dict[str, Any]],
+        **fields: Any,
+    ) -> Request:
+        """``actor``'s decision, by compare-and-set (the event named after it): :class:`Conflict`
+        for a request no longer in ``from_states``."""
         now = self.clock.now()
         if not self.store.transition(
-            request_id,
-            from_states=[State.CHECKING, State.AWAITING_APPROVAL, State.CHECK_FAILED],
-            to_state=State.CANCELLED,
-            actor=actor,
-            event="cancelled",
-            now=now,
-            decided_by=actor,
-            decided_at=now,
-            notify=("cancelled", {"by": actor}),
+            request_id, from_states=from_states, to_state=to_state, actor=actor, event=notify[0], now=now,
+            decided_by=actor, decided_at=now, notify=notify, **fields,
         ):
             request = self.require(request_id)
             raise Conflict(_already(request), request)
