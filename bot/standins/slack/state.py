@@ -115,21 +115,25 @@ class _ApiError(Exception):
 
 
 class Hold:
-    """Requests held by :meth:`FakeSlack.hold` until :meth:`release`."""
+    """Requests held by :meth:`FakeSlack.hold` until :meth:`release`. ``callers`` are the client
+    addresses (host, port) of the requests held now: which process is waiting, when several call."""
 
     def __init__(self, changed: threading.Condition) -> None:
         self._changed = changed
         self._released = threading.Event()
         self.waiting = 0  # requests held now (read it in FakeSlack.wait_for)
+        self.callers: list[tuple[str, int]] = []
 
     def release(self) -> None:
         self._released.set()
         with self._changed:
             self._changed.notify_all()
 
-    def wait(self, stopping: threading.Event) -> None:
+    def wait(self, stopping: threading.Event, caller: tuple[str, int] | None = None) -> None:
         with self._changed:
             self.waiting += 1
+            if caller is not None:
+                self.callers.append(caller)
             self._changed.notify_all()
         try:
             while not self._released.wait(0.05) and not stopping.is_set():
@@ -137,6 +141,8 @@ class Hold:
         finally:
             with self._changed:
                 self.waiting -= 1
+                if caller is not None:
+                    self.callers.remove(caller)
                 self._changed.notify_all()
 
 

@@ -127,6 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length > 0 else b""
         try:
+            self.fake._caller.address = self.client_address[:2]
             reply = self.fake._handle(self.command, self.path, dict(self.headers.items()), body)
         except Exception:  # the edge: a bug in the fake must still answer
             log.exception("fake Slack failed on %s %s", self.command, self.path)
@@ -188,6 +189,7 @@ class FakeSlack(SlackState):
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
         self._socket_mode: Any = None
+        self._caller = threading.local()  # the client address of the request this thread serves
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -279,7 +281,7 @@ class FakeSlack(SlackState):
         if delay:
             self._stopping.wait(delay)
         if held is not None:
-            held.wait(self._stopping)
+            held.wait(self._stopping, getattr(self._caller, "address", None))
         with self._lock:
             queue = self._faults.get(name)
             if not queue:

@@ -1,0 +1,238 @@
+"""Three `iotreg serve` replicas on one PostgreSQL database, as a deployment scales out: people's
+commands and clicks land on any replica, replicas die (SIGKILL) or are stopped (SIGTERM) in the
+middle of a request, and still every request ends once, every device is accounted for, every
+ApplyId is registered once and every message is posted once.
+
+The replicas are real processes (:mod:`bot.standins.replicas`) against the session's PostgreSQL,
+the emulator on the real clock (quotas on) and the local Slack. One deployment serves the whole
+module; each test starts the replicas that an earlier one left stopped.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from postgres import fresh_database
+
+from bot.clock import SystemClock
+from bot.domain import Outcome, State
+from bot.slack import blocks
+from bot.standins.emulator import Emulator
+from bot.standins.replicas import Replicas, Spread
+from bot.standins.slack import FakeSlack
+from bot.store import Store, open_store
+
+SECRET = "replicas-signing-secret"
+OPS = "C0OPS"
+ALICE, BOB, CAROL, DAVE = "U0ALICE", "U0BOB", "U0CAROL", "U0DAVE"
+PLAIN, PROD = "a1TestProd1", "a1ProdKey01"
+#: A replica that dies holds its lease at most this long (the lease's length), plus the sweep.
+LEASE = 15.0
+POLICY = f"""
+[default]
+approvers = ["{BOB}", "{CAROL}", "{DAVE}"]
+approvals = 1
+
+[products.{PROD}]
+approvals = 2
+"""
+
+
+class Deployment:
+    """Three replicas, their database (``store``, opened here to look), the emulator, the local
+    Slack, and people spread over the replicas (``spread``)."""
+
+    def __init__(self, replicas: Replicas, store: Store, emulator: Emulator, fake: FakeSlack) -> None:
+        self.replicas, self.store, self.emulator, self.fake = replicas, store, emulator, fake
+        self.spread = Spread(replicas, fake, SECRET)
+
+    def register(self, product: str, names: list[str], via: int | None = None) -> int:
+        """``/devices register`` sent to replica ``via`` (or the next one); the new request's id."""
+        text = f"register {product} {' '.join(names)}"
+        answer = self.spread.to(via).command(ALICE, OPS, text) if via is not None else self.spread.command(ALICE, OPS, text)
+        assert answer.status_code == 200, answer.text
+        found = re.search(r"Request #(\d+)", answer.text)
+        assert found, answer.text
+        return int(found.group(1))
+
+    def state(self, request_id: int) -> State | None:
+        request = self.store.get(request_id)
+        return request.state if request else None
+
+    def anchor(self, request_id: int) -> dict | None:
+        request = self.store.get(request_id)
+        ts = request.origin_data.get("thread_ts") if request else None
+        return next((m for m in self.fake.messages(OPS) if m["ts"] == ts), None) if ts else None
+
+    def approvable(self, request_id: int) -> dict | None:
+        """The request's message once it shows an Approve button."""
+        message = self.anchor(request_id)
+        return message if message and blocks.APPROVE in json.dumps(message.get("blocks")) else None
+
+    def results(self, request_id: int) -> list[dict]:
+        """The request's final result messages in its thread."""
+        request = self.store.get(request_id)
+        ts = request.origin_data.get("thread_ts") if request else None
+        return [m for m in self.fake.thread(OPS, ts) if f"Request #{request_id}:" in m.get("text", "")] if ts else []
+
+    def register_calls(self, request_id: int) -> dict[int, int]:
+        """BatchRegisterDeviceWithApplyId calls the platform received, by ApplyId of the request."""
+        return {c.apply_id: self.emulator.backend.application(c.apply_id).register_calls for c in self.store.chunks(request_id) if c.apply_id}
+
+    def accounted(self, request_id: int) -> tuple[set[str], set[str]]:
+        """(created on the platform, recorded as created) for the request's ApplyIds."""
+        apply_ids = set(self.register_calls(request_id))
+        platform = {d.device_name for d in self.emulator.backend.devices(self.store.get(request_id).product_key) if d.apply_id in apply_ids}
+        return platform, {d.name for d in self.store.devices(request_id, outcome=Outcome.CREATED)}
+
+    def posted_twice(self) -> dict[str, int]:
+        """Notification posts (each carries its event and step as metadata) that appear more than once."""
+        messages = self.fake.messages(OPS)
+        posted = messages + [r for m in messages for r in self.fake.thread(OPS, m["ts"])[1:]]
+        posted += [m for person in (ALICE, BOB, CAROL, DAVE) for m in self.fake.dm(person)]
+        marks = collections.Counter(json.dumps(m["metadata"]["event_payload"], sort_keys=True) for m in posted if m.get("metadata"))
+        return {mark: n for mark, n in marks.items() if n > 1}
+
+    def assert_done_once(self, request_id: int, names: list[str]) -> None:
+        """The request ended done, with every device created, recorded, registered once and told once."""
+        assert self.state(request_id) == State.DONE, self.explain(request_id)
+        platform, recorded = self.accounted(request_id)
+        assert platform == recorded == set(names)
+        calls = self.register_calls(request_id)
+        assert calls and set(calls.values()) == {1}, f"register calls by ApplyId: {calls}"
+        assert len(self.results(request_id)) == 1, [m.get("text") for m in self.results(request_id)]
+
+    def explain(self, request_id: int) -> str:
+        request = self.store.get(request_id)
+        return f"request #{request_id}: {request.state if request else None} {request.reason if request else ''}\n{self.replicas.logs(25)}"
+
+    def ensure_all_live(self) -> None:
+        for replica in self.replicas:
+            if not replica.alive:
+                replica.start()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, deployment: Deployment | None = None) -> Any:
+    """Poll ``condition`` until it gives a truthy value; fail naming ``what`` (and the logs) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except requests.RequestException:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f}s" + (f"\n{deployment.replicas.logs(25)}" if deployment else ""))
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def deployment(pg_cluster, tmp_path_factory) -> Iterator[Deployment]:
+    folder: Path = tmp_path_factory.mktemp("replicas")
+    policy = folder / "policy.toml"
+    policy.write_text(POLICY, encoding="utf-8")
+    url = fresh_database(pg_cluster)
+    emulator = Emulator(
+        clock=SystemClock(), access_key_id="test-key-id", access_key_secret="test-key-secret",
+        product_keys=(PLAIN, PROD), check_seconds=1.0, create_seconds=1.5, seed=20260105,
+    ).start()
+    fake = FakeSlack().start()
+    fake.add_channel(OPS, "iot-ops")
+    for person in (ALICE, BOB, CAROL, DAVE):
+        fake.add_user(person)
+    env = {
+        **{k: v for k, v in __import__("os").environ.items() if not k.startswith(("IOTREG_", "SLACK_", "ALIBABA_CLOUD_", "IOT_"))},
+        **emulator.env(),
+        "SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "SLACK_API_URL": fake.api_url,
+        "IOTREG_DB": url, "IOTREG_POLICY": str(policy), "IOTREG_WORKERS": "4",
+        "IOTREG_POLL_INTERVAL": "0.2", "IOTREG_POLL_MAX_INTERVAL": "0.5",
+    }
+    store = open_store(url)
+    replicas = Replicas(3, env, folder)
+    try:
+        replicas.start()
+        deployed = Deployment(replicas, store, emulator, fake)
+        yield deployed
+        print(replicas.logs(60))  # shown when a test failed
+    finally:
+        replicas.stop()
+        store.close()
+        fake.stop()
+        emulator.stop()
+
+
+@pytest.fixture
+def deployed(deployment: Deployment) -> Deployment:
+    deployment.ensure_all_live()
+    return deployment
+
+
+def answered(deployment: Deployment, index: int, text: str) -> str:
+    """What ``/devices text`` answered on replica ``index``: in its ack or through its response_url."""
+    before = len(deployment.fake.responses)
+    ack = deployment.spread.to(index).command(DAVE, OPS, text)
+    assert ack.status_code == 200
+    if ack.content:
+        return ack.json()["text"] if "json" in ack.headers.get("Content-Type", "") else ack.text
+    return deployment.fake.wait_for(lambda: deployment.fake.responses[before:] and deployment.fake.responses[before].payload["text"], timeout=10)
+
+
+# -- the conversation --------------------------------------------------------------------------
+
+
+def test_the_conversation_spread_over_three_replicas(deployed):
+    d = deployed
+    names = ["spread-001", "spread-002", "spread-003"]
+    request_id = d.register(PLAIN, names, via=0)
+    waiting = wait_for(lambda: d.approvable(request_id), 20, "the Approve button", d)
+    assert "Waiting for approval" in json.dumps(waiting.get("blocks"))
+    assert d.spread.to(1).click(BOB, waiting, blocks.APPROVE).status_code == 200
+    wait_for(lambda: d.results(request_id), 30, "the result in the thread", d)
+    wait_for(lambda: d.state(request_id) == State.DONE, 10, "done", d)
+    d.assert_done_once(request_id, names)
+    assert "*3* registered" in json.dumps(d.anchor(request_id)["blocks"])
+
+    statuses = {answered(d, i, f"status {request_id}") for i in range(3)}
+    assert len(statuses) == 1 and f"Request #{request_id}" in statuses.pop()
+    listings = {answered(d, i, "list") for i in range(3)}
+    assert len(listings) == 1 and f"#{request_id}" in listings.pop()
+    for replica in d.replicas:
+        health = requests.get(f"{replica.url}/healthz", timeout=5)
+        assert health.status_code == 200 and health.json()["ok"] is True and health.json()["database"] == "ok"
+        assert replica.written() == [], f"replica {replica.index} wrote files of its own: {replica.written()}"
+    assert d.posted_twice() == {}
+
+
+def test_twenty_simultaneous_approve_clicks_on_three_replicas_approve_once(deployed):
+    d = deployed
+    names = ["quorum-001", "quorum-002"]
+    request_id = d.register(PROD, names)
+    waiting = wait_for(lambda: d.approvable(request_id), 20, "the Approve button", d)
+    clickers = [(BOB, CAROL, DAVE)[i % 3] for i in range(20)]
+    start = threading.Barrier(20)
+
+    def click(n: int) -> int:
+        start.wait()
+        return d.spread.to(n % 3).click(clickers[n], waiting, blocks.APPROVE).status_code
+
+    with ThreadPoolExecutor(20) as pool:
+        assert set(pool.map(click, range(20))) == {200}
+    wait_for(lambda: d.state(request_id) == State.DONE, 30, "the request done", d)
+    audit = d.store.audit(request_id)
+    assert len([e for e in audit if e.event == "approval"]) == 2  # two approvers of three, each once
+    assert len([e for e in audit if e.event == "approved"]) == 1
+    assert [e.kind for e in d.store.delivered_events(request_id)].count("approved") == 1
+    wait_for(lambda: d.results(request_id), 10, "the result in the thread", d)
+    d.assert_done_once(request_id, names)
+    assert d.posted_twice() == {}
