@@ -19,6 +19,11 @@ and every request has ended, it verifies:
     python drills/crash.py [--requests 40] [--kills 25] [--seed N]
     python drills/crash.py --kills 0 --platform-faults 0.3 --slack-faults 0.3   # faults, no kills
     python drills/crash.py --db postgres   # the same on PostgreSQL (a throwaway server started here)
+    python drills/crash.py --replicas 3 --requests 20 --kills 10   # three replicas on PostgreSQL
+
+``--replicas N`` runs N `iotreg serve` processes on one PostgreSQL database (PostgreSQL only): the
+killer picks a live replica at random each time, and people's commands and clicks go round-robin
+to the live ones, as through a load balancer.
 
 ``--platform-faults R`` has the emulator answer a share R of calls with 500/503 (half of them after
 acting, the answer lost), R/2 with Throttling.User, and add up to 0.3 s to calls;
@@ -33,8 +38,6 @@ import collections
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,56 +52,15 @@ from bot.domain import Outcome, State  # noqa: E402
 from bot.clock import SystemClock  # noqa: E402
 from bot.standins.emulator import Emulator  # noqa: E402
 from bot.slack import blocks  # noqa: E402
-from bot.standins.slack import FakeSlack, Workspace  # noqa: E402
-from bot.standins.postgres import TempCluster, free_port  # noqa: E402
+from bot.standins.slack import FakeSlack  # noqa: E402
+from bot.standins.postgres import TempCluster  # noqa: E402
+from bot.standins.replicas import Replicas, Spread  # noqa: E402
 from bot.store import open_store  # noqa: E402
 from bot.store.sqlite import SqliteStore  # noqa: E402
 
 SECRET = "drill-signing-secret"
 OPS = "C0OPS"
 APPROVER = "U0BOB"
-
-
-class Bot:
-    """`iotreg serve` in a child process that can be killed and started again."""
-
-    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
-        self.env, self.port, self.log = env, port, log
-        self.process: subprocess.Popen | None = None
-        self.starts = 0
-        self.lock = threading.Lock()
-
-    def start(self) -> None:
-        with self.lock:
-            with self.log.open("a") as out:
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "bot", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-                    env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own process group
-                )
-            self.starts += 1
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("the bot did not come back up; see " + str(self.log))
-
-    def kill(self) -> None:
-        with self.lock:
-            if self.process and self.process.poll() is None:
-                # The whole group at once, as when a container or a machine dies: master and worker.
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-
-    def stop(self) -> None:
-        with self.lock:
-            if self.process and self.process.poll() is None:
-                self.process.terminate()
-                self.process.wait(20)
 
 
 def main() -> int:
@@ -108,8 +70,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--platform-faults", type=float, default=0.0)
     parser.add_argument("--slack-faults", type=float, default=0.0)
-    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite", help="the store iotreg runs on")
+    parser.add_argument("--db", choices=["sqlite", "postgres"], help="the store iotreg runs on (sqlite; postgres with --replicas)")
+    parser.add_argument("--replicas", type=int, default=1, help="iotreg serve processes on one database (more than 1: PostgreSQL)")
     args = parser.parse_args()
+    if args.replicas < 1:
+        sys.exit("crash.py: --replicas must be at least 1")
+    if args.replicas > 1 and args.db == "sqlite":
+        sys.exit("crash.py: --replicas above 1 needs --db postgres (SQLite serves one process)")
+    args.db = args.db or ("postgres" if args.replicas > 1 else "sqlite")
     rng = random.Random(args.seed)
 
     folder = Path(tempfile.mkdtemp(prefix="iotreg-drill-"))
@@ -125,16 +93,14 @@ def main() -> int:
         )
     fake = FakeSlack().start()
     fake.add_channel(OPS, "iot-ops")
-    port = free_port()
     env = {
         **os.environ, **emulator.env(),
         "SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "SLACK_API_URL": fake.api_url,
         "IOTREG_DB": location, "IOTREG_POLL_INTERVAL": "0.2", "IOTREG_POLL_MAX_INTERVAL": "1",
         "IOTREG_APPROVERS": APPROVER, "IOTREG_CHUNK_SIZE": "25",
     }
-    bot = Bot(env, port, folder / "bot.log")
-    bot.start()
-    ws = Workspace(fake, SECRET, app_url=f"http://127.0.0.1:{port}/slack/events", timeout=5)
+    bots = Replicas(args.replicas, env, folder).start()
+    ws = Spread(bots, fake, SECRET, patience=2, timeout=5)
     started = time.monotonic()
     done = threading.Event()
     kills = 0
@@ -148,7 +114,7 @@ def main() -> int:
                 answer = fn(*a, **kw)
                 if answer.status_code == 200:
                     return answer
-            except requests.RequestException:
+            except (requests.RequestException, TimeoutError):  # every replica down for a while
                 pass
             command_retries += 1
             time.sleep(0.2)
@@ -178,9 +144,12 @@ def main() -> int:
         nonlocal kills
         while not done.is_set() and kills < args.kills:
             time.sleep(rng.uniform(0.3, 2.5))
-            bot.kill()
+            victim = rng.choice(bots.live() or [0])
+            bots.kill(victim)
             kills += 1
-            bot.start()
+            if len(bots) > 1:
+                time.sleep(rng.uniform(0, 1.0))  # the others carry on meanwhile
+            bots.start(victim)
 
     slack_faults = 0
     calm = threading.Event()  # set once every request has ended: Slack recovers, the outbox drains
@@ -215,7 +184,7 @@ def main() -> int:
         time.sleep(0.5)
     done.set()
     threads[1].join(5)
-    bot.stop()
+    statuses = bots.stop()
 
     # -- verification -------------------------------------------------------------------------
     all_requests = store.requests(limit=100_000)
@@ -251,8 +220,9 @@ def main() -> int:
     files_twice = sum(n - 1 for n in shares.values() if n > 1)
     # SQLite's own check of the file; PostgreSQL's server was never killed (only iotreg was).
     integrity = store.db.execute("PRAGMA integrity_check").fetchone()[0] if isinstance(store, SqliteStore) else "ok"
-    print(f"Crash drill on {args.db} (seed {args.seed}) in {time.monotonic() - started:.0f}s: {args.requests} commands sent "
-          f"({command_retries} retries while the bot was down), {kills} SIGKILLs, {bot.starts} starts")
+    print(f"Crash drill on {args.db} with {args.replicas} replica(s) (seed {args.seed}) in {time.monotonic() - started:.0f}s: "
+          f"{args.requests} commands sent ({command_retries} retries while the bot was down), {kills} SIGKILLs, "
+          f"{sum(b.starts for b in bots)} starts; commands and clicks answered by replica: {ws.counts}; exit statuses at the end: {statuses}")
     faults = sum(n for (_, code), n in emulator.gateway.outcomes.items() if code != "Success")
     print(f"  faults injected: IoT Platform {faults:,} error answers; Slack {slack_faults:,} failing methods")
     print(f"  requests: {len(all_requests)}; final states: {dict(states)}; not final: {sum(1 for r in all_requests if not r.final)}")
