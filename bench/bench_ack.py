@@ -7,7 +7,11 @@ signed `/devices` commands (help, list, status) and button clicks (Approve on a 
 which the bot must check and answer). Rounds alternate between the apps so that the machine's
 noise falls on all alike. Targets: p99 under 150 ms, and within 1.3 times the minimal app's p99.
 
+``--replicas N`` adds N `iotreg serve` processes on one more PostgreSQL database, the streams going
+round-robin over them as through a load balancer, beside the single process on PostgreSQL.
+
     python bench/bench_ack.py [--db both|sqlite|postgres] [--streams 50] [--requests 20] [--rounds 6] [--quick]
+    python bench/bench_ack.py --db postgres --replicas 3
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from common import percentile, report, table  # noqa: E402
 from bot.clock import SystemClock  # noqa: E402
 from bot.standins.emulator import Emulator  # noqa: E402
 from bot.standins.postgres import TempCluster, free_port  # noqa: E402
+from bot.standins.replicas import Replicas, Spread  # noqa: E402
 from bot.slack import blocks  # noqa: E402
 from bot.standins.slack import FakeSlack, Workspace  # noqa: E402
 
@@ -99,19 +104,19 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def settled_cpu(pid: int) -> float:
-    """The CPU time once the server has finished what the last round left it (answers after acks)."""
-    last = cpu_seconds(pid)
+def settled_cpu(pids: list[int]) -> float:
+    """The CPU time once the servers have finished what the last round left them (answers after acks)."""
+    last = sum(cpu_seconds(pid) for pid in pids)
     steady = 0
     while steady < 3:
         time.sleep(0.2)
-        now = cpu_seconds(pid)
+        now = sum(cpu_seconds(pid) for pid in pids)
         steady = steady + 1 if now - last < 0.005 else 0
         last = now
     return last
 
 
-def load(ws: Workspace, anchor: dict, streams: int, per_stream: int, resets: list[str] | None = None) -> list[float]:
+def load(ws: Workspace | Spread, anchor: dict, streams: int, per_stream: int, resets: list[str] | None = None) -> list[float]:
     """``streams`` concurrent people, each sending ``per_stream`` requests; latencies in ms.
     Requests sent again after a closed kept-alive connection are added to ``resets``."""
     latencies: list[float] = []
@@ -153,7 +158,7 @@ def load(ws: Workspace, anchor: dict, streams: int, per_stream: int, resets: lis
 MINIMAL = "minimal Bolt app (ack only)"
 
 
-def finished_request(ws: Workspace, fake: FakeSlack, product_key: str, tag: str) -> dict:
+def finished_request(ws: Workspace | Spread, fake: FakeSlack, product_key: str, tag: str) -> dict:
     """Register two devices through ``ws``'s bot and approve them: the request's message, once it
     says so, for /devices status and the Approve clicks to have something to check."""
     ws.command("U0ALICE", OPS, f"register {product_key} {tag}-0001 {tag}-0002")
@@ -170,6 +175,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both",
                         help="the store(s) iotreg serve runs on; PostgreSQL is a throwaway server started here")
+    parser.add_argument("--replicas", type=int, default=1, help="also N serve processes on PostgreSQL, round-robin (N > 1)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--serve-minimal", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,6 +184,9 @@ def main() -> None:
         return
     if args.quick:
         args.streams, args.requests, args.rounds = 10, 4, 1
+    if args.replicas > 1 and args.db == "sqlite":
+        sys.exit("bench_ack.py: --replicas above 1 needs PostgreSQL (--db postgres or both)")
+    replicated = f"iotreg serve ×{args.replicas}, PostgreSQL, round-robin"
 
     emulator = Emulator(clock=SystemClock(), check_seconds=0.1, create_seconds=0.1).start()
     fake = FakeSlack().start()
@@ -195,7 +204,8 @@ def main() -> None:
         "IOTREG_POLL_INTERVAL": "0.2", "IOTREG_WORKERS": "16", "IOTREG_APPROVERS": "U0BOB",
     }
     processes: dict[str, subprocess.Popen] = {}
-    apps: dict[str, Workspace] = {}
+    replicas: Replicas | None = None
+    apps: dict[str, Workspace | Spread] = {}
     anchors: dict[str, dict] = {}
     try:
         for n, (name, database) in enumerate(databases.items()):
@@ -203,10 +213,17 @@ def main() -> None:
             processes[name] = start([sys.executable, "-m", "bot", "serve", "--host", "127.0.0.1", "--port", str(port)], {**env, "IOTREG_DB": database}, port)
             apps[name] = Workspace(fake, SECRET, app_url=f"http://127.0.0.1:{port}/slack/events")
             anchors[name] = finished_request(apps[name], fake, emulator.product_key, f"bench{n}")
+        if args.replicas > 1 and cluster is not None:
+            replicas = Replicas(args.replicas, {**env, "IOTREG_DB": cluster.create_database("replicas")}, workdir).start()
+            apps[replicated] = Spread(replicas, fake, SECRET)
+            anchors[replicated] = finished_request(apps[replicated], fake, emulator.product_key, "benchr")
         port = free_port()
         processes[MINIMAL] = start([sys.executable, __file__, "--serve-minimal", str(port)], env, port)
         apps[MINIMAL] = Workspace(fake, SECRET, app_url=f"http://127.0.0.1:{port}/slack/events")
         anchors[MINIMAL] = next(iter(anchors.values()))
+        pids = {name: [process.pid] for name, process in processes.items()}
+        if replicas is not None:
+            pids[replicated] = [r.pid for r in replicas if r.pid is not None]
 
         samples: dict[str, list[float]] = {name: [] for name in apps}
         round_p99: dict[str, list[float]] = {name: [] for name in apps}
@@ -218,15 +235,17 @@ def main() -> None:
             load(workspace, anchors[name], args.streams, 4)
         for _ in range(args.rounds):
             for name, workspace in apps.items():
-                before = settled_cpu(processes[name].pid)
+                before = settled_cpu(pids[name])
                 latencies = load(workspace, anchors[name], args.streams, args.requests, resets[name])
-                cpu[name] += settled_cpu(processes[name].pid) - before
+                cpu[name] += settled_cpu(pids[name]) - before
                 samples[name] += latencies
                 round_p99[name].append(percentile(latencies, 99))
     finally:
         for process in processes.values():
             process.terminate()
             process.wait(20)
+        if replicas is not None:
+            replicas.stop()
         fake.stop()
         emulator.stop()
         if cluster is not None:
@@ -239,7 +258,7 @@ def main() -> None:
     ]
     base = samples[MINIMAL]
     verdict = []
-    for name in databases:
+    for name in [*databases, *([replicated] if replicas is not None else [])]:
         ours = samples[name]
         ratio = percentile(ours, 99) / percentile(base, 99)
         round_ratios = [a / b for a, b in zip(round_p99[name], round_p99[MINIMAL])]
@@ -250,7 +269,9 @@ def main() -> None:
     report(
         "Ack latency",
         f"{args.streams} concurrent streams × {args.requests} requests × {args.rounds} rounds per app (commands and clicks, "
-        "signed), waitress 1 process × 16 threads, load generated on the same machine"
+        "signed), waitress 1 process × 16 threads"
+        + (f" (×{args.replicas} processes for the round-robin row: its CPU column sums them)" if replicas is not None else "")
+        + ", load generated on the same machine"
         + (", PostgreSQL a local throwaway server on the same machine" if cluster is not None else "") + ".\n\n"
         + table(["app", "requests", "p50 ms", "p99 ms", "max ms", "p99 ms of each round", "server CPU ms a request (acks and all the work after)", "sent again (idle connection closed)"], rows)
         + "\n\n"

@@ -31,6 +31,16 @@ emulator builds a creation's devices inside the first call after its deadline, s
 devices its creation takes seconds longer than ``create_seconds``: that time is shown apart.
 
     python bench/bench_scale.py [--poll 1] [--check-seconds 1] [--create-seconds 1] [--quick]
+
+``--replicas N`` measures instead how replicas share the account's quotas: 200 requests of 50 names
+in flight, driven by N processes at once, each with its own PostgreSQL store (one throwaway
+database), its own scheduler and rate limiter, built as ``iotreg serve`` builds them
+(:func:`bot.wiring.iot_client`, :func:`bot.wiring.workflow`, :class:`~bot.jobs.SchedulerJobs`);
+each submits its share and approves whatever awaits approval. Then the same with one process on
+the same kind of database, for comparison. Targets: no ``Throttling.User``, every device accounted
+for, total within 1.05 times the quota-bound optimum.
+
+    python bench/bench_scale.py --replicas 3 [--requests 200]
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -95,9 +106,9 @@ def _serve_emulator(conn: Connection, check_seconds: float, create_seconds: floa
     building: list[float] = []
     handle, finish_create = emulator.gateway.handle, emulator.backend._finish_create  # noqa: SLF001
 
-    def timed(method: str, query: Iterable[tuple[str, str]], form: Iterable[tuple[str, str]] = ()) -> tuple[int, dict]:
+    def timed(method: str, query: Iterable[tuple[str, str]], form: Iterable[tuple[str, str]] = (), **raw: Any) -> tuple[int, dict]:
         params, began = list(query), time.monotonic()
-        status, body = handle(method, params, form)
+        status, body = handle(method, params, form, **raw)  # raw: the headers and body of V3 calls
         ended = time.monotonic()
         answered.append((ended, dict(params).get("Action", ""), str(body.get("Code", "Success")), ended - began))
         return status, body
@@ -163,21 +174,31 @@ class Run:
 
     @property
     def fewest(self) -> dict[str, int]:
-        chunks = [min(CHUNK, n - start) for n in self.sizes for start in range(0, n, CHUNK)]
-        return {
-            "BatchCheckDeviceNames": len(chunks),
-            "BatchRegisterDeviceWithApplyId": len(chunks),
-            "QueryBatchRegisterDeviceStatus": 2 * len(chunks),
-            "QueryPageByApplyId": sum(math.ceil(c / MAX_PAGE_SIZE) for c in chunks),
-        }
+        return fewest_calls(self.sizes)
 
     def optimum(self, check_seconds: float, create_seconds: float) -> float:
-        return max(calls / DEFAULT_QPS[action] for action, calls in self.fewest.items()) + check_seconds + create_seconds
+        return optimum(self.sizes, check_seconds, create_seconds)
 
     @property
     def accounted(self) -> bool:
         n = sum(self.sizes)
         return self.on_emulator == self.created_in_store == self.iot_ids_matching == n and self.pending == 0 and self.done == len(self.sizes)
+
+
+def fewest_calls(sizes: list[int]) -> dict[str, int]:
+    """The fewest calls per action that requests of ``sizes`` names need (see the docstring)."""
+    chunks = [min(CHUNK, n - start) for n in sizes for start in range(0, n, CHUNK)]
+    return {
+        "BatchCheckDeviceNames": len(chunks),
+        "BatchRegisterDeviceWithApplyId": len(chunks),
+        "QueryBatchRegisterDeviceStatus": 2 * len(chunks),
+        "QueryPageByApplyId": sum(math.ceil(c / MAX_PAGE_SIZE) for c in chunks),
+    }
+
+
+def optimum(sizes: list[int], check_seconds: float, create_seconds: float) -> float:
+    """The quota-bound optimum: the busiest action at its QPS, plus one check and one creation."""
+    return max(calls / DEFAULT_QPS[action] for action, calls in fewest_calls(sizes).items()) + check_seconds + create_seconds
 
 
 def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_seconds: float) -> Run:
@@ -250,6 +271,153 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
         timeline=sorted((at - started, action, code, seconds) for at, action, code, seconds in answered),
         building=sum(building),
         missed_slots=sum(client.limiter.missed.values()),
+    )
+
+
+# -- several replicas on one PostgreSQL database -------------------------------------------------
+
+
+def _replica(conn: Connection, env: dict[str, str], share: list[tuple[str, int]], product_key: str) -> None:
+    """Child process: a replica's workflow on the shared database. Built, it says "ready"; told
+    "go", it submits its share (name prefix, size) and approves what awaits approval; told "stop", stops."""
+    from bot import wiring
+    from bot.config import Settings
+
+    settings = Settings.from_env(env)
+    clock = SystemClock()
+    workflow = wiring.workflow(settings, clock=clock, notifier=lambda _: Silent(), jobs=lambda steps: SchedulerJobs(steps, workers=WORKERS))
+    workflow.jobs.start()
+    workflow.resume()
+    conn.send("ready")
+    assert conn.recv() == "go"
+    stopping = threading.Event()
+
+    def approve() -> None:
+        while not stopping.is_set():
+            for request in workflow.store.requests(states=[State.AWAITING_APPROVAL], limit=1000):
+                try:
+                    workflow.requests.approve(request.id, "U0BOB")
+                except WorkflowError:
+                    pass  # another replica approved it first
+            stopping.wait(0.02)
+
+    approver = threading.Thread(target=approve, daemon=True)
+    approver.start()
+    for prefix, size in share:
+        workflow.requests.submit(product_key, "U0ALICE", [f"{prefix}-{i:06d}" for i in range(size)], origin="cli")
+    conn.send("submitted")
+    conn.recv()  # stop
+    stopping.set()
+    approver.join()
+    workflow.jobs.shutdown(wait=True)
+    workflow.close()
+    conn.send("stopped")
+
+
+@dataclasses.dataclass
+class ReplicaRun:
+    replicas: int
+    sizes: list[int]
+    seconds: float
+    calls: dict[str, int]
+    throttled: dict[str, int]
+    accounted: bool
+    detail: str  # devices on emulator / created in store / same IotId / pending / done
+
+    def optimum(self, check_seconds: float, create_seconds: float) -> float:
+        return optimum(self.sizes, check_seconds, create_seconds)
+
+
+def run_replicas(count: int, sizes: list[int], *, poll: float, check_seconds: float, create_seconds: float) -> ReplicaRun:
+    """``count`` replica processes on one fresh PostgreSQL database drive one request per size."""
+    from bot.standins.postgres import TempCluster
+    from bot.store import open_store
+
+    emulator = EmulatorProcess(check_seconds, create_seconds)
+    product_key = emulator.env.pop("product_key")
+    cluster = TempCluster().start()
+    try:
+        url = cluster.create_database("iotreg")
+        env = {**emulator.env, "IOTREG_DB": url, "IOTREG_POLL_INTERVAL": str(poll), "IOTREG_POLL_MAX_INTERVAL": "60"}
+        context = multiprocessing.get_context("spawn")
+        pipes, processes = [], []
+        for i in range(count):
+            share = [(f"r{r:03d}", n) for r, n in enumerate(sizes) if r % count == i]
+            mine, theirs = context.Pipe()
+            process = context.Process(target=_replica, args=(theirs, env, share, product_key), daemon=True)
+            process.start()
+            theirs.close()
+            pipes.append(mine)
+            processes.append(process)
+        for pipe in pipes:
+            assert pipe.recv() == "ready"
+        store = open_store(url)
+        started = time.monotonic()
+        for pipe in pipes:
+            pipe.send("go")
+        for pipe in pipes:
+            pipe.recv()  # submitted
+        limit = 120 + 5 * (len(sizes) / 10 + check_seconds + create_seconds)
+        while True:
+            finals = store.requests(states=list(FINAL_STATES), limit=len(sizes) + 1)
+            if len(finals) >= len(sizes):
+                break
+            if time.monotonic() - started > limit:
+                raise RuntimeError(f"not finished after {limit:.0f} s: {len(finals)} of {len(sizes)} requests ended")
+            time.sleep(0.02)
+        seconds = time.monotonic() - started
+        for pipe in pipes:
+            pipe.send("stop")
+        for pipe, process in zip(pipes, processes):
+            pipe.recv()
+            process.join(30)
+        outcomes, devices, _, _ = emulator.report()
+        all_requests = store.requests(limit=len(sizes) + 1)
+        recorded = {d.name: d.iot_id for r in all_requests for d in store.devices(r.id, outcome=Outcome.CREATED)}
+        pending = sum(len(store.devices(r.id, outcome=Outcome.PENDING)) for r in all_requests)
+        done = sum(1 for r in all_requests if r.state == State.DONE)
+        store.close()
+    finally:
+        emulator.stop()
+        cluster.destroy()
+    matching = sum(1 for name, iot_id in recorded.items() if iot_id and devices.get(name) == iot_id)
+    n = sum(sizes)
+    return ReplicaRun(
+        replicas=count, sizes=sizes, seconds=seconds,
+        calls={a: sum(k for (action, _), k in outcomes.items() if action == a) for a in ACTIONS},
+        throttled={a: outcomes.get((a, THROTTLED), 0) for a in ACTIONS},
+        accounted=len(devices) == len(recorded) == matching == n and pending == 0 and done == len(sizes),
+        detail=f"{len(devices):,} / {len(recorded):,} / {matching:,} / {pending} / {done}",
+    )
+
+
+def replicas_main(args: argparse.Namespace) -> None:
+    c, k = args.check_seconds, args.create_seconds
+    sizes = [50] * args.requests
+    timing = dict(poll=args.poll, check_seconds=c, create_seconds=k)
+    runs = []
+    for count in (args.replicas, 1):
+        print(f"{args.requests} requests of 50 names, {count} replica(s) on PostgreSQL…", flush=True)
+        runs.append(run_replicas(count, sizes, **timing))
+    rows, verdicts = [], []
+    for run in runs:
+        optimum = run.optimum(c, k)
+        ratio = run.seconds / optimum
+        throttled = sum(run.throttled.values())
+        which = ", ".join(f"{SHORT[a]} {n}" for a, n in run.throttled.items() if n)
+        verdict = "PASS" if throttled == 0 and run.accounted and ratio <= 1.05 else "MISS"
+        verdicts.append(verdict)
+        rows.append([run.replicas, f"{run.seconds:.1f}", f"{optimum:.1f}", f"{ratio:.2f}×", f"{throttled}{f' ({which})' if which else ''}",
+                     " / ".join(f"{run.calls[a]:,}" for a in ACTIONS), f"{run.detail} ({'yes' if run.accounted else 'NO'})", verdict])
+    report(
+        f"Scale with replicas: {args.requests} requests in flight, {args.replicas} processes against 1",
+        f"Emulator in its own process on the real clock, enforcing the quotas (check {c:g} s, create {k:g} s); each replica a "
+        f"process with its own PostgresStore on one throwaway database, its own SchedulerJobs ({WORKERS} workers) and rate "
+        f"limiter as `iotreg serve` builds them, submitting its share of the requests and approving within 20 ms. "
+        f"IOTREG_POLL_INTERVAL={args.poll:g} s. Optimum = max over actions (fewest calls / QPS) + check + create.\n\n"
+        + table(["replicas", "total (s)", "optimum (s)", "total / optimum (target ≤ 1.05×)", "Throttling.User (target 0)",
+                 "calls: check / register / status / pages", "devices on emulator / in store / same IotId / pending / requests done", "verdict"], rows)
+        + f"\n\nOverall: {'PASS' if all(v == 'PASS' for v in verdicts) else 'MISS'}",
     )
 
 
@@ -334,7 +502,14 @@ def main() -> None:
     parser.add_argument("--check-seconds", type=float, default=1.0, help="the emulator's check duration")
     parser.add_argument("--create-seconds", type=float, default=1.0, help="the emulator's creation duration")
     parser.add_argument("--quick", action="store_true", help="a tiny version: checks the script works")
+    parser.add_argument("--replicas", type=int, help="measure N replica processes on one PostgreSQL database (and 1 beside them)")
+    parser.add_argument("--requests", type=int, default=200, help="requests of 50 names in flight, with --replicas")
     args = parser.parse_args()
+    if args.replicas is not None:
+        if args.replicas < 1 or args.requests < 1:
+            sys.exit("bench_scale.py: --replicas and --requests must be at least 1")
+        replicas_main(args)
+        return
     c, k = args.check_seconds, args.create_seconds
     if args.quick:
         names_steps, flight_steps, flight_size = [500, 1_000], [5, 10], 20

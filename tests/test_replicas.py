@@ -28,7 +28,7 @@ from bot.clock import SystemClock
 from bot.domain import Outcome, State
 from bot.slack import blocks
 from bot.standins.emulator import Emulator
-from bot.standins.replicas import Replicas, Spread
+from bot.standins.replicas import ReplicaError, Replicas, Spread
 from bot.standins.slack import FakeSlack
 from bot.store import Store, open_store
 
@@ -234,5 +234,102 @@ def test_twenty_simultaneous_approve_clicks_on_three_replicas_approve_once(deplo
     assert len([e for e in audit if e.event == "approved"]) == 1
     assert [e.kind for e in d.store.delivered_events(request_id)].count("approved") == 1
     wait_for(lambda: d.results(request_id), 10, "the result in the thread", d)
+    d.assert_done_once(request_id, names)
+    assert d.posted_twice() == {}
+
+
+# -- replicas that die ---------------------------------------------------------------------------
+
+
+def kill_caller(d: Deployment, caller: tuple[str, int] | None, phase: str, killed: list[tuple[str, int, float]]) -> None:
+    """SIGKILL the replica that made the held call, note it, and start it again in the background."""
+    assert caller is not None, f"{phase}: no call was held\n{d.replicas.logs(25)}"
+    victim = d.replicas.by_address(caller)
+    assert victim is not None, f"{phase}: no replica has the connection {caller}"
+    victim.kill()
+    killed.append((phase, victim.index, time.monotonic()))
+    threading.Thread(target=victim.start, daemon=True).start()
+
+
+def test_a_replica_killed_in_each_phase_leaves_every_request_done_once(deployed):
+    d = deployed
+    platform, slack = d.emulator.server, d.fake
+    killed: list[tuple[str, int, float]] = []
+    names = {phase: [f"{phase}-{i:03d}" for i in range(3)] for phase in ("checking", "approval", "registering", "posting")}
+
+    # Checking: the platform accepted the check, the replica that sent it dies before hearing so.
+    held = platform.hold("BatchCheckDeviceNames")
+    checking = d.register(PLAIN, names["checking"])
+    kill_caller(d, held.wait_for_caller(20), "checking", killed)
+    platform.unhold("BatchCheckDeviceNames")
+
+    # Awaiting approval: a replica dies; the click lands on one that lives.
+    approval = d.register(PLAIN, names["approval"])
+    waiting = wait_for(lambda: d.approvable(approval), 20, "the Approve button", d)
+    victim = d.replicas[d.replicas.live()[0]]
+    victim.kill()
+    killed.append(("awaiting approval", victim.index, time.monotonic()))
+    threading.Thread(target=victim.start, daemon=True).start()
+    assert d.spread.click(BOB, waiting, blocks.APPROVE).status_code == 200
+
+    # Registering: the platform registered the ApplyId, the replica that asked dies before hearing so.
+    registering = d.register(PLAIN, names["registering"])
+    held = platform.hold("BatchRegisterDeviceWithApplyId")
+    assert d.spread.click(BOB, wait_for(lambda: d.approvable(registering), 20, "the Approve button", d), blocks.APPROVE).status_code == 200
+    kill_caller(d, held.wait_for_caller(20), "registering", killed)
+    platform.unhold("BatchRegisterDeviceWithApplyId")
+
+    # Posting the result: the replica posting it dies while Slack takes the post (which Slack then
+    # shows, the replica never hearing so). The result comes once the devices' pages are read.
+    posting = d.register(PLAIN, names["posting"])
+    pages = platform.hold("QueryPageByApplyId")
+    assert d.spread.click(BOB, wait_for(lambda: d.approvable(posting), 20, "the Approve button", d), blocks.APPROVE).status_code == 200
+    assert pages.wait_for_caller(20), d.replicas.logs(25)
+    post = slack.hold("chat.postMessage")
+    platform.unhold("QueryPageByApplyId")
+    kill_caller(d, slack.wait_for(lambda: post.callers and post.callers[0], timeout=20), "posting the result", killed)
+    slack.clear_faults()
+
+    requests_by_phase = {"checking": checking, "approval": approval, "registering": registering, "posting": posting}
+    deadline = max(at for _, _, at in killed) + LEASE + 15
+    checked = wait_for(lambda: d.approvable(checking), deadline - time.monotonic(), f"request #{checking} checked", d)
+    assert d.spread.click(CAROL, checked, blocks.APPROVE).status_code == 200
+    for phase, request_id in requests_by_phase.items():
+        wait_for(lambda: d.state(request_id) == State.DONE and d.results(request_id), deadline - time.monotonic(), f"request #{request_id} ({phase}) done", d)
+    for phase, request_id in requests_by_phase.items():
+        d.assert_done_once(request_id, names[phase])
+    assert d.posted_twice() == {}
+    assert [phase for phase, _, _ in killed] == ["checking", "awaiting approval", "registering", "posting the result"]
+
+
+def test_a_replica_stopped_mid_request_hands_its_work_over_at_once(deployed):
+    d = deployed
+    names = [f"handover-{i:03d}" for i in range(3)]
+    request_id = d.register(PLAIN, names)
+    waiting = wait_for(lambda: d.approvable(request_id), 20, "the Approve button", d)
+    held = d.emulator.server.hold("QueryBatchRegisterDeviceStatus")  # of the creation, from now on
+    assert d.spread.click(BOB, waiting, blocks.APPROVE).status_code == 200
+    # A status poll of the creation is in flight on one replica: stop that replica now.
+    wait_for(lambda: d.register_calls(request_id) and held.callers, 20, "a status poll of the creation", d)
+    stopping = d.replicas.by_address(held.callers[0])
+    assert stopping is not None
+    status: list[int | str | None] = []
+
+    def stop() -> None:
+        try:
+            status.append(stopping.terminate(timeout=LEASE))
+        except ReplicaError as exc:
+            status.append(str(exc))
+
+    began = time.monotonic()
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    d.emulator.server.unhold("QueryBatchRegisterDeviceStatus")
+    stopper.join()
+    stopped = time.monotonic() - began
+    assert status == [0], status
+    wait_for(lambda: d.state(request_id) == State.DONE and d.results(request_id), LEASE, f"request #{request_id} done", d)
+    took_over = time.monotonic() - began
+    assert took_over < LEASE / 2, f"the request waited {took_over:.1f}s after SIGTERM ({stopped:.1f}s to stop): its lease was not handed back"
     d.assert_done_once(request_id, names)
     assert d.posted_twice() == {}

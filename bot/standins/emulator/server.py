@@ -15,16 +15,62 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from bot.standins.emulator.gateway import Gateway
 
-__all__ = ["EmulatorServer"]
+__all__ = ["AnswerHold", "EmulatorServer"]
 
 logger = logging.getLogger(__name__)
 
 #: The longest request line read; a longer one is answered 414.
 MAX_REQUEST_LINE = 8 * 1024 * 1024
+
+
+class AnswerHold:
+    """Answers to one action held after the platform has acted, until :meth:`release`: the caller
+    waits as on a slow network, or dies waiting and never hears that the call took effect.
+    ``callers`` are the client addresses (host, port) of the calls held now."""
+
+    def __init__(self) -> None:
+        self._released = threading.Event()
+        self._changed = threading.Condition()
+        self.callers: list[tuple[str, int]] = []
+
+    def release(self) -> None:
+        self._released.set()
+
+    def wait(self, caller: tuple[str, int]) -> None:
+        with self._changed:
+            self.callers.append(caller)
+            self._changed.notify_all()
+        try:
+            self._released.wait(60)
+        finally:
+            with self._changed:
+                self.callers.remove(caller)
+
+    def wait_for_caller(self, timeout: float) -> tuple[str, int] | None:
+        """The first caller held, once there is one (``None`` after ``timeout`` seconds)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.callers, timeout)
+            return self.callers[0] if self.callers else None
+
+
+def _action(query: str, body: bytes, headers: object) -> str:
+    """The API action of a call: its ``Action`` parameter (version 1.0) or ``x-acs-action`` header (V3)."""
+    params = dict(parse_qsl(query))
+    params.update(parse_qsl(body.decode("utf-8", "replace")))
+    return params.get("Action") or dict((k.lower(), v) for k, v in headers.items()).get("x-acs-action", "")  # type: ignore[attr-defined]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that died or gave up while its answer was on the way (a killed process, a
+        # timeout test) leaves a broken pipe behind: not worth a traceback.
+        logger.debug("emulator: connection from %s failed", client_address, exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -35,6 +81,7 @@ class _Handler(BaseHTTPRequestHandler):
     # client's delayed ACK and every answer on a kept-alive connection waits about 40 ms.
     disable_nagle_algorithm = True
     gateway: Gateway  # set on the subclass made per server
+    holds: dict[str, AnswerHold]  # the server's, by action
 
     def handle_one_request(self) -> None:
         # The standard library's, with a longer request line (it stops at 64 KiB with 414).
@@ -85,6 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
                     "Code": "InternalError",
                     "Message": "The emulator failed; see its log.",
                 }
+        held = self.holds.get(_action(url.query, body, self.headers)) if self.holds else None
+        if held is not None:
+            held.wait(self.client_address[:2])
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json;charset=utf-8")
@@ -105,6 +155,18 @@ class EmulatorServer:
         self.port = port
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.holds: dict[str, AnswerHold] = {}
+
+    def hold(self, action: str) -> AnswerHold:
+        """Hold every answer to ``action`` (after the platform has acted on the call) until the
+        returned :class:`AnswerHold` is released; :meth:`unhold` ends it for later calls."""
+        held = self.holds[action] = AnswerHold()
+        return held
+
+    def unhold(self, action: str) -> None:
+        held = self.holds.pop(action, None)
+        if held is not None:
+            held.release()
 
     @property
     def endpoint(self) -> str:
@@ -118,9 +180,8 @@ class EmulatorServer:
         """Bind and serve; returns at once, ready to answer."""
         if self._httpd is not None:
             return self
-        handler = type("Handler", (_Handler,), {"gateway": self.gateway})
-        httpd = ThreadingHTTPServer((self.host, self.port), handler)
-        httpd.daemon_threads = True
+        handler = type("Handler", (_Handler,), {"gateway": self.gateway, "holds": self.holds})
+        httpd = _Server((self.host, self.port), handler)
         self._httpd = httpd
         # A short poll interval so that stop() returns quickly.
         self._thread = threading.Thread(
