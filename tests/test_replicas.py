@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import threading
 import time
@@ -30,6 +31,7 @@ from bot.slack import blocks
 from bot.standins.emulator import Emulator
 from bot.standins.replicas import ReplicaError, Replicas, Spread
 from bot.standins.slack import FakeSlack
+from bot.standins.slack.socketmode import socket_workspace
 from bot.store import Store, open_store
 
 SECRET = "replicas-signing-secret"
@@ -46,6 +48,11 @@ approvals = 1
 [products.{PROD}]
 approvals = 2
 """
+
+
+def own_environ() -> dict[str, str]:
+    """This process's environment without iotreg's, Slack's or Alibaba Cloud's settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("IOTREG_", "SLACK_", "ALIBABA_CLOUD_", "IOT_"))}
 
 
 class Deployment:
@@ -152,7 +159,7 @@ def deployment(pg_cluster, tmp_path_factory) -> Iterator[Deployment]:
     for person in (ALICE, BOB, CAROL, DAVE):
         fake.add_user(person)
     env = {
-        **{k: v for k, v in __import__("os").environ.items() if not k.startswith(("IOTREG_", "SLACK_", "ALIBABA_CLOUD_", "IOT_"))},
+        **own_environ(),
         **emulator.env(),
         "SLACK_BOT_TOKEN": fake.bot_token, "SLACK_SIGNING_SECRET": SECRET, "SLACK_API_URL": fake.api_url,
         "IOTREG_DB": url, "IOTREG_POLICY": str(policy), "IOTREG_WORKERS": "4",
@@ -333,3 +340,43 @@ def test_a_replica_stopped_mid_request_hands_its_work_over_at_once(deployed):
     assert took_over < LEASE / 2, f"the request waited {took_over:.1f}s after SIGTERM ({stopped:.1f}s to stop): its lease was not handed back"
     d.assert_done_once(request_id, names)
     assert d.posted_twice() == {}
+
+
+# -- Socket Mode ---------------------------------------------------------------------------------
+
+
+def test_two_replicas_in_socket_mode_share_the_envelopes_and_ack_each_once(pg_cluster, tmp_path):
+    """Each replica holds a Socket Mode connection; Slack hands every envelope to one of them."""
+    emulator = Emulator(clock=SystemClock(), access_key_id="test-key-id", access_key_secret="test-key-secret",
+                        product_keys=(PLAIN,), check_seconds=0.3, create_seconds=0.3).start()
+    fake = FakeSlack().start()
+    fake.add_channel(OPS, "iot-ops")
+    env = {
+        **own_environ(),
+        **emulator.env(),
+        "SLACK_BOT_TOKEN": fake.bot_token, "SLACK_APP_TOKEN": fake.app_token, "SLACK_API_URL": fake.api_url,
+        "IOTREG_DB": fresh_database(pg_cluster), "IOTREG_APPROVERS": BOB, "IOTREG_POLL_INTERVAL": "0.2", "IOTREG_POLL_MAX_INTERVAL": "0.5",
+    }
+    server = fake.socket_mode
+    try:
+        with Replicas(2, env, tmp_path) as replicas:
+            assert server.wait_for(lambda: len(server.open_peers()) == 2, timeout=20), replicas.logs()
+            people = socket_workspace(fake)
+            answers = [people.command(ALICE, OPS, "help") for _ in range(20)]
+            assert all(a.status_code == 200 and "/devices register" in a.text for a in answers)
+            answered_on = collections.Counter(ack["connection"] for ack in server.acks.values())
+            assert len(answered_on) == 2 and min(answered_on.values()) >= 2, answered_on  # both replicas answered
+
+            names = ["socket-001", "socket-002"]
+            answer = people.command(ALICE, OPS, f"register {PLAIN} {' '.join(names)}")
+            assert answer.status_code == 200 and "Request #1" in answer.text
+            anchor = fake.wait_for(lambda: next((m for m in fake.messages(OPS) if blocks.APPROVE in json.dumps(m.get("blocks"))), None), timeout=20)
+            assert people.click(BOB, anchor, blocks.APPROVE).status_code == 200
+            fake.wait_for(lambda: any("Request #1:" in m.get("text", "") for m in fake.thread(OPS, anchor["ts"])), timeout=20)
+            assert {d.device_name for d in emulator.backend.devices(PLAIN)} == set(names)
+            assert set(server.ack_counts.values()) == {1}  # every envelope acked once, by one replica
+            assert len(server.ack_counts) == 22
+        assert [r.process.returncode for r in replicas] == [0, 0]
+    finally:
+        fake.stop()
+        emulator.stop()

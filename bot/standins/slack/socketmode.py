@@ -4,8 +4,10 @@
 with a ``ws://`` URL from :meth:`SocketModeServer.url`, good for one connection, as Slack's are.
 On each connection the server says ``hello``; it sends envelopes (:meth:`SocketModeServer.envelope`,
 or :meth:`~SocketModeServer.deliver` for the form body of a slash command or an interaction, as
-:class:`SocketWorkspace` does) on the newest open connection, as Slack does once a new one is open,
-and records each ack with the time it came (:meth:`~SocketModeServer.wait_ack`).
+:class:`SocketWorkspace` does) each on ONE of the app's open connections chosen at random, as Slack
+does (an app may hold up to 10, e.g. one per replica): a connection Slack has
+asked to go (``disconnect``) or one gone silent no longer gets new ones. It records each ack with
+the time it came and the connection it came on (:meth:`~SocketModeServer.wait_ack`).
 
 What can go wrong with a connection, each on demand, on the newest one unless told otherwise:
 ``disconnect`` envelopes of every reason (:meth:`~SocketModeServer.disconnect`), a close frame
@@ -19,9 +21,11 @@ Slack's documentation of the protocol: https://docs.slack.dev/apis/events-api/us
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import itertools
 import json
+import random
 import secrets
 import socket
 import struct
@@ -48,6 +52,7 @@ class Peer:
         self.opened_at = time.monotonic()
         self.closed = False
         self.silent = False
+        self.leaving = False  # told to disconnect: Slack sends it no new envelope
         self.pings = 0
         self._send_lock = threading.Lock()
 
@@ -136,11 +141,13 @@ class Peer:
 class SocketModeServer:
     """Slack's Socket Mode endpoint (see the module docstring). Start it, or let FakeSlack do it."""
 
-    def __init__(self, host: str = "127.0.0.1", app_id: str = "A0IOTREG") -> None:
+    def __init__(self, host: str = "127.0.0.1", app_id: str = "A0IOTREG", *, seed: int | None = None) -> None:
         self.host = host
         self.app_id = app_id
+        self._random = random.Random(seed)
         self.peers: list[Peer] = []
         self.acks: dict[str, dict[str, Any]] = {}
+        self.ack_counts: collections.Counter[str] = collections.Counter()  # acks per envelope id (Slack wants one)
         self._tickets: set[str] = set()
         self._numbers = itertools.count(1)
         self._changed = threading.Condition()
@@ -179,6 +186,13 @@ class SocketModeServer:
         with self._changed:
             return self.peers[-1]
 
+    def pick(self) -> Peer:
+        """The connection Slack sends the next envelope on: one of the open connections it has not
+        asked to go, at random (the newest when there is none such)."""
+        with self._changed:
+            usable = [p for p in self.peers if not (p.closed or p.leaving or p.silent)]
+            return self._random.choice(usable) if usable else self.peers[-1]
+
     def wait_for(self, condition: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Wait until ``condition()`` is true (re-checked at each connection or ack); its value."""
         deadline = time.monotonic() + timeout
@@ -207,7 +221,7 @@ class SocketModeServer:
         body = {"envelope_id": envelope_id, "type": kind, "payload": payload, "accepts_response_payload": kind != "events_api",
                 "retry_attempt": 0, "retry_reason": ""}
         sent = time.monotonic()
-        (peer or self.newest).send_text(body)
+        (peer or self.pick()).send_text(body)
         return envelope_id, sent
 
     def deliver(self, body: str) -> tuple[str, float]:
@@ -222,6 +236,7 @@ class SocketModeServer:
         if reason not in DISCONNECT_REASONS:
             raise ValueError(f"Slack sends disconnect reasons {DISCONNECT_REASONS}, not {reason!r}")
         peer = peer or self.newest
+        peer.leaving = True
         peer.send_text({"type": "disconnect", "reason": reason, "debug_info": {"host": "applink-standin"}})
         return peer
 
@@ -302,6 +317,7 @@ class SocketModeServer:
         if not isinstance(message, dict) or "envelope_id" not in message:
             return
         with self._changed:
+            self.ack_counts[str(message["envelope_id"])] += 1
             self.acks.setdefault(str(message["envelope_id"]), {
                 "payload": message.get("payload"), "at": time.monotonic(), "connection": peer.number,
             })
