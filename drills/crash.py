@@ -221,7 +221,7 @@ def main() -> int:
     # SQLite's own check of the file; PostgreSQL's server was never killed (only iotreg was).
     integrity = store.db.execute("PRAGMA integrity_check").fetchone()[0] if isinstance(store, SqliteStore) else "ok"
     print(f"Crash drill on {args.db} with {args.replicas} replica(s) (seed {args.seed}) in {time.monotonic() - started:.0f}s: "
-          f"{args.requests} commands sent ({command_retries} retries while the bot was down), {kills} SIGKILLs, "
+          f"{args.requests} commands sent ({ws.refused + command_retries} tries refused while a replica was down), {kills} SIGKILLs, "
           f"{sum(b.starts for b in bots)} starts; commands and clicks answered by replica: {ws.counts}; exit statuses at the end: {statuses}")
     faults = sum(n for (_, code), n in emulator.gateway.outcomes.items() if code != "Success")
     print(f"  faults injected: IoT Platform {faults:,} error answers; Slack {slack_faults:,} failing methods")

@@ -260,7 +260,8 @@ def _socket_inodes(pid: int) -> set[str]:
 class Spread:
     """People reaching the replicas through a round-robin load balancer: each call goes to the next
     live replica; a replica that does not answer (killed, stopping) is skipped and the next tried,
-    until ``patience`` seconds have passed. ``counts[i]`` tells how many calls replica ``i`` answered.
+    until ``patience`` seconds have passed. ``counts[i]`` tells how many calls replica ``i`` answered,
+    ``refused`` how many tries found a replica not answering.
     Thread-safe (one :class:`Workspace` per replica and thread)."""
 
     def __init__(self, replicas: Replicas, fake: FakeSlack, signing_secret: str, *, patience: float = 30.0, timeout: float = 10.0) -> None:
@@ -270,6 +271,7 @@ class Spread:
         self.patience = patience
         self.timeout = timeout
         self.counts = [0] * len(replicas)
+        self.refused = 0
         self._turn = itertools.count()
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -302,6 +304,8 @@ class Spread:
                     failures.append(f"replica {index}: HTTP {answer.status_code}")
                 except requests.RequestException as exc:
                     failures.append(f"replica {index}: {type(exc).__name__}")
+                with self._lock:
+                    self.refused += 1
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no replica answered within {self.patience:.0f}s: {failures[-5:]}")
             if turn % len(self.replicas) == len(self.replicas) - 1:
