@@ -347,9 +347,6 @@ class Timing:
     approval_ttl: float = 24 * 3600.0
     max_errors: int = 3
     chunk_size: int = 10_000
-    #: How long another process's register call may be in flight before it counts as crashed:
-    #: longer than the client can spend on one call (IOT_RETRY_DEADLINE plus IOT_TIMEOUT).
-    claim_lease: float = 120.0
     #: When approvers who have not acted are reminded: seconds after the request started waiting.
     reminders: tuple[float, ...] = ()
 

@@ -5,9 +5,12 @@ Both implement :class:`bot.registration.Jobs` over the :class:`bot.registration.
 ``Workflow.deliver_events()``. An earlier wake always wins over a later one, so a poll scheduled
 for a minute from now never pushes back the immediate step an approval asked for.
 
-Nothing about the jobs is stored: the database says what every request needs next, and
-``Workflow.resume()`` wakes each unfinished one at start. So APScheduler's in-memory job store is
-the right one, and no two schedulers can ever share it.
+Nothing about the jobs is stored: the database says what every request needs next and when
+(``next_step_at``), ``Workflow.resume()`` wakes each unfinished one at start, and every bot process
+sweeps the database for due steps nobody holds (``Workflow.sweep()``, every second). So
+APScheduler's in-memory job store is the right one: it is each process's local timer, and no two
+schedulers ever share it (APScheduler's own rule). Which process runs a step is decided by the
+database's leases (:mod:`bot.leases`), not by the timers.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from bot.clock import Clock
+from bot.reconciler import SWEEP_INTERVAL
 
 if TYPE_CHECKING:
     from bot.registration import Steps
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OUTBOX = "outbox"
+SWEEP = "sweep"
 
 
 class _SkippedWakes(logging.Filter):
@@ -56,11 +61,17 @@ def deliver_events(steps: Steps) -> None:
     steps.deliver_events()
 
 
+def sweep(steps: Steps) -> None:
+    """The job that wakes due steps no process holds (a dead replica's, a stopped one's)."""
+    steps.sweep()
+
+
 class SchedulerJobs:
     """Runs the workflow's steps on an APScheduler ``BackgroundScheduler`` (one per deployment)."""
 
-    def __init__(self, steps: Steps, workers: int = 8) -> None:
+    def __init__(self, steps: Steps, workers: int = 8, *, sweep_every: float = SWEEP_INTERVAL) -> None:
         self.steps = steps
+        self.sweep_every = sweep_every
         self._lock = threading.Lock()
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(workers)},
@@ -74,6 +85,11 @@ class SchedulerJobs:
 
     def start(self) -> None:
         self.scheduler.start()
+        # Several replicas share the database: each looks every sweep_every seconds for due work
+        # that nobody holds. At most one sweep at a time, and a late one is not made up for.
+        self.scheduler.add_job(
+            sweep, "interval", seconds=self.sweep_every, args=[self.steps], id=SWEEP, max_instances=1, coalesce=True,
+        )
 
     def shutdown(self, wait: bool = True) -> None:
         if self.scheduler.running:

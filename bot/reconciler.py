@@ -27,7 +27,6 @@ import logging
 import os
 import socket
 import threading
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,6 +36,7 @@ from bot.aliyun.client import ApplyStatus, BatchStatus, IotClient
 from bot.aliyun.ratelimit import SlotLater, deferring
 from bot.clock import Clock
 from bot.domain import ACTIVE_STATES, SYSTEM, Chunk, Kind, NotFound, Origin, Outcome, Request, Rule, State, Timing
+from bot.leases import Leases
 from bot.store import Store, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -57,6 +57,8 @@ APPLY_GONE = "iot.device.DeviceApplyIsNotFound"
 SLOT_PATIENCE = 0.1
 #: How often a step that found the database unreachable is tried again.
 DATABASE_RETRY = 5.0
+#: How often each process looks for due steps that no process holds (:meth:`Reconciler.sweep`).
+SWEEP_INTERVAL = 1.0
 
 
 class Reconciler:
@@ -77,6 +79,7 @@ class Reconciler:
         origins: frozenset[Origin] | None = None,
         remind: Callable[[Request], datetime | None] = lambda request: None,
         rule_of: Callable[[Request], Rule] = lambda request: request.rule or Rule(),
+        leases: Leases | None = None,
     ) -> None:
         """``expire``: the request service's rule for a request whose approval time ran out;
         ``remind``: its reminders (returns when the next is due); ``rule_of``: a request's rule."""
@@ -89,18 +92,38 @@ class Reconciler:
         self.requests_remind = remind
         self.rule_of = rule_of
         self.origins = origins
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.leases = leases or Leases(store, clock)
+        self.owner = self.leases.owner
         self._locks: dict[int, threading.Lock] = {}
         self._polls: dict[int, set[int]] = {}  # see _poll_round
         self._locks_guard = threading.Lock()
 
     def resume(self) -> int:
-        """At start: wake every unfinished request and the outbox. Returns how many were woken."""
+        """At start: wake every unfinished request and the outbox. Returns how many were woken.
+
+        Each step first looks at its due time in the database (:meth:`_advance`), so a request
+        whose next poll is a minute away is only scheduled for then, here or on any replica.
+        """
         unfinished = self.store.requests(states=ACTIVE_STATES, origins=self.origins, limit=100_000)
         for request in unfinished:
             self.jobs.wake(request.id)
         self.jobs.wake_outbox()
         return len(unfinished)
+
+    def sweep(self, limit: int = 100) -> int:
+        """Wake here the steps that are due and that no process holds: the ones whose process died
+        (its lease ran out), stopped, or was asked for them by a replica that could not take them.
+        Every replica sweeps every :data:`SWEEP_INTERVAL`; the leases decide who runs each step.
+        Returns how many steps were woken (the outbox counts as one)."""
+        now = self.clock.now()
+        due = self.store.due_requests(now, origins=self.origins, limit=limit)
+        for request_id in due:
+            self.jobs.wake(request_id)
+        next_event = self.store.next_event_time(self.origins)
+        if next_event is not None and next_event <= now:
+            self.jobs.wake_outbox()
+            return len(due) + 1
+        return len(due)
 
     def advance(self, request_id: int) -> None:
         """Do the next step of a request, then schedule the one after. Safe to call at any time.
@@ -116,32 +139,58 @@ class Reconciler:
             self.jobs.wake(request_id, self.clock.now() + timedelta(seconds=DATABASE_RETRY))
 
     def _advance(self, request_id: int) -> None:
+        lease = f"request:{request_id}"
         with self._lock(request_id):
-            request = self.store.get(request_id)
-            if request is None or request.final:
-                self._polls.pop(request_id, None)
+            if not self.leases.take(lease):
+                # Another process runs this step. It wakes the next one; should it die, its lease
+                # runs out, and this process (or any replica's sweep) takes the step over then.
+                self.jobs.wake(request_id, self.clock.now() + timedelta(seconds=self.leases.seconds))
                 return
-            later: SlotLater | None = None
             try:
-                self._step(request)
-            except SlotLater as exc:
-                later = exc  # a call's slot is booked: the step goes on at its time
-            except errors.IotError as exc:
-                self._api_error(request, exc)
-            except Exception:
-                # Not the platform's refusal but a fault of ours or of the wire: back off, keep
-                # the request scheduled, and let the job's error listener report it.
-                self.store.update_request(request_id, polls=request.polls + 1)
-                raise
+                self._advance_leased(request_id)
             finally:
-                request = self.store.get(request_id)
-                if request is not None and not request.final:
-                    if later is None:
-                        at = self._next_wake(request)
-                    else:  # a little early: a late step would miss its slot, an early one waits out the rest
-                        at = self.clock.now() + timedelta(seconds=max(0.0, later.wait - SLOT_PATIENCE / 2))
-                    self.jobs.wake(request_id, at)
-                self.jobs.wake_outbox()
+                self.leases.release(lease)
+
+    def _advance_leased(self, request_id: int) -> None:
+        now = self.clock.now()
+        # Due a little early is due: a step woken for a booked slot comes half the patience early.
+        turn = self.store.begin_request_step(
+            request_id, now + timedelta(seconds=SLOT_PATIENCE), now + timedelta(seconds=self.leases.seconds)
+        )
+        if not turn.due:
+            # Another process did this step since this wake was asked for: not again, only when due.
+            if turn.due_at is not None:
+                self.jobs.wake(request_id, turn.due_at)
+            return
+        request = self.store.get(request_id)
+        if request is None or request.final:
+            self._polls.pop(request_id, None)
+            self.store.end_request_step(request_id, turn, None)
+            return
+        later: SlotLater | None = None
+        try:
+            self._step(request)
+        except SlotLater as exc:
+            later = exc  # a call's slot is booked: the step goes on at its time
+        except errors.IotError as exc:
+            self._api_error(request, exc)
+        except Exception:
+            # Not the platform's refusal but a fault of ours or of the wire: back off, keep
+            # the request scheduled, and let the job's error listener report it.
+            self.store.update_request(request_id, polls=request.polls + 1)
+            raise
+        finally:
+            request = self.store.get(request_id)
+            at: datetime | None = None
+            if request is not None and not request.final:
+                if later is None:
+                    at = self._next_wake(request)
+                else:  # a little early: a late step would miss its slot, an early one waits out the rest
+                    at = self.clock.now() + timedelta(seconds=max(0.0, later.wait - SLOT_PATIENCE / 2))
+            self.store.end_request_step(request_id, turn, at)
+            if at is not None:
+                self.jobs.wake(request_id, at)
+            self.jobs.wake_outbox()
 
     def _step(self, request: Request) -> None:
         if self._phase_overdue(request):
@@ -273,10 +322,8 @@ class Reconciler:
         now = self.clock.now()
         if chunk.register_sent_at is None:
             return "send" if self.store.claim_register(request.id, chunk.chunk_no, self.owner, now) else "wait"
-        if chunk.claimed_by == self.owner:
-            return "resolve"
-        if (now - chunk.register_sent_at).total_seconds() < self.timing.claim_lease and may_be_alive(chunk.claimed_by):
-            return "wait"  # another process may have the call in flight
+        # Ours, or a process's that lost this request's lease (every step runs under it): the call
+        # may be in flight no more, so its effect is looked up rather than waited for.
         return "resolve"
 
     def _register_checked_chunk(self, request: Request, chunk: Chunk) -> None:

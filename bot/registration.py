@@ -25,7 +25,10 @@ and :meth:`Workflow.deliver_events` when asked.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Protocol
 
@@ -36,7 +39,10 @@ from bot.outbox import Outbox
 from bot.policy import Policy
 from bot.reconciler import Reconciler
 from bot.service import RequestService
-from bot.store import Store
+from bot.leases import Leases
+from bot.store import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class Notifier(Protocol):
@@ -54,11 +60,13 @@ class Jobs(Protocol):
 
 
 class Steps(Protocol):
-    """What jobs run: the workflow's two kinds of step."""
+    """What jobs run: the workflow's two kinds of step, and the sweep for due ones."""
 
     def advance(self, request_id: int) -> None: ...
 
     def deliver_events(self) -> int: ...
+
+    def sweep(self) -> int: ...
 
 
 class Workflow:
@@ -88,25 +96,72 @@ class Workflow:
         self.clock = clock
         self.timing = timing or Timing()
         self.origins = origins
+        self.leases = Leases(store, clock)
+        self._running = 0
+        self._stopping = False
+        self._idle = threading.Condition()
         self.jobs = jobs(self)
         self.requests = RequestService(store, client, clock, self.timing, self.jobs, policy or Policy())
         self.reconciler = Reconciler(
             store, client, clock, self.timing, self.jobs, self.requests.expire_if_due, origins=origins,
-            remind=self.requests.remind_if_due, rule_of=self.requests.rule_of,
+            remind=self.requests.remind_if_due, rule_of=self.requests.rule_of, leases=self.leases,
         )
-        self.outbox = Outbox(store, notifier(self.requests), clock, self.jobs, origins=origins)
+        self.outbox = Outbox(store, notifier(self.requests), clock, self.jobs, origins=origins, leases=self.leases)
 
     def advance(self, request_id: int) -> None:
-        self.reconciler.advance(request_id)
+        with self._working() as go:
+            if go:
+                self.reconciler.advance(request_id)
 
     def deliver_events(self) -> int:
-        return self.outbox.deliver_events()
+        with self._working() as go:
+            return self.outbox.deliver_events() if go else 0
+
+    def sweep(self) -> int:
+        """Wake the due steps no process holds (see :meth:`Reconciler.sweep`)."""
+        with self._working() as go:
+            if not go:
+                return 0
+            try:
+                return self.reconciler.sweep()
+            except StoreUnavailable as exc:
+                log.debug("sweep skipped: %s", exc)  # /healthz says so; the next sweep tries again
+                return 0
+
+    def stop(self, grace: float) -> bool:
+        """Stop taking steps, let the running ones finish for up to ``grace`` seconds, then give
+        every lease back at once, so other replicas carry on now rather than when the leases run
+        out. Returns whether every step finished (if not, the caller must not let them go on)."""
+        with self._idle:
+            self._stopping = True
+            finished = self._idle.wait_for(lambda: self._running == 0, timeout=grace)
+        if not finished:
+            log.warning("%d step(s) still running after %g s: handing their leases back", self._running, grace)
+        self.leases.hand_back()
+        return finished
+
+    @contextmanager
+    def _working(self) -> Iterator[bool]:
+        with self._idle:
+            if self._stopping:
+                go = False
+            else:
+                self._running += 1
+                go = True
+        try:
+            yield go
+        finally:
+            if go:
+                with self._idle:
+                    self._running -= 1
+                    self._idle.notify_all()
 
     def resume(self) -> int:
         """At start: wake every unfinished request and the outbox. Returns how many were woken."""
         return self.reconciler.resume()
 
     def close(self) -> None:
+        self.leases.hand_back()
         if self.client is not None:
             self.client.close()
         self.store.close()

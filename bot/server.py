@@ -1,7 +1,8 @@
 """``iotreg serve``: the bot on ``PORT`` in HTTP mode, or connected over Socket Mode with ``PORT``
 still answering ``/healthz`` and ``/metrics``.
 
-One process, so one scheduler and one writer of the database, as the deployment needs. The HTTP
+Any number of processes on one PostgreSQL database (replicas): the database's leases decide which
+one runs each step (:mod:`bot.leases`); one process on a SQLite file. The HTTP
 server is waitress: its main thread reads every request whole, headers and body, without blocking
 (a body over :data:`~bot.slack.app.MAX_BODY` is refused from its Content-Length before it is
 read), and only a complete request goes to one of ``IOTREG_WORKERS`` threads. A client that never
@@ -15,6 +16,7 @@ the port unusable) raises :class:`StartupError`, one line naming the setting to 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -79,7 +81,11 @@ class Server:
         finally:
             if socket is not None:
                 socket.close()
-            bot.stop()
+            if bot.stop() is False:
+                # A step outlived the grace and its lease is back in the pool: it must not go on
+                # beside the replica that takes it over.
+                logging.shutdown()
+                os._exit(0)
 
     def _build(self) -> Any:
         from bot.slack.app import create_app

@@ -530,6 +530,9 @@ class RequestService:
         raise NotAllowed(message, denial)
 
     def _kick(self, request_id: int, at: Any = None) -> None:
+        """Ask for the request's next step: in the database, where every replica sees it (this one
+        may not be the one to run it), and on this process's timer."""
+        self.store.wake_request(request_id, at or self.clock.now())
         self.jobs.wake(request_id, at)
         self.jobs.wake_outbox()
 

@@ -127,7 +127,6 @@ def timing(settings: Settings) -> Timing:
         phase_timeout=settings.poll_timeout,
         approval_ttl=settings.approval_ttl,
         chunk_size=min(settings.chunk_size, MAX_COUNT_PER_REGISTER),
-        claim_lease=settings.retry_deadline + settings.timeout * 2 + 30,
         reminders=settings.reminders,
     )
 

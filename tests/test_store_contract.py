@@ -576,3 +576,105 @@ def test_postgres_restarted_mid_run_fails_calls_clearly_and_loses_nothing(pg_clu
     finally:
         store.close()
     assert caplog.records and not [r for r in caplog.records if "s3cret-pw" in r.getMessage()]
+
+
+# -- leases and due steps: several processes on one database ------------------------------------
+
+
+def test_a_lease_has_one_holder_until_it_is_given_back_or_runs_out(store):
+    until = NOW + timedelta(seconds=10)
+    assert store.take_lease("request:1", "a", NOW, until)
+    assert not store.take_lease("request:1", "b", NOW + timedelta(seconds=5), until)
+    assert store.take_lease("request:1", "a", NOW + timedelta(seconds=5), NOW + timedelta(seconds=15))  # its holder again
+    assert store.take_lease("request:2", "b", NOW, until)  # another piece of work
+    assert [(lease.name, lease.owner, lease.until) for lease in store.leases()] == [
+        ("request:1", "a", NOW + timedelta(seconds=15)), ("request:2", "b", until)]
+    assert not store.take_lease("request:1", "b", NOW + timedelta(seconds=14), until)  # renewed: still a's
+    assert store.take_lease("request:1", "b", NOW + timedelta(seconds=15), NOW + timedelta(seconds=25))  # ran out
+    store.release_lease("request:1", "a")  # no longer a's: nothing happens
+    assert [lease.owner for lease in store.leases()] == ["b", "b"]
+    store.release_lease("request:1", "b")
+    assert store.take_lease("request:1", "a", NOW + timedelta(seconds=16), until)
+
+
+def test_leases_are_renewed_and_handed_back_per_owner(store):
+    for name in ("request:1", "outbox:1"):
+        assert store.take_lease(name, "a", NOW, NOW + timedelta(seconds=10))
+    assert store.take_lease("request:2", "b", NOW, NOW + timedelta(seconds=10))
+    assert store.renew_leases("a", NOW + timedelta(seconds=30)) == 2
+    assert not store.take_lease("outbox:1", "b", NOW + timedelta(seconds=20), NOW + timedelta(seconds=30))
+    assert store.release_leases("a") == 2
+    assert store.take_lease("outbox:1", "b", NOW + timedelta(seconds=20), NOW + timedelta(seconds=30))
+    assert store.renew_leases("a", NOW + timedelta(seconds=40)) == 0
+
+
+def test_of_many_threads_taking_one_lease_exactly_one_holds_it(store):
+    start = threading.Barrier(8)
+    wins: list[bool] = []
+
+    def take(n: int) -> None:
+        start.wait(timeout=30)
+        wins.append(store.take_lease("request:7", f"owner-{n}", NOW, NOW + timedelta(seconds=10)))
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(wins) == [False] * 7 + [True]
+    assert len(store.leases()) == 1
+
+
+def test_a_step_is_due_when_asked_for_and_the_earliest_wake_stands(store):
+    request_id = new_request(store, state=State.CHECKING)
+    assert store.due_requests(NOW) == []  # never scheduled: resumed at start, not swept
+    store.wake_request(request_id, LATER)
+    store.wake_request(request_id, NOW + timedelta(minutes=1))
+    store.wake_request(request_id, NOW + timedelta(minutes=9))  # later than the one asked for: no change
+    assert store.due_requests(NOW) == []
+    assert store.due_requests(NOW + timedelta(minutes=1)) == [request_id]
+    turn = store.begin_request_step(request_id, NOW, NOW + timedelta(seconds=10))
+    assert (turn.due, turn.due_at) == (False, NOW + timedelta(minutes=1))  # not yet: another process stepped it
+    turn = store.begin_request_step(request_id, NOW + timedelta(minutes=1), NOW + timedelta(minutes=1, seconds=10))
+    assert turn.due
+    # While the step runs its due time is the fallback: if its process dies, the step is due then.
+    assert store.due_requests(NOW + timedelta(minutes=1)) == []
+    assert store.due_requests(NOW + timedelta(minutes=1, seconds=10)) == [request_id]
+    store.end_request_step(request_id, turn, NOW + timedelta(minutes=3))
+    assert store.due_requests(NOW + timedelta(minutes=2, seconds=59)) == []
+    assert store.due_requests(NOW + timedelta(minutes=3)) == [request_id]
+
+
+def test_a_wake_during_a_step_is_kept_when_the_step_ends(store):
+    request_id = new_request(store)
+    turn = store.begin_request_step(request_id, NOW, NOW + timedelta(seconds=10))
+    store.wake_request(request_id, NOW + timedelta(seconds=1))  # an approval on another replica
+    store.end_request_step(request_id, turn, NOW + timedelta(hours=24))  # the step saw it waiting for approval
+    assert store.due_requests(NOW + timedelta(seconds=1)) == [request_id]
+    turn = store.begin_request_step(request_id, NOW + timedelta(seconds=1), NOW + timedelta(seconds=11))
+    store.end_request_step(request_id, turn, None)  # the request ended
+    assert store.due_requests(NOW + timedelta(days=9)) == []
+
+
+def test_due_steps_held_by_a_live_lease_are_not_swept(store):
+    first, second = new_request(store), new_request(store, origin=Origin.CLI)
+    for request_id in (first, second):
+        store.wake_request(request_id, NOW)
+    assert store.due_requests(NOW) == [first, second]
+    assert store.due_requests(NOW, origins=[Origin.CLI]) == [second]
+    assert store.due_requests(NOW, limit=1) == [first]
+    store.take_lease(f"request:{first}", "a", NOW, NOW + timedelta(seconds=10))
+    assert store.due_requests(NOW + timedelta(seconds=9)) == [second]
+    assert store.due_requests(NOW + timedelta(seconds=10)) == [first, second]  # its holder is gone
+
+
+def test_the_next_event_of_a_request_is_read_afresh(store):
+    request_id = new_request(store)
+    approve(store, request_id)
+    store.enqueue(request_id, "progress", {"n": 1}, LATER)
+    first = store.next_event(request_id)
+    assert first.kind == EventKind.APPROVED and first.next_at == LATER
+    store.mark_delivered(first.id, LATER)
+    assert store.next_event(request_id).payload == {"n": 1}
+    store.mark_delivered(store.next_event(request_id).id, LATER)
+    assert store.next_event(request_id) is None

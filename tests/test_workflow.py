@@ -10,6 +10,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from bot.aliyun.ratelimit import RateLimiter
 from bot.config import DEFAULT_QPS
 from bot.standins.emulator import Emulator, FaultPlan
 from bot.jobs import InlineJobs
+from bot.leases import LEASE_SECONDS
 from bot.policy import Policy
 from bot.domain import Conflict, NotAllowed, NotFound, Timing, WorkflowError
 from bot.registration import Workflow
@@ -443,7 +445,7 @@ def test_an_older_database_is_migrated_in_place_with_its_data(emulator, tmp_path
     old.conn.close()
 
     harness = Harness(emulator, path, Timing(poll_interval=1.0))
-    assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner", "m003_notification_steps", "m004_uploads", "m005_origin_data", "m006_approvals", "m007_rejected_nicknames", "m008_begun_steps"]
+    assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner", "m003_notification_steps", "m004_uploads", "m005_origin_data", "m006_approvals", "m007_rejected_nicknames", "m008_begun_steps", "m009_leases"]
     assert harness.workflow.resume() == 1  # the old request is picked up where it was
     assert harness.run_until(7, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
     harness.workflow.requests.approve(7, BOB)
@@ -497,19 +499,24 @@ def test_an_auto_named_part_of_unknown_fate_does_not_hide_the_parts_that_were_cr
     assert harness.emulator.gateway.calls["BatchRegisterDevice"] == 1
 
 
-def test_a_register_call_in_flight_in_another_process_is_waited_for_not_repeated(harness):
+def test_a_register_call_in_flight_in_another_process_is_left_to_it_until_its_lease_runs_out(harness):
     request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("twin", 2), origin="cli")
     harness.run_until(request.id, State.AWAITING_APPROVAL)
     harness.workflow.requests.approve(request.id, BOB)
     harness.store.transition(request.id, from_states=[State.APPROVED], to_state=State.REGISTERING, actor="iotreg", event="registering", now=harness.clock.now())
-    # Another live process (on another host) claimed the call a moment ago.
-    harness.store.update_chunk(request.id, 0, register_sent_at=harness.clock.now(), claimed_by="other-host:4242:abcd")
+    # Another live process (on another host) runs the step: it holds the request's lease and
+    # claimed the register call a moment ago.
+    other = "other-host:4242:abcd"
+    now = harness.clock.now()
+    assert harness.store.take_lease(f"request:{request.id}", other, now, now + timedelta(seconds=LEASE_SECONDS))
+    harness.store.update_chunk(request.id, 0, register_sent_at=now, claimed_by=other)
     harness.workflow.advance(request.id)
     assert harness.register_calls(request.id) == [0]
     assert harness.state(request.id) == State.REGISTERING
-    # It never confirms: once its lease runs out, this process looks the ApplyId up and sends once.
+    # It dies before confirming: once its lease runs out, this process looks the ApplyId up and sends once.
     assert harness.run_until(request.id, State.DONE, State.FAILED) == State.DONE
     assert harness.register_calls(request.id) == [1]
+    assert harness.clock.now() - now >= timedelta(seconds=LEASE_SECONDS)
 
 
 def test_an_unexpected_error_in_a_step_keeps_the_request_scheduled(harness, monkeypatch):

@@ -48,6 +48,9 @@ EVENTS_PATH = "/slack/events"
 
 #: Slack's requests are a few kilobytes; anything over this is refused from its Content-Length.
 MAX_BODY = 1 << 20
+#: Seconds a stopping bot (SIGTERM, a rolling deploy) gives its running steps before it hands
+#: their leases back and ends: under the 30 s most platforms wait before SIGKILL.
+STOP_GRACE = 8.0
 _TIMESTAMP = re.compile(r"\d{1,12}")
 _SIGNATURE = re.compile(r"v0=[0-9a-f]{64}")
 #: In Socket Mode, /healthz turns unhealthy once the bot has been without a connection this long.
@@ -76,13 +79,18 @@ class Bot:
         uploads = views.resume_uploads(self.deps, self.web_client) if self.deps is not None else 0
         log.info("iotreg started; %d unfinished request(s) and %d unread upload(s) resumed", resumed, uploads)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = STOP_GRACE) -> bool:
+        """Stop: no new step starts, running ones get ``grace`` seconds, then every lease goes
+        back at once (another replica carries on). Returns whether every step finished; if not,
+        the process must end now rather than let them go on without their leases."""
+        finished = self.workflow.stop(grace)
         if self.deps is not None:
             self.deps.background.shutdown(wait=True)
             self.deps.slow.shutdown(wait=True)
         if isinstance(self.jobs, SchedulerJobs):
-            self.jobs.shutdown(wait=True)
+            self.jobs.shutdown(wait=finished)
         self.workflow.close()
+        return finished
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         health = self.workflow.requests.health(self.workflow.origins)

@@ -51,7 +51,7 @@ from bot.domain import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Figures", "log_transition", "AlreadyRetried", "Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
+__all__ = ["Figures", "Lease", "StepTurn", "log_transition", "AlreadyRetried", "Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -291,6 +291,61 @@ class Store(Protocol):
         began it, or None if this is the first, so a redelivery knows to look for what it posted."""
 
     def delivered_events(self, request_id: int) -> list[Event]: ...
+
+    def next_event(self, request_id: int) -> Event | None:
+        """The request's oldest undelivered event, read afresh (the one its delivery must do next)."""
+
+    # -- leases and due steps: which process does what, when several share the database
+
+    def take_lease(self, name: str, owner: str, now: datetime, until: datetime) -> bool:
+        """Hold the lease ``name`` for ``owner`` until ``until``: ``True`` if it was free, had run
+        out by ``now``, or was ``owner``'s already; ``False`` if another owner holds it. Atomic."""
+
+    def renew_leases(self, owner: str, until: datetime) -> int:
+        """Extend every lease ``owner`` holds to ``until``; return how many it holds."""
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease back, if ``owner`` holds it."""
+
+    def release_leases(self, owner: str) -> int:
+        """Give back every lease ``owner`` holds (a process stopping); return how many."""
+
+    def leases(self) -> list[Lease]:
+        """Every lease held, by name."""
+
+    def wake_request(self, request_id: int, at: datetime) -> None:
+        """Ask for the request's next step at ``at`` or earlier (an earlier due time stays)."""
+
+    def begin_request_step(self, request_id: int, now: datetime, fallback: datetime) -> StepTurn:
+        """Under the request's lease, before its step: whether the step is due by ``now``. When it
+        is, its due time becomes ``fallback`` (when the step is due again if this process dies in
+        it) and the turn carries the count of wakes, for :meth:`end_request_step`."""
+
+    def end_request_step(self, request_id: int, turn: StepTurn, at: datetime | None) -> None:
+        """After the step: the next one is due at ``at`` (``None``: none), or earlier if the
+        request was woken while the step ran."""
+
+    def due_requests(self, now: datetime, *, origins: Iterable[Origin] | None = None, limit: int = 100) -> list[int]:
+        """Requests whose next step is due by ``now`` and whose lease nobody holds, the most overdue first."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """Who holds a piece of shared work (``request:42``: its steps; ``outbox:42``: its notifications), until when."""
+
+    name: str
+    owner: str
+    until: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTurn:
+    """What :meth:`Store.begin_request_step` found: whether the step is due (and if not, when it
+    is), and how many wakes the request had had."""
+
+    due: bool
+    due_at: datetime | None
+    wakes: int
 
 
 def is_url(location: str) -> bool:

@@ -49,7 +49,7 @@ from bot.domain import (
     Tally,
     Upload,
 )
-from bot.store import AlreadyRetried, Figures, StoreUnavailable, log_transition, redact_url
+from bot.store import AlreadyRetried, Figures, Lease, StepTurn, StoreUnavailable, log_transition, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,26 @@ def m004_begun_steps(cur: psycopg.Cursor[Any]) -> None:
             begun_at timestamptz NOT NULL,
             PRIMARY KEY (event_id, step)
         )
+        """
+    )
+
+
+@migration
+def m005_leases(cur: psycopg.Cursor[Any]) -> None:
+    """Leases on shared work, and each request's next due step, so that several replicas on one
+    database run each step once. Columns are added, none changed: an older iotreg still running
+    beside them ignores them (see the README on rolling deploys)."""
+    cur.execute(
+        """
+        CREATE TABLE leases (
+            name text PRIMARY KEY,
+            owner text NOT NULL,
+            until timestamptz NOT NULL
+        );
+        ALTER TABLE requests
+            ADD COLUMN next_step_at timestamptz,
+            ADD COLUMN wakes bigint NOT NULL DEFAULT 0;
+        CREATE INDEX requests_next_step_at ON requests (next_step_at) WHERE next_step_at IS NOT NULL;
         """
     )
 
@@ -819,6 +839,71 @@ class PostgresStore:
             [request_id],
         )
         return [Event(r[0], r[1], EventKind(r[2]), r[3], r[4]) for r in rows]
+
+    def next_event(self, request_id: int) -> Event | None:
+        rows = self._fetch(
+            "SELECT id, request_id, kind, payload, attempts, next_at FROM outbox"
+            " WHERE request_id = %s AND delivered_at IS NULL ORDER BY id LIMIT 1",
+            [request_id],
+        )
+        return Event(rows[0][0], rows[0][1], EventKind(rows[0][2]), rows[0][3], rows[0][4], rows[0][5]) if rows else None
+
+    # -- leases and due steps -----------------------------------------------------------------
+
+    def take_lease(self, name: str, owner: str, now: datetime, until: datetime) -> bool:
+        """One statement: the row lock of the conflicting row decides between two takers."""
+        return self._execute(
+            "INSERT INTO leases (name, owner, until) VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE"
+            " SET owner = excluded.owner, until = excluded.until WHERE leases.owner = excluded.owner OR leases.until <= %s",
+            [name, owner, until, now],
+        ) == 1
+
+    def renew_leases(self, owner: str, until: datetime) -> int:
+        return self._execute("UPDATE leases SET until = %s WHERE owner = %s", [until, owner])
+
+    def release_lease(self, name: str, owner: str) -> None:
+        self._execute("DELETE FROM leases WHERE name = %s AND owner = %s", [name, owner])
+
+    def release_leases(self, owner: str) -> int:
+        return self._execute("DELETE FROM leases WHERE owner = %s", [owner])
+
+    def leases(self) -> list[Lease]:
+        return [Lease(*r) for r in self._fetch("SELECT name, owner, until FROM leases ORDER BY name")]
+
+    def wake_request(self, request_id: int, at: datetime) -> None:
+        self._execute(
+            "UPDATE requests SET next_step_at = LEAST(next_step_at, %s), wakes = wakes + 1 WHERE id = %s", [at, request_id]
+        )
+
+    def begin_request_step(self, request_id: int, now: datetime, fallback: datetime) -> StepTurn:
+        with self.connection() as conn:
+            row = conn.execute("SELECT next_step_at, wakes FROM requests WHERE id = %s FOR UPDATE", [request_id]).fetchone()
+            if row is None:
+                return StepTurn(True, None, 0)
+            due_at, wakes = row
+            if due_at is not None and due_at > now:
+                return StepTurn(False, due_at, wakes)
+            conn.execute("UPDATE requests SET next_step_at = %s WHERE id = %s", [fallback, request_id])
+            return StepTurn(True, due_at, wakes)
+
+    def end_request_step(self, request_id: int, turn: StepTurn, at: datetime | None) -> None:
+        """When nobody woke the request during the step its own time stands; else the earlier one."""
+        self._execute(
+            "UPDATE requests SET next_step_at = CASE WHEN wakes = %s THEN %s::timestamptz"
+            " ELSE LEAST(next_step_at, %s::timestamptz) END WHERE id = %s",
+            [turn.wakes, at, at, request_id],
+        )
+
+    def due_requests(self, now: datetime, *, origins: Iterable[Origin] | None = None, limit: int = 100) -> list[int]:
+        sql = (
+            "SELECT r.id FROM requests AS r WHERE r.next_step_at <= %s"
+            " AND NOT EXISTS (SELECT 1 FROM leases AS l WHERE l.name = 'request:' || r.id AND l.until > %s)"
+        )
+        args: list[Any] = [now, now]
+        if origins is not None:
+            sql += " AND r.origin = ANY(%s)"
+            args.append(_texts(origins))
+        return [r[0] for r in self._fetch(sql + " ORDER BY r.next_step_at LIMIT %s", [*args, limit])]
 
 
 def _audit(cur: psycopg.Cursor[Any], request_id: int, actor: str, event: str, detail: dict[str, Any], now: datetime) -> None:

@@ -39,7 +39,7 @@ from bot.domain import (
     Tally,
     Upload,
 )
-from bot.store import AlreadyRetried, Figures, StoreBusy, StoreUnavailable, log_transition
+from bot.store import AlreadyRetried, Figures, Lease, StepTurn, StoreBusy, StoreUnavailable, log_transition
 
 
 PENDING = Outcome.PENDING.value
@@ -197,6 +197,17 @@ def m008_begun_steps(db: Database) -> None:
     """A notification step that posts is marked begun before it posts, so that a redelivery after a
     crash between Slack's answer and ``notified_steps`` looks for the message before posting again."""
     db["begun_steps"].create({"event_id": int, "step": str, "begun_at": str}, pk=("event_id", "step"))
+
+
+@migrations()
+def m009_leases(db: Database) -> None:
+    """Leases on shared work, and each request's next due step, so that several processes on one
+    database (PostgreSQL; SQLite serves one) run each step once. Columns are added, none changed:
+    an older iotreg still running beside them ignores them."""
+    db["leases"].create({"name": str, "owner": str, "until": str}, pk="name")
+    db.execute("ALTER TABLE requests ADD COLUMN next_step_at TEXT")
+    db.execute("ALTER TABLE requests ADD COLUMN wakes INTEGER NOT NULL DEFAULT 0")
+    db.execute("CREATE INDEX requests_next_step_at ON requests (next_step_at) WHERE next_step_at IS NOT NULL")
 
 
 def format_time(value: datetime) -> str:
@@ -848,3 +859,86 @@ class SqliteStore:
             [request_id],
         ).fetchall()
         return [Event(r[0], r[1], EventKind(r[2]), json.loads(r[3]), r[4]) for r in rows]
+
+    def next_event(self, request_id: int) -> Event | None:
+        rows = self.db.execute(
+            "SELECT id, request_id, kind, payload, attempts, next_at FROM outbox"
+            " WHERE request_id = ? AND delivered_at IS NULL ORDER BY id LIMIT 1",
+            [request_id],
+        ).fetchall()
+        return Event(rows[0][0], rows[0][1], EventKind(rows[0][2]), json.loads(rows[0][3]), rows[0][4], parse_time(rows[0][5])) if rows else None
+
+    # -- leases and due steps -----------------------------------------------------------------
+
+    def take_lease(self, name: str, owner: str, now: datetime, until: datetime) -> bool:
+        with self._write() as db:
+            cursor = db.conn.execute(
+                "INSERT INTO leases (name, owner, until) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE"
+                " SET owner = excluded.owner, until = excluded.until WHERE leases.owner = excluded.owner OR leases.until <= ?",
+                [name, owner, format_time(until), format_time(now)],
+            )
+            return cursor.rowcount == 1
+
+    def renew_leases(self, owner: str, until: datetime) -> int:
+        with self._write() as db:
+            return db.conn.execute("UPDATE leases SET until = ? WHERE owner = ?", [format_time(until), owner]).rowcount
+
+    def release_lease(self, name: str, owner: str) -> None:
+        with self._write() as db:
+            db.conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", [name, owner])
+
+    def release_leases(self, owner: str) -> int:
+        with self._write() as db:
+            return db.conn.execute("DELETE FROM leases WHERE owner = ?", [owner]).rowcount
+
+    def leases(self) -> list[Lease]:
+        rows = self.db.execute("SELECT name, owner, until FROM leases ORDER BY name").fetchall()
+        return [Lease(r[0], r[1], datetime.fromisoformat(r[2])) for r in rows]
+
+    def wake_request(self, request_id: int, at: datetime) -> None:
+        with self._write() as db:
+            db.conn.execute(
+                "UPDATE requests SET next_step_at = CASE WHEN next_step_at IS NULL OR next_step_at > ?1 THEN ?1 ELSE next_step_at END,"
+                " wakes = wakes + 1 WHERE id = ?2",
+                [format_time(at), request_id],
+            )
+
+    def begin_request_step(self, request_id: int, now: datetime, fallback: datetime) -> StepTurn:
+        with self._write() as db:
+            row = db.conn.execute("SELECT next_step_at, wakes FROM requests WHERE id = ?", [request_id]).fetchone()
+            if row is None:
+                return StepTurn(True, None, 0)
+            due_at = parse_time(row[0])
+            if due_at is not None and due_at > now:
+                return StepTurn(False, due_at, row[1])
+            db.conn.execute("UPDATE requests SET next_step_at = ? WHERE id = ?", [format_time(fallback), request_id])
+            return StepTurn(True, due_at, row[1])
+
+    def end_request_step(self, request_id: int, turn: StepTurn, at: datetime | None) -> None:
+        with self._write() as db:
+            row = db.conn.execute("SELECT next_step_at, wakes FROM requests WHERE id = ?", [request_id]).fetchone()
+            if row is None:
+                return
+            db.conn.execute(
+                "UPDATE requests SET next_step_at = ? WHERE id = ?",
+                [_next_due(parse_time(row[0]), row[1], turn, at), request_id],
+            )
+
+    def due_requests(self, now: datetime, *, origins: Iterable[Origin] | None = None, limit: int = 100) -> list[int]:
+        sql = (
+            "SELECT r.id FROM requests AS r WHERE r.next_step_at <= ?"
+            " AND NOT EXISTS (SELECT 1 FROM leases AS l WHERE l.name = 'request:' || r.id AND l.until > ?)"
+        )
+        args: list[Any] = [format_time(now), format_time(now)]
+        if origins is not None:
+            marks, values = _in(origins)
+            sql += f" AND r.origin IN {marks}"
+            args.extend(values)
+        return [r[0] for r in self.db.execute(sql + " ORDER BY r.next_step_at LIMIT ?", [*args, limit]).fetchall()]
+
+
+def _next_due(current: datetime | None, wakes: int, turn: StepTurn, at: datetime | None) -> str | None:
+    """The due time a step leaves: its own, unless the request was woken while it ran (then the earlier)."""
+    if wakes != turn.wakes and current is not None:
+        at = current if at is None else min(at, current)
+    return format_time(at) if at is not None else None

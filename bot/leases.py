@@ -1,0 +1,114 @@
+"""Leases: which process does a piece of shared work, when several share one database.
+
+Every step of a request runs under the lease ``request:<id>``, and every delivery of its
+notifications under ``outbox:<id>``. A lease is a row (:meth:`bot.store.Store.take_lease`): taking
+it is one atomic statement, so of two replicas that want the same step exactly one gets it, and
+the other leaves it. A lease is short (:data:`LEASE_SECONDS`) and renewed every third of that by
+a heartbeat thread while the process holds any, so a process that dies (SIGKILL, a lost machine)
+loses its leases within that time and another process carries its work on; one that stops on
+SIGTERM gives them back at once (:meth:`Leases.hand_back`).
+
+Leases only decide *who*; what is due *when* is each request's ``next_step_at`` in the database,
+which every replica sweeps (:meth:`bot.reconciler.Reconciler.sweep`). APScheduler stays each
+process's local timer.
+
+Times are the processes' clocks: replicas on several machines need them in step (NTP) to well
+under the lease's length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections import Counter
+from datetime import timedelta
+
+from bot.clock import Clock
+from bot.store import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+#: Seconds a lease lasts without renewal: how long a dead process's work waits for another.
+LEASE_SECONDS = 10.0
+
+
+def owner_token() -> str:
+    """This process, as lease rows and register claims name it: ``host:pid:nonce``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Leases:
+    """This process's leases on one store, renewed while held."""
+
+    def __init__(self, store: Store, clock: Clock, *, seconds: float = LEASE_SECONDS, owner: str | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.seconds = seconds
+        self.owner = owner or owner_token()
+        self._held: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def take(self, name: str) -> bool:
+        """Take (or take again) the lease ``name``; ``False`` if another process holds it."""
+        now = self.clock.now()
+        if not self.store.take_lease(name, self.owner, now, now + timedelta(seconds=self.seconds)):
+            return False
+        with self._lock:
+            self._held[name] += 1
+            if self._heartbeat is None and not self._stopped.is_set():
+                self._heartbeat = threading.Thread(target=self._renew_while_held, name="iotreg-leases", daemon=True)
+                self._heartbeat.start()
+        return True
+
+    def release(self, name: str) -> None:
+        """Give the lease back once its last taker in this process is done with it."""
+        with self._lock:
+            self._held[name] -= 1
+            if self._held[name] > 0:
+                return
+            del self._held[name]
+        try:
+            self.store.release_lease(name, self.owner)
+        except StoreUnavailable as exc:  # it runs out by itself
+            log.warning("could not give back lease %s: %s", name, exc)
+
+    def held(self) -> set[str]:
+        with self._lock:
+            return set(self._held)
+
+    def renew(self) -> int:
+        """Extend every lease this process holds; returns how many the database has."""
+        if not self.held():
+            return 0
+        renewed = self.store.renew_leases(self.owner, self.clock.now() + timedelta(seconds=self.seconds))
+        if renewed < len(self.held()):
+            log.warning("%d lease(s) ran out before they were renewed; their work may run elsewhere too", len(self.held()) - renewed)
+        return renewed
+
+    def hand_back(self) -> int:
+        """Stop renewing and give back every lease at once (a process stopping); returns how many."""
+        self._stopped.set()
+        with self._lock:
+            self._held.clear()
+        try:
+            count = self.store.release_leases(self.owner)
+        except StoreUnavailable as exc:
+            log.warning("could not hand back leases: %s (they run out within %g s)", exc, self.seconds)
+            return 0
+        if count:
+            log.info("handed back %d lease(s)", count)
+        return count
+
+    def _renew_while_held(self) -> None:
+        while not self._stopped.wait(self.seconds / 3):
+            try:
+                self.renew()
+            except StoreUnavailable as exc:
+                log.warning("could not renew leases: %s", exc)
+            except Exception:  # noqa: BLE001 - the heartbeat must outlive any one failure
+                log.exception("renewing leases failed")
