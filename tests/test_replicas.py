@@ -27,6 +27,7 @@ from postgres import fresh_database
 
 from bot.clock import SystemClock
 from bot.domain import Outcome, State
+from bot.leases import LEASE_SECONDS
 from bot.slack import blocks
 from bot.standins.emulator import Emulator
 from bot.standins.replicas import ReplicaError, Replicas, Spread
@@ -38,8 +39,8 @@ SECRET = "replicas-signing-secret"
 OPS = "C0OPS"
 ALICE, BOB, CAROL, DAVE = "U0ALICE", "U0BOB", "U0CAROL", "U0DAVE"
 PLAIN, PROD = "a1TestProd1", "a1ProdKey01"
-#: A replica that dies holds its lease at most this long (the lease's length), plus the sweep.
-LEASE = 15.0
+#: A replica that dies holds its leases at most this long; the work then waits for a sweep (1 s).
+LEASE = LEASE_SECONDS
 POLICY = f"""
 [default]
 approvers = ["{BOB}", "{CAROL}", "{DAVE}"]
