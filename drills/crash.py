@@ -224,7 +224,8 @@ def main() -> int:
           f"{args.requests} commands sent ({ws.refused + command_retries} tries refused while a replica was down), {kills} SIGKILLs, "
           f"{sum(b.starts for b in bots)} starts; commands and clicks answered by replica: {ws.counts}; exit statuses at the end: {statuses}")
     faults = sum(n for (_, code), n in emulator.gateway.outcomes.items() if code != "Success")
-    print(f"  faults injected: IoT Platform {faults:,} error answers; Slack {slack_faults:,} failing methods")
+    throttled = sum(n for (_, code), n in emulator.gateway.outcomes.items() if code == "Throttling.User")
+    print(f"  faults injected: IoT Platform {faults:,} error answers ({throttled:,} of them Throttling.User, the quotas' own); Slack {slack_faults:,} failing methods")
     print(f"  requests: {len(all_requests)}; final states: {dict(states)}; not final: {sum(1 for r in all_requests if not r.final)}")
     for request in all_requests:
         if request.state == State.FAILED:
