@@ -6,7 +6,8 @@ On each connection the server says ``hello``; it sends envelopes (:meth:`SocketM
 or :meth:`~SocketModeServer.deliver` for the form body of a slash command or an interaction, as
 :class:`SocketWorkspace` does) each on ONE of the app's open connections chosen at random, as Slack
 does (an app may hold up to 10, e.g. one per replica): a connection Slack has
-asked to go (``disconnect``) or one gone silent no longer gets new ones. It records each ack with
+asked to go (``disconnect``) gets no new ones, nor here one made silent (a simplification: Slack
+itself would go on sending to a half-open connection until it noticed). It records each ack with
 the time it came and the connection it came on (:meth:`~SocketModeServer.wait_ack`).
 
 What can go wrong with a connection, each on demand, on the newest one unless told otherwise:
