@@ -234,8 +234,12 @@ def test_twenty_simultaneous_approve_clicks_on_three_replicas_approve_once(deplo
         start.wait()
         return d.spread.to(n % 3).click(clickers[n], waiting, blocks.APPROVE).status_code
 
+    answered = lambda: sum(len(d.fake.ephemeral(OPS, u)) for u in (BOB, CAROL, DAVE))  # noqa: E731
+    before = answered()
     with ThreadPoolExecutor(20) as pool:
         assert set(pool.map(click, range(20))) == {200}
+    # Every click but the one that completed the quorum hears what came of it.
+    wait_for(lambda: answered() - before >= 19, 15, "an answer to every click", d)
     wait_for(lambda: d.state(request_id) == State.DONE, 30, "the request done", d)
     audit = d.store.audit(request_id)
     assert len([e for e in audit if e.event == "approval"]) == 2  # two approvers of three, each once
