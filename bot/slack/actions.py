@@ -108,10 +108,11 @@ def dispatch(deps: Deps, handle: Callable[[Deps, Request, str], str | None], val
 
 def approve(deps: Deps, request: Request, user: str) -> str | None:
     request = deps.requests.approve(request.id, user)
-    if request.state == State.AWAITING_APPROVAL:
-        approvals = deps.requests.approvals(request.id)
-        return f"Your approval of request #{request.id} is counted: {blocks.progress_line(approvals, deps.requests.rule_of(request).approvals)}."
-    return None
+    if request.state != State.AWAITING_APPROVAL and request.decided_by == user:
+        return None  # this click completed the approval: the request's message says so
+    # Counted, and the request still waits, or another approver completed it a moment later.
+    approvals = deps.requests.approvals(request.id)
+    return f"Your approval of request #{request.id} is counted: {blocks.progress_line(approvals, deps.requests.rule_of(request).approvals)}."
 
 
 def reject(deps: Deps, request: Request, user: str, reason: str = "") -> str | None:
