@@ -216,11 +216,11 @@ def test_a_held_lease_is_renewed_while_its_work_runs(store):
     from bot.clock import SystemClock
     from bot.leases import Leases
 
-    leases = Leases(store, SystemClock(), seconds=0.3)
-    other = Leases(store, SystemClock(), seconds=0.3)
+    leases = Leases(store, SystemClock(), seconds=2.0)
+    other = Leases(store, SystemClock(), seconds=2.0)
     assert leases.take("request:1")
     first = store.leases()[0].until
-    assert wait_until(lambda: store.leases()[0].until > first + timedelta(seconds=0.15), timeout=10)
+    assert wait_until(lambda: store.leases()[0].until > first + timedelta(seconds=0.5), timeout=10)
     assert not other.take("request:1")  # renewed, so never run out, though its first term has
     leases.release("request:1")
     assert store.leases() == [] and other.take("request:1")
