@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ from bot.domain import (
     Upload,
     WorkflowError,
 )
+from bot.leases import Leases
 from bot.policy import Policy
 from bot.reconciler import may_be_alive
 from bot.store import AlreadyRetried, Figures, Store, StoreUnavailable
@@ -63,8 +65,12 @@ class ReasonRequired(WorkflowError):
 class RequestService:
     """Commands and queries on requests, for every front end."""
 
-    def __init__(self, store: Store, client: IotClient | None, clock: Clock, timing: Timing, jobs: Jobs, policy: Policy) -> None:
+    def __init__(
+        self, store: Store, client: IotClient | None, clock: Clock, timing: Timing, jobs: Jobs, policy: Policy,
+        *, leases: Leases | None = None,
+    ) -> None:
         self.store = store
+        self.leases = leases or Leases(store, clock)
         self.client = client
         self.clock = clock
         self.timing = timing
@@ -418,6 +424,20 @@ class RequestService:
 
     def upload(self, upload_id: int) -> Upload | None:
         return self.store.upload(upload_id)
+
+    @contextmanager
+    def reading_upload(self, upload_id: int) -> Iterator[Upload | None]:
+        """The upload while this process reads it, under its lease (``upload:<id>``), so that no
+        other replica reads it at the same time; ``None`` when another one is reading it, or it
+        has been read."""
+        lease = f"upload:{upload_id}"
+        if not self.leases.take(lease):
+            yield None
+            return
+        try:
+            yield self.store.upload(upload_id)
+        finally:
+            self.leases.release(lease)
 
     def unread_uploads(self) -> list[Upload]:
         return self.store.unread_uploads()
