@@ -9,6 +9,8 @@ tests with real `iotreg serve` processes are in tests/test_replicas.py.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -74,6 +76,20 @@ def replicas(emulator, store_location):
     yield a, b, notes
     a.close()
     b.close()
+
+
+@contextmanager
+def posting_held_open(replica: Replica, notes: Notes) -> Iterator[None]:
+    """Replica a delivering in a thread, held inside its first post until the block ends."""
+    notes.gate = threading.Event()
+    delivering = threading.Thread(target=replica.workflow.deliver_events)
+    delivering.start()
+    try:
+        assert notes.entered.wait(timeout=30)
+        yield
+    finally:
+        notes.gate.set()
+        delivering.join(timeout=30)
 
 
 def run_both(a: Replica, b: Replica, done, clock, timeout: float = 3600) -> bool:
@@ -163,16 +179,9 @@ def test_a_dead_replicas_step_is_taken_over_when_its_lease_runs_out(replicas, em
 def test_a_request_notifications_go_through_one_replica_at_a_time(replicas, emulator):
     a, b, notes = replicas
     request = a.workflow.requests.submit(emulator.product_key, ALICE, ["said-1"], origin="cli")
-    notes.gate = threading.Event()
-    delivering = threading.Thread(target=a.workflow.deliver_events)
-    delivering.start()
-    try:
-        assert notes.entered.wait(timeout=30)  # a is posting the request's first notification
+    with posting_held_open(a, notes):  # a is posting the request's first notification
         assert b.workflow.deliver_events() == 0  # b leaves the request to a, and posts nothing
         assert f"request-{request.id}" not in b.jobs.scheduled() and b.jobs.scheduled()["outbox"] > emulator.clock.now()
-    finally:
-        notes.gate.set()
-        delivering.join(timeout=30)
     assert [who for who, _ in notes.delivered] == ["a"]
     assert b.workflow.deliver_events() == 0
     assert notes.delivered == [("a", e.id) for e in a.store.delivered_events(request.id)]
@@ -181,19 +190,12 @@ def test_a_request_notifications_go_through_one_replica_at_a_time(replicas, emul
 def test_a_stopping_replica_hands_its_leases_back_at_once(replicas, emulator):
     a, b, notes = replicas
     request = a.workflow.requests.submit(emulator.product_key, ALICE, ["handed-1"], origin="cli")
-    notes.gate = threading.Event()
-    delivering = threading.Thread(target=a.workflow.deliver_events)
-    delivering.start()
-    try:
-        assert notes.entered.wait(timeout=30)
+    with posting_held_open(a, notes):
         assert [lease.name for lease in a.store.leases()] == [f"outbox:{request.id}"]
         assert a.workflow.stop(grace=0.05) is False  # the delivery outlived the grace ...
         assert a.store.leases() == []  # ... and its lease is back, with no wait for it to run out
         assert b.workflow.leases.take(f"outbox:{request.id}")
         b.workflow.leases.release(f"outbox:{request.id}")
-    finally:
-        notes.gate.set()
-        delivering.join(timeout=30)
     # A stopped replica starts no step.
     a.workflow.advance(request.id)
     assert emulator.gateway.calls["BatchCheckDeviceNames"] == 0
