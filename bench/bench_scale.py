@@ -8,7 +8,10 @@ does nothing (no Slack: this is about the IoT side). An approver thread approves
 soon as it awaits approval.
 
 1. One big request: 100,000 names (ten chunks of 10,000) checked, approved, registered, and every
-   device's IotId collected (2,000 QueryPageByApplyId calls of 50).
+   device's IotId collected (2,000 QueryPageByApplyId calls of 50). The result (the request done, its
+   threaded reply posted) comes from the final status; the IotIds after it: the run ends when the
+   last is read, and "approval to result" is set against the platform's creation time (target:
+   within it + 3 s).
 2. Many requests in flight: 200 requests of 50 names, submitted at once, all to the end.
 3. Growth as the work doubles: names per request, requests in flight, and rows already in the
    database (time of ``Workflow.submit`` of 10,000 names, ``store.outcome_counts`` and
@@ -31,6 +34,7 @@ emulator builds a creation's devices inside the first call after its deadline, s
 devices its creation takes seconds longer than ``create_seconds``: that time is shown apart.
 
     python bench/bench_scale.py [--poll 1] [--check-seconds 1] [--create-seconds 1] [--quick]
+    python bench/bench_scale.py --result-only [--names 100000]   # just approval to result, one request
 
 ``--replicas N`` measures instead how replicas share the account's quotas: 200 requests of 50 names
 in flight, driven by N processes at once, each with its own PostgreSQL store (one throwaway
@@ -106,9 +110,9 @@ def _serve_emulator(conn: Connection, check_seconds: float, create_seconds: floa
     building: list[float] = []
     handle, finish_create = emulator.gateway.handle, emulator.backend._finish_create  # noqa: SLF001
 
-    def timed(method: str, query: Iterable[tuple[str, str]], form: Iterable[tuple[str, str]] = (), **raw: Any) -> tuple[int, dict]:
+    def timed(method: str, query: Iterable[tuple[str, str]], form: Iterable[tuple[str, str]] = (), **v3: Any) -> tuple[int, dict]:
         params, began = list(query), time.monotonic()
-        status, body = handle(method, params, form, **raw)  # raw: the headers and body of V3 calls
+        status, body = handle(method, params, form, **v3)
         ended = time.monotonic()
         answered.append((ended, dict(params).get("Action", ""), str(body.get("Code", "Success")), ended - began))
         return status, body
@@ -168,6 +172,7 @@ class Run:
     pending: int
     done: int
     phases: dict[str, float]
+    result: float  # seconds from the first submit to the last request's result (every request final)
     timeline: list[tuple[float, str, str, float]]  # every answer: (seconds from the first submit, action, code, seconds in the gateway)
     building: float  # seconds the emulator spent building created devices, inside the first call after each deadline
     missed_slots: int  # booked rate-limit slots whose step came too late to use them
@@ -243,6 +248,13 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
             if time.monotonic() - started > limit:
                 raise RuntimeError(f"not finished after {limit:.0f} s: {_states(workflow.store)}")
             time.sleep(0.02)
+        result = time.monotonic() - started
+        # The IotIds, read after the result (a store without the method read them before it).
+        unread = getattr(workflow.store, "unread_iot_ids", list)
+        while unread():
+            if time.monotonic() - started > limit:
+                raise RuntimeError(f"IotIds not all read after {limit:.0f} s")
+            time.sleep(0.02)
         seconds = time.monotonic() - started
     finally:
         finished.set()
@@ -254,7 +266,8 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
     recorded = dict(db.execute("SELECT name, iot_id FROM devices WHERE outcome = ?", [Outcome.CREATED]).fetchall())
     pending = db.execute("SELECT COUNT(*) FROM devices WHERE outcome = ?", [Outcome.PENDING]).fetchone()[0]
     done = db.execute("SELECT COUNT(*) FROM requests WHERE state = ?", [State.DONE]).fetchone()[0]
-    phases = _phases(workflow.store, wall_started, submitted)
+    phases = _phases(workflow.store, wall_started, submitted, create_seconds, sum(building))
+    phases["last IotId read"] = seconds
     workflow.close()
     shutil.rmtree(folder, ignore_errors=True)
     return Run(
@@ -268,6 +281,7 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
         pending=pending,
         done=done,
         phases=phases,
+        result=result,
         timeline=sorted((at - started, action, code, seconds) for at, action, code, seconds in answered),
         building=sum(building),
         missed_slots=sum(client.limiter.missed.values()),
@@ -426,18 +440,36 @@ def _states(store: SqliteStore) -> str:
     return ", ".join(f"{state}: {count}" for state, count in rows)
 
 
-def _phases(store: SqliteStore, origin: datetime, submitted: float) -> dict[str, float]:
-    """When (seconds from the first submit) the last request reached each step, from the audit trail."""
+def _phases(store: SqliteStore, origin: datetime, submitted: float, create_seconds: float, building: float) -> dict[str, float]:
+    """When (seconds from the first submit) the last request reached each step, from the audit trail;
+    and when the platform's last creation ended: its register call, ``create_seconds``, and the
+    emulator building the devices inside the first status call after the deadline."""
     rows = store.db.execute(
         "SELECT event, MIN(at), MAX(at) FROM audit WHERE event IN ('requested', 'check_submitted', 'checked', 'approved', 'register_submitted', 'registered') GROUP BY event"
     ).fetchall()
     span = {event: (parse_time(first), parse_time(last)) for event, first, last in rows}
     phases = {"submit calls returned": submitted}
     for event, label in [("check_submitted", "last check answered"), ("checked", "last checked"), ("approved", "last approved"),
-                         ("register_submitted", "last register answered"), ("registered", "last done")]:
+                         ("register_submitted", "last register answered"), ("registered", "last result (done)")]:
         if event in span:
             phases[label] = (span[event][1] - origin).total_seconds()
+    if "last register answered" in phases:
+        phases["platform's last creation ended"] = phases["last register answered"] + create_seconds + building
     return phases
+
+
+def approval_to_result(run: Run) -> list[list[object]]:
+    """Approval to result against the platform's creation time (target: within it + 3 s), one request."""
+    approved, phases = run.phases["last approved"], run.phases
+    creation = phases["platform's last creation ended"] - approved
+    result = phases.get("last result (done)", run.result) - approved
+    return [
+        ["approval → platform's creation ended (register call, create, emulator building)", f"{creation:.1f}"],
+        ["approval → result (done; the threaded result goes out)", f"{result:.1f}"],
+        ["result − creation ended (target ≤ 3 s)", f"{result - creation:.1f} ({'PASS' if result - creation <= 3 else 'MISS'})"],
+        ["approval → last IotId read", f"{phases['last IotId read'] - approved:.1f}"],
+        ["QueryPageByApplyId calls / devices accounted (same IotId)", f"{run.calls['QueryPageByApplyId']:,} / {'all' if run.accounted else 'NOT ALL'}"],
+    ]
 
 
 # -- rows already in the database ---------------------------------------------------------------
@@ -504,6 +536,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny version: checks the script works")
     parser.add_argument("--replicas", type=int, help="measure N replica processes on one PostgreSQL database (and 1 beside them)")
     parser.add_argument("--requests", type=int, default=200, help="requests of 50 names in flight, with --replicas")
+    parser.add_argument("--result-only", action="store_true", help="only approval to result, for one request of --names")
+    parser.add_argument("--names", type=int, default=100_000, help="with --result-only: the request's names")
     args = parser.parse_args()
     if args.replicas is not None:
         if args.replicas < 1 or args.requests < 1:
@@ -511,6 +545,15 @@ def main() -> None:
         replicas_main(args)
         return
     c, k = args.check_seconds, args.create_seconds
+    if args.result_only:
+        print(f"one request of {args.names:,} names…", flush=True)
+        run = run_requests([args.names], poll=args.poll, check_seconds=c, create_seconds=k)
+        report(
+            f"Scale: approval to result, {args.names:,} names",
+            f"As section 1 of the scale benchmark (check {c:g} s, create {k:g} s, IOTREG_POLL_INTERVAL={args.poll:g} s); "
+            "seconds from the approval.\n\n" + table(["", "s"], approval_to_result(run)),
+        )
+        return
     if args.quick:
         names_steps, flight_steps, flight_size = [500, 1_000], [5, 10], 20
         db_levels, db_submit, db_repeat = [0, 10_000, 20_000], 1_000, 2
@@ -572,6 +615,7 @@ def main() -> None:
         f"notifier and an approver that approves within 20 ms. IOTREG_POLL_INTERVAL={args.poll:g} s (×1.5 back-off). "
         "Optimum = max over actions (fewest calls / QPS) + check + create (see the script's docstring).\n\n"
         + main_table
+        + "\n\nApproval to result, 1. (seconds from the approval):\n\n" + table(["", "s"], approval_to_result(big))
         + "\n\nWhere the time went (seconds from the first submit; calls answered per second, check / register / status / pages):\n\n"
         + phases + "\n\n" + timeline(big, many)
         + "\n\nNames per request (one request):\n\n" + growth(by_names, "names", lambda r: f"{r.sizes[0]:,}")

@@ -343,8 +343,22 @@ class Driver:
                 return self.requests.require(request_id).state in until
 
             self.jobs.run_until(reached)
-        self.jobs.run_due()  # deliver the notifications of the last step
+        self.jobs.run_due()  # deliver the notifications of the last step (and read the IotIds, after the result)
         return self.requests.require(request_id)
+
+    def wait_for_iot_ids(self, request: Request) -> None:
+        """The outcome file is written once the created devices' IotIds are read (they come after the
+        result): the terminal waits for them, and says so when they do not come at once."""
+        def read() -> bool:
+            return not self.requests.summary(request.id).iot_ids_pending
+
+        if read():
+            return
+        self.terminal.line(
+            f"Request #{request.id}: reading the IotIds of the created devices from IoT Platform failed; trying again "
+            f"(Ctrl-C stops waiting: `iotreg resume {request.id}` waits again)."
+        )
+        self.jobs.run_until(read)
 
     def show_invalid(self, request_id: int, limit: int = 20) -> None:
         invalid = self.requests.devices(request_id, outcome=Outcome.INVALID)
@@ -358,6 +372,7 @@ class Driver:
         """Print the summary, write the report; returns the request's exit status."""
         from bot import report
 
+        self.wait_for_iot_ids(request)
         summary = self.requests.summary(request.id)
         self.finished.append(summary)
         say = self.terminal.say
@@ -435,6 +450,7 @@ def request_json(requests: RequestService, request: Request) -> dict[str, Any]:
         "refused_by_check": summary.invalid,
         "pending": summary.pending,
         "rejected_locally": summary.rejected_locally,
+        "iot_ids_pending": summary.iot_ids_pending,
         "apply_ids": requests.apply_ids(request.id),
         "exit_status": int(exit_status(summary)),
     }
@@ -630,6 +646,8 @@ def status(ref: str, product_key: str | None, as_json: bool) -> None:
         ):
             if local[key] or key == "registered":
                 click.echo(f"  {label:<18}{local[key]:>10,}")
+        if local["iot_ids_pending"]:
+            click.echo("  IotIds of the registered devices: still being read from IoT Platform")
         for chunk in chunks:
             if chunk.apply_id:
                 click.echo(f"  ApplyId {chunk.apply_id}: {chunk.size:,} device(s), {chunk.status or 'not sent'}")

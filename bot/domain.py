@@ -260,6 +260,9 @@ class Chunk:
     register_confirmed_at: datetime | None
     error: str | None
     claimed_by: str | None = None
+    #: When the IotIds of the chunk's created devices were read from QueryPageByApplyId (or reading
+    #: them was given up); ``None`` while a finished creation's IotIds are still to be read.
+    iot_ids_read_at: datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +334,8 @@ class Summary:
     invalid: int
     pending: int
     rejected_locally: int
+    #: Some created devices' IotIds are still being read from the platform (they come after the result).
+    iot_ids_pending: bool = False
 
     @property
     def total(self) -> int:

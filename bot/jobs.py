@@ -72,6 +72,7 @@ class SchedulerJobs:
     def __init__(self, steps: Steps, workers: int = 8, *, sweep_every: float = SWEEP_INTERVAL) -> None:
         self.steps = steps
         self.sweep_every = sweep_every
+        self._stopping = False
         self._lock = threading.Lock()
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(workers)},
@@ -92,6 +93,10 @@ class SchedulerJobs:
         )
 
     def shutdown(self, wait: bool = True) -> None:
+        # No wake from here on: APScheduler's shutdown holds its job store lock while it waits for
+        # running jobs, so a step that scheduled its next wake then would wait for it forever.
+        with self._lock:
+            self._stopping = True
         if self.scheduler.running:
             self.scheduler.shutdown(wait=wait)
 
@@ -104,6 +109,8 @@ class SchedulerJobs:
     def _schedule(self, job_id: str, func: Callable[..., None], args: list, at: datetime | None) -> None:
         at = at or datetime.now(timezone.utc)
         with self._lock:
+            if self._stopping:
+                return  # the database has what is due; the next start (or another replica) takes it
             job = self.scheduler.get_job(job_id)
             # Before start() a job has no next_run_time attribute at all (APScheduler 3.x).
             next_run = getattr(job, "next_run_time", None)

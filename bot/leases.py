@@ -23,7 +23,6 @@ import os
 import socket
 import threading
 import uuid
-from collections import Counter
 from datetime import timedelta
 
 from bot.clock import Clock
@@ -48,34 +47,48 @@ class Leases:
         self.clock = clock
         self.seconds = seconds
         self.owner = owner or owner_token()
-        self._held: Counter[str] = Counter()
+        self._held: set[str] = set()
+        self._taking: set[str] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
     def take(self, name: str) -> bool:
-        """Take (or take again) the lease ``name``; ``False`` if another process holds it."""
+        """Take the lease ``name``; ``False`` if another process holds it, or another thread of
+        this one (a lease is one piece of work, done once at a time)."""
+        with self._lock:
+            if name in self._held or name in self._taking:
+                return False
+            self._taking.add(name)  # before the database, so that two threads here cannot both take it
         now = self.clock.now()
-        if not self.store.take_lease(name, self.owner, now, now + timedelta(seconds=self.seconds)):
+        try:
+            taken = self.store.take_lease(name, self.owner, now, now + timedelta(seconds=self.seconds))
+        except BaseException:
+            self._forget(name)
+            raise
+        if not taken:
+            self._forget(name)
             return False
         with self._lock:
-            self._held[name] += 1
+            self._taking.discard(name)
+            self._held.add(name)
             if self._heartbeat is None and not self._stopped.is_set():
                 self._heartbeat = threading.Thread(target=self._renew_while_held, name="iotreg-leases", daemon=True)
                 self._heartbeat.start()
         return True
 
     def release(self, name: str) -> None:
-        """Give the lease back once its last taker in this process is done with it."""
-        with self._lock:
-            self._held[name] -= 1
-            if self._held[name] > 0:
-                return
-            del self._held[name]
+        """Give the lease back."""
+        self._forget(name)
         try:
             self.store.release_lease(name, self.owner)
         except StoreUnavailable as exc:  # it runs out by itself
             log.warning("could not give back lease %s: %s", name, exc)
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._held.discard(name)
+            self._taking.discard(name)
 
     def held(self) -> set[str]:
         with self._lock:

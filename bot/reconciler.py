@@ -19,6 +19,18 @@ Crash between "API call sent" and "result stored":
 * BatchRegisterDevice (auto-named): there is no ApplyId to look up before the answer, and sending
   it again would create a second batch. A chunk marked as sent with no ApplyId is never resent:
   the request fails with a reason that says so and asks for a look at the console.
+
+The result before the IotIds: for named devices the final QueryBatchRegisterDeviceStatus answer
+already says which were created and which failed (InvalidList and its reasons), so the request ends
+(and its result is posted) as soon as every chunk's creation has ended, and the devices' IotIds are
+read from QueryPageByApplyId afterwards, a chunk at a time (``iot_ids_read_at``), by the same
+step of a final request (:meth:`Reconciler._read_iot_ids`); :meth:`Reconciler.resume` wakes final
+requests whose IotIds are still unread, so a crash in between only delays them. Reading them is
+retried on API errors and never changes the request's outcome; when it has not succeeded within
+``phase_timeout`` of the result, iotreg stops trying, logs it and records ``iot_ids_not_read``: the
+devices exist and are known by ProductKey and DeviceName, and ``iotreg credentials`` lists their
+IotIds from the platform at any time. Devices named by the platform (BatchRegisterDevice) are only
+known from the pages, so their pages are still read before the result.
 """
 
 from __future__ import annotations
@@ -107,8 +119,11 @@ class Reconciler:
         unfinished = self.store.requests(states=ACTIVE_STATES, origins=self.origins, limit=100_000)
         for request in unfinished:
             self.jobs.wake(request.id)
+        unread = self.store.unread_iot_ids(origins=self.origins)  # finished, but IotIds still to read
+        for request_id in unread:
+            self.jobs.wake(request_id)
         self.jobs.wake_outbox()
-        return len(unfinished)
+        return len(unfinished) + len(unread)
 
     def sweep(self, limit: int = 100) -> int:
         """Wake here the steps that are due and that no process holds: the ones whose process died
@@ -165,7 +180,14 @@ class Reconciler:
         request = self.store.get(request_id)
         if request is None or request.final:
             self._polls.pop(request_id, None)
-            self.store.end_request_step(request_id, turn, None)
+            # Should reading fail unexpectedly, it is tried again at the next poll.
+            at = None if request is None else self.clock.now() + timedelta(seconds=self.timing.next_poll(request.polls))
+            try:
+                at = self._read_iot_ids(request) if request is not None else None
+            finally:
+                self.store.end_request_step(request_id, turn, at)
+                if at is not None:
+                    self.jobs.wake(request_id, at)
             return
         later: SlotLater | None = None
         try:
@@ -289,9 +311,7 @@ class Reconciler:
                     # Only CREATE_* is final here: a platform that still says CHECK_SUCCESS just after
                     # the register call has not started creating yet.
                     if status.status in CREATE_FINAL:
-                        # Outcomes first, status after: a crash in between only repeats the collection.
                         self._collect(request, chunk, status)
-                        self.store.update_chunk(request.id, chunk.chunk_no, status=status.status.value)
                         progressed = True
         finally:
             # Also when a later chunk's poll is deferred: the chunks that ended are news now.
@@ -310,6 +330,7 @@ class Reconciler:
             self._fail(request, "; ".join(c.error or "" for c in unknown))
         elif counts.get(Outcome.CREATED, 0):
             self._transition(request, State.REGISTERING, State.DONE, "registered", detail=counts, notify=("finished", {}))
+            self._ended(request.id)
         else:
             self._fail(request, "the platform created none of the devices")
 
@@ -407,7 +428,6 @@ class Reconciler:
                 status = self.client.query_batch_register_device_status(request.product_key, chunk.apply_id)
                 if status.status in CREATE_FINAL:
                     self._collect(request, chunk, status)
-                    self.store.update_chunk(request.id, chunk.chunk_no, status=status.status.value)
                     continue
                 self._collect_partial(request, chunk)
             except errors.IotError as exc:
@@ -424,19 +444,75 @@ class Reconciler:
             self.store.set_outcomes(request.id, [(name, Outcome.CREATED, None, iot_id) for name, iot_id in created])
 
     def _collect(self, request: Request, chunk: Chunk, status: BatchStatus) -> None:
-        """Record each device's outcome for a chunk whose creation has ended."""
-        created = [(d.name, d.iot_id) for d in self.client.iter_devices_by_apply_id(chunk.apply_id)]
+        """Record each device's outcome for a chunk whose creation has ended, then its status.
+
+        Outcomes first, status after: a crash in between only repeats the collection. Named
+        devices: from ``status`` alone (CREATE_SUCCESS: all of them; CREATE_FAILED: InvalidList
+        failed, with its reasons, and ValidList was created), their IotIds read after the result
+        (:meth:`_read_iot_ids`). Devices named by the platform are only known from the pages.
+        """
         if request.kind == Kind.COUNT:
-            self.store.add_devices(request.id, chunk.chunk_no, ((name, Outcome.CREATED, iot_id) for name, iot_id in created))
+            created = [(d.name, Outcome.CREATED, d.iot_id) for d in self.client.iter_devices_by_apply_id(chunk.apply_id)]
+            self.store.add_devices(request.id, chunk.chunk_no, created)
+            self.store.update_chunk(request.id, chunk.chunk_no, status=status.status.value, iot_ids_read_at=self.clock.now())
             return
         reasons = {d.name: d.reason for d in status.details}
-        created_names = {name for name, _ in created}
-        rows: list[tuple[str, str, str | None, str | None]] = [(name, Outcome.CREATED, None, iot_id) for name, iot_id in created]
+        failed, valid = set(status.invalid), set(status.valid)
+        rows: list[tuple[str, Outcome, str | None, str | None]] = []
         for name, _ in self.store.device_names(request.id, chunk.chunk_no):
-            if name not in created_names:
-                reason = reasons.get(name) or ("creation failed" if name in status.invalid else "not reported as created by the platform")
-                rows.append((name, Outcome.NOT_CREATED, reason, None))
+            if name in failed:
+                rows.append((name, Outcome.NOT_CREATED, reasons.get(name) or "creation failed", None))
+            elif status.status == ApplyStatus.CREATE_SUCCESS or name in valid:
+                rows.append((name, Outcome.CREATED, None, None))
+            else:
+                rows.append((name, Outcome.NOT_CREATED, "not reported as created by the platform", None))
         self.store.set_outcomes(request.id, rows)
+        self.store.update_chunk(request.id, chunk.chunk_no, status=status.status.value)
+
+    def _ended(self, request_id: int) -> None:
+        """A request has just become final: its result goes out now, and its IotIds are read after
+        (by this process or, should it die first, by any replica: the wake is in the database)."""
+        self.jobs.wake_outbox()
+        if self._unread_chunks(request_id):
+            self.store.wake_request(request_id, self.clock.now())
+            self.jobs.wake(request_id)
+
+    def _unread_chunks(self, request_id: int) -> list[Chunk]:
+        return [c for c in self.store.chunks(request_id) if c.status in CREATE_FINAL and c.iot_ids_read_at is None]
+
+    def _read_iot_ids(self, request: Request) -> datetime | None:
+        """The step of a final request: read the IotIds of its created devices, a chunk at a time.
+
+        Never changes the request's state or its outcomes. On an API error it is tried again at
+        the poll back-off (the time returned); given up ``phase_timeout`` after the result (see the
+        module docstring).
+        """
+        unread = self._unread_chunks(request.id)
+        if not unread:
+            return None
+        now = self.clock.now()
+        if request.updated_at is not None and (now - request.updated_at).total_seconds() > self.timing.phase_timeout:
+            for chunk in unread:
+                self.store.set_iot_ids(request.id, chunk.chunk_no, (), now)
+            why = f"not read within {_duration(self.timing.phase_timeout)} of the result"
+            log.warning("request #%d: gave up reading the IotIds of %d part(s): %s", request.id, len(unread), why)
+            self.store.record(request.id, SYSTEM, "iot_ids_not_read", now, {"chunks": [c.chunk_no for c in unread], "reason": why})
+            return None
+        try:
+            for chunk in unread:
+                listed = [(d.name, d.iot_id) for d in self.client.iter_devices_by_apply_id(chunk.apply_id)]
+                matched = self.store.set_iot_ids(request.id, chunk.chunk_no, listed, self.clock.now())
+                if matched < len(listed):
+                    log.warning(
+                        "request #%d: ApplyId %s lists %d device(s) its status did not report as created",
+                        request.id, chunk.apply_id, len(listed) - matched,
+                    )
+        except errors.IotError as exc:
+            log.warning("request #%d: IotIds not read yet, trying again: %s", request.id, exc)
+            self.store.record(request.id, SYSTEM, "api_error", self.clock.now(), {"code": exc.code, "message": exc.message, "request_id": exc.request_id})
+            self.store.update_request(request.id, polls=request.polls + 1)
+            return self.clock.now() + timedelta(seconds=self.timing.next_poll(request.polls))
+        return None
 
     def _record_invalid(self, request_id: int, status: BatchStatus) -> None:
         reasons = {d.name: d.reason for d in status.details}
@@ -477,6 +553,7 @@ class Reconciler:
             request.id, from_states=[request.state], to_state=State.FAILED, actor=SYSTEM, event="failed",
             now=self.clock.now(), detail={"reason": reason}, reason=reason, notify=("finished", {"reason": reason}),
         )
+        self._ended(request.id)
 
     def _phase_overdue(self, request: Request) -> bool:
         if request.state not in (State.CHECKING, State.REGISTERING) or request.phase_started_at is None:

@@ -101,7 +101,7 @@ class Workflow:
         self._stopping = False
         self._idle = threading.Condition()
         self.jobs = jobs(self)
-        self.requests = RequestService(store, client, clock, self.timing, self.jobs, policy or Policy())
+        self.requests = RequestService(store, client, clock, self.timing, self.jobs, policy or Policy(), leases=self.leases)
         self.reconciler = Reconciler(
             store, client, clock, self.timing, self.jobs, self.requests.expire_if_due, origins=origins,
             remind=self.requests.remind_if_due, rule_of=self.requests.rule_of, leases=self.leases,

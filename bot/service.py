@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +40,10 @@ from bot.domain import (
     Upload,
     WorkflowError,
 )
+from bot.leases import Leases
 from bot.policy import Policy
 from bot.reconciler import may_be_alive
-from bot.store import AlreadyRetried, Figures, Store, StoreUnavailable
+from bot.store import CREATION_ENDED, AlreadyRetried, Figures, Store, StoreUnavailable
 
 if TYPE_CHECKING:
     from bot.registration import Jobs
@@ -63,8 +65,12 @@ class ReasonRequired(WorkflowError):
 class RequestService:
     """Commands and queries on requests, for every front end."""
 
-    def __init__(self, store: Store, client: IotClient | None, clock: Clock, timing: Timing, jobs: Jobs, policy: Policy) -> None:
+    def __init__(
+        self, store: Store, client: IotClient | None, clock: Clock, timing: Timing, jobs: Jobs, policy: Policy,
+        *, leases: Leases | None = None,
+    ) -> None:
         self.store = store
+        self.leases = leases or Leases(store, clock)
         self.client = client
         self.clock = clock
         self.timing = timing
@@ -419,6 +425,20 @@ class RequestService:
     def upload(self, upload_id: int) -> Upload | None:
         return self.store.upload(upload_id)
 
+    @contextmanager
+    def reading_upload(self, upload_id: int) -> Iterator[Upload | None]:
+        """The upload while this process reads it, under its lease (``upload:<id>``), so that no
+        other replica reads it at the same time; ``None`` when another one is reading it, or it
+        has been read."""
+        lease = f"upload:{upload_id}"
+        if not self.leases.take(lease):
+            yield None
+            return
+        try:
+            yield self.store.upload(upload_id)
+        finally:
+            self.leases.release(lease)
+
     def unread_uploads(self) -> list[Upload]:
         return self.store.unread_uploads()
 
@@ -464,6 +484,7 @@ class RequestService:
             invalid=counts.get(Outcome.INVALID, 0),
             pending=pending,
             rejected_locally=request.rejected_count,
+            iot_ids_pending=any(c.status in CREATION_ENDED and c.iot_ids_read_at is None for c in self.store.chunks(request_id)),
         )
 
     def devices(self, request_id: int, *, outcome: Outcome | None = None, limit: int | None = None) -> list[DeviceRow]:

@@ -87,7 +87,8 @@ class SlackScenario:
 
     def drive(self, request_id: int, *states: str) -> str:
         """Run the workflow (polls, notifications) on the manual clock until the request is in ``states``."""
-        self.request(request_id)  # created by a listener after its ack
+        self.request(request_id)  # created by a listener after its ack, which then asks for its first step
+        wait_until(lambda: f"request-{request_id}" in self.jobs.scheduled() or self.store.get(request_id).state in states or self.store.get(request_id).final)
         self.jobs.run_until(lambda: self.store.get(request_id).state in states)
         self.jobs.run_due()
         return self.store.get(request_id).state

@@ -19,6 +19,7 @@ from bot.cli import Exit, Terminal, cli, progress_units
 from bot.domain import Chunk
 from bot.clock import SystemClock
 from bot.store import open_store
+from bot.standins.emulator import FaultPlan
 
 
 @pytest.fixture
@@ -72,6 +73,21 @@ def test_register_a_file_with_yes_reports_every_device(run, live, tmp_path):
         ("line-a-0001", "registered"), ("line-a-0002", "registered"), ("ab", "rejected locally"), ("line-a-0001", "rejected locally"),
     ]
     assert rows[0]["IotId"] and rows[0]["DeviceNickname"] == "北门_1"
+    platform = {d.device_name: d.iot_id for d in live.backend.devices(live.product_key)}
+    assert {r["DeviceName"]: r["IotId"] for r in rows[:2]} == platform  # read after the result, before the file
+
+
+def test_iot_ids_the_platform_will_not_list_are_waited_for_then_given_up_and_the_file_says_registered(run, live, tmp_path):
+    live.gateway.faults = FaultPlan(error_rate=1.0, actions=frozenset({"QueryPageByApplyId"}))
+    devices = write(tmp_path / "d.txt", "list-0001\nlist-0002\n")
+    result = run("register", devices, "-p", live.product_key, "--yes", "--output", "out.csv",
+                 extra_env={"IOTREG_POLL_TIMEOUT": "3", "IOT_RETRY_DEADLINE": "0.2"})
+    assert result.exit_code == Exit.OK, result.output
+    assert "Request #1: registration finished." in result.output
+    assert "reading the IotIds of the created devices from IoT Platform failed; trying again" in result.output
+    rows = list(csv.DictReader(open(tmp_path / "out.csv", encoding="utf-8-sig")))
+    assert [(r["DeviceName"], r["Outcome"], r["IotId"]) for r in rows] == [("list-0001", "registered", ""), ("list-0002", "registered", "")]
+    assert "iot_ids_not_read" in run("audit", "1").output
 
 
 def test_declining_at_the_prompt_rejects_and_registers_nothing(run, live, tmp_path):

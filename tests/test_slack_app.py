@@ -85,6 +85,7 @@ def test_the_whole_conversation_from_upload_to_registered_devices(scenario):
     assert f"Approved by <@{BOB}>" in text_of(anchor) and "*30* registered" in text_of(anchor)
     result = [r for r in scenario.replies(1) if "Request #1:" in text_of(r)]
     assert len(result) == 1 and "30 registered" in text_of(result[0])
+    assert blocks.IOT_IDS_AFTER_FILE in text_of(result[0])  # the result did not wait for the pages of IotIds
     uploads = [u for u in fake.uploads.values() if u.channel == OPS]
     assert len(uploads) == 1 and uploads[0].thread_ts == scenario.store.get(1).origin_data.get("thread_ts")
     rows = list(csv.DictReader(io.StringIO(uploads[0].content.decode())))
@@ -246,7 +247,11 @@ def test_platform_named_devices_from_a_count(scenario):
     scenario.ws.click(BOB, scenario.anchor(1), blocks.APPROVE)
     scenario.wait_state(1, State.APPROVED)
     assert scenario.drive(1, State.DONE) == State.DONE
-    assert len(scenario.emulator.backend.devices(scenario.emulator.product_key)) == 5
+    created = scenario.emulator.backend.devices(scenario.emulator.product_key)
+    assert len(created) == 5
+    result = text_of(results_in_thread(scenario)[0])
+    # Named by the platform: only the pages name them, so the result waits for them and lists their IotIds.
+    assert all(f"{d.device_name}` · {d.iot_id}" in result for d in created) and "IotIds are read" not in result
 
 
 @pytest.mark.parametrize("text", ["", "help", "frobnicate", "register 12", "status"])

@@ -678,3 +678,48 @@ def test_the_next_event_of_a_request_is_read_afresh(store):
     assert store.next_event(request_id).payload == {"n": 1}
     store.mark_delivered(store.next_event(request_id).id, LATER)
     assert store.next_event(request_id) is None
+# -- IotIds read after the result ---------------------------------------------------------------
+
+
+def finished(store: Store, request_id: int, state: State = State.DONE) -> None:
+    assert store.transition(request_id, from_states=[State.AWAITING_APPROVAL], to_state=state, actor="iotreg", event="finished", now=LATER)
+
+
+def test_iot_ids_are_set_on_created_devices_only_and_leave_outcomes_and_reasons_alone(store):
+    request_id = new_request(store, names=["dev-a", "dev-b", "dev-c", "dev-d"], chunk_size=2)
+    store.update_chunk(request_id, 0, status="CREATE_FAILED")
+    store.set_outcomes(request_id, [("dev-a", Outcome.CREATED, None, None), ("dev-b", Outcome.NOT_CREATED, "The device name already exists.", None)])
+    assert store.chunks(request_id)[0].iot_ids_read_at is None
+
+    matched = store.set_iot_ids(request_id, 0, [("dev-a", "iot-a"), ("dev-b", "iot-b"), ("not-ours", "iot-x")], LATER)
+    assert matched == 1  # dev-b did not get created, and not-ours is no device of the request
+    assert [(d.name, d.outcome, d.reason, d.iot_id) for d in store.devices(request_id)] == [
+        ("dev-a", Outcome.CREATED, None, "iot-a"), ("dev-b", Outcome.NOT_CREATED, "The device name already exists.", None),
+        ("dev-c", Outcome.PENDING, None, None), ("dev-d", Outcome.PENDING, None, None)]
+    assert [c.iot_ids_read_at for c in store.chunks(request_id)] == [LATER, None]
+    store.set_iot_ids(request_id, 1, [], LATER)  # a part whose IotIds could not be read is marked all the same
+    assert [c.iot_ids_read_at for c in store.chunks(request_id)] == [LATER, LATER]
+
+
+def test_finished_requests_with_iot_ids_to_read_are_found_for_a_restart(store):
+    done = new_request(store, names=["dev-a", "dev-b"], chunk_size=1)
+    failed = new_request(store, names=["dev-c"], origin=Origin.CLI)
+    running = new_request(store, names=["dev-d"])
+    read = new_request(store, names=["dev-e"])
+    checked = new_request(store, names=["dev-f"])
+    for request_id in (done, failed, running, read):
+        store.update_chunk(request_id, 0, status="CREATE_SUCCESS")
+    store.update_chunk(done, 1, status="CREATE_FAILED")
+    store.update_chunk(checked, 0, status="CHECK_SUCCESS")
+    store.set_iot_ids(read, 0, [("dev-e", "iot-e")], LATER)
+    finished(store, done)
+    finished(store, failed, State.FAILED)
+    finished(store, read)
+    finished(store, checked, State.FAILED)  # its creation never began: nothing to read
+
+    assert store.unread_iot_ids() == [done, failed]  # the unfinished one is resumed as such
+    assert store.unread_iot_ids(origins=[Origin.CLI]) == [failed]
+    store.set_iot_ids(done, 0, [], LATER)
+    assert store.unread_iot_ids() == [done, failed]  # one part of it is still unread
+    store.set_iot_ids(done, 1, [], LATER)
+    assert store.unread_iot_ids(origins=[Origin.SLACK, Origin.CLI]) == [failed]

@@ -442,10 +442,19 @@ def test_an_older_database_is_migrated_in_place_with_its_data(emulator, tmp_path
                             "count": 2, "state": State.CHECKING, "created_at": "2026-01-05T09:00:00+00:00", "updated_at": "2026-01-05T09:00:00+00:00"})
     old["chunks"].insert({"request_id": 7, "chunk_no": 0, "size": 2})
     old["devices"].insert_all([{"request_id": 7, "name": n, "chunk_no": 0, "outcome": Outcome.PENDING} for n in names("legacy", 2)])
+    # A request that ended before IotIds were read after the result: its were read before it.
+    old["requests"].insert({"id": 6, "product_key": emulator.product_key, "requester": ALICE, "origin": "cli", "kind": "names",
+                            "count": 1, "state": State.DONE, "created_at": "2026-01-04T09:00:00+00:00", "updated_at": "2026-01-04T09:05:00+00:00"})
+    old["chunks"].insert({"request_id": 6, "chunk_no": 0, "size": 1, "apply_id": 1, "status": "CREATE_SUCCESS", "register_confirmed_at": "2026-01-04T09:04:00+00:00"})
+    old["devices"].insert({"request_id": 6, "name": "old-0001", "chunk_no": 0, "outcome": Outcome.CREATED, "iot_id": "oldIotId000100"})
     old.conn.close()
 
     harness = Harness(emulator, path, Timing(poll_interval=1.0))
-    assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner", "m003_notification_steps", "m004_uploads", "m005_origin_data", "m006_approvals", "m007_rejected_nicknames", "m008_begun_steps", "m009_leases"]
+    assert harness.store.schema_version() == [
+        "m001_initial", "m002_register_claim_owner", "m003_notification_steps", "m004_uploads", "m005_origin_data", "m006_approvals",
+        "m007_rejected_nicknames", "m008_begun_steps", "m009_leases", "m010_iot_ids_read",
+    ]
+    assert harness.store.chunks(6)[0].iot_ids_read_at is not None  # nothing to read again for the old result
     assert harness.workflow.resume() == 1  # the old request is picked up where it was
     assert harness.run_until(7, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
     harness.workflow.requests.approve(7, BOB)

@@ -108,10 +108,11 @@ def dispatch(deps: Deps, handle: Callable[[Deps, Request, str], str | None], val
 
 def approve(deps: Deps, request: Request, user: str) -> str | None:
     request = deps.requests.approve(request.id, user)
-    if request.state == State.AWAITING_APPROVAL:
-        approvals = deps.requests.approvals(request.id)
-        return f"Your approval of request #{request.id} is counted: {blocks.progress_line(approvals, deps.requests.rule_of(request).approvals)}."
-    return None
+    if request.state != State.AWAITING_APPROVAL and request.decided_by == user:
+        return None  # this click completed the approval: the request's message says so
+    # Counted, and the request still waits, or another approver completed it a moment later.
+    approvals = deps.requests.approvals(request.id)
+    return f"Your approval of request #{request.id} is counted: {blocks.progress_line(approvals, deps.requests.rule_of(request).approvals)}."
 
 
 def reject(deps: Deps, request: Request, user: str, reason: str = "") -> str | None:
@@ -148,12 +149,14 @@ def send_credentials(deps: Deps, request: Request, user: str) -> str | None:
     if not deps.credentials_dm:
         return "Sending credentials in Slack is turned off here; ask an operator for `iotreg credentials`."
     rows = deps.requests.credentials(request.id, user)  # checked (and a refusal recorded) here
-    key = (request.id, user)
-    with deps.lock:
-        if key in deps.in_flight:
-            return "Your credentials file is on its way; it will arrive in a direct message."
-        deps.in_flight.add(key)
-    deps.slow.submit(export_credentials, deps, request, user, rows)
+    # One file at a time per person and request, whichever replica each click reaches.
+    if not deps.requests.leases.take(credentials_lease(request.id, user)):
+        return "Your credentials file is on its way; it will arrive in a direct message."
+    try:
+        deps.slow.submit(export_credentials, deps, request, user, rows)
+    except BaseException:
+        deps.requests.leases.release(credentials_lease(request.id, user))
+        raise
     return f"Preparing the credentials of request #{request.id}; they will arrive in a direct message."
 
 
@@ -178,5 +181,8 @@ def export_credentials(deps: Deps, request: Request, user: str, credentials: Ite
         log.exception("sending the credentials of request #%d failed", request.id)
         client.chat_postMessage(channel=user, text=f"The credentials of request #{request.id} could not be sent ({type(exc).__name__}); try the button again later.")
     finally:
-        with deps.lock:
-            deps.in_flight.discard((request.id, user))
+        deps.requests.leases.release(credentials_lease(request.id, user))
+
+
+def credentials_lease(request_id: int, user: str) -> str:
+    return f"credentials:{request_id}:{user}"

@@ -75,6 +75,11 @@ class Bot:
         """Start the scheduler and resume every unfinished request (one scheduler per deployment)."""
         if isinstance(self.jobs, SchedulerJobs):
             self.jobs.start()
+            if self.deps is not None:  # lists a replica that died was reading: read here
+                self.jobs.scheduler.add_job(
+                    views.resume_uploads, "interval", seconds=views.UPLOAD_SWEEP, args=[self.deps, self.web_client],
+                    id="uploads", max_instances=1, coalesce=True,
+                )
         resumed = self.workflow.resume()
         uploads = views.resume_uploads(self.deps, self.web_client) if self.deps is not None else 0
         log.info("iotreg started; %d unfinished request(s) and %d unread upload(s) resumed", resumed, uploads)

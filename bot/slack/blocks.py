@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from bot.domain import STATES, Approval, DeviceRow, NotAllowed, RejectedLine, Request, State, Summary
+from bot.domain import STATES, Approval, DeviceRow, Kind, NotAllowed, RejectedLine, Request, State, Summary
 from bot.policy import Why
 
 COMMAND = "/devices"
@@ -44,6 +44,8 @@ PRODUCT_BLOCK = "product"
 MAX_REASON = 500  # characters of a reason kept
 SECTION_LIMIT = 2900  # a little under Slack's 3,000 characters
 INLINE_DEVICES = 20  # longer lists go into a CSV file
+IOT_IDS_AFTER = "IotIds are read from IoT Platform after this result; the device credentials always have them."
+IOT_IDS_AFTER_FILE = "IotIds are read from IoT Platform after this result, so the file may lack some; the device credentials always have them."
 VALUE_LIMIT = 100  # a name or a rejected line as shown in a list (the reader cuts values at 80)
 REASON_LIMIT = 300  # why it was refused
 
@@ -311,8 +313,12 @@ def result_reply(summary: Summary, failed: Sequence[DeviceRow], created: Sequenc
     if created and not with_file:
         lines = (f"• {escape(d.name, code=True, limit=VALUE_LIMIT)}" + (f" · {escape(d.iot_id, limit=VALUE_LIMIT)}" if d.iot_id else "") for d in created)
         blocks.append(section("*Registered:*\n" + bullet_list(lines, summary.created)))
-    if with_file:
-        blocks.append(context("Every device's outcome is in the file below."))
+    notes = ["Every device's outcome is in the file below."] if with_file else []
+    if request.kind == Kind.NAMES and summary.created:
+        # The result does not wait for QueryPageByApplyId: the IotIds come after it (bot/reconciler.py).
+        notes.append(IOT_IDS_AFTER_FILE if with_file else IOT_IDS_AFTER)
+    if notes:
+        blocks.append(context(" ".join(notes)))
     return headline.replace("*", ""), blocks
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 from bot.service import RequestService
@@ -25,6 +24,3 @@ class Deps:
     #: Slow work: reading uploaded lists (a download of up to 10 MB, then the reader) and credential
     #: exports. Two at a time, each read capped in size: memory stays bounded however many arrive.
     slow: Executor = dataclasses.field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="slow-work"))
-    #: (request, user) pairs whose credentials file is being prepared: a second click waits.
-    in_flight: set[tuple[int, str]] = dataclasses.field(default_factory=set)
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)

@@ -108,7 +108,7 @@ class SlackNotifier:
         if event.kind is EventKind.PROGRESS:
             progress = (event.payload.get("chunks_done", 0), event.payload.get("chunks", 0))
         steps: dict[Announcement, Callable[[Mark], None]] = {
-            Announcement.MESSAGE: lambda mark: self._update_anchor(request, mark, progress=progress),
+            Announcement.MESSAGE: lambda mark: self._update_anchor(request, mark, progress=progress, as_of=event.kind),
             Announcement.READ_AS: lambda mark: self._reply(request, mark, *blocks.read_as_reply(str(event.payload.get("read_as")))),
             Announcement.SKIPPED_LINES: lambda mark: self._reply(
                 request, mark, *blocks.rejected_lines_reply(self.requests.rejected_lines(request.id), request.rejected_count)
@@ -214,9 +214,18 @@ class SlackNotifier:
 
     # -- steps ------------------------------------------------------------------------------------
 
-    def _update_anchor(self, request: Request, mark: Mark, progress: tuple[int, int] | None = None) -> None:
-        """Post the anchor the first time, update it after (and post it again if it was deleted)."""
+    def _update_anchor(
+        self, request: Request, mark: Mark, progress: tuple[int, int] | None = None, as_of: EventKind | None = None
+    ) -> None:
+        """Post the anchor the first time, update it after (and post it again if it was deleted).
+
+        It shows the request as it stands, except that the approval is shown as such even when
+        registering has begun by the time it is delivered (the next event shows that): each step
+        gets its edit, in order, whichever process or thread was quicker.
+        """
         request = self.requests.get(request.id) or request
+        if as_of is EventKind.APPROVED and request.state == State.REGISTERING:
+            request = dataclasses.replace(request, state=State.APPROVED)
         text, content = self._content(request, progress)
         thread_ts = request.origin_data.get("thread_ts")
         if thread_ts:

@@ -18,6 +18,8 @@ from bot.service import ReasonRequired
 
 log = logging.getLogger(__name__)
 ACCEPTED = (".csv", ".txt")
+#: Seconds between looks for device lists left unread (by a restart, or a replica that died).
+UPLOAD_SWEEP = 30.0
 
 
 def register(app: App, deps: Deps) -> None:
@@ -60,14 +62,18 @@ def register(app: App, deps: Deps) -> None:
             user=user, channel=meta["channel"], product_key=meta["product_key"], origin_data={"files": files, "reason": reason[: blocks.MAX_REASON]}, pasted=pasted
         )
         ack()
-        deps.slow.submit(take_list, deps, client, deps.requests.upload(upload_id))
+        deps.slow.submit(take_list, deps, client, upload_id)
 
 
-def take_list(deps: Deps, client: WebClient, upload: Upload | None) -> None:
-    """After the ack (or at start, for one a restart interrupted): read the list into a request, or
-    tell the uploader why not. Either way the upload is done once."""
-    if upload is None:
-        return
+def take_list(deps: Deps, client: WebClient, upload_id: int) -> None:
+    """After the ack (or later, for one a restart or a dead replica left unread): read the list into
+    a request, or tell the uploader why not. Either way the upload is done once, by one process."""
+    with deps.requests.reading_upload(upload_id) as upload:
+        if upload is not None:
+            read_list(deps, client, upload)
+
+
+def read_list(deps: Deps, client: WebClient, upload: Upload) -> None:
     channel, product_key, user = upload.channel, upload.product_key, upload.user
     try:
         devices = read_submission(deps, upload.origin_data.get("files", []), upload.pasted)
@@ -92,10 +98,11 @@ def take_list(deps: Deps, client: WebClient, upload: Upload | None) -> None:
 
 
 def resume_uploads(deps: Deps, client: WebClient) -> int:
-    """At start: read the lists a restart interrupted."""
+    """At start, and every :data:`UPLOAD_SWEEP` seconds: read the lists a restart interrupted, or
+    a replica that died left unread (one another replica is reading is left to it)."""
     unread = deps.requests.unread_uploads()
     for upload in unread:
-        deps.slow.submit(take_list, deps, client, upload)
+        deps.slow.submit(take_list, deps, client, upload.id)
     return len(unread)
 
 

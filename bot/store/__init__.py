@@ -51,9 +51,12 @@ from bot.domain import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Figures", "Lease", "StepTurn", "log_transition", "AlreadyRetried", "Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
+__all__ = ["CREATION_ENDED", "Figures", "Lease", "StepTurn", "log_transition", "AlreadyRetried", "Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+#: The chunk statuses (the platform's ApplyStatus) after which a creation has ended and its devices
+#: can be listed with their IotIds.
+CREATION_ENDED = ("CREATE_SUCCESS", "CREATE_FAILED")
 
 
 class StoreUnavailable(Exception):
@@ -346,6 +349,16 @@ class StepTurn:
     due: bool
     due_at: datetime | None
     wakes: int
+    # -- IotIds read after the result
+
+    def set_iot_ids(self, request_id: int, chunk_no: int, rows: Iterable[tuple[str, str]], now: datetime) -> int:
+        """Give the created devices of a request their IotIds ``(name, iot_id)``, touching neither
+        outcome nor reason, and mark chunk ``chunk_no``'s IotIds read at ``now``, in one transaction.
+        Returns how many devices got one (a name that is no created device of the request is skipped)."""
+
+    def unread_iot_ids(self, origins: Iterable[Origin] | None = None) -> list[int]:
+        """Final requests (from ``origins``, if given) with a chunk whose creation ended
+        (:data:`CREATION_ENDED`) and whose IotIds are not read yet, oldest first."""
 
 
 def is_url(location: str) -> bool:

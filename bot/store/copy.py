@@ -33,8 +33,8 @@ SOURCES: dict[str, tuple[str, str]] = {
         " rule, justification, retried_as, COALESCE(reminders_sent, 0) FROM requests ORDER BY id",
     ),
     "chunks": (
-        "request_id, chunk_no, size, apply_id, status, register_sent_at, register_confirmed_at, error, claimed_by",
-        "SELECT request_id, chunk_no, size, apply_id, status, register_sent_at, register_confirmed_at, error, claimed_by"
+        "request_id, chunk_no, size, apply_id, status, register_sent_at, register_confirmed_at, error, claimed_by, iot_ids_read_at",
+        "SELECT request_id, chunk_no, size, apply_id, status, register_sent_at, register_confirmed_at, error, claimed_by, iot_ids_read_at"
         " FROM chunks ORDER BY request_id, chunk_no",
     ),
     "devices": (

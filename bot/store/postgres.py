@@ -49,7 +49,7 @@ from bot.domain import (
     Tally,
     Upload,
 )
-from bot.store import AlreadyRetried, Figures, Lease, StepTurn, StoreUnavailable, log_transition, redact_url
+from bot.store import CREATION_ENDED, AlreadyRetried, Figures, Lease, StepTurn, StoreUnavailable, log_transition, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,16 @@ def m005_leases(cur: psycopg.Cursor[Any]) -> None:
     )
 
 
+@migration
+def m006_iot_ids_read(cur: psycopg.Cursor[Any]) -> None:
+    """When a chunk's IotIds were read. A request's result no longer waits for them; chunks whose
+    creation ended before this column existed had theirs read before their result."""
+    cur.execute("ALTER TABLE chunks ADD COLUMN iot_ids_read_at timestamptz")
+    cur.execute(
+        "UPDATE chunks SET iot_ids_read_at = COALESCE(register_confirmed_at, now()) WHERE status = ANY(%s)", [list(CREATION_ENDED)]
+    )
+
+
 #: Tables in the order they can be filled (a referenced table first), for copying a deployment.
 TABLES = ("requests", "chunks", "devices", "rejected_lines", "approvals", "audit", "outbox", "notified_steps", "begun_steps", "uploads")
 #: Tables whose ids a serial hands out, and the column.
@@ -291,7 +301,9 @@ def _request(r: Sequence[Any]) -> Request:
     )
 
 
-_CHUNK_COLUMNS = "request_id, chunk_no, size, apply_id, status, register_sent_at, register_confirmed_at, error, claimed_by"
+_CHUNK_COLUMNS = (
+    "request_id, chunk_no, size, apply_id, status, register_sent_at, register_confirmed_at, error, claimed_by, iot_ids_read_at"
+)
 
 
 def _chunk(r: Sequence[Any]) -> Chunk:
@@ -904,6 +916,34 @@ class PostgresStore:
             sql += " AND r.origin = ANY(%s)"
             args.append(_texts(origins))
         return [r[0] for r in self._fetch(sql + " ORDER BY r.next_step_at LIMIT %s", [*args, limit])]
+
+    # -- IotIds read after the result -----------------------------------------------------------
+
+    def set_iot_ids(self, request_id: int, chunk_no: int, rows: Iterable[tuple[str, str]], now: datetime) -> int:
+        """Give created devices their IotIds and mark the chunk's IotIds read, in one transaction."""
+        names, iot_ids = [], []
+        for name, iot_id in rows:
+            names.append(name)
+            iot_ids.append(iot_id)
+        with self.connection() as conn:
+            cursor = conn.execute(
+                "UPDATE devices AS d SET iot_id = v.iot_id FROM unnest(%s::text[], %s::text[]) AS v(name, iot_id)"
+                " WHERE d.request_id = %s AND d.name = v.name AND d.outcome = %s",
+                [names, iot_ids, request_id, Outcome.CREATED.value],
+            )
+            conn.execute("UPDATE chunks SET iot_ids_read_at = %s WHERE request_id = %s AND chunk_no = %s", [now, request_id, chunk_no])
+            return cursor.rowcount
+
+    def unread_iot_ids(self, origins: Iterable[Origin] | None = None) -> list[int]:
+        sql = (
+            "SELECT DISTINCT r.id FROM chunks AS c JOIN requests AS r ON r.id = c.request_id"
+            " WHERE c.iot_ids_read_at IS NULL AND c.status = ANY(%s) AND r.state = ANY(%s)"
+        )
+        args: list[Any] = [list(CREATION_ENDED), _texts(s for s in State if s.final)]
+        if origins is not None:
+            sql += " AND r.origin = ANY(%s)"
+            args.append(_texts(origins))
+        return [r[0] for r in self._fetch(sql + " ORDER BY r.id", args)]
 
 
 def _audit(cur: psycopg.Cursor[Any], request_id: int, actor: str, event: str, detail: dict[str, Any], now: datetime) -> None:

@@ -39,7 +39,7 @@ from bot.domain import (
     Tally,
     Upload,
 )
-from bot.store import AlreadyRetried, Figures, Lease, StepTurn, StoreBusy, StoreUnavailable, log_transition
+from bot.store import CREATION_ENDED, AlreadyRetried, Figures, Lease, StepTurn, StoreBusy, StoreUnavailable, log_transition
 
 
 PENDING = Outcome.PENDING.value
@@ -210,6 +210,17 @@ def m009_leases(db: Database) -> None:
     db.execute("CREATE INDEX requests_next_step_at ON requests (next_step_at) WHERE next_step_at IS NOT NULL")
 
 
+@migrations()
+def m010_iot_ids_read(db: Database) -> None:
+    """When a chunk's IotIds were read. A request's result no longer waits for them; chunks whose
+    creation ended before this column existed had theirs read before their result."""
+    db["chunks"].add_column("iot_ids_read_at", str)
+    db.conn.execute(
+        "UPDATE chunks SET iot_ids_read_at = COALESCE(register_confirmed_at, ?) WHERE status IN (?, ?)",
+        [format_time(datetime.now(timezone.utc)), *CREATION_ENDED],
+    )
+
+
 def format_time(value: datetime) -> str:
     """Times are stored as ISO 8601 UTC text, which sorts and compares correctly as text."""
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
@@ -268,6 +279,7 @@ def _chunk(row: dict[str, Any]) -> Chunk:
         register_confirmed_at=parse_time(row["register_confirmed_at"]),
         error=row["error"],
         claimed_by=row["claimed_by"],
+        iot_ids_read_at=parse_time(row.get("iot_ids_read_at")),
     )
 
 
@@ -935,6 +947,34 @@ class SqliteStore:
             sql += f" AND r.origin IN {marks}"
             args.extend(values)
         return [r[0] for r in self.db.execute(sql + " ORDER BY r.next_step_at LIMIT ?", [*args, limit]).fetchall()]
+
+    # -- IotIds read after the result -----------------------------------------------------------
+
+    def set_iot_ids(self, request_id: int, chunk_no: int, rows: Iterable[tuple[str, str]], now: datetime) -> int:
+        """Give created devices their IotIds and mark the chunk's IotIds read, in one transaction."""
+        with self._write() as db:
+            cursor = db.conn.executemany(
+                "UPDATE devices SET iot_id = ? WHERE request_id = ? AND name = ? AND outcome = ?",
+                ((iot_id, request_id, name, Outcome.CREATED.value) for name, iot_id in rows),
+            )
+            db.conn.execute(
+                "UPDATE chunks SET iot_ids_read_at = ? WHERE request_id = ? AND chunk_no = ?", [format_time(now), request_id, chunk_no]
+            )
+            return cursor.rowcount
+
+    def unread_iot_ids(self, origins: Iterable[Origin] | None = None) -> list[int]:
+        states, state_values = _in(s for s in State if s.final)
+        statuses, status_values = _in(CREATION_ENDED)
+        sql = (
+            "SELECT DISTINCT r.id FROM chunks AS c JOIN requests AS r ON r.id = c.request_id"
+            f" WHERE c.iot_ids_read_at IS NULL AND c.status IN {statuses} AND r.state IN {states}"
+        )
+        args = [*status_values, *state_values]
+        if origins is not None:
+            marks, values = _in(origins)
+            sql += f" AND r.origin IN {marks}"
+            args.extend(values)
+        return [r[0] for r in self.db.execute(sql + " ORDER BY r.id", args).fetchall()]
 
 
 def _next_due(current: datetime | None, wakes: int, turn: StepTurn, at: datetime | None) -> str | None:

@@ -86,7 +86,8 @@ class FaultPlan:
     ``errors_take_effect``: share of those errors sent after the backend has acted (the call did
     happen, only the answer was lost); ``throttle_rate``: share answered ``Throttling.User``
     although under quota; ``latency``: seconds added to every call, with ``clock.sleep`` (a
-    ManualClock just moves on) or, with ``real_sleep``, with :func:`time.sleep`.
+    ManualClock just moves on) or, with ``real_sleep``, with :func:`time.sleep`. ``actions``: only
+    calls of these Actions get the errors and throttling (all of them when ``None``).
     """
 
     error_rate: float = 0.0
@@ -95,6 +96,7 @@ class FaultPlan:
     seed: int | None = None
     errors_take_effect: float = 0.0
     real_sleep: bool = False
+    actions: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("error_rate", "throttle_rate", "errors_take_effect"):
@@ -348,7 +350,7 @@ class Gateway:
         else:
             self._authenticate(call.method, params)
         self._throttle(action)
-        errors_after = self._draw_faults()
+        errors_after = self._draw_faults(action)
         for name in api.required:
             if name not in params:
                 raise _missing(name)
@@ -468,10 +470,12 @@ class Gateway:
                 raise _GatewayError(400, "Throttling.User", THROTTLED_MESSAGE)
             window.append(now)
 
-    def _draw_faults(self) -> _GatewayError | None:
+    def _draw_faults(self, action: str) -> _GatewayError | None:
         """Raise an injected fault now, or return one to raise after the backend has acted."""
         with self._lock:
             plan, rng = self._faults, self._fault_rng
+            if plan.actions is not None and action not in plan.actions:
+                return None
             throttled = plan.throttle_rate > 0 and rng.random() < plan.throttle_rate
             failed = plan.error_rate > 0 and rng.random() < plan.error_rate
             after = failed and rng.random() < plan.errors_take_effect

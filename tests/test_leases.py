@@ -1,0 +1,230 @@
+"""Two processes on one database: each step runs once, each notification is delivered once, a dead
+process's work is taken over when its lease runs out, and a stopping one hands it back at once.
+
+Two workflows here stand for two replicas: each has its own store connection, IoT client, jobs and
+lease owner, on one database (SQLite and PostgreSQL) and one emulator, on one manual clock. The
+tests with real `iotreg serve` processes are in tests/test_replicas.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pytest
+
+from bot.aliyun.client import Credentials, IotClient, RetryPolicy
+from bot.aliyun.ratelimit import RateLimiter
+from bot.config import DEFAULT_QPS
+from bot.domain import Event, Outcome, State, Timing
+from bot.jobs import InlineJobs
+from bot.leases import LEASE_SECONDS
+from bot.registration import Workflow
+from bot.store import open_store
+
+ALICE, BOB = "U0ALICE", "U0BOB"
+STATUS = "QueryBatchRegisterDeviceStatus"
+
+
+@dataclass
+class Notes:
+    """A front end shared by the replicas: what each delivered, and a gate to hold a delivery open."""
+
+    delivered: list[tuple[str, int]] = field(default_factory=list)
+    gate: threading.Event | None = None
+    entered: threading.Event = field(default_factory=threading.Event)
+
+    def for_replica(self, name: str):
+        notes = self
+
+        class Notifier:
+            def deliver(self, event: Event) -> None:
+                if notes.gate is not None and name == "a":
+                    notes.entered.set()
+                    assert notes.gate.wait(timeout=30)
+                notes.delivered.append((name, event.id))
+
+        return Notifier()
+
+
+class Replica:
+    def __init__(self, name: str, location: str, emulator, notes: Notes, timing: Timing) -> None:
+        clock = emulator.clock
+        self.store = open_store(location)
+        self.client = IotClient(
+            emulator.endpoint, Credentials(emulator.access_key_id, emulator.access_key_secret), clock=clock,
+            limiter=RateLimiter(DEFAULT_QPS, clock), retry=RetryPolicy(max_attempts=4, deadline=30),
+        )
+        self.workflow = Workflow(
+            self.store, self.client, clock, timing,
+            notifier=lambda _: notes.for_replica(name), jobs=lambda steps: InlineJobs(clock, steps),
+        )
+        self.jobs: InlineJobs = self.workflow.jobs
+
+    def close(self) -> None:
+        self.workflow.close()
+
+
+@pytest.fixture
+def replicas(emulator, store_location):
+    notes = Notes()
+    timing = Timing(poll_interval=1.0, poll_max_interval=4.0, approval_ttl=3600, phase_timeout=600)
+    a, b = Replica("a", store_location, emulator, notes, timing), Replica("b", store_location, emulator, notes, timing)
+    yield a, b, notes
+    a.close()
+    b.close()
+
+
+@contextmanager
+def posting_held_open(replica: Replica, notes: Notes) -> Iterator[None]:
+    """Replica a delivering in a thread, held inside its first post until the block ends."""
+    notes.gate = threading.Event()
+    delivering = threading.Thread(target=replica.workflow.deliver_events)
+    delivering.start()
+    try:
+        assert notes.entered.wait(timeout=30)
+        yield
+    finally:
+        notes.gate.set()
+        delivering.join(timeout=30)
+
+
+def run_both(a: Replica, b: Replica, done, clock, timeout: float = 3600) -> bool:
+    """Run both replicas' due jobs, a first, moving the clock to the next one, until ``done()``."""
+    deadline = clock.monotonic() + timeout
+    while not done() and clock.monotonic() < deadline:
+        a.jobs.run_due()
+        b.jobs.run_due()
+        if done():
+            break
+        upcoming = min([*a.jobs.scheduled().values(), *b.jobs.scheduled().values()], default=None)
+        if upcoming is None:
+            break
+        clock.sleep(max(0.0, (upcoming - clock.now()).total_seconds()))
+    return done()
+
+
+def test_two_replicas_carry_a_request_through_each_step_once(replicas, emulator):
+    a, b, notes = replicas
+    request = a.workflow.requests.submit(emulator.product_key, ALICE, [f"twin-{i}" for i in range(3)], origin="cli")
+    b.workflow.resume()  # b has it on its timer too, as a replica started earlier would after a sweep
+    polled_at = []
+    for replica in (a, b):
+        real = replica.client.query_batch_register_device_status
+
+        def poll(*args, real=real, **kwargs):
+            polled_at.append(emulator.clock.now())
+            return real(*args, **kwargs)
+
+        replica.client.query_batch_register_device_status = poll
+    checking = lambda: a.store.get(request.id).state == State.AWAITING_APPROVAL  # noqa: E731
+    assert run_both(a, b, checking, emulator.clock)
+    # One check, and one status poll per due time, though both replicas' timers fired at each.
+    assert emulator.gateway.calls["BatchCheckDeviceNames"] == 1
+    assert emulator.gateway.calls[STATUS] == len(polled_at) == len(set(polled_at))
+
+    b.workflow.requests.approve(request.id, BOB)  # the click reaches the other replica
+    finished = lambda: a.store.get(request.id).state in (State.DONE, State.FAILED)  # noqa: E731
+    assert run_both(a, b, finished, emulator.clock)
+    a.jobs.run_due()
+    b.jobs.run_due()
+    assert a.store.get(request.id).state == State.DONE
+    chunk = a.store.chunks(request.id)[0]
+    assert emulator.backend.application(chunk.apply_id).register_calls == 1
+    assert {d.name for d in a.store.devices(request.id, outcome=Outcome.CREATED)} == {f"twin-{i}" for i in range(3)}
+    delivered = [event_id for _, event_id in notes.delivered]
+    assert sorted(delivered) == sorted(set(delivered))  # no event twice, whichever replica delivered it
+    assert [e.id for e in a.store.delivered_events(request.id)] == sorted(delivered)
+
+
+def test_a_step_done_by_one_replica_is_not_done_again_by_the_other(replicas, emulator):
+    a, b, _ = replicas
+    request = a.workflow.requests.submit(emulator.product_key, ALICE, ["solo-1"], origin="cli")
+    a.jobs.run_due()  # the check goes out; the first poll is due a second later
+    b.jobs.wake(request.id)
+    b.jobs.run_due()  # b's timer fires early: not due, so no call, only a timer for when it is
+    assert emulator.gateway.calls[STATUS] == 0
+    assert b.jobs.scheduled()[f"request-{request.id}"] == a.jobs.scheduled()[f"request-{request.id}"]
+    emulator.clock.advance(1.0)
+    a.jobs.run_due()
+    b.jobs.run_due()  # both fire at the due time: one poll
+    assert emulator.gateway.calls[STATUS] == 1
+
+
+def test_a_dead_replicas_step_is_taken_over_when_its_lease_runs_out(replicas, emulator):
+    a, b, _ = replicas
+    request = a.workflow.requests.submit(emulator.product_key, ALICE, ["orphan-1"], origin="cli")
+    # A replica took the step's lease and died in it (SIGKILL: nothing given back).
+    now = emulator.clock.now()
+    assert a.store.take_lease(f"request:{request.id}", "gone-host:99:dead", now, now + timedelta(seconds=LEASE_SECONDS))
+    a.store.wake_request(request.id, now)
+    key = f"request-{request.id}"
+    b.workflow.sweep()
+    assert key not in b.jobs.scheduled()  # due, but held
+    b.workflow.advance(request.id)  # a wake that comes anyway leaves the step to its holder ...
+    assert emulator.gateway.calls["BatchCheckDeviceNames"] == 0
+    assert b.jobs.scheduled()[key] == now + timedelta(seconds=LEASE_SECONDS)  # ... and looks again when it runs out
+    b.jobs._due.pop(key)  # (a replica that did not hear of it at all)
+    emulator.clock.advance(LEASE_SECONDS)
+    b.workflow.sweep()  # any replica's sweep finds it then
+    assert b.jobs.scheduled()[key] <= emulator.clock.now()
+    b.jobs.run_due()
+    assert emulator.gateway.calls["BatchCheckDeviceNames"] == 1
+    assert run_both(a, b, lambda: a.store.get(request.id).state == State.AWAITING_APPROVAL, emulator.clock, timeout=60)
+
+
+def test_a_request_notifications_go_through_one_replica_at_a_time(replicas, emulator):
+    a, b, notes = replicas
+    request = a.workflow.requests.submit(emulator.product_key, ALICE, ["said-1"], origin="cli")
+    with posting_held_open(a, notes):  # a is posting the request's first notification
+        assert b.workflow.deliver_events() == 0  # b leaves the request to a, and posts nothing
+        assert f"request-{request.id}" not in b.jobs.scheduled() and b.jobs.scheduled()["outbox"] > emulator.clock.now()
+    assert [who for who, _ in notes.delivered] == ["a"]
+    assert b.workflow.deliver_events() == 0
+    assert notes.delivered == [("a", e.id) for e in a.store.delivered_events(request.id)]
+
+
+def test_a_stopping_replica_hands_its_leases_back_at_once(replicas, emulator):
+    a, b, notes = replicas
+    request = a.workflow.requests.submit(emulator.product_key, ALICE, ["handed-1"], origin="cli")
+    with posting_held_open(a, notes):
+        assert [lease.name for lease in a.store.leases()] == [f"outbox:{request.id}"]
+        assert a.workflow.stop(grace=0.05) is False  # the delivery outlived the grace ...
+        assert a.store.leases() == []  # ... and its lease is back, with no wait for it to run out
+        assert b.workflow.leases.take(f"outbox:{request.id}")
+        b.workflow.leases.release(f"outbox:{request.id}")
+    # A stopped replica starts no step.
+    a.workflow.advance(request.id)
+    assert emulator.gateway.calls["BatchCheckDeviceNames"] == 0
+    b.workflow.sweep()  # the other replica carries it on
+    b.jobs.run_due()
+    assert emulator.gateway.calls["BatchCheckDeviceNames"] == 1
+
+
+def test_a_replica_stopping_between_steps_finishes_at_once(replicas, emulator):
+    a, _, _ = replicas
+    a.workflow.requests.submit(emulator.product_key, ALICE, ["quiet-1"], origin="cli")
+    a.jobs.run_due()
+    assert a.workflow.stop(grace=5) is True
+    assert a.store.leases() == []
+
+
+def test_a_held_lease_is_renewed_while_its_work_runs(store):
+    from support import wait_until
+
+    from bot.clock import SystemClock
+    from bot.leases import Leases
+
+    leases = Leases(store, SystemClock(), seconds=2.0)
+    other = Leases(store, SystemClock(), seconds=2.0)
+    assert leases.take("request:1")
+    first = store.leases()[0].until
+    assert wait_until(lambda: store.leases()[0].until > first + timedelta(seconds=0.5), timeout=10)
+    assert not other.take("request:1")  # renewed, so never run out, though its first term has
+    leases.release("request:1")
+    assert store.leases() == [] and other.take("request:1")
+    other.hand_back()
+    assert store.leases() == []
