@@ -188,7 +188,8 @@ class Replicas:
 
     def by_address(self, address: tuple[str, int]) -> Replica | None:
         """The live replica whose TCP connection has the local ``(host, port)`` ``address``: the one
-        that made a call a server saw from there (e.g. :attr:`bot.standins.slack.state.Hold.callers`)."""
+        that made a call a server saw from there (:attr:`bot.standins.slack.state.Hold.calls`,
+        :attr:`bot.standins.emulator.server.AnswerHold.callers`)."""
         inode = _socket_inode(address)
         if inode is None:
             return None

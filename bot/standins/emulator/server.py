@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import parse_qsl, urlsplit
@@ -32,9 +33,10 @@ class AnswerHold:
     waits as on a slow network, or dies waiting and never hears that the call took effect.
     ``callers`` are the client addresses (host, port) of the calls held now."""
 
-    def __init__(self) -> None:
+    def __init__(self, when: Callable[[dict[str, str]], bool] | None = None) -> None:
         self._released = threading.Event()
         self._changed = threading.Condition()
+        self.when = when  # which calls to hold, by their parameters (None: every call of the action)
         self.callers: list[tuple[str, int]] = []
 
     def release(self) -> None:
@@ -57,11 +59,13 @@ class AnswerHold:
             return self.callers[0] if self.callers else None
 
 
-def _action(query: str, body: bytes, headers: object) -> str:
-    """The API action of a call: its ``Action`` parameter (version 1.0) or ``x-acs-action`` header (V3)."""
+def _call(query: str, body: bytes, headers: object) -> tuple[str, dict[str, str]]:
+    """The API action of a call (its ``Action`` parameter, version 1.0, or ``x-acs-action``
+    header, V3) and its parameters."""
     params = dict(parse_qsl(query))
     params.update(parse_qsl(body.decode("utf-8", "replace")))
-    return params.get("Action") or dict((k.lower(), v) for k, v in headers.items()).get("x-acs-action", "")  # type: ignore[attr-defined]
+    action = params.get("Action") or dict((k.lower(), v) for k, v in headers.items()).get("x-acs-action", "")  # type: ignore[attr-defined]
+    return action, params
 
 
 class _Server(ThreadingHTTPServer):
@@ -132,9 +136,11 @@ class _Handler(BaseHTTPRequestHandler):
                     "Code": "InternalError",
                     "Message": "The emulator failed; see its log.",
                 }
-        held = self.holds.get(_action(url.query, body, self.headers)) if self.holds else None
-        if held is not None:
-            held.wait(self.client_address[:2])
+        if self.holds:
+            action, params = _call(url.query, body, self.headers)
+            held = self.holds.get(action)
+            if held is not None and (held.when is None or held.when(params)):
+                held.wait(self.client_address[:2])
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json;charset=utf-8")
@@ -157,10 +163,11 @@ class EmulatorServer:
         self._thread: threading.Thread | None = None
         self.holds: dict[str, AnswerHold] = {}
 
-    def hold(self, action: str) -> AnswerHold:
-        """Hold every answer to ``action`` (after the platform has acted on the call) until the
-        returned :class:`AnswerHold` is released; :meth:`unhold` ends it for later calls."""
-        held = self.holds[action] = AnswerHold()
+    def hold(self, action: str, when: Callable[[dict[str, str]], bool] | None = None) -> AnswerHold:
+        """Hold every answer to ``action`` (after the platform has acted on the call), or to those
+        calls whose parameters satisfy ``when``, until the returned :class:`AnswerHold` is
+        released; :meth:`unhold` ends it for later calls."""
+        held = self.holds[action] = AnswerHold(when)
         return held
 
     def unhold(self, action: str) -> None:

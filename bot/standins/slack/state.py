@@ -115,25 +115,27 @@ class _ApiError(Exception):
 
 
 class Hold:
-    """Requests held by :meth:`FakeSlack.hold` until :meth:`release`. ``callers`` are the client
-    addresses (host, port) of the requests held now: which process is waiting, when several call."""
+    """Requests held by :meth:`FakeSlack.hold` until :meth:`release`. ``calls`` are the requests
+    held now, as (the caller's client address (host, port), the method's parameters): which process
+    is waiting, and for what, when several call."""
 
-    def __init__(self, changed: threading.Condition) -> None:
+    def __init__(self, changed: threading.Condition, when: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self._changed = changed
         self._released = threading.Event()
+        self.when = when  # which calls to hold, by their parameters (None: every call)
         self.waiting = 0  # requests held now (read it in FakeSlack.wait_for)
-        self.callers: list[tuple[str, int]] = []
+        self.calls: list[tuple[tuple[str, int] | None, dict[str, Any]]] = []
 
     def release(self) -> None:
         self._released.set()
         with self._changed:
             self._changed.notify_all()
 
-    def wait(self, stopping: threading.Event, caller: tuple[str, int] | None = None) -> None:
+    def wait(self, stopping: threading.Event, caller: tuple[str, int] | None = None, params: dict[str, Any] | None = None) -> None:
+        call = (caller, params or {})
         with self._changed:
             self.waiting += 1
-            if caller is not None:
-                self.callers.append(caller)
+            self.calls.append(call)
             self._changed.notify_all()
         try:
             while not self._released.wait(0.05) and not stopping.is_set():
@@ -141,8 +143,7 @@ class Hold:
         finally:
             with self._changed:
                 self.waiting -= 1
-                if caller is not None:
-                    self.callers.remove(caller)
+                self.calls.remove(call)
                 self._changed.notify_all()
 
 
@@ -397,11 +398,12 @@ class SlackState:
             else:
                 self._delays.pop(method, None)
 
-    def hold(self, method: str) -> Hold:
-        """Hold every answer for ``method`` (or ``files.upload``/``files.download``) until the
-        returned :class:`Hold` is released; :attr:`Hold.waiting` counts the requests held now."""
+    def hold(self, method: str, when: Callable[[dict[str, Any]], bool] | None = None) -> Hold:
+        """Hold every answer for ``method`` (or ``files.upload``/``files.download``), or those of
+        the calls whose parameters satisfy ``when``, until the returned :class:`Hold` is released;
+        :attr:`Hold.waiting` counts the requests held now, :attr:`Hold.calls` says whose and what."""
         with self._lock:
-            held = self._holds[method] = Hold(self._changed)
+            held = self._holds[method] = Hold(self._changed, when)
             return held
 
     def clear_faults(self) -> None:

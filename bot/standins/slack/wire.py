@@ -273,15 +273,15 @@ class FakeSlack(SlackState):
             return self._serve_response_url(f"{self.base_url}{path}", path, headers, body)
         return _Reply.html(404, NOT_FOUND_PAGE)
 
-    def _before(self, name: str, json_api: bool) -> _Reply | None:
-        """Apply an injected delay (outside the lock) and fault, if any."""
+    def _before(self, name: str, json_api: bool, params: dict[str, Any] | None = None) -> _Reply | None:
+        """Apply an injected delay (outside the lock), hold and fault, if any."""
         with self._lock:
             delay = self._delays.get(name, 0.0)
             held = self._holds.get(name)
         if delay:
             self._stopping.wait(delay)
-        if held is not None:
-            held.wait(self._stopping, getattr(self._caller, "address", None))
+        if held is not None and (held.when is None or held.when(params or {})):
+            held.wait(self._stopping, getattr(self._caller, "address", None), params)
         with self._lock:
             queue = self._faults.get(name)
             if not queue:
@@ -310,7 +310,7 @@ class FakeSlack(SlackState):
         if token != (self.app_token if method in _APP_TOKEN_METHODS else self.bot_token):
             error = "not_allowed_token_type" if token in (self.bot_token, self.app_token) else "invalid_auth"
             return self._api_answer(method, params, {"ok": False, "error": error})
-        fault = self._before(method, json_api=True)
+        fault = self._before(method, json_api=True, params=params)
         if fault is not None:
             error = json.loads(fault.body).get("error") if fault.content_type.startswith("application/json") else None
             self._record(Call(method, params, self.clock(), fault.status, error or f"HTTP {fault.status}"))
