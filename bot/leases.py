@@ -49,6 +49,9 @@ class Leases:
         self.owner = owner or owner_token()
         self._held: set[str] = set()
         self._taking: set[str] = set()
+        #: When each held lease was last taken or renewed (the clock's monotonic time just before
+        #: the statement went out): the database's term runs from a moment after it.
+        self._renewed: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._heartbeat: threading.Thread | None = None
@@ -57,10 +60,10 @@ class Leases:
         """Take the lease ``name``; ``False`` if another process holds it, or another thread of
         this one (a lease is one piece of work, done once at a time)."""
         with self._lock:
-            if name in self._held or name in self._taking:
-                return False
+            if self._stopped.is_set() or name in self._held or name in self._taking:
+                return False  # a stopping process takes no new work
             self._taking.add(name)  # before the database, so that two threads here cannot both take it
-        now = self.clock.now()
+        now, sent = self.clock.now(), self.clock.monotonic()
         try:
             taken = self.store.take_lease(name, self.owner, now, now + timedelta(seconds=self.seconds))
         except BaseException:
@@ -72,23 +75,41 @@ class Leases:
         with self._lock:
             self._taking.discard(name)
             self._held.add(name)
+            self._renewed[name] = sent
             if self._heartbeat is None and not self._stopped.is_set():
                 self._heartbeat = threading.Thread(target=self._renew_while_held, name="iotreg-leases", daemon=True)
                 self._heartbeat.start()
         return True
 
     def release(self, name: str) -> None:
-        """Give the lease back."""
-        self._forget(name)
+        """Give the lease back: in the database first, so that no thread here takes it again
+        before the row is gone (its delete would take the new holder's row with it)."""
+        with self._lock:
+            self._held.discard(name)
+            self._taking.add(name)
         try:
             self.store.release_lease(name, self.owner)
         except StoreUnavailable as exc:  # it runs out by itself
             log.warning("could not give back lease %s: %s", name, exc)
+        finally:
+            self._forget(name)
 
     def _forget(self, name: str) -> None:
         with self._lock:
             self._held.discard(name)
             self._taking.discard(name)
+            self._renewed.pop(name, None)
+
+    def fresh(self, name: str) -> bool:
+        """Whether this process surely still holds ``name``: renewed within two thirds of a term.
+
+        A lease whose renewals failed (the database out of reach from here, a pool starved) may
+        have run out and been taken by another process: work that must not happen twice (a
+        register call) asks this right before it goes out, and does not go when it is ``False``.
+        """
+        with self._lock:
+            renewed = self._renewed.get(name)
+        return renewed is not None and self.clock.monotonic() - renewed < self.seconds * 2 / 3
 
     def held(self) -> set[str]:
         with self._lock:
@@ -96,11 +117,19 @@ class Leases:
 
     def renew(self) -> int:
         """Extend every lease this process holds; returns how many the database has."""
-        if not self.held():
+        held = self.held()
+        if not held:
             return 0
+        sent = self.clock.monotonic()
         renewed = self.store.renew_leases(self.owner, self.clock.now() + timedelta(seconds=self.seconds))
-        if renewed < len(self.held()):
-            log.warning("%d lease(s) ran out before they were renewed; their work may run elsewhere too", len(self.held()) - renewed)
+        if renewed < len(held):
+            # Which ones ran out is not known: none counts as renewed, so none goes on with work
+            # that must not happen twice (see fresh()).
+            log.warning("%d lease(s) ran out before they were renewed; their work may run elsewhere too", len(held) - renewed)
+            return renewed
+        with self._lock:
+            for name in held & self._held:
+                self._renewed[name] = sent
         return renewed
 
     def hand_back(self) -> int:
@@ -108,6 +137,7 @@ class Leases:
         self._stopped.set()
         with self._lock:
             self._held.clear()
+            self._renewed.clear()  # a step still running sends nothing more that must not go twice
         try:
             count = self.store.release_leases(self.owner)
         except StoreUnavailable as exc:

@@ -73,6 +73,10 @@ DATABASE_RETRY = 5.0
 SWEEP_INTERVAL = 1.0
 
 
+class LeaseLost(Exception):
+    """This process may no longer hold the lease of the request whose step it runs."""
+
+
 class Reconciler:
     """Moves every unfinished request on, one step at a time."""
 
@@ -190,10 +194,14 @@ class Reconciler:
                     self.jobs.wake(request_id, at)
             return
         later: SlotLater | None = None
+        lost = False
         try:
             self._step(request)
         except SlotLater as exc:
             later = exc  # a call's slot is booked: the step goes on at its time
+        except LeaseLost as exc:
+            log.warning("%s", exc)
+            lost = True
         except errors.IotError as exc:
             self._api_error(request, exc)
         except Exception:
@@ -202,14 +210,15 @@ class Reconciler:
             self.store.update_request(request_id, polls=request.polls + 1)
             raise
         finally:
-            request = self.store.get(request_id)
+            request = None if lost else self.store.get(request_id)  # lost: the new holder says what is next
             at: datetime | None = None
             if request is not None and not request.final:
                 if later is None:
                     at = self._next_wake(request)
                 else:  # a little early: a late step would miss its slot, an early one waits out the rest
                     at = self.clock.now() + timedelta(seconds=max(0.0, later.wait - SLOT_PATIENCE / 2))
-            self.store.end_request_step(request_id, turn, at)
+            if not lost:
+                self.store.end_request_step(request_id, turn, at)
             if at is not None:
                 self.jobs.wake(request_id, at)
             self.jobs.wake_outbox()
@@ -360,11 +369,14 @@ class Reconciler:
                 return
             if not self.store.claim_register(request.id, chunk.chunk_no, self.owner, self.clock.now(), replacing=chunk.register_sent_at):
                 return  # someone else took it over at the same moment
+        self._still_ours(request)
         self.client.batch_register_device_with_apply_id(request.product_key, chunk.apply_id)
         self.store.update_chunk(request.id, chunk.chunk_no, register_confirmed_at=self.clock.now(), status=ApplyStatus.CREATE.value)
         self.store.record(request.id, SYSTEM, "register_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": chunk.apply_id})
 
     def _register_counted_chunk(self, request: Request, chunk: Chunk) -> None:
+        # Before the claim: a claimed auto-named call is never sent again by anyone, so it must go.
+        self._still_ours(request)
         turn = self._claim(request, chunk)
         if turn == "wait":
             return
@@ -395,6 +407,13 @@ class Reconciler:
             request.id, chunk.chunk_no, apply_id=apply_id, register_confirmed_at=self.clock.now(), status=ApplyStatus.CREATE.value
         )
         self.store.record(request.id, SYSTEM, "register_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": apply_id})
+
+    def _still_ours(self, request: Request) -> None:
+        """Right before a call that must not be made twice: raise :class:`LeaseLost` unless this
+        process surely still holds the request's lease (its renewals may have failed, or the
+        process is stopping and handed it back)."""
+        if not self.leases.fresh(f"request:{request.id}"):
+            raise LeaseLost(f"request #{request.id}: its lease may have run out; the call is left to whoever holds it now")
 
     def _held_elsewhere(self, request: Request, apply_id: int) -> str | None:
         """Why ``apply_id`` cannot be this request's, when another request already holds it.

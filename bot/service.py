@@ -8,6 +8,7 @@ changes state only by compare-and-set, so two clicks at once get one winner and 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -60,6 +61,8 @@ class Health:
 
 class ReasonRequired(WorkflowError):
     """The product's rule asks the requester for a reason, and none was given."""
+
+log = logging.getLogger(__name__)
 
 
 class RequestService:
@@ -171,7 +174,7 @@ class RequestService:
                 **common, state=State.AWAITING_APPROVAL, expires_at=now + timedelta(seconds=self.timing.approval_ttl),
                 event=("awaiting_approval", {}),
             )
-            self._kick(request_id, at=self.store.get(request_id).expires_at)
+            self._kick(request_id)  # its first step works out when the first reminder or the expiry is due
         return self.require(request_id)
 
     def approve(self, request_id: int, actor: str, reason: str = "") -> Request:
@@ -553,7 +556,10 @@ class RequestService:
     def _kick(self, request_id: int, at: Any = None) -> None:
         """Ask for the request's next step: in the database, where every replica sees it (this one
         may not be the one to run it), and on this process's timer."""
-        self.store.wake_request(request_id, at or self.clock.now())
+        try:
+            self.store.wake_request(request_id, at or self.clock.now())
+        except StoreUnavailable as exc:  # this process's timer still runs it (and its sweep, once the database is back)
+            log.warning("request #%d: its next step is not stored as due: %s", request_id, exc)
         self.jobs.wake(request_id, at)
         self.jobs.wake_outbox()
 

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -23,7 +23,7 @@ from bot.domain import Event, Outcome, State, Timing
 from bot.jobs import InlineJobs
 from bot.leases import LEASE_SECONDS
 from bot.registration import Workflow
-from bot.store import open_store
+from bot.store import AlreadyRead, StoreUnavailable, open_store
 
 ALICE, BOB = "U0ALICE", "U0BOB"
 STATUS = "QueryBatchRegisterDeviceStatus"
@@ -228,3 +228,93 @@ def test_a_held_lease_is_renewed_while_its_work_runs(store):
     assert store.leases() == [] and other.take("request:1")
     other.hand_back()
     assert store.leases() == []
+
+
+def test_a_lease_not_renewed_for_two_thirds_of_its_term_is_not_trusted(store):
+    from bot.clock import ManualClock
+    from bot.leases import Leases
+
+    clock = ManualClock(datetime(2026, 11, 26, tzinfo=timezone.utc))
+    leases = Leases(store, clock, seconds=9.0)
+    assert leases.take("request:1") and leases.fresh("request:1")
+    clock.advance(5.9)
+    assert leases.fresh("request:1")
+    clock.advance(0.2)  # the heartbeat failed twice: the database may give it away in 2.9 s
+    assert not leases.fresh("request:1")
+    assert leases.renew() == 1 and leases.fresh("request:1")
+    leases.hand_back()
+    assert not leases.fresh("request:1")  # a stopping process's steps make no more calls that must not be repeated
+    assert not leases.take("request:2")  # nor take new work
+
+
+def test_a_step_that_may_have_lost_its_lease_sends_no_register_call(replicas, emulator, monkeypatch):
+    a, b, _ = replicas
+    request = a.workflow.requests.submit(emulator.product_key, ALICE, ["fenced-1"], origin="cli")
+    assert run_both(a, b, lambda: a.store.get(request.id).state == State.AWAITING_APPROVAL, emulator.clock)
+    a.workflow.requests.approve(request.id, BOB)
+    monkeypatch.setattr(a.workflow.leases, "fresh", lambda name: False)  # its renewals have been failing
+    a.jobs.run_due()
+    chunk = a.store.chunks(request.id)[0]
+    assert emulator.backend.application(chunk.apply_id).register_calls == 0 and chunk.claimed_by == a.workflow.leases.owner
+    monkeypatch.undo()
+    # The replica that takes the request over looks the ApplyId up, and sends the call once.
+    emulator.clock.advance(LEASE_SECONDS)
+    b.workflow.sweep()
+    assert run_both(b, a, lambda: a.store.get(request.id).state == State.DONE, emulator.clock, timeout=600)
+    assert emulator.backend.application(chunk.apply_id).register_calls == 1
+
+
+def test_an_approval_is_stepped_promptly_even_when_its_wake_could_not_be_written(replicas, emulator, monkeypatch):
+    a, b, _ = replicas
+    request = a.workflow.requests.submit(emulator.product_key, ALICE, ["late-1"], origin="cli")
+    assert run_both(a, b, lambda: a.store.get(request.id).state == State.AWAITING_APPROVAL, emulator.clock)
+
+    def lost(*args, **kwargs):
+        raise StoreUnavailable("lost the PostgreSQL database: connection reset")
+
+    monkeypatch.setattr(a.store, "wake_request", lost)
+    a.workflow.requests.approve(request.id, BOB)  # the approval itself is stored, with its due time
+    monkeypatch.undo()
+    b.workflow.sweep()  # on another replica (this one's timer would do as well)
+    b.jobs.run_due()
+    assert a.store.get(request.id).state in (State.REGISTERING, State.DONE)
+
+
+def test_a_request_whose_creator_died_before_waking_it_is_swept(replicas, emulator, monkeypatch):
+    a, b, _ = replicas
+    monkeypatch.setattr(a.workflow.requests, "_kick", lambda *args, **kwargs: None)  # died right after the insert
+    request = a.workflow.requests.submit(emulator.product_key, ALICE, ["lost-1"], origin="cli")
+    b.workflow.sweep()
+    b.jobs.run_due()
+    assert emulator.gateway.calls["BatchCheckDeviceNames"] == 1
+    assert a.store.get(request.id).state == State.CHECKING
+
+
+def test_auto_named_requests_waiting_for_approval_are_reminded(emulator, store_location):
+    notes = Notes()
+    timing = Timing(poll_interval=1.0, approval_ttl=3600, reminders=(60.0,))
+    a = Replica("a", store_location, emulator, notes, timing)
+    try:
+        request = a.workflow.requests.submit_count(emulator.product_key, ALICE, 3, origin="cli")
+        reminders = lambda: [e for e in [*a.store.pending_events(), *a.store.delivered_events(request.id)] if e.kind == "reminder"]  # noqa: E731
+        assert a.jobs.run_until(lambda: reminders(), timeout=120)
+        assert emulator.clock.now() - request.created_at >= timedelta(seconds=60)
+        assert len(reminders()) == 1
+    finally:
+        a.close()
+
+
+def test_one_upload_read_by_two_replicas_makes_one_request(replicas, emulator):
+    a, b, _ = replicas
+    upload_id = a.workflow.requests.add_upload(user=ALICE, channel="C1", product_key=emulator.product_key, pasted="up-1", origin_data={})
+    with a.workflow.requests.reading_upload(upload_id) as mine:
+        assert mine is not None
+        with b.workflow.requests.reading_upload(upload_id) as theirs:
+            assert theirs is None  # a is reading it
+        a.workflow.stop(grace=0)  # a stops while reading: its lease goes back at once ...
+        with b.workflow.requests.reading_upload(upload_id) as theirs:
+            assert theirs is not None  # ... and b reads it
+            b.workflow.requests.submit(emulator.product_key, ALICE, ["up-1"], origin="slack", upload_id=upload_id)
+        with pytest.raises(AlreadyRead):  # a's read, finishing late, makes nothing
+            a.workflow.requests.submit(emulator.product_key, ALICE, ["up-1"], origin="slack", upload_id=upload_id)
+    assert len(a.store.requests(limit=None)) == 1

@@ -17,7 +17,7 @@ import pytest
 
 from bot.domain import Approval, AuditEntry, EventKind, Kind, Origin, Outcome, RejectedLine, Rule, State, Tally, Upload
 from bot.standins.postgres import free_port
-from bot.store import AlreadyRetried, Store, StoreBusy, StoreUnavailable, open_store
+from bot.store import AlreadyRead, AlreadyRetried, Store, StoreBusy, StoreUnavailable, open_store
 from bot.store.postgres import PostgresStore
 from bot.store.sqlite import SqliteStore
 
@@ -289,7 +289,12 @@ def test_each_reminder_is_sent_once_and_only_while_the_request_waits(store):
 
 def test_a_register_call_is_claimed_once_and_taken_over_only_from_the_claim_seen(store):
     request_id = new_request(store)
+    assert store.take_lease(f"request:{request_id}", "pid-1", NOW, NOW + timedelta(seconds=10))
     assert store.claim_register(request_id, 0, "pid-1", NOW)
+    for owner in ("pid-2", "pid-3"):  # both run steps of the request later, one after the other
+        assert store.take_lease(f"request:{request_id}", owner, LATER, LATER + timedelta(seconds=10))
+        store.release_lease(f"request:{request_id}", owner)
+    store.take_lease(f"request:{request_id}", "pid-2", LATER, LATER + timedelta(seconds=10))
     assert not store.claim_register(request_id, 0, "pid-2", LATER)
     chunk = store.chunks(request_id)[0]
     assert (chunk.register_sent_at, chunk.claimed_by) == (NOW, "pid-1")
@@ -301,7 +306,18 @@ def test_a_register_call_is_claimed_once_and_taken_over_only_from_the_claim_seen
     store.release_register(request_id, 0, "pid-2")
     chunk = store.chunks(request_id)[0]
     assert (chunk.register_sent_at, chunk.claimed_by) == (None, None)
+    assert not store.claim_register(request_id, 0, "pid-3", LATER)  # it does not hold the request's lease
+    store.release_lease(f"request:{request_id}", "pid-2")
+    assert store.take_lease(f"request:{request_id}", "pid-3", LATER, LATER + timedelta(seconds=10))
     assert store.claim_register(request_id, 0, "pid-3", LATER)
+
+
+def test_a_register_call_is_claimed_only_under_a_live_lease_on_its_request(store):
+    request_id = new_request(store)
+    assert not store.claim_register(request_id, 0, "pid-1", NOW)  # no lease
+    assert store.take_lease(f"request:{request_id}", "pid-1", NOW, NOW + timedelta(seconds=10))
+    assert not store.claim_register(request_id, 0, "pid-1", NOW + timedelta(seconds=10))  # it ran out
+    assert store.claim_register(request_id, 0, "pid-1", NOW + timedelta(seconds=9))
 
 
 def test_chunks_are_updated_and_found_by_apply_id(store):
@@ -375,6 +391,11 @@ def test_an_upload_is_read_once_and_the_request_made_from_it_marks_it_read(store
     assert store.upload(first) is None
     store.finish_upload(second, LATER)
     assert store.upload(second) is None and store.unread_uploads() == []
+    # Read a second time (by another process, say): no second request.
+    made = len(store.requests(limit=None))
+    with pytest.raises(AlreadyRead):
+        new_request(store, upload_id=first)
+    assert len(store.requests(limit=None)) == made
 
 
 # -- audit and outbox ---------------------------------------------------------------------------
@@ -627,7 +648,10 @@ def test_of_many_threads_taking_one_lease_exactly_one_holds_it(store):
 
 def test_a_step_is_due_when_asked_for_and_the_earliest_wake_stands(store):
     request_id = new_request(store, state=State.CHECKING)
-    assert store.due_requests(NOW) == []  # never scheduled: resumed at start, not swept
+    assert store.due_requests(NOW) == [request_id]  # due from its creation, in the same transaction
+    turn = store.begin_request_step(request_id, NOW, NOW + timedelta(seconds=10))
+    store.end_request_step(request_id, turn, NOW + timedelta(hours=1))  # the step: nothing to do for an hour
+    assert store.due_requests(NOW) == []
     store.wake_request(request_id, LATER)
     store.wake_request(request_id, NOW + timedelta(minutes=1))
     store.wake_request(request_id, NOW + timedelta(minutes=9))  # later than the one asked for: no change
@@ -723,3 +747,14 @@ def test_finished_requests_with_iot_ids_to_read_are_found_for_a_restart(store):
     assert store.unread_iot_ids() == [done, failed]  # one part of it is still unread
     store.set_iot_ids(done, 1, [], LATER)
     assert store.unread_iot_ids(origins=[Origin.SLACK, Origin.CLI]) == [failed]
+
+
+def test_an_approval_makes_the_next_step_due_in_its_own_transaction(store):
+    by_click, by_quorum, finished = new_request(store), new_request(store), new_request(store, state=State.DONE)
+    assert sorted(store.due_requests(NOW)) == [by_click, by_quorum]  # the finished one is due for nothing
+    for request_id in (by_click, by_quorum):  # each waits for its approver, up to a day
+        store.end_request_step(request_id, store.begin_request_step(request_id, NOW, NOW), NOW + timedelta(hours=24))
+    assert store.due_requests(LATER) == []
+    assert approve(store, by_click, now=LATER)
+    assert store.add_approval(by_quorum, approver="U2", now=LATER, needed=1) == Tally.QUORUM
+    assert sorted(store.due_requests(LATER)) == [by_click, by_quorum]

@@ -89,6 +89,8 @@ class Bot:
         back at once (another replica carries on). Returns whether every step finished; if not,
         the process must end now rather than let them go on without their leases."""
         finished = self.workflow.stop(grace)
+        if not finished:
+            return False  # the caller ends the process now: nothing may wait for the pools
         if self.deps is not None:
             self.deps.background.shutdown(wait=True)
             self.deps.slow.shutdown(wait=True)

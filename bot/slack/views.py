@@ -15,6 +15,7 @@ from bot.slack.deps import Deps
 from bot.slack.files import fetch_device_list
 from bot.domain import Origin, Upload
 from bot.service import ReasonRequired
+from bot.store import AlreadyRead
 
 log = logging.getLogger(__name__)
 ACCEPTED = (".csv", ".txt")
@@ -92,6 +93,8 @@ def read_list(deps: Deps, client: WebClient, upload: Upload) -> None:
             rejected=devices.rejected, rejected_count=devices.rejected_count, upload_id=upload.id,
             reason=upload.origin_data.get("reason", ""), read_as=devices.read_as,
         )
+    except AlreadyRead:  # another replica read it while this one did: its request stands
+        log.info("upload #%d was read into a request elsewhere", upload.id)
     except ReasonRequired as exc:  # the policy changed between the form and now
         tell(client, channel, user, f"Your device list for {blocks.escape(product_key, code=True)} was not used: {blocks.escape(str(exc))}.")
         deps.requests.finish_upload(upload.id)

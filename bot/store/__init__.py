@@ -51,7 +51,7 @@ from bot.domain import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CREATION_ENDED", "Figures", "Lease", "StepTurn", "log_transition", "AlreadyRetried", "Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
+__all__ = ["AlreadyRead", "CREATION_ENDED", "Figures", "Lease", "StepTurn", "log_transition", "AlreadyRetried", "Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 #: The chunk statuses (the platform's ApplyStatus) after which a creation has ended and its devices
@@ -65,6 +65,14 @@ class StoreUnavailable(Exception):
 
 class StoreBusy(Exception):
     """Another process already serves from this store, and the store cannot be shared (SQLite)."""
+
+
+class AlreadyRead(Exception):
+    """An upload was read into a request already (by another process): nothing was created."""
+
+    def __init__(self, upload_id: int) -> None:
+        super().__init__(f"upload #{upload_id} was read already")
+        self.upload_id = upload_id
 
 
 class AlreadyRetried(Exception):
@@ -149,7 +157,10 @@ class Store(Protocol):
         after it, by ``decided_by``), its first event, and mark the upload it came from as read.
 
         With ``retry_of``: in the same transaction, set that request's ``retried_as`` to the new
-        one only if it has none yet; otherwise write nothing and raise :class:`AlreadyRetried`."""
+        one only if it has none yet; otherwise write nothing and raise :class:`AlreadyRetried`.
+        With ``upload_id``: only if that upload is unread; otherwise write nothing and raise
+        :class:`AlreadyRead` (two processes read one list: one request). A new unfinished
+        request's next step is due at once."""
 
     def get(self, request_id: int) -> Request | None: ...
 
@@ -215,7 +226,9 @@ class Store(Protocol):
     def claim_register(
         self, request_id: int, chunk_no: int, owner: str, now: datetime, *, replacing: datetime | None = None
     ) -> bool:
-        """Claim a chunk's register call before sending it; ``False`` if another claim got there first.
+        """Claim a chunk's register call before sending it; ``False`` if another claim got there
+        first, or if ``owner`` does not hold the request's lease (``request:<id>``) at ``now``: a
+        process that lost its lease can never claim a call another process may be making.
 
         With ``replacing``, take over a claim whose ``register_sent_at`` is that time, and only that one.
         """

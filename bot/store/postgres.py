@@ -49,7 +49,7 @@ from bot.domain import (
     Tally,
     Upload,
 )
-from bot.store import CREATION_ENDED, AlreadyRetried, Figures, Lease, StepTurn, StoreUnavailable, log_transition, redact_url
+from bot.store import CREATION_ENDED, AlreadyRead, AlreadyRetried, Figures, Lease, StepTurn, StoreUnavailable, log_transition, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,8 @@ def m005_leases(cur: psycopg.Cursor[Any]) -> None:
         CREATE INDEX requests_next_step_at ON requests (next_step_at) WHERE next_step_at IS NOT NULL;
         """
     )
+    # Every unfinished request is due: swept at once.
+    cur.execute("UPDATE requests SET next_step_at = updated_at WHERE NOT (state = ANY(%s))", [[str(s) for s in State if s.final]])
 
 
 @migration
@@ -456,10 +458,12 @@ class PostgresStore:
             cur.execute(
                 "INSERT INTO requests (product_key, requester, origin, channel, origin_data, kind, count, rejected_count,"
                 " state, retry_of, rule, justification, decided_by, decided_at, expires_at, phase_started_at, created_at,"
-                " updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                " updated_at, next_step_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " RETURNING id",
                 [product_key, requester, str(origin), channel, _json(origin_data or {}), str(kind), count,
                  rejected_count or len(rejected), str(state), retry_of, _json(rule.as_dict()) if rule else None,
-                 justification, decided_by, now if decided_by else None, expires_at, now, now, now],
+                 justification, decided_by, now if decided_by else None, expires_at, now, now, now,
+                 None if state.final else now],  # due at once, in the same transaction: any replica's sweep starts it
             )
             request_id = cur.fetchone()[0]
             with cur.copy("COPY devices (request_id, name, nickname, chunk_no, line) FROM STDIN (FORMAT BINARY)") as copy:
@@ -493,7 +497,9 @@ class PostgresStore:
                 _enqueue(cur, request_id, event[0], event[1], now)
             if upload_id is not None:
                 # In the same transaction: an upload read again after a crash cannot make a second request.
-                cur.execute("UPDATE uploads SET done_at = %s, request_id = %s WHERE id = %s", [now, request_id, upload_id])
+                cur.execute("UPDATE uploads SET done_at = %s, request_id = %s WHERE id = %s AND done_at IS NULL", [now, request_id, upload_id])
+                if cur.rowcount != 1:
+                    raise AlreadyRead(upload_id)  # rolls the request back
         log_transition(int(request_id), product_key, state, "requested", count, rejected_count or len(rejected), requester)
         return int(request_id)
 
@@ -564,11 +570,12 @@ class PostgresStore:
         """
         values = {column: _text(value) for column, value in fields.items()}
         values.update(state=str(to_state), updated_at=now)
+        wake, at = (_WAKE_NOW, [now]) if to_state == State.APPROVED else ("", [])
         with self.connection() as conn:
             cur = conn.execute(
-                f"UPDATE requests SET {_assignments(values)} WHERE id = %s AND state = ANY(%s)"
+                f"UPDATE requests SET {_assignments(values)}{wake} WHERE id = %s AND state = ANY(%s)"
                 " RETURNING product_key, count, rejected_count",
-                [*values.values(), request_id, _texts(from_states)],
+                [*values.values(), *at, request_id, _texts(from_states)],
             )
             moved = cur.fetchone()
             if moved is None:
@@ -603,9 +610,9 @@ class PostgresStore:
                 _enqueue(cur, request_id, "approval", {"by": approver, "count": len(approvers), "needed": needed}, now)
                 return Tally.COUNTED
             moved = cur.execute(
-                "UPDATE requests SET state = %s, decided_by = %s, decided_at = %s, updated_at = %s WHERE id = %s AND state = %s"
+                f"UPDATE requests SET state = %s, decided_by = %s, decided_at = %s, updated_at = %s{_WAKE_NOW} WHERE id = %s AND state = %s"
                 " RETURNING product_key, count, rejected_count",
-                [str(State.APPROVED), approver, now, now, request_id, str(State.AWAITING_APPROVAL)],
+                [str(State.APPROVED), approver, now, now, now, request_id, str(State.AWAITING_APPROVAL)],
             ).fetchone()
             if moved is None:  # cannot happen while the row is locked; kept as the compare-and-set
                 raise RuntimeError(f"request #{request_id} changed state while its approval was counted")
@@ -665,6 +672,8 @@ class PostgresStore:
         args: list[Any] = [now, owner, request_id, chunk_no]
         if replacing is not None:
             args.append(replacing)
+        condition += " AND EXISTS (SELECT 1 FROM leases WHERE name = 'request:' || chunks.request_id AND owner = %s AND until > %s)"
+        args += [owner, now]
         sql = f"UPDATE chunks SET register_sent_at = %s, claimed_by = %s WHERE request_id = %s AND chunk_no = %s AND {condition}"
         return self._execute(sql, args) == 1
 
@@ -944,6 +953,11 @@ class PostgresStore:
             sql += " AND r.origin = ANY(%s)"
             args.append(_texts(origins))
         return [r[0] for r in self._fetch(sql + " ORDER BY r.id", args)]
+
+
+#: With an approval, in its transaction: the next step is due at once (the parameter: the
+#: approval's time), so that no failure between the two can leave an approved request waiting.
+_WAKE_NOW = ", next_step_at = LEAST(next_step_at, %s::timestamptz), wakes = wakes + 1"
 
 
 def _audit(cur: psycopg.Cursor[Any], request_id: int, actor: str, event: str, detail: dict[str, Any], now: datetime) -> None:

@@ -39,7 +39,7 @@ from bot.domain import (
     Tally,
     Upload,
 )
-from bot.store import CREATION_ENDED, AlreadyRetried, Figures, Lease, StepTurn, StoreBusy, StoreUnavailable, log_transition
+from bot.store import CREATION_ENDED, AlreadyRead, AlreadyRetried, Figures, Lease, StepTurn, StoreBusy, StoreUnavailable, log_transition
 
 
 PENDING = Outcome.PENDING.value
@@ -208,6 +208,8 @@ def m009_leases(db: Database) -> None:
     db.execute("ALTER TABLE requests ADD COLUMN next_step_at TEXT")
     db.execute("ALTER TABLE requests ADD COLUMN wakes INTEGER NOT NULL DEFAULT 0")
     db.execute("CREATE INDEX requests_next_step_at ON requests (next_step_at) WHERE next_step_at IS NOT NULL")
+    unfinished = ", ".join(f"'{s}'" for s in State if not s.final)
+    db.execute(f"UPDATE requests SET next_step_at = updated_at WHERE state IN ({unfinished})")  # due: swept at once
 
 
 @migrations()
@@ -448,6 +450,8 @@ class SqliteStore:
                     "phase_started_at": stamp,
                     "created_at": stamp,
                     "updated_at": stamp,
+                    # Due at once, in the same transaction: any replica's sweep starts it.
+                    "next_step_at": None if state.final else stamp,
                 }
             ).last_pk
             db.conn.executemany(
@@ -485,7 +489,9 @@ class SqliteStore:
                 self._enqueue(request_id, event[0], event[1], stamp)
             if upload_id is not None:
                 # In the same transaction: an upload read again after a crash cannot make a second request.
-                db.conn.execute("UPDATE uploads SET done_at = ?, request_id = ? WHERE id = ?", [stamp, request_id, upload_id])
+                done = db.conn.execute("UPDATE uploads SET done_at = ?, request_id = ? WHERE id = ? AND done_at IS NULL", [stamp, request_id, upload_id])
+                if done.rowcount != 1:
+                    raise AlreadyRead(upload_id)  # rolls the request back
         log_transition(int(request_id), product_key, state, "requested", count, rejected_count or len(rejected), requester)
         return int(request_id)
 
@@ -548,10 +554,11 @@ class SqliteStore:
         stamp = format_time(now)
         values = _stored(fields)
         values.update(state=str(to_state), updated_at=stamp)
+        wake, at = (_WAKE_NOW, [stamp, stamp]) if to_state == State.APPROVED else ("", [])
         with self._write() as db:
             cursor = db.conn.execute(
-                f"UPDATE requests SET {_assignments(values)} WHERE id = ? AND state IN {marks}",
-                [*values.values(), request_id, *expected],
+                f"UPDATE requests SET {_assignments(values)}{wake} WHERE id = ? AND state IN {marks}",
+                [*values.values(), *at, request_id, *expected],
             )
             if cursor.rowcount != 1:
                 return False
@@ -589,8 +596,8 @@ class SqliteStore:
                 self._enqueue(request_id, "approval", {"by": approver, "count": len(approvers), "needed": needed}, stamp)
                 return Tally.COUNTED
             cursor = db.conn.execute(
-                "UPDATE requests SET state = ?, decided_by = ?, decided_at = ?, updated_at = ? WHERE id = ? AND state = ?",
-                [str(State.APPROVED), approver, stamp, stamp, request_id, str(State.AWAITING_APPROVAL)],
+                f"UPDATE requests SET state = ?, decided_by = ?, decided_at = ?, updated_at = ?{_WAKE_NOW} WHERE id = ? AND state = ?",
+                [str(State.APPROVED), approver, stamp, stamp, stamp, stamp, request_id, str(State.AWAITING_APPROVAL)],
             )
             if cursor.rowcount != 1:  # cannot happen under the write lock; kept as the compare-and-set
                 raise RuntimeError(f"request #{request_id} changed state while its approval was counted")
@@ -657,6 +664,8 @@ class SqliteStore:
         args: list[Any] = [format_time(now), owner, request_id, chunk_no]
         if replacing is not None:
             args.append(format_time(replacing))
+        condition += " AND EXISTS (SELECT 1 FROM leases WHERE name = 'request:' || chunks.request_id AND owner = ? AND until > ?)"
+        args += [owner, format_time(now)]
         with self._write() as db:
             cursor = db.conn.execute(
                 f"UPDATE chunks SET register_sent_at = ?, claimed_by = ? WHERE request_id = ? AND chunk_no = ? AND {condition}",
@@ -975,6 +984,11 @@ class SqliteStore:
             sql += f" AND r.origin IN {marks}"
             args.extend(values)
         return [r[0] for r in self.db.execute(sql + " ORDER BY r.id", args).fetchall()]
+
+
+#: With an approval, in its transaction: the next step is due at once (the two parameters: the
+#: approval's time), so that no failure between the two can leave an approved request waiting.
+_WAKE_NOW = ", next_step_at = CASE WHEN next_step_at IS NULL OR next_step_at > ? THEN ? ELSE next_step_at END, wakes = wakes + 1"
 
 
 def _next_due(current: datetime | None, wakes: int, turn: StepTurn, at: datetime | None) -> str | None:
