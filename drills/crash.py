@@ -225,7 +225,7 @@ def main() -> int:
           f"{sum(b.starts for b in bots)} starts; commands and clicks answered by replica: {ws.counts}; exit statuses at the end: {statuses}")
     faults = sum(n for (_, code), n in emulator.gateway.outcomes.items() if code != "Success")
     throttled = sum(n for (_, code), n in emulator.gateway.outcomes.items() if code == "Throttling.User")
-    print(f"  faults injected: IoT Platform {faults:,} error answers ({throttled:,} of them Throttling.User, the quotas' own); Slack {slack_faults:,} failing methods")
+    print(f"  faults injected: IoT Platform {faults:,} error answers ({throttled:,} of them Throttling.User); Slack {slack_faults:,} failing methods")
     print(f"  requests: {len(all_requests)}; final states: {dict(states)}; not final: {sum(1 for r in all_requests if not r.final)}")
     for request in all_requests:
         if request.state == State.FAILED:
