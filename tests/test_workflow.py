@@ -443,7 +443,7 @@ def test_an_older_database_is_migrated_in_place_with_its_data(emulator, tmp_path
     old.conn.close()
 
     harness = Harness(emulator, path, Timing(poll_interval=1.0))
-    assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner", "m003_notification_steps", "m004_uploads", "m005_origin_data", "m006_approvals", "m007_rejected_nicknames", "m008_begun_steps"]
+    assert harness.store.schema_version() == ["m001_initial", "m002_register_claim_owner", "m003_notification_steps", "m004_uploads", "m005_origin_data", "m006_approvals", "m007_rejected_nicknames", "m008_begun_steps", "m010_quotas"]
     assert harness.workflow.resume() == 1  # the old request is picked up where it was
     assert harness.run_until(7, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
     harness.workflow.requests.approve(7, BOB)

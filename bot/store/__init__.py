@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -51,7 +51,7 @@ from bot.domain import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Figures", "log_transition", "AlreadyRetried", "Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
+__all__ = ["Figures", "Slot", "log_transition", "AlreadyRetried", "Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -82,6 +82,18 @@ class Figures:
     devices_created: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """A call's turn, booked by :meth:`Store.book_slot`: ``wait`` seconds from now, at ``start`` (seconds
+    on the database's clock, which identifies the slot), under a quota of ``qps``; ``retaken``: a
+    late holder's slot moved to now rather than a new one."""
+
+    wait: float
+    start: float
+    qps: float
+    retaken: bool = False
+
+
 def log_transition(request_id: int, product: str, state: str, event: str, devices: int, rejected: int, actor: str) -> None:
     """One INFO line per request created or moved (every store logs its own), its fields also
     given apart (for JSON logs)."""
@@ -98,6 +110,9 @@ class Store(Protocol):
     #: Whether a read costs no more than a few microseconds in this process (an embedded file),
     #: rather than a round trip to a server: only then is a command answered in its ack.
     reads_in_process: bool
+    #: Whether several iotreg processes may serve from it at once (they then share the IoT Platform
+    #: quotas through it: :meth:`book_slot`).
+    many_processes: bool
 
     def close(self) -> None: ...
 
@@ -291,6 +306,26 @@ class Store(Protocol):
         began it, or None if this is the first, so a redelivery knows to look for what it posted."""
 
     def delivered_events(self, request_id: int) -> list[Event]: ...
+
+    # -- the IoT Platform quotas, shared by every process of the database
+
+    def quotas(self) -> dict[str, float]:
+        """The stored QPS quota of each action."""
+
+    def set_quotas(self, quotas: Mapping[str, float], *, replace: bool = True) -> dict[str, tuple[float | None, float]]:
+        """Store ``quotas`` (``replace=False``: only for actions that have none yet); return those
+        that changed, ``action: (before, after)``. A quota must be above 0."""
+
+    def book_slot(self, action: str, margin: float, retake: float | None = None) -> Slot | None:
+        """Reserve the next slot of ``action`` in one atomic step, on the database's clock; ``None``
+        when ``action`` has no quota.
+
+        A slot starts when no window of ``calls / qps * (1 + margin)`` seconds holds more than
+        ``calls = max(1, floor(qps))`` slots: the latest ``calls`` slots are kept. Slots are handed
+        out in the order the bookings come. ``retake``: the ``start`` of a slot whose holder comes
+        late; if it is still the last one handed out, it moves to now (``retaken``), else a new one
+        is reserved.
+        """
 
 
 def is_url(location: str) -> bool:

@@ -1,0 +1,263 @@
+"""Replicas on one PostgreSQL database share the account's IoT Platform quotas.
+
+The emulator here runs on the real clock and refuses calls over its quotas with ``Throttling.User``
+(as the platform does), and the clients make a single attempt: every call over the quota shows.
+Each replica is a limiter with its own connection pool, or a real ``python`` process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import psycopg
+import pytest
+
+from bot import wiring
+from bot.aliyun import errors
+from bot.aliyun.client import Credentials, IotClient, RetryPolicy
+from bot.aliyun.ratelimit import DEFAULT_QPS, Limiter, RateLimiter, SharedRateLimiter, SlotLater, deferring
+from bot.clock import ManualClock, SystemClock
+from bot.config import Settings
+from bot.standins.emulator import Emulator
+from bot.store.postgres import PostgresStore
+
+CHECK = "BatchCheckDeviceNames"
+THROTTLED = (CHECK, "Throttling.User")
+PRODUCT = "a1TestProd1"
+
+
+@pytest.fixture
+def platform(make_emulator: Callable[..., Emulator]) -> Emulator:
+    """The emulator on the real clock, counting its quotas over real seconds."""
+    return make_emulator(clock=SystemClock())
+
+
+@pytest.fixture
+def replicas(postgres_url: str):
+    """Open stores on one database, each with its own pool (as replicas); closed at the end."""
+    opened: list[PostgresStore] = []
+
+    def replica() -> PostgresStore:
+        opened.append(PostgresStore(postgres_url, max_size=4))
+        return opened[-1]
+
+    yield replica
+    for store in opened:
+        store.close()
+
+
+def client(platform: Emulator, limiter: Limiter) -> IotClient:
+    return IotClient(platform.endpoint, Credentials(platform.access_key_id, platform.access_key_secret),
+                     retry=RetryPolicy(max_attempts=1), limiter=limiter)
+
+
+def hammer(clients: list[IotClient], threads: int, calls: int) -> tuple[int, float]:
+    """Each client's ``threads`` make ``calls`` checks each, all at once: (throttled, seconds taken)."""
+    throttled = 0
+    lock = threading.Lock()
+    go = threading.Barrier(len(clients) * threads)
+
+    def work(iot: IotClient, worker: int) -> None:
+        nonlocal throttled
+        go.wait()
+        for k in range(calls):
+            try:
+                iot.batch_check_device_names(PRODUCT, [f"dev-{id(iot)}-{worker}-{k}"])
+            except errors.ThrottledError:
+                with lock:
+                    throttled += 1
+
+    workers = [threading.Thread(target=work, args=(iot, w)) for iot in clients for w in range(threads)]
+    started = time.monotonic()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return throttled, time.monotonic() - started
+
+
+def test_replicas_limiting_in_their_own_memory_are_throttled(platform):
+    """What the database is for: three processes each keeping the quota to itself spend it three times."""
+    clients = [client(platform, RateLimiter(DEFAULT_QPS)) for _ in range(3)]
+    throttled, _ = hammer(clients, threads=2, calls=5)
+    assert throttled >= 10  # 30 checks in the first second against a quota of 10
+    assert platform.gateway.outcomes[THROTTLED] == throttled
+
+
+def test_three_replicas_booking_in_the_database_are_never_throttled_and_use_the_whole_quota(platform, replicas):
+    limiters = [SharedRateLimiter(replicas()) for _ in range(3)]
+    wiring.share_quotas(limiters[0].keeper, {})
+    throttled, seconds = hammer([client(platform, limiter) for limiter in limiters], threads=3, calls=4)
+    assert throttled == 0 and platform.gateway.outcomes[THROTTLED] == 0
+    assert platform.gateway.calls[CHECK] == 36
+    # 36 checks at 10/s (and the 5% margin): ten at once, then ten every 1.05 s; the last at 3.15 s.
+    assert 3.15 <= seconds < 3.15 + 1.5
+
+
+REPLICA = """
+import json, os, sys
+from bot import wiring
+from bot.aliyun import errors
+from bot.config import Settings
+
+client = wiring.iot_client(Settings.from_env(os.environ))  # IOTREG_DB is PostgreSQL: the shared limiter
+print(type(client.limiter).__name__, flush=True)
+calls = int(sys.stdin.readline())
+throttled = 0
+for k in range(calls):
+    try:
+        client.batch_check_device_names("a1TestProd1", [f"dev-{os.getpid()}-{k}"])
+    except errors.ThrottledError:
+        throttled += 1
+print(json.dumps({"throttled": throttled}), flush=True)
+client.close()
+"""
+
+
+def test_three_iotreg_processes_share_the_quota(platform, postgres_url):
+    env = {**os.environ, **platform.env(), "IOTREG_DB": postgres_url, "IOT_MAX_ATTEMPTS": "1"}
+    processes = [subprocess.Popen([sys.executable, "-c", REPLICA], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+    try:
+        assert [p.stdout.readline().strip() for p in processes] == ["SharedRateLimiter"] * 3
+        started = time.monotonic()
+        for p in processes:
+            p.stdin.write("8\n")
+            p.stdin.flush()
+        answers = [json.loads(p.stdout.readline()) for p in processes]
+        seconds = time.monotonic() - started
+        assert [p.wait(timeout=60) for p in processes] == [0, 0, 0]
+    finally:
+        for p in processes:
+            p.kill()
+    assert answers == [{"throttled": 0}] * 3 and platform.gateway.outcomes[THROTTLED] == 0
+    assert platform.gateway.calls[CHECK] == 24
+    assert 2.1 <= seconds < 2.1 + 2.0  # 24 at 10/s: ten at once, ten at 1.05 s, four at 2.1 s
+
+
+class Stopwatch(ManualClock):
+    """Sleeping returns at once, and each wait is noted: what a limiter would have slept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+def test_a_replica_asking_now_and_then_is_served_between_the_calls_of_a_busy_one(platform, replicas):
+    """First come, first served on the shared schedule: one thread of a quiet replica waits its turn
+    behind the slots already handed out, however many a busy replica keeps asking for."""
+    busy, quiet = SharedRateLimiter(replicas()), SharedRateLimiter(replicas())
+    wiring.share_quotas(busy.keeper, {})
+    done = threading.Event()
+    waits: list[float] = []
+
+    def keep_calling() -> None:
+        while not done.is_set():
+            busy.acquire(CHECK)
+
+    crowd = [threading.Thread(target=keep_calling) for _ in range(6)]
+    for t in crowd:
+        t.start()
+    try:
+        for _ in range(6):
+            started = time.monotonic()
+            quiet.acquire(CHECK)
+            waits.append(time.monotonic() - started)
+    finally:
+        done.set()
+        for t in crowd:
+            t.join()
+    # Seven callers, one slot each at most, ten slots to a window: a quiet call is always in the next
+    # window (1.05 s) at the latest.
+    assert max(waits) < 1.05 + 0.3
+    assert sum(waits) > 1.0  # it did wait its turn: the busy replica kept the quota spent
+
+
+def test_iot_qps_set_on_one_replica_is_what_every_replica_uses(postgres_url, replicas, caplog):
+    caplog.set_level(logging.INFO, logger="bot.wiring")
+    watch = Stopwatch()
+    running = SharedRateLimiter(replicas(), clock=watch)
+    wiring.share_quotas(running.keeper, {})
+    assert running.quota(CHECK) == pytest.approx(10 / 1.05)
+    assert caplog.messages == []
+
+    # Another replica starts with IOT_QPS.
+    settings = Settings.from_env({"IOTREG_DB": postgres_url, "IOT_QPS": f"{CHECK}=2,QueryPageByApplyId=50"})
+    started = wiring.limiter(settings, "account", SystemClock())
+    try:
+        assert isinstance(started, SharedRateLimiter)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"IOT_QPS changed the quotas that every iotreg on {started.keeper.location} shares: {CHECK} 10 -> 2/s"]
+        # The running replica's next calls go two to a window: its own IOT_QPS (none) does not matter.
+        assert [running.acquire(CHECK) for _ in range(3)][:2] == [0.0, 0.0]
+        assert watch.waits == [pytest.approx(2 / 2 * 1.05, abs=0.05)]
+        assert running.quota(CHECK) == pytest.approx(2 / 1.05)
+        # A replica started later without IOT_QPS leaves the stored quotas alone.
+        caplog.clear()
+        later = wiring.limiter(Settings.from_env({"IOTREG_DB": postgres_url}), "account", SystemClock())
+        later.close()
+        assert caplog.messages == [] and started.keeper.quotas()[CHECK] == 2
+    finally:
+        started.close()
+
+
+def test_bookings_abandoned_by_a_replica_that_went_away_hold_nobody_up_for_long(replicas):
+    """A replica that booked slots ahead for its steps and died: those slots pass like any other,
+    and the next replica's call waits for them, not forever."""
+    watch = Stopwatch()
+    gone, alive = SharedRateLimiter(replicas(), clock=Stopwatch()), SharedRateLimiter(replicas(), clock=watch)
+    wiring.share_quotas(gone.keeper, {})
+    for k in range(20):  # ten calls, then ten steps that book their slot and come back later
+        with deferring(f"request-{k}", patience=0.5):
+            try:
+                gone.acquire(CHECK)
+            except SlotLater as later:
+                assert later.wait == pytest.approx(1.05, abs=0.1)
+    gone.keeper.close()  # the replica goes, its bookings with it
+    alive.acquire(CHECK)
+    assert watch.waits == [pytest.approx(2.1, abs=0.1)]  # after the ten booked, not after forever
+
+
+def test_a_session_holding_the_quota_row_holds_bookings_up_only_until_it_ends(postgres_url, replicas):
+    """A booking waits for the row of its quota; a session that died holding it (a process killed
+    in a transaction) lets go with its connection, and the waiting booking goes on."""
+    limiter = SharedRateLimiter(replicas(), clock=Stopwatch())
+    wiring.share_quotas(limiter.keeper, {})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, postgres_url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    booked = threading.Event()
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        booking = threading.Thread(target=lambda: (limiter.acquire(CHECK), booked.set()))
+        booking.start()
+        with psycopg.connect(postgres_url, autocommit=True) as watcher:
+            deadline = time.monotonic() + 30
+            while not watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0]:
+                assert time.monotonic() < deadline, "the booking never waited for the held row"
+                time.sleep(0.01)
+        assert not booked.is_set()
+        holder.kill()
+        holder.wait(timeout=30)
+        booking.join(timeout=30)
+        assert booked.is_set()
+    finally:
+        holder.kill()
+
+
+HOLDER = """
+import sys, time, psycopg
+conn = psycopg.connect(sys.argv[1])
+conn.execute("SELECT * FROM quotas WHERE action = 'BatchCheckDeviceNames' FOR UPDATE")
+print("locked", flush=True)
+sys.stdin.readline()
+"""
