@@ -261,3 +261,33 @@ conn.execute("SELECT * FROM quotas WHERE action = 'BatchCheckDeviceNames' FOR UP
 print("locked", flush=True)
 sys.stdin.readline()
 """
+
+
+def test_a_step_that_would_wait_books_its_slot_on_the_shared_schedule_and_takes_it_later(replicas):
+    step_clock, other_clock = Stopwatch(), Stopwatch()
+    steps, other = SharedRateLimiter(replicas(), clock=step_clock), SharedRateLimiter(replicas(), clock=other_clock)
+    steps.keeper.set_quotas({CHECK: 2})
+    steps.acquire(CHECK)
+    other.acquire(CHECK)  # the first window's two slots are spent, one by each replica
+    with deferring("request-1", patience=0.1), pytest.raises(SlotLater) as later:
+        steps.acquire(CHECK)
+    assert later.value.wait == pytest.approx(1.05, abs=0.1) and step_clock.waits == []  # booked, not slept
+    other.acquire(CHECK)
+    other.acquire(CHECK)  # the other replica's calls come after the booked slot, not in it
+    assert other_clock.waits == [pytest.approx(1.05, abs=0.1), pytest.approx(2.1, abs=0.1)]
+    step_clock.advance(later.value.wait)
+    with deferring("request-1", patience=0.1):
+        assert steps.acquire(CHECK) == 0.0  # its own slot, booked a second ago
+    assert steps.missed == {}
+
+
+def test_the_client_books_in_the_database_when_it_serves_many_processes(store):
+    settings = Settings.from_env({"ALIBABA_CLOUD_ACCESS_KEY_ID": "id", "ALIBABA_CLOUD_ACCESS_KEY_SECRET": "secret"})
+    iot = wiring.iot_client(settings, store=store)
+    if store.many_processes:
+        assert isinstance(iot.limiter, SharedRateLimiter) and iot.limiter.keeper is store
+        assert store.quotas() == dict(DEFAULT_QPS)  # the platform's quotas, for every replica
+    else:  # one process serves a SQLite file: its quotas stay in its memory, IOT_QPS as it is
+        assert isinstance(iot.limiter, RateLimiter) and store.quotas() == {}
+    iot.close()
+    store.ping()  # the client leaves a store it was given open

@@ -900,13 +900,14 @@ class PostgresStore:
 
     def book_slot(self, action: str, margin: float, retake: float | None = None) -> Slot | None:
         """One statement (:func:`m006_quotas`'s ``iotreg_book_slot``): one round trip per call."""
-        try:
-            rows = self._fetch("SELECT * FROM iotreg_book_slot(%s, %s, %s)", [action, margin, retake])
-        except psycopg.errors.LockNotAvailable:
-            raise StoreUnavailable(
-                f"the quota of {action} in the PostgreSQL database {self._where} stayed locked for "
-                f"{BOOKING_LOCK_TIMEOUT} s by another session: end that session's transaction"
-            ) from None
+        with self._borrowed() as conn:
+            try:
+                rows = conn.execute("SELECT * FROM iotreg_book_slot(%s, %s, %s)", [action, margin, retake]).fetchall()
+            except psycopg.errors.LockNotAvailable:
+                raise StoreUnavailable(
+                    f"the quota of {action} in the PostgreSQL database {self._where} stayed locked for "
+                    f"{BOOKING_LOCK_TIMEOUT} s by another session: end that session's transaction"
+                ) from None
         return Slot(*rows[0]) if rows else None
 
 
