@@ -15,6 +15,7 @@ the requests of ``iotreg register`` from any folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -306,9 +307,13 @@ class _Env:
     def qps(self, name: str) -> Mapping[str, float]:
         """``Action=QPS`` pairs separated by commas, each overriding one of :data:`DEFAULT_QPS`."""
         raw = self.text(name)
-        quotas: dict[str, float] = {}
-        if raw is None:
-            return MappingProxyType(quotas)
+        return parse_quotas(raw or "", name)
+
+
+def parse_quotas(raw: str, name: str) -> Mapping[str, float]:
+    """``Action=QPS`` pairs separated by commas (``raw`` given as ``name``), each one of :data:`DEFAULT_QPS`."""
+    quotas: dict[str, float] = {}
+    if raw.strip():
         for pair in raw.split(","):
             action, sep, value = pair.partition("=")
             action = action.strip()
@@ -319,9 +324,9 @@ class _Env:
                 quotas[action] = float(value)
             except ValueError:
                 raise ConfigError(f"{name}: {value.strip()!r} for {action} is not a number") from None
-            if quotas[action] <= 0:
-                raise ConfigError(f"{name}: the quota for {action} must be above 0")
-        return MappingProxyType(quotas)
+            if not (math.isfinite(quotas[action]) and quotas[action] > 0):
+                raise ConfigError(f"{name}: the quota for {action} must be a number above 0")
+    return MappingProxyType(quotas)
 
 
 def home(environ: Mapping[str, str]) -> str | None:

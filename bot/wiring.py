@@ -146,8 +146,21 @@ def share_quotas(store: Store, overrides: Mapping[str, float]) -> dict[str, tupl
     changed = store.set_quotas(overrides) if overrides else {}
     if changed:
         told = ", ".join(f"{action} {'unset' if before is None else f'{before:g}'} -> {after:g}/s" for action, (before, after) in changed.items())
-        log.info("IOT_QPS changed the quotas that every iotreg on %s shares: %s", store.location, told, extra={"quotas": dict(overrides)})
+        log.info("changed the quotas that every iotreg on %s shares: %s", store.location, told, extra={"quotas": dict(overrides)})
     return changed
+
+
+def shared_quotas(settings: Settings, changes: Mapping[str, float]) -> tuple[dict[str, float], dict[str, tuple[float | None, float]]] | None:
+    """The quotas every process on the settings' server database shares, after ``changes`` (as an
+    IOT_QPS would make them), and what changed; ``None`` for a SQLite file (each process keeps its own)."""
+    if not is_url(settings.db_path):
+        return None
+    store = open_store(settings.db_path)
+    try:
+        changed = share_quotas(store, changes)
+        return store.quotas(), changed
+    finally:
+        store.close()
 
 
 def timing(settings: Settings) -> Timing:

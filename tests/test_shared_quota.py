@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -18,14 +19,17 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
 from bot import wiring
 from bot.aliyun import errors
 from bot.aliyun.client import Credentials, IotClient, RetryPolicy
 from bot.aliyun.ratelimit import DEFAULT_QPS, Limiter, RateLimiter, SharedRateLimiter, SlotLater, deferring
+from bot.cli import cli
 from bot.clock import ManualClock, SystemClock
 from bot.config import Settings
 from bot.standins.emulator import Emulator
+from bot.store import is_url
 from bot.store.postgres import PostgresStore
 
 CHECK = "BatchCheckDeviceNames"
@@ -197,7 +201,7 @@ def test_iot_qps_set_on_one_replica_is_what_every_replica_uses(postgres_url, rep
     try:
         assert isinstance(started, SharedRateLimiter)
         assert [r.getMessage() for r in caplog.records] == [
-            f"IOT_QPS changed the quotas that every iotreg on {started.keeper.location} shares: {CHECK} 10 -> 2/s"]
+            f"changed the quotas that every iotreg on {started.keeper.location} shares: {CHECK} 10 -> 2/s"]
         # The running replica's next calls go two to a window: its own IOT_QPS (none) does not matter.
         assert [running.acquire(CHECK) for _ in range(3)][:2] == [0.0, 0.0]
         assert watch.waits == [pytest.approx(2 / 2 * 1.05, abs=0.05)]
@@ -277,7 +281,7 @@ def test_a_step_that_would_wait_books_its_slot_on_the_shared_schedule_and_takes_
     assert other_clock.waits == [pytest.approx(1.05, abs=0.1), pytest.approx(2.1, abs=0.1)]
     step_clock.advance(later.value.wait)
     with deferring("request-1", patience=0.1):
-        assert steps.acquire(CHECK) == 0.0  # its own slot, booked a second ago
+        assert steps.acquire(CHECK) == pytest.approx(0.0, abs=1e-6)  # its own slot, booked a second ago
     assert steps.missed == {}
 
 
@@ -291,3 +295,27 @@ def test_the_client_books_in_the_database_when_it_serves_many_processes(store):
         assert isinstance(iot.limiter, RateLimiter) and store.quotas() == {}
     iot.close()
     store.ping()  # the client leaves a store it was given open
+
+
+def test_iotreg_quota_shows_the_shared_quotas_and_changes_them_for_every_replica(store_location, tmp_path, monkeypatch):
+    for name in Settings.VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    env = {"IOTREG_DB": store_location, "IOTREG_HOME": str(tmp_path)}
+    runner = CliRunner()
+    changed = runner.invoke(cli, ["quota", f"{CHECK}=4"], env=env)
+    if not is_url(store_location):
+        assert changed.exit_code == 1 and "served by one process: set its quotas with IOT_QPS" in changed.output
+        shown = json.loads(runner.invoke(cli, ["quota", "--json"], env={**env, "IOT_QPS": f"{CHECK}=4"}).output)
+        assert shown == {"shared": False, "quotas": {**DEFAULT_QPS, CHECK: 4}, "changed": {}}
+        return
+    assert changed.exit_code == 0, changed.output
+    assert re.search(rf"^  {CHECK} +4  \(was 10\)$", changed.output, re.MULTILINE), changed.output
+    store = PostgresStore(store_location)
+    try:
+        assert store.book_slot(CHECK, 0.05).qps == 4  # what every replica's next call is booked under
+    finally:
+        store.close()
+    shown = json.loads(runner.invoke(cli, ["quota", "--json"], env=env).output)
+    assert shown == {"shared": True, "quotas": {**DEFAULT_QPS, CHECK: 4}, "changed": {}}
+    refused = runner.invoke(cli, ["quota", f"{CHECK}=0"], env=env)
+    assert refused.exit_code == 1 and f"ACTION=QPS: the quota for {CHECK} must be a number above 0" in refused.output
