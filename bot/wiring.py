@@ -129,13 +129,18 @@ def iot_client(
 def limiter(settings: Settings, account: str, clock: Clock, store: Store | None = None) -> Limiter:
     """The limiter of the account's quotas: booked in the database that several processes share,
     with IOT_QPS written there for all of them; else in this process, with IOT_QPS as it is."""
-    owned = None
-    if store is None and is_url(settings.db_path):
-        store = owned = open_store(settings.db_path)
+    opened = store is None and is_url(settings.db_path)
+    if opened:
+        store = open_store(settings.db_path)
     if store is None or not store.many_processes:
         return shared_limiter(account, settings.endpoint, settings.qps, clock)
-    share_quotas(store, settings.qps_overrides)
-    return SharedRateLimiter(store, clock, owned=owned)
+    try:
+        share_quotas(store, settings.qps_overrides)
+    except BaseException:
+        if opened:
+            store.close()
+        raise
+    return SharedRateLimiter(store, clock, owns_keeper=opened)
 
 
 def share_quotas(store: Store, overrides: Mapping[str, float]) -> dict[str, tuple[float | None, float]]:

@@ -37,7 +37,7 @@ from collections import Counter, deque
 from collections.abc import Hashable, Iterator, Mapping
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from bot.clock import Clock, SystemClock
 
@@ -106,6 +106,8 @@ class QuotaKeeper(Protocol):
     def book_slot(self, action: str, margin: float, retake: float | None = None) -> Slot | None:
         """Reserve the next slot of ``action`` (or take back ``retake``, the last one handed out)."""
 
+    def close(self) -> None: ...
+
 
 class Limiter:
     """What both limiters share: the bookings of :func:`deferring` callers, kept in this process.
@@ -163,7 +165,8 @@ class Limiter:
             if slot is None:
                 return 0.0
             if booked is not None and not slot.retaken:
-                self.missed[action] += 1  # its slot stays counted, and a new one is reserved
+                with self._lock:
+                    self.missed[action] += 1  # its slot stays counted, and a new one is reserved
             now = self._clock.monotonic()
             start = slot.at
             if deferring_ is not None and start - now > patience:
@@ -207,7 +210,7 @@ class RateLimiter(Limiter):
         return calls / window
 
     def _late(self, action: str) -> float:
-        calls, window = self._slots[action]
+        _, window = self._slots[action]
         return window / (1 + self.margin) * self.margin / 2
 
     def _reserve(self, action: str, retake: float | None) -> _Booking | None:
@@ -237,10 +240,10 @@ class SharedRateLimiter(Limiter):
     being counted in the keeper already: a holder gone for good costs one slot, nothing more.
     """
 
-    def __init__(self, keeper: QuotaKeeper, clock: Clock | None = None, *, margin: float = DEFAULT_MARGIN, owned: Any = None) -> None:
+    def __init__(self, keeper: QuotaKeeper, clock: Clock | None = None, *, margin: float = DEFAULT_MARGIN, owns_keeper: bool = False) -> None:
         super().__init__(clock, margin)
         self.keeper = keeper
-        self._owned = owned
+        self._owns_keeper = owns_keeper  # opened for this limiter alone: closed with it
         self._quotas: dict[str, float] = {}
 
     def quota(self, action: str) -> float | None:
@@ -251,8 +254,8 @@ class SharedRateLimiter(Limiter):
         return None if qps is None else qps / (1 + self.margin)
 
     def close(self) -> None:
-        if self._owned is not None:
-            self._owned.close()
+        if self._owns_keeper:
+            self.keeper.close()
 
     def _late(self, action: str) -> float:
         qps = self._quotas[action]  # known: the booking came from a reservation
