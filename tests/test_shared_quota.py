@@ -103,28 +103,31 @@ def test_replicas_limiting_in_their_own_memory_are_throttled(platform):
 LATE_IN_THE_EMULATOR = 1
 
 
-class Sending(SharedRateLimiter):
-    """Notes when each call it lets through leaves (the wall clock: the same in every process)."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.sent: list[float] = []
-
-    def acquire(self, action: str) -> float:
-        waited = super().acquire(action)
-        self.sent.append(time.time())
-        return waited
-
-
-def test_three_replicas_booking_in_the_database_are_never_throttled_and_use_the_whole_quota(platform, replicas):
-    limiters = [Sending(replicas()) for _ in range(3)]
+def test_three_limiters_each_with_its_own_pool_keep_every_second_within_the_quota_together(replicas):
+    """Threads of three replicas at once, as fast as they can: the slots they are given, on the wall
+    clock the platform counts by, never put more than the quota in a second, and lose none."""
+    limiters = [SharedRateLimiter(replicas()) for _ in range(3)]
     wiring.share_quotas(limiters[0].keeper, {})
-    throttled, seconds = hammer([client(platform, limiter) for limiter in limiters], threads=3, calls=4)
-    assert calls_in_any_window([t for limiter in limiters for t in limiter.sent], 1.0) == 10
-    assert throttled == platform.gateway.outcomes[THROTTLED] <= LATE_IN_THE_EMULATOR
-    assert platform.gateway.calls[CHECK] == 36
-    # 36 checks at 10/s (and the 5% margin): ten at once, then ten every 1.05 s; the last at 3.15 s.
-    assert 3.15 <= seconds < 3.15 + 1.5
+    sent: list[float] = []
+    lock = threading.Lock()
+    go = threading.Barrier(9)
+
+    def work(limiter: SharedRateLimiter) -> None:
+        go.wait()
+        for _ in range(4):
+            limiter.acquire(CHECK)
+            with lock:
+                sent.append(time.time())
+
+    threads = [threading.Thread(target=work, args=(limiter,)) for limiter in limiters for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(sent) == 36 and calls_in_any_window(sent, 1.0) == 10
+    # 36 at 10/s (and the 5% margin): ten at once, then ten every 1.05 s; the last at 3.15 s.
+    assert 3.15 <= max(sent) - min(sent) < 3.15 + 0.5
+    assert sum(limiter.missed.total() for limiter in limiters) == 0
 
 
 REPLICA = """
@@ -253,15 +256,17 @@ def test_bookings_abandoned_by_a_replica_that_went_away_hold_nobody_up_for_long(
     watch = Stopwatch()
     gone, alive = SharedRateLimiter(replicas(), clock=Stopwatch()), SharedRateLimiter(replicas(), clock=watch)
     wiring.share_quotas(gone.keeper, {})
+    booked = []
     for k in range(20):  # ten calls, then ten steps that book their slot and come back later
         with deferring(f"request-{k}", patience=0.5):
             try:
                 gone.acquire(CHECK)
             except SlotLater as later:
-                assert later.wait == pytest.approx(1.05, abs=0.1)
+                booked.append(time.monotonic() + later.wait)
+    assert len(booked) == 10 and max(booked) - min(booked) < 0.5  # the next window's ten slots
     gone.keeper.close()  # the replica goes, its bookings with it
     alive.acquire(CHECK)
-    assert watch.waits == [pytest.approx(2.1, abs=0.1)]  # after the ten booked, not after forever
+    assert watch.slots == [pytest.approx(min(booked) + 1.05, abs=0.1)]  # after the ten booked, not after forever
 
 
 def test_a_session_holding_the_quota_row_holds_bookings_up_only_until_it_ends(postgres_url, replicas):
@@ -313,7 +318,7 @@ def test_a_step_that_would_wait_books_its_slot_on_the_shared_schedule_and_takes_
     # Each wait is counted from when it was asked for, on the database's clock: the two slots are
     # a window apart (without the booked one, both would be in the next window).
     first, second = other_clock.slots
-    assert 0.5 < other_clock.waits[0] <= 1.05 and second - first == pytest.approx(1.05, abs=0.03)
+    assert 0.5 < other_clock.waits[0] <= 1.05 and second - first == pytest.approx(1.05, abs=0.2)
     step_clock.advance(later.value.wait)
     with deferring("request-1", patience=0.1):
         assert steps.acquire(CHECK) == pytest.approx(0.0, abs=1e-6)  # its own slot, booked a second ago

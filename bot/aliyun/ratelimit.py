@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 #: a little longer than a second keeps two calls from landing in the same server-side second.
 DEFAULT_MARGIN = 0.05
 
+#: How often a call woken too late for its slot books another before it goes all the same.
+WAKE_ATTEMPTS = 3
+
 #: A booking not taken up within this many seconds of its time is forgotten (its holder went away).
 BOOKING_TTL = 60.0
 
@@ -120,7 +123,8 @@ class Limiter:
         self.margin = margin
         self._lock = threading.Lock()  # the bookings
         self._booked: dict[tuple[str, Hashable], _Booking] = {}
-        #: Booked slots whose holder came back too late to use them, per action (each one a slot lost).
+        #: Slots whose call came too late to use them (a booking's holder, or a call woken late), per
+        #: action: each one a slot lost.
         self.missed: Counter[str] = Counter()
 
     def quota(self, action: str) -> float | None:
@@ -157,26 +161,39 @@ class Limiter:
                 with self._lock:
                     self._booked[(action, holder)] = booked
                 raise SlotLater(action, booked.at - now)
-            start = booked.at
+            slot = booked
         else:
             # A holder that comes later than that books a new slot, unless its slot is the last
             # one handed out: then it simply moves to now.
-            slot = self._reserve(action, booked.ref if booked is not None else None)
-            if slot is None:
+            reserved = self._reserve(action, booked.ref if booked is not None else None)
+            if reserved is None:
                 return 0.0
-            if booked is not None and not slot.retaken:
-                with self._lock:
-                    self.missed[action] += 1  # its slot stays counted, and a new one is reserved
+            slot = reserved
+            self._count_missed(action, booked, slot)
             now = self._clock.monotonic()
-            start = slot.at
-            if deferring_ is not None and start - now > patience:
+            if deferring_ is not None and slot.at - now > patience:
                 with self._lock:
                     self._booked[(action, holder)] = slot
-                raise SlotLater(action, start - now)
-        wait = start - now
-        if wait > 0:
-            self._clock.sleep(wait)
-        return max(wait, 0.0)
+                raise SlotLater(action, slot.at - now)
+        waited, wakes = 0.0, 0
+        while True:
+            wait = slot.at - now
+            if wait > 0:
+                self._clock.sleep(wait)
+                waited += wait
+            now, wakes = self._clock.monotonic(), wakes + 1
+            if now - slot.at <= self._late(action) or wakes == WAKE_ATTEMPTS:
+                return waited
+            # Woken too late (a busy machine): sent now, the call could crowd the next slot's
+            # window. It takes its slot back if none was handed out since, else a new one.
+            late = slot
+            slot = self._reserve(action, late.ref) or late
+            self._count_missed(action, late, slot)
+
+    def _count_missed(self, action: str, booked: _Booking | None, slot: _Booking) -> None:
+        if booked is not None and not slot.retaken:
+            with self._lock:
+                self.missed[action] += 1  # its slot stays counted, and a new one is reserved
 
     def _booking(self, action: str, holder: Hashable) -> _Booking | None:
         with self._lock:
