@@ -18,6 +18,8 @@ What every store promises:
 * A register call is claimed (:meth:`Store.claim_register`) before it is sent, by compare-and-set.
 * The schema is built by numbered migrations applied at start, safe when two processes start at
   once; a database written by an older iotreg is brought up to date in place.
+* Each IoT Platform call's slot is booked in one atomic step (:meth:`Store.book_slot`) against the
+  quotas stored there, on the database's clock: processes on one database share the account's quotas.
 
 :func:`open_store` picks the implementation from ``IOTREG_DB``'s value: a file path, or a
 ``postgresql://`` / ``postgres://`` URL.
