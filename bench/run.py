@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_files.py", "bench_client.py", "bench_approval.py", "bench_ack.py", "bench_scale.py", "bench_store.py"]
+BENCHMARKS = ["bench_files.py", "bench_client.py", "bench_approval.py", "bench_ack.py", "bench_scale.py", "bench_store.py", "bench_quota.py"]
 
 
 def main(argv: list[str] | None = None) -> int:

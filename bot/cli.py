@@ -24,7 +24,7 @@ from bot import __version__, logs, wiring
 from bot.aliyun.client import ApplyStatus
 from bot.aliyun.errors import IotError
 from bot.clock import SystemClock
-from bot.config import ConfigError, Settings
+from bot.config import ConfigError, Settings, parse_quotas
 from bot.domain import (
     ACTIVE_STATES, FINAL_STATES, AuditEntry, Chunk, Conflict, Event, Origin, Outcome, Request, State, Summary, WorkflowError,
 )
@@ -786,6 +786,29 @@ def db_copy(target: str, source: str | None) -> None:
     for row in copied:
         click.echo(f"  {row.table:<16}{row.source:>12,}{row.target:>12,}")
     click.echo("Every table adds up. Next: set IOTREG_DB to the URL and start iotreg again.")
+
+
+@cli.command()
+@click.argument("changes", nargs=-1, metavar="[ACTION=QPS]...")
+@JSON_OPTION
+def quota(changes: tuple[str, ...], as_json: bool) -> None:
+    """The QPS quota of each IoT Platform action that iotreg keeps to. On PostgreSQL, the quotas
+    every iotreg process on the database shares: ACTION=QPS changes them for all of them from their
+    next call (as IOT_QPS does at start). On SQLite, this process's own: IOT_QPS."""
+    settings = load_settings()
+    wanted = parse_quotas(",".join(changes), "ACTION=QPS")
+    shared = wiring.shared_quotas(settings, wanted)
+    if shared is None and wanted:
+        raise Stop(f"{settings.db_location} is a SQLite file, served by one process: set its quotas with IOT_QPS ({', '.join(changes)})")
+    quotas, changed = shared if shared is not None else (dict(settings.qps), {})
+    if as_json:
+        print_json({"shared": shared is not None, "quotas": quotas, "changed": {a: {"before": b, "after": q} for a, (b, q) in changed.items()}})
+        return
+    where = f"shared by every iotreg on {settings.db_location}" if shared is not None else "of this process (IOT_QPS; SQLite)"
+    click.echo(f"IoT Platform quotas, calls per second, {where}:")
+    for action, qps in sorted(quotas.items()):
+        before = changed.get(action, (None, qps))[0]
+        click.echo(f"  {action:<32}{qps:>8g}" + (f"  (was {before:g})" if before is not None else ""))
 
 
 @cli.command()

@@ -15,6 +15,7 @@ the requests of ``iotreg register`` from any folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -48,6 +49,8 @@ class Settings:
     endpoint: str = f"https://iot.{DEFAULT_REGION}.aliyuncs.com"
     instance_id: str | None = None
     qps: Mapping[str, float] = dataclasses.field(default_factory=lambda: DEFAULT_QPS)
+    #: The quotas IOT_QPS names (with PostgreSQL, written to the database for every replica).
+    qps_overrides: Mapping[str, float] = dataclasses.field(default_factory=dict)
     timeout: float = 10.0
     max_attempts: int = 5
     retry_deadline: float = 60.0
@@ -84,6 +87,7 @@ class Settings:
             "endpoint": "IOT_ENDPOINT",
             "instance_id": "IOT_INSTANCE_ID",
             "qps": "IOT_QPS",
+            "qps_overrides": "IOT_QPS",
             "timeout": "IOT_TIMEOUT",
             "max_attempts": "IOT_MAX_ATTEMPTS",
             "retry_deadline": "IOT_RETRY_DEADLINE",
@@ -111,7 +115,7 @@ class Settings:
     )
     #: Every variable read: the fields' and DATABASE_URL (the database when IOTREG_DB is unset, as
     #: platforms that provision PostgreSQL set it).
-    VARIABLES = (*ENV_NAMES.values(), "DATABASE_URL")
+    VARIABLES = (*dict.fromkeys(ENV_NAMES.values()), "DATABASE_URL")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -135,6 +139,7 @@ class Settings:
             raise ConfigError(
                 f"IOTREG_CHUNK_SIZE: {chunk_size} is above IoT Platform's limit of {MAX_NAMES_PER_CHECK:,} names per check"
             )
+        overrides = env.qps("IOT_QPS")
         return cls(
             access_key_id=access_key_id,
             access_key_secret=env.text("ALIBABA_CLOUD_ACCESS_KEY_SECRET"),
@@ -143,7 +148,8 @@ class Settings:
             region_id=region,
             endpoint=endpoint,
             instance_id=env.text("IOT_INSTANCE_ID"),
-            qps=env.qps("IOT_QPS"),
+            qps=MappingProxyType({**DEFAULT_QPS, **overrides}),
+            qps_overrides=overrides,
             timeout=env.number("IOT_TIMEOUT", 10.0, minimum=0.1),
             max_attempts=int(env.number("IOT_MAX_ATTEMPTS", 5, minimum=1, integer=True)),
             retry_deadline=env.number("IOT_RETRY_DEADLINE", 60.0, minimum=0),
@@ -299,11 +305,15 @@ class _Env:
         return values
 
     def qps(self, name: str) -> Mapping[str, float]:
-        """``Action=QPS`` pairs separated by commas, overriding :data:`DEFAULT_QPS`."""
+        """``Action=QPS`` pairs separated by commas, each overriding one of :data:`DEFAULT_QPS`."""
         raw = self.text(name)
-        if raw is None:
-            return DEFAULT_QPS
-        quotas = dict(DEFAULT_QPS)
+        return parse_quotas(raw or "", name)
+
+
+def parse_quotas(raw: str, name: str) -> Mapping[str, float]:
+    """``Action=QPS`` pairs separated by commas (``raw`` given as ``name``), each one of :data:`DEFAULT_QPS`."""
+    quotas: dict[str, float] = {}
+    if raw.strip():
         for pair in raw.split(","):
             action, sep, value = pair.partition("=")
             action = action.strip()
@@ -314,9 +324,9 @@ class _Env:
                 quotas[action] = float(value)
             except ValueError:
                 raise ConfigError(f"{name}: {value.strip()!r} for {action} is not a number") from None
-            if quotas[action] <= 0:
-                raise ConfigError(f"{name}: the quota for {action} must be above 0")
-        return MappingProxyType(quotas)
+            if not (math.isfinite(quotas[action]) and quotas[action] > 0):
+                raise ConfigError(f"{name}: the quota for {action} must be a number above 0")
+    return MappingProxyType(quotas)
 
 
 def home(environ: Mapping[str, str]) -> str | None:

@@ -112,6 +112,7 @@ class Reconciler:
         self.owner = self.leases.owner
         self._locks: dict[int, threading.Lock] = {}
         self._polls: dict[int, set[int]] = {}  # see _poll_round
+        self._round_due: dict[int, datetime] = {}  # when an interrupted round goes on
         self._locks_guard = threading.Lock()
 
     def resume(self) -> int:
@@ -181,6 +182,8 @@ class Reconciler:
             if turn.due_at is not None:
                 self.jobs.wake(request_id, turn.due_at)
             return
+        if self._round_due.pop(request_id, None) != turn.due_at:
+            self._polls.pop(request_id, None)  # another process stepped it since: its round is not ours to go on with
         request = self.store.get(request_id)
         if request is None or request.final:
             self._polls.pop(request_id, None)
@@ -217,6 +220,7 @@ class Reconciler:
                     at = self._next_wake(request)
                 else:  # a little early: a late step would miss its slot, an early one waits out the rest
                     at = self.clock.now() + timedelta(seconds=max(0.0, later.wait - SLOT_PATIENCE / 2))
+                    self._round_due[request_id] = at  # the round goes on at that step, if it is this process's
             if not lost:
                 self.store.end_request_step(request_id, turn, at)
             if at is not None:

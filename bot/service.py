@@ -8,7 +8,6 @@ changes state only by compare-and-set, so two clicks at once get one winner and 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -61,8 +60,6 @@ class Health:
 
 class ReasonRequired(WorkflowError):
     """The product's rule asks the requester for a reason, and none was given."""
-
-log = logging.getLogger(__name__)
 
 
 class RequestService:
@@ -554,12 +551,9 @@ class RequestService:
         raise NotAllowed(message, denial)
 
     def _kick(self, request_id: int, at: Any = None) -> None:
-        """Ask for the request's next step: in the database, where every replica sees it (this one
-        may not be the one to run it), and on this process's timer."""
-        try:
-            self.store.wake_request(request_id, at or self.clock.now())
-        except StoreUnavailable as exc:  # this process's timer still runs it (and its sweep, once the database is back)
-            log.warning("request #%d: its next step is not stored as due: %s", request_id, exc)
+        """Run the request's next step and its notifications here soon. The transaction that
+        called for it (a new request, an approval) made the step due in the database already,
+        where every replica's sweep sees it: this process's timer only saves the sweep's wait."""
         self.jobs.wake(request_id, at)
         self.jobs.wake_outbox()
 

@@ -14,8 +14,9 @@ before they expire, and the client asks it at every call.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import requests
 
 from bot.aliyun import errors
 from bot.aliyun.client import MAX_COUNT_PER_REGISTER, Credentials, CredentialsProvider, IotClient, RetryPolicy
-from bot.aliyun.ratelimit import shared_limiter
+from bot.aliyun.ratelimit import DEFAULT_QPS, Limiter, SharedRateLimiter, shared_limiter
 from bot.clock import Clock, SystemClock
 from bot.config import ConfigError, Settings
 from bot.domain import Origin, Rule, Timing
@@ -31,6 +32,8 @@ from bot.policy import Policy, load_rules
 from bot.registration import Jobs, Notifier, Steps, Workflow
 from bot.service import RequestService
 from bot.store import Store, is_url, open_store
+
+log = logging.getLogger(__name__)
 
 #: The rate limiter's account when the chain gives credentials: its AccessKeyIds rotate, the
 #: account's quotas do not.
@@ -98,9 +101,13 @@ def iot_client(
     clock: Clock | None = None,
     chain: Callable[[], CredentialsProvider] = DefaultChain,
     observer: Callable[[str, str, float], None] | None = None,
+    store: Store | None = None,
 ) -> IotClient:
-    """A client for the configured account, sharing the process-wide rate limiter; ``observer``
-    is told of every call (the metrics)."""
+    """A client for the configured account; ``observer`` is told of every call (the metrics).
+
+    Its rate limiter books every call in the database when that serves several processes
+    (PostgreSQL: ``store``, or one opened on IOTREG_DB for the client alone), so that the replicas
+    share the account's quotas; else it is the process-wide limiter of the account."""
     provider = credentials(settings, chain=chain)
     clock = clock or SystemClock()
     account = provider.access_key_id if isinstance(provider, Credentials) else CHAIN_ACCOUNT
@@ -113,10 +120,52 @@ def iot_client(
         session=session,
         timeout=settings.timeout,
         retry=RetryPolicy(max_attempts=settings.max_attempts, deadline=settings.retry_deadline),
-        limiter=shared_limiter(account, settings.endpoint, settings.qps, clock),
+        limiter=limiter(settings, account, clock, store),
         clock=clock,
         observer=observer,
     )
+
+
+def limiter(settings: Settings, account: str, clock: Clock, store: Store | None = None) -> Limiter:
+    """The limiter of the account's quotas: booked in the database that several processes share,
+    with IOT_QPS written there for all of them; else in this process, with IOT_QPS as it is."""
+    opened = store is None and is_url(settings.db_path)
+    if opened:
+        store = open_store(settings.db_path)
+    if store is None or not store.many_processes:
+        return shared_limiter(account, settings.endpoint, settings.qps, clock)
+    try:
+        share_quotas(store, settings.qps_overrides)
+    except BaseException:
+        if opened:
+            store.close()
+        raise
+    return SharedRateLimiter(store, clock, owns_keeper=opened)
+
+
+def share_quotas(store: Store, overrides: Mapping[str, float]) -> dict[str, tuple[float | None, float]]:
+    """Give the database the platform's quotas it has not got yet, then ``overrides`` (IOT_QPS),
+    which every process booking there will use from its next call; log the overrides that changed
+    anything, in one line."""
+    store.set_quotas(DEFAULT_QPS, replace=False)
+    changed = store.set_quotas(overrides) if overrides else {}
+    if changed:
+        told = ", ".join(f"{action} {'unset' if before is None else f'{before:g}'} -> {after:g}/s" for action, (before, after) in changed.items())
+        log.info("changed the quotas that every iotreg on %s shares: %s", store.location, told, extra={"quotas": dict(overrides)})
+    return changed
+
+
+def shared_quotas(settings: Settings, changes: Mapping[str, float]) -> tuple[dict[str, float], dict[str, tuple[float | None, float]]] | None:
+    """The quotas every process on the settings' server database shares, after ``changes`` (as an
+    IOT_QPS would make them), and what changed; ``None`` for a SQLite file (each process keeps its own)."""
+    if not is_url(settings.db_path):
+        return None
+    store = open_store(settings.db_path)
+    try:
+        changed = share_quotas(store, changes)
+        return store.quotas(), changed
+    finally:
+        store.close()
 
 
 def timing(settings: Settings) -> Timing:
@@ -157,10 +206,13 @@ def workflow(
 
     ``api=False``: without an IoT client, for what needs no API call (queries, a cancel); such a
     workflow must not be resumed. The client is built first, so that a missing AccessKey stops a
-    command before it creates a database.
+    command before it creates a database file (a server database is opened first: the client's
+    limiter books its calls there).
     """
     if client is None and api:
-        client = iot_client(settings, clock=clock)
+        if store is None and is_url(settings.db_path):
+            store = open_store(settings.db_path)  # the client books its calls in a server database
+        client = iot_client(settings, clock=clock, store=store)
     return Workflow(
         store or open_store(settings.db_path),
         client,

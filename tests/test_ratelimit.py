@@ -1,6 +1,7 @@
 """The client-side limiter keeps every window of a second within the quota, across threads."""
 
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -183,3 +184,48 @@ def test_a_holder_that_never_comes_back_is_forgotten():
         with deferring(f"new-{k}", patience=0.1):
             limiter.acquire(CHECK)
     assert len(limiter._booked) == 0  # noqa: SLF001 - the stale bookings went with the next call
+
+
+class Oversleeping(ManualClock):
+    """Each sleep lasts ``extra`` seconds longer than asked, the way a busy machine wakes a thread
+    late; ``meanwhile`` runs during the next sleep (another thread's call)."""
+
+    def __init__(self, extra: float) -> None:
+        super().__init__()
+        self.extra = extra
+        self.woken: list[float] = []
+        self.meanwhile: Callable[[], None] | None = None
+
+    def sleep(self, seconds: float) -> None:
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile is not None:
+            meanwhile()
+        self.advance(seconds + self.extra)
+        self.woken.append(self.monotonic())
+
+
+def test_a_call_woken_too_late_for_its_slot_takes_it_back_if_it_is_still_the_last_one():
+    clock = Oversleeping(extra=0.3)
+    limiter = RateLimiter({CHECK: 1}, clock, margin=0.1)
+    limiter.acquire(CHECK)
+    limiter.acquire(CHECK)  # its slot at 1.1, woken at 1.4: nobody has a slot after it, it goes
+    assert clock.woken == [pytest.approx(1.4)] and limiter.missed == {}
+    limiter.acquire(CHECK)  # the next one counts from when it went
+    assert clock.woken[-1] == pytest.approx(1.4 + 1.1 + 0.3)
+
+
+def test_a_call_woken_too_late_for_its_slot_books_another_rather_than_crowd_the_next_window():
+    clock = Oversleeping(extra=0.3)
+    limiter = RateLimiter({CHECK: 1}, clock, margin=0.1)
+    limiter.acquire(CHECK)
+
+    def step_books_the_next_slot() -> None:
+        with deferring("r1", patience=0.1), pytest.raises(SlotLater):
+            limiter.acquire(CHECK)
+
+    clock.meanwhile = step_books_the_next_slot  # while the call sleeps for its slot at 1.1, r1 books 2.2
+    limiter.acquire(CHECK)
+    # Woken at 1.4, with r1's slot at 2.2 counted from its own: sent then, it would put two calls in
+    # the second before r1's. It books 3.3 instead (woken at 3.6: late again, but the last slot).
+    assert clock.woken == [pytest.approx(1.4), pytest.approx(3.6)]
+    assert limiter.missed == {CHECK: 1}

@@ -758,3 +758,87 @@ def test_an_approval_makes_the_next_step_due_in_its_own_transaction(store):
     assert approve(store, by_click, now=LATER)
     assert store.add_approval(by_quorum, approver="U2", now=LATER, needed=1) == Tally.QUORUM
     assert sorted(store.due_requests(LATER)) == [by_click, by_quorum]
+# -- the IoT Platform quotas, shared by every process of a database ----------------------------
+
+
+def calls_in_any_window(starts: list[float], window: float) -> int:
+    starts = sorted(starts)
+    return max(sum(1 for t in starts if first <= t < first + window - 1e-9) for first in starts)
+
+
+def test_quotas_are_seeded_once_and_overridden_with_what_changed(store):
+    assert store.quotas() == {}
+    assert store.set_quotas({"BatchCheckDeviceNames": 10, "QueryPageByApplyId": 50}, replace=False) == {
+        "BatchCheckDeviceNames": (None, 10), "QueryPageByApplyId": (None, 50)}
+    # Another process seeding the defaults changes nothing; an override changes only what differs.
+    assert store.set_quotas({"BatchCheckDeviceNames": 10, "QueryPageByApplyId": 50}, replace=False) == {}
+    assert store.set_quotas({"BatchCheckDeviceNames": 4, "QueryPageByApplyId": 50}) == {"BatchCheckDeviceNames": (10, 4)}
+    assert store.set_quotas({"BatchCheckDeviceNames": 10}, replace=False) == {}
+    assert store.quotas() == {"BatchCheckDeviceNames": 4, "QueryPageByApplyId": 50}
+    with pytest.raises(ValueError, match="BatchCheckDeviceNames must be above 0"):
+        store.set_quotas({"BatchCheckDeviceNames": 0})
+    assert store.quotas()["BatchCheckDeviceNames"] == 4
+
+
+def test_booking_slots_keeps_every_window_within_the_stored_quota(store):
+    store.set_quotas({"BatchCheckDeviceNames": 2})
+    assert store.book_slot("QueryDeviceDetail", 0.5) is None  # no quota: not limited
+    slots = [store.book_slot("BatchCheckDeviceNames", 0.5) for _ in range(5)]
+    assert [s.wait for s in slots[:2]] == [0.0, 0.0]
+    # Two to a window of 2 / 2 * 1.5 s, counted from the slots (not from when they were asked for).
+    assert [s.start - slots[0].start for s in slots] == pytest.approx([0, slots[1].start - slots[0].start, 1.5, 1.5 + (slots[1].start - slots[0].start), 3.0])
+    assert 1.2 < slots[2].wait <= 1.5 and 2.7 < slots[4].wait <= 3.0
+    assert {s.qps for s in slots} == {2}
+    # A quota changed by any process applies from the next booking.
+    store.set_quotas({"BatchCheckDeviceNames": 100})
+    assert store.book_slot("BatchCheckDeviceNames", 0.5).wait == 0.0
+    store.set_quotas({"BatchCheckDeviceNames": 0.5})  # one call per 2 s (and the margin)
+    last = store.book_slot("BatchCheckDeviceNames", 0.0)
+    assert store.book_slot("BatchCheckDeviceNames", 0.0).start == pytest.approx(last.start + 2.0)
+
+
+def test_a_late_holder_takes_back_its_slot_only_if_it_is_the_last_one_handed_out(store):
+    store.set_quotas({"BatchCheckDeviceNames": 1})
+    store.book_slot("BatchCheckDeviceNames", 0.0)
+    booked = store.book_slot("BatchCheckDeviceNames", 0.0)  # a second ahead
+    back = store.book_slot("BatchCheckDeviceNames", 0.0, retake=booked.start)
+    assert back.retaken and back.wait == 0.0
+    after = store.book_slot("BatchCheckDeviceNames", 0.0)
+    assert after.start == pytest.approx(back.start + 1.0)  # the next one counts from the slot's new time
+    missed = store.book_slot("BatchCheckDeviceNames", 0.0, retake=back.start)  # someone booked after it
+    assert not missed.retaken and missed.start == pytest.approx(after.start + 1.0)
+
+
+def test_processes_booking_at_once_share_one_schedule(store, store_location):
+    """Two stores on one database (as two replicas), four threads each: the slots they get together
+    keep every window within the quota, and neither waits behind the other's whole queue."""
+    store.set_quotas({"BatchCheckDeviceNames": 10})
+    other = open_store(store_location)
+    starts: dict[str, list[float]] = {"one": [], "other": []}
+    lock = threading.Lock()
+    begin = threading.Barrier(8)
+
+    def book(name: str, replica: Store) -> None:
+        begin.wait()
+        for _ in range(5):
+            slot = replica.book_slot("BatchCheckDeviceNames", 0.0)
+            with lock:
+                starts[name].append(slot.start)
+
+    threads = [threading.Thread(target=book, args=(n, s)) for n, s in [("one", store), ("other", other)] for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        other.close()
+    every = starts["one"] + starts["other"]
+    assert len(every) == 40 and calls_in_any_window(every, 1.0) == 10
+    first_ten = sorted(every)[9] - min(every)  # the first ten go at once, as they are asked for
+    assert 3.0 <= max(every) - min(every) <= 3.0 + first_ten + 1e-6  # 40 at 10/s: no slot lost, none doubled
+    # First come, first served (PostgreSQL queues the bookings on the quota's row; SQLite's busy
+    # handler lets writers retry in no order, one process serving it): each replica had slots in
+    # the first and the last second.
+    for name in starts if store.many_processes else ():
+        assert min(starts[name]) < min(every) + 1.0 and max(starts[name]) > max(every) - 1.0

@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 import requests
 
 from bot.aliyun import errors
-from bot.aliyun.ratelimit import DEFAULT_QPS, RateLimiter
+from bot.aliyun.ratelimit import DEFAULT_QPS, Limiter, RateLimiter
 from bot.aliyun.signing import (
     encode_params,
     percent_encode,
@@ -222,7 +222,7 @@ class IotClient:
         session: requests.Session | None = None,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: Limiter | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
         observer: Callable[[str, str, float], None] | None = None,
@@ -251,6 +251,7 @@ class IotClient:
 
     def close(self) -> None:
         self.session.close()
+        self.limiter.close()
 
     def __enter__(self) -> IotClient:
         return self

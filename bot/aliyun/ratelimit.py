@@ -4,21 +4,27 @@ The platform counts calls per action per account and refuses the excess with ``T
 Waiting here costs less than being refused: a refused call has to be retried after a back-off that
 is longer than the wait would have been.
 
-:class:`RateLimiter` keeps, per action, the times of the last *N* calls it let through, and lets a
-new one through only when the oldest of them is at least a window old: so no window of that length
-ever holds more than *N* calls, whatever the threads do. (A booked slot, below, may be used up to
-half the margin late: then the guarantee is for a window of a second and half the margin, still
-longer than the platform's second.) Callers reserve their slot under the lock
-and wait outside it, so waiting threads queue in order and do not spin.
+Both limiters keep, per action, the starts of the last *N* slots handed out, and give a new one only
+when the oldest of them is at least a window old: so no window of that length ever holds more than
+*N* calls, whatever the threads do. (A booked slot, below, may be used up to half the margin late:
+then the guarantee is for a window of a second and half the margin, still longer than the
+platform's second.) Callers reserve their slot and wait outside any lock, so waiting threads queue
+in order and do not spin.
+
+* :class:`RateLimiter` keeps the slots in this process: the quotas of one process (SQLite, the CLI).
+* :class:`SharedRateLimiter` books each slot in the database that several replicas share
+  (PostgreSQL): one atomic statement reserves the next slot on the database's clock and answers how
+  long to wait, with the quota stored there (IOT_QPS of any replica), so N replicas together stay
+  within the account's quotas, served first come, first served.
 
 A caller with better things to do than wait can say so with :func:`deferring`: a call that would
 wait longer than the caller's patience books its slot and raises :class:`SlotLater` instead of
 sleeping, and the same caller's call of that action at the booked time takes the booked slot. The
 workflow's steps do this, so that a scheduler worker never sleeps through a queue of checks while
-other requests have calls to make.
+other requests have calls to make. The booking is kept in the process: its slot is counted already.
 
-One limiter serves the whole process: :func:`shared_limiter` hands every client for the same
-account the same instance. Name the account by something that does not change: temporary (STS)
+One in-process limiter serves the whole process: :func:`shared_limiter` hands every client for the
+same account the same instance. Name the account by something that does not change: temporary (STS)
 credentials get a new AccessKeyId at every refresh, the account's quotas stay the same.
 """
 
@@ -31,12 +37,19 @@ from collections import Counter, deque
 from collections.abc import Hashable, Iterator, Mapping
 from contextvars import ContextVar
 from types import MappingProxyType
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from bot.clock import Clock, SystemClock
+
+if TYPE_CHECKING:
+    from bot.store import Slot
 
 #: Requests leave the client in order but reach the server with a little jitter; counting a window as
 #: a little longer than a second keeps two calls from landing in the same server-side second.
 DEFAULT_MARGIN = 0.05
+
+#: How often a call woken too late for its slot books another before it goes all the same.
+WAKE_ATTEMPTS = 3
 
 #: A booking not taken up within this many seconds of its time is forgotten (its holder went away).
 BOOKING_TTL = 60.0
@@ -55,6 +68,14 @@ DEFAULT_QPS: Mapping[str, float] = MappingProxyType(
         "QueryProductList": 50,  # the product select of /devices register
     }
 )
+
+
+class _Booking(NamedTuple):
+    """A reserved slot: ``at`` on this process's monotonic clock, ``ref`` as its keeper knows it."""
+
+    at: float
+    ref: float
+    retaken: bool = False
 
 
 class SlotLater(Exception):
@@ -79,89 +100,190 @@ def deferring(holder: Hashable, patience: float) -> Iterator[None]:
         _deferring.reset(token)
 
 
-class RateLimiter:
-    """At most ``quotas[action]`` calls per second for each action, across all threads."""
+class QuotaKeeper(Protocol):
+    """Where every replica books its slots: a database that all of them share (see :class:`SharedRateLimiter`)."""
 
-    def __init__(self, quotas: Mapping[str, float], clock: Clock | None = None, *, margin: float = DEFAULT_MARGIN) -> None:
+    def quotas(self) -> dict[str, float]:
+        """The stored quotas, QPS per action."""
+
+    def book_slot(self, action: str, margin: float, retake: float | None = None) -> Slot | None:
+        """Reserve the next slot of ``action`` (or take back ``retake``, the last one handed out)."""
+
+    def close(self) -> None: ...
+
+
+class Limiter:
+    """What both limiters share: the bookings of :func:`deferring` callers, kept in this process.
+
+    A subclass says how a slot is reserved (:meth:`_reserve`) and how late a booked one may be used.
+    """
+
+    def __init__(self, clock: Clock | None, margin: float) -> None:
         self._clock = clock or SystemClock()
-        self._lock = threading.Lock()
-        self._slots: dict[str, tuple[int, float]] = {}
-        self._granted: dict[str, deque[float]] = {}
-        # How late a booked slot may still be used: half the margin, so that the call still lands
-        # in its own server-side window. A holder that comes later books a new slot, unless its
-        # slot is the last one handed out.
-        self._late: dict[str, float] = {}
-        self._booked: dict[tuple[str, Hashable], float] = {}
-        #: Booked slots whose holder came back too late to use them, per action (each one a slot lost).
+        self.margin = margin
+        self._lock = threading.Lock()  # the bookings
+        self._booked: dict[tuple[str, Hashable], _Booking] = {}
+        #: Slots whose call came too late to use them (a booking's holder, or a call woken late), per
+        #: action: each one a slot lost.
         self.missed: Counter[str] = Counter()
-        for action, qps in quotas.items():
-            if qps <= 0:
-                raise ValueError(f"the quota for {action} must be above 0, not {qps}")
-            # A quota under 1/s (0.5) means one call per 2 s; above it, N calls in any second.
-            calls = max(1, math.floor(qps))
-            self._slots[action] = (calls, calls / qps * (1 + margin))
-            self._late[action] = calls / qps * margin / 2
-            self._granted[action] = deque()
 
     def quota(self, action: str) -> float | None:
         """Calls per second allowed for ``action``, or ``None`` if it is not limited."""
-        if action not in self._slots:
-            return None
-        calls, window = self._slots[action]
-        return calls / window
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Let go of what the limiter holds (a database it opened)."""
+
+    def _reserve(self, action: str, retake: float | None) -> _Booking | None:
+        """The next slot of ``action``, or ``None`` if it is not limited. ``retake``: the ``ref`` of a
+        booked slot whose holder is late; if no slot was handed out after it, it moves to now and
+        comes back with ``retaken``."""
+        raise NotImplementedError
+
+    def _late(self, action: str) -> float:
+        """How late a booked slot may still be used: half the margin, so that the call still lands
+        in its own server-side window."""
+        raise NotImplementedError
 
     def acquire(self, action: str) -> float:
         """Wait until a call of ``action`` may go; return how long it waited (0 if not at all).
 
         Inside :func:`deferring`, raise :class:`SlotLater` instead of waiting longer than its patience.
         """
-        if action not in self._slots:
-            return 0.0
         deferring_ = _deferring.get()
-        with self._lock:
+        booked = None
+        if deferring_ is not None:
+            holder, patience = deferring_
+            booked = self._booking(action, holder)
+        now = self._clock.monotonic()
+        if booked is not None and now - booked.at <= self._late(action):
+            if booked.at - now > patience:
+                with self._lock:
+                    self._booked[(action, holder)] = booked
+                raise SlotLater(action, booked.at - now)
+            slot = booked
+        else:
+            # A holder that comes later than that books a new slot, unless its slot is the last
+            # one handed out: then it simply moves to now.
+            reserved = self._reserve(action, booked.ref if booked is not None else None)
+            if reserved is None:
+                return 0.0
+            slot = reserved
+            self._count_missed(action, booked, slot)
             now = self._clock.monotonic()
-            start = None
-            if deferring_ is not None:
-                holder, patience = deferring_
-                start = self._take_booking(action, holder, now, patience)
-            if start is None:
-                start = self._reserve(action, now)
-                if deferring_ is not None and start - now > patience:
-                    self._booked[(action, holder)] = start
-                    raise SlotLater(action, start - now)
-        wait = start - now
-        if wait > 0:
-            self._clock.sleep(wait)
-        return max(wait, 0.0)
+            if deferring_ is not None and slot.at - now > patience:
+                with self._lock:
+                    self._booked[(action, holder)] = slot
+                raise SlotLater(action, slot.at - now)
+        waited, wakes = 0.0, 0
+        while True:
+            wait = slot.at - now
+            if wait > 0:
+                self._clock.sleep(wait)
+                waited += wait
+            now, wakes = self._clock.monotonic(), wakes + 1
+            if now - slot.at <= self._late(action) or wakes == WAKE_ATTEMPTS:
+                return waited
+            # Woken too late (a busy machine): sent now, the call could crowd the next slot's
+            # window. It takes its slot back if none was handed out since, else a new one.
+            late = slot
+            slot = self._reserve(action, late.ref) or late
+            self._count_missed(action, late, slot)
 
-    def _reserve(self, action: str, now: float) -> float:
+    def _count_missed(self, action: str, booked: _Booking | None, slot: _Booking) -> None:
+        if booked is not None and not slot.retaken:
+            with self._lock:
+                self.missed[action] += 1  # its slot stays counted, and a new one is reserved
+
+    def _booking(self, action: str, holder: Hashable) -> _Booking | None:
+        with self._lock:
+            if len(self._booked) > 64:
+                now = self._clock.monotonic()
+                for key in [k for k, b in self._booked.items() if b.at < now - BOOKING_TTL]:
+                    del self._booked[key]
+            return self._booked.pop((action, holder), None)
+
+
+class RateLimiter(Limiter):
+    """At most ``quotas[action]`` calls per second for each action, across the threads of this process."""
+
+    def __init__(self, quotas: Mapping[str, float], clock: Clock | None = None, *, margin: float = DEFAULT_MARGIN) -> None:
+        super().__init__(clock, margin)
+        self._slots: dict[str, tuple[int, float]] = {}
+        self._granted: dict[str, deque[float]] = {}
+        self._slots_lock = threading.Lock()
+        for action, qps in quotas.items():
+            if qps <= 0:
+                raise ValueError(f"the quota for {action} must be above 0, not {qps}")
+            # A quota under 1/s (0.5) means one call per 2 s; above it, N calls in any second.
+            calls = max(1, math.floor(qps))
+            self._slots[action] = (calls, calls / qps * (1 + margin))
+            self._granted[action] = deque()
+
+    def quota(self, action: str) -> float | None:
+        if action not in self._slots:
+            return None
+        calls, window = self._slots[action]
+        return calls / window
+
+    def _late(self, action: str) -> float:
+        _, window = self._slots[action]
+        return window / (1 + self.margin) * self.margin / 2
+
+    def _reserve(self, action: str, retake: float | None) -> _Booking | None:
+        if action not in self._slots:
+            return None
         calls, window = self._slots[action]
         granted = self._granted[action]
-        start = now if len(granted) < calls else max(now, granted[0] + window)
-        granted.append(start)
-        if len(granted) > calls:
-            granted.popleft()
-        return start
+        with self._slots_lock:
+            now = self._clock.monotonic()
+            if retake is not None and granted and granted[-1] == retake:
+                granted[-1] = now  # no slot was handed out after it
+                return _Booking(now, now, retaken=True)
+            start = now if len(granted) < calls else max(now, granted[0] + window)
+            granted.append(start)
+            if len(granted) > calls:
+                granted.popleft()
+        return _Booking(start, start)
 
-    def _take_booking(self, action: str, holder: Hashable, now: float, patience: float) -> float | None:
-        """The holder's booked start, if it is usable now; raises SlotLater if it is still ahead."""
-        if len(self._booked) > 64:
-            for key in [k for k, at in self._booked.items() if at < now - BOOKING_TTL]:
-                del self._booked[key]
-        booked = self._booked.pop((action, holder), None)
-        if booked is None:
+
+class SharedRateLimiter(Limiter):
+    """The quotas of an account shared by every replica that books its slots in one ``keeper``.
+
+    Each call books its slot in the keeper (one statement: one round trip to PostgreSQL), which
+    counts the slots of every replica against the quotas stored there and answers how long to wait,
+    on its own clock: replicas whose clocks disagree still agree on the schedule, and take their
+    turns in the order they asked. A booking of :func:`deferring` is kept in this process, its slot
+    being counted in the keeper already: a holder gone for good costs one slot, nothing more.
+    """
+
+    def __init__(self, keeper: QuotaKeeper, clock: Clock | None = None, *, margin: float = DEFAULT_MARGIN, owns_keeper: bool = False) -> None:
+        super().__init__(clock, margin)
+        self.keeper = keeper
+        self._owns_keeper = owns_keeper  # opened for this limiter alone: closed with it
+        self._quotas: dict[str, float] = {}
+
+    def quota(self, action: str) -> float | None:
+        """As of the last booking of ``action`` here (any replica may change the stored quota)."""
+        if action not in self._quotas:
+            self._quotas.update(self.keeper.quotas())
+        qps = self._quotas.get(action)
+        return None if qps is None else qps / (1 + self.margin)
+
+    def close(self) -> None:
+        if self._owns_keeper:
+            self.keeper.close()
+
+    def _late(self, action: str) -> float:
+        qps = self._quotas[action]  # known: the booking came from a reservation
+        return max(1, math.floor(qps)) / qps * self.margin / 2
+
+    def _reserve(self, action: str, retake: float | None) -> _Booking | None:
+        slot = self.keeper.book_slot(action, self.margin, retake)
+        if slot is None:
             return None
-        if now - booked > self._late[action]:
-            granted = self._granted[action]
-            if granted and granted[-1] == booked:
-                granted[-1] = now  # no slot was handed out after it: it can simply move to now
-                return now
-            self.missed[action] += 1
-            return None  # missed: its slot stays counted, and a new one is reserved
-        if booked - now > patience:
-            self._booked[(action, holder)] = booked
-            raise SlotLater(action, booked - now)
-        return booked
+        self._quotas[action] = slot.qps
+        return _Booking(self._clock.monotonic() + slot.wait, slot.start, slot.retaken)
 
 
 _shared: dict[tuple[str, str], RateLimiter] = {}

@@ -40,6 +40,7 @@ from bot.slack import actions, blocks, commands, home, views
 from bot.slack.approvers import Approvers
 from bot.slack.deps import Deps
 from bot.slack.notifier import SlackNotifier
+from bot.store import is_url, open_store
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +210,11 @@ def create_app(
     # Read at scrape time, through the request service (so every replica on one database agrees).
     metrics = Metrics(lambda: workflow.requests.figures())
     web_client = web_client or slack_web_client(settings, on_call=metrics.slack_call)
+    store = None
     if iot_client is None:
-        iot_client = wiring.iot_client(settings, clock=clock, observer=metrics.iot_call)
+        # A server database is opened first: the client books its calls there (shared quotas).
+        store = open_store(settings.db_path) if is_url(settings.db_path) else None
+        iot_client = wiring.iot_client(settings, clock=clock, observer=metrics.iot_call, store=store)
     elif iot_client.observer is None:
         iot_client.observer = metrics.iot_call
     workers = max(4, settings.workers // 2)
@@ -220,6 +224,7 @@ def create_app(
         settings,
         clock=clock,
         client=iot_client,
+        store=store,
         notifier=lambda requests: SlackNotifier(
             web_client, approvers, requests,
             notify_channel=settings.notify_channel, credentials_dm=settings.credentials_dm, label=label,

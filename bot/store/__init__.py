@@ -18,6 +18,8 @@ What every store promises:
 * A register call is claimed (:meth:`Store.claim_register`) before it is sent, by compare-and-set.
 * The schema is built by numbered migrations applied at start, safe when two processes start at
   once; a database written by an older iotreg is brought up to date in place.
+* Each IoT Platform call's slot is booked in one atomic step (:meth:`Store.book_slot`) against the
+  quotas stored there, on the database's clock: processes on one database share the account's quotas.
 
 :func:`open_store` picks the implementation from ``IOTREG_DB``'s value: a file path, or a
 ``postgresql://`` / ``postgres://`` URL.
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -51,7 +53,10 @@ from bot.domain import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AlreadyRead", "CREATION_ENDED", "Figures", "Lease", "StepTurn", "log_transition", "AlreadyRetried", "Store", "StoreBusy", "StoreUnavailable", "open_store", "is_url", "redact_url"]
+__all__ = [
+    "AlreadyRead", "CREATION_ENDED", "Figures", "Lease", "Slot", "StepTurn", "log_transition", "AlreadyRetried", "Store", "StoreBusy",
+    "StoreUnavailable", "open_store", "is_url", "redact_url",
+]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 #: The chunk statuses (the platform's ApplyStatus) after which a creation has ended and its devices
@@ -93,6 +98,37 @@ class Figures:
     devices_created: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """A call's turn, booked by :meth:`Store.book_slot`: ``wait`` seconds from now, at ``start`` (seconds
+    on the database's clock, which identifies the slot), under a quota of ``qps``; ``retaken``: a
+    late holder's slot moved to now rather than a new one."""
+
+    wait: float
+    start: float
+    qps: float
+    retaken: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """Who holds a piece of shared work (``request:42``: its steps; ``outbox:42``: its notifications), until when."""
+
+    name: str
+    owner: str
+    until: datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTurn:
+    """What :meth:`Store.begin_request_step` found: whether the step is due (and if not, when it
+    is), and how many wakes the request had had."""
+
+    due: bool
+    due_at: datetime | None
+    wakes: int
+
+
 def log_transition(request_id: int, product: str, state: str, event: str, devices: int, rejected: int, actor: str) -> None:
     """One INFO line per request created or moved (every store logs its own), its fields also
     given apart (for JSON logs)."""
@@ -109,6 +145,9 @@ class Store(Protocol):
     #: Whether a read costs no more than a few microseconds in this process (an embedded file),
     #: rather than a round trip to a server: only then is a command answered in its ack.
     reads_in_process: bool
+    #: Whether several iotreg processes may serve from it at once (they then share the IoT Platform
+    #: quotas through it: :meth:`book_slot`).
+    many_processes: bool
 
     def close(self) -> None: ...
 
@@ -345,23 +384,6 @@ class Store(Protocol):
         """Requests whose next step is due by ``now`` and whose lease nobody holds, the most overdue first."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Lease:
-    """Who holds a piece of shared work (``request:42``: its steps; ``outbox:42``: its notifications), until when."""
-
-    name: str
-    owner: str
-    until: datetime
-
-
-@dataclasses.dataclass(frozen=True)
-class StepTurn:
-    """What :meth:`Store.begin_request_step` found: whether the step is due (and if not, when it
-    is), and how many wakes the request had had."""
-
-    due: bool
-    due_at: datetime | None
-    wakes: int
     # -- IotIds read after the result
 
     def set_iot_ids(self, request_id: int, chunk_no: int, rows: Iterable[tuple[str, str]], now: datetime) -> int:
@@ -372,6 +394,25 @@ class StepTurn:
     def unread_iot_ids(self, origins: Iterable[Origin] | None = None) -> list[int]:
         """Final requests (from ``origins``, if given) with a chunk whose creation ended
         (:data:`CREATION_ENDED`) and whose IotIds are not read yet, oldest first."""
+    # -- the IoT Platform quotas, shared by every process of the database
+
+    def quotas(self) -> dict[str, float]:
+        """The stored QPS quota of each action."""
+
+    def set_quotas(self, quotas: Mapping[str, float], *, replace: bool = True) -> dict[str, tuple[float | None, float]]:
+        """Store ``quotas`` (``replace=False``: only for actions that have none yet); return those
+        that changed, ``action: (before, after)``. A quota must be above 0."""
+
+    def book_slot(self, action: str, margin: float, retake: float | None = None) -> Slot | None:
+        """Reserve the next slot of ``action`` in one atomic step, on the database's clock; ``None``
+        when ``action`` has no quota.
+
+        A slot starts when no window of ``calls / qps * (1 + margin)`` seconds holds more than
+        ``calls = max(1, floor(qps))`` slots: the latest ``calls`` slots are kept. Slots are handed
+        out in the order the bookings come. ``retake``: the ``start`` of a slot whose holder comes
+        late; if it is still the last one handed out, it moves to now (``retaken``), else a new one
+        is reserved.
+        """
 
 
 def is_url(location: str) -> bool:

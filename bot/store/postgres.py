@@ -22,7 +22,7 @@ import enum
 import json
 import time
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -49,13 +49,15 @@ from bot.domain import (
     Tally,
     Upload,
 )
-from bot.store import CREATION_ENDED, AlreadyRead, AlreadyRetried, Figures, Lease, StepTurn, StoreUnavailable, log_transition, redact_url
+from bot.store import CREATION_ENDED, AlreadyRead, AlreadyRetried, Figures, Lease, Slot, StepTurn, StoreUnavailable, log_transition, redact_url
 
 log = logging.getLogger(__name__)
 
 PENDING = Outcome.PENDING.value
 #: Seconds to wait for the server to accept a connection (at start, and for each new pool connection).
 CONNECT_TIMEOUT = 5
+#: Seconds a booking waits for the row of its quota before it gives up (another session holding it).
+BOOKING_LOCK_TIMEOUT = 10
 #: Any number, the same in every iotreg: the key of the advisory lock held while migrating.
 MIGRATION_LOCK = 0x10_7E_6D_B0
 
@@ -258,6 +260,57 @@ def m006_iot_ids_read(cur: psycopg.Cursor[Any]) -> None:
     )
 
 
+@migration
+def m007_quotas(cur: psycopg.Cursor[Any]) -> None:
+    """The IoT Platform quotas, which every replica books its calls' slots against (see
+    :meth:`PostgresStore.book_slot`)."""
+    cur.execute(
+        f"""
+        CREATE TABLE quotas (
+            action text PRIMARY KEY,
+            qps double precision NOT NULL CHECK (qps > 0),
+            -- The starts of the latest slots, oldest first, in seconds on the server's clock.
+            granted double precision[] NOT NULL DEFAULT '{{}}',
+            changed_at timestamptz NOT NULL DEFAULT now()
+        -- Room in each page: a booking is a HOT update that touches no index.
+        ) WITH (fillfactor = 50);
+
+        -- One booking, one statement: the row lock puts concurrent bookings in line (first come,
+        -- first served), and the time is the server's, whatever the replicas' clocks say.
+        CREATE FUNCTION iotreg_book_slot(wanted text, margin double precision, retake double precision)
+        RETURNS TABLE (slot_wait double precision, slot_start double precision, slot_qps double precision, slot_retaken boolean)
+        LANGUAGE plpgsql
+        SET lock_timeout = '{BOOKING_LOCK_TIMEOUT}s'
+        AS $$
+        DECLARE
+            quota quotas%ROWTYPE;
+            now_ double precision;
+            n integer;
+            calls integer;
+            at double precision;
+        BEGIN
+            SELECT * INTO quota FROM quotas WHERE action = wanted FOR UPDATE;
+            IF NOT FOUND THEN
+                RETURN;
+            END IF;
+            now_ := extract(epoch FROM clock_timestamp())::double precision;
+            n := cardinality(quota.granted);
+            IF retake IS NOT NULL AND n > 0 AND quota.granted[n] = retake THEN
+                UPDATE quotas SET granted[n] = now_ WHERE action = wanted;
+                RETURN QUERY SELECT 0.0::double precision, now_, quota.qps, true;
+                RETURN;
+            END IF;
+            calls := greatest(1, floor(quota.qps))::integer;
+            at := CASE WHEN n < calls THEN now_
+                       ELSE greatest(now_, quota.granted[n - calls + 1] + calls / quota.qps * (1 + margin)) END;
+            UPDATE quotas SET granted = (quota.granted || at)[greatest(1, n + 2 - calls):n + 1] WHERE action = wanted;
+            RETURN QUERY SELECT at - now_, at, quota.qps, false;
+        END
+        $$;
+        """
+    )
+
+
 #: Tables in the order they can be filled (a referenced table first), for copying a deployment.
 TABLES = ("requests", "chunks", "devices", "rejected_lines", "approvals", "audit", "outbox", "notified_steps", "begun_steps", "uploads")
 #: Tables whose ids a serial hands out, and the column.
@@ -332,6 +385,7 @@ class PostgresStore:
     def __init__(self, url: str, *, timeout: float = 10.0, min_size: int = 1, max_size: int = 16) -> None:
         self.location = redact_url(url)
         self.reads_in_process = False  # every read is a round trip to the server
+        self.many_processes = True
         self._where = describe(url)
         try:
             self._password = psycopg.conninfo.conninfo_to_dict(url).get("password")
@@ -955,6 +1009,43 @@ class PostgresStore:
         return [r[0] for r in self._fetch(sql + " ORDER BY r.id", args)]
 
 
+    # -- the IoT Platform quotas, shared by every replica ----------------------------------------
+
+    def quotas(self) -> dict[str, float]:
+        return dict(self._fetch("SELECT action, qps FROM quotas ORDER BY action"))
+
+    def set_quotas(self, quotas: Mapping[str, float], *, replace: bool = True) -> dict[str, tuple[float | None, float]]:
+        _check_quotas(quotas)
+        changed: dict[str, tuple[float | None, float]] = {}
+        with self.connection() as conn:
+            for action, qps in sorted(quotas.items()):  # two replicas lock the rows in the same order
+                added = conn.execute(
+                    "INSERT INTO quotas (action, qps) VALUES (%s, %s) ON CONFLICT (action) DO NOTHING RETURNING qps", [action, qps]
+                ).fetchone()
+                if added is not None:
+                    changed[action] = (None, qps)
+                    continue
+                if not replace:
+                    continue
+                before = conn.execute("SELECT qps FROM quotas WHERE action = %s FOR UPDATE", [action]).fetchone()[0]
+                if before != qps:
+                    conn.execute("UPDATE quotas SET qps = %s, changed_at = now() WHERE action = %s", [qps, action])
+                    changed[action] = (before, qps)
+        return changed
+
+    def book_slot(self, action: str, margin: float, retake: float | None = None) -> Slot | None:
+        """One statement (:func:`m007_quotas`'s ``iotreg_book_slot``): one round trip per call."""
+        with self._borrowed() as conn:
+            try:
+                rows = conn.execute("SELECT * FROM iotreg_book_slot(%s, %s, %s)", [action, margin, retake]).fetchall()
+            except psycopg.errors.LockNotAvailable:
+                raise StoreUnavailable(
+                    f"the quota of {action} in the PostgreSQL database {self._where} stayed locked for "
+                    f"{BOOKING_LOCK_TIMEOUT} s by another session: end that session's transaction"
+                ) from None
+        return Slot(*rows[0]) if rows else None
+
+
 #: With an approval, in its transaction: the next step is due at once (the parameter: the
 #: approval's time), so that no failure between the two can leave an approved request waiting.
 _WAKE_NOW = ", next_step_at = LEAST(next_step_at, %s::timestamptz), wakes = wakes + 1"
@@ -997,6 +1088,12 @@ class _Freshness:
         if len(self._returned) > 1024:  # the pool's connections are far fewer: drop the forgotten
             self._returned.clear()
         self._returned[id(conn)] = time.monotonic()
+
+
+def _check_quotas(quotas: Mapping[str, float]) -> None:
+    for action, qps in quotas.items():
+        if not qps > 0:
+            raise ValueError(f"the quota for {action} must be above 0, not {qps}")
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:

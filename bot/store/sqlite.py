@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -39,7 +41,7 @@ from bot.domain import (
     Tally,
     Upload,
 )
-from bot.store import CREATION_ENDED, AlreadyRead, AlreadyRetried, Figures, Lease, StepTurn, StoreBusy, StoreUnavailable, log_transition
+from bot.store import CREATION_ENDED, AlreadyRead, AlreadyRetried, Figures, Lease, Slot, StepTurn, StoreBusy, StoreUnavailable, log_transition
 
 
 PENDING = Outcome.PENDING.value
@@ -223,6 +225,12 @@ def m010_iot_ids_read(db: Database) -> None:
     )
 
 
+@migrations()
+def m011_quotas(db: Database) -> None:
+    """The IoT Platform quotas and their latest slots (see :meth:`SqliteStore.book_slot`)."""
+    db["quotas"].create({"action": str, "qps": float, "granted": str, "changed_at": str}, pk="action", not_null={"qps", "granted"})
+
+
 def format_time(value: datetime) -> str:
     """Times are stored as ISO 8601 UTC text, which sorts and compares correctly as text."""
     return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
@@ -299,6 +307,7 @@ class SqliteStore:
         self.path = str(path)
         self.location = self.path
         self.reads_in_process = True
+        self.many_processes = False
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -984,6 +993,47 @@ class SqliteStore:
             sql += f" AND r.origin IN {marks}"
             args.extend(values)
         return [r[0] for r in self.db.execute(sql + " ORDER BY r.id", args).fetchall()]
+
+    # -- the IoT Platform quotas (one process serves a SQLite file: its clock is the database's) ---
+
+    def quotas(self) -> dict[str, float]:
+        return dict(self.db.execute("SELECT action, qps FROM quotas ORDER BY action").fetchall())
+
+    def set_quotas(self, quotas: Mapping[str, float], *, replace: bool = True) -> dict[str, tuple[float | None, float]]:
+        for action, qps in quotas.items():
+            if not qps > 0:
+                raise ValueError(f"the quota for {action} must be above 0, not {qps}")
+        changed: dict[str, tuple[float | None, float]] = {}
+        stamp = format_time(datetime.now(timezone.utc))
+        with self._write() as db:
+            for action, qps in sorted(quotas.items()):
+                row = db.execute("SELECT qps FROM quotas WHERE action = ?", [action]).fetchone()
+                if row is None:
+                    db.execute("INSERT INTO quotas (action, qps, granted, changed_at) VALUES (?, ?, '[]', ?)", [action, qps, stamp])
+                    changed[action] = (None, qps)
+                elif replace and row[0] != qps:
+                    db.execute("UPDATE quotas SET qps = ?, changed_at = ? WHERE action = ?", [qps, stamp, action])
+                    changed[action] = (row[0], qps)
+        return changed
+
+    def book_slot(self, action: str, margin: float, retake: float | None = None) -> Slot | None:
+        """The slot computed in this process, under the write lock, on the wall clock."""
+        with self._write() as db:
+            row = db.execute("SELECT qps, granted FROM quotas WHERE action = ?", [action]).fetchone()
+            if row is None:
+                return None
+            qps, granted = row[0], json.loads(row[1])
+            now = time.time()
+            if retake is not None and granted and granted[-1] == retake:
+                granted[-1] = now
+                slot = Slot(0.0, now, qps, retaken=True)
+            else:
+                calls = max(1, math.floor(qps))
+                start = now if len(granted) < calls else max(now, granted[-calls] + calls / qps * (1 + margin))
+                granted = [*granted[max(0, len(granted) + 1 - calls):], start]
+                slot = Slot(start - now, start, qps)
+            db.execute("UPDATE quotas SET granted = ? WHERE action = ?", [json.dumps(granted), action])
+        return slot
 
 
 #: With an approval, in its transaction: the next step is due at once (the two parameters: the
