@@ -37,7 +37,7 @@ devices its creation takes seconds longer than ``create_seconds``: that time is 
     python bench/bench_scale.py --result-only [--names 100000]   # just approval to result, one request
 
 ``--replicas N`` measures instead how replicas share the account's quotas: 200 requests of 50 names
-in flight, driven by N processes at once, each with its own PostgreSQL store (one throwaway
+in flight (to the last IotId read), driven by N processes at once, each with its own PostgreSQL store (one throwaway
 database), its own scheduler and rate limiter, built as ``iotreg serve`` builds them
 (:func:`bot.wiring.iot_client`, :func:`bot.wiring.workflow`, :class:`~bot.jobs.SchedulerJobs`);
 each submits its share and approves whatever awaits approval. Then the same with one process on
@@ -378,6 +378,10 @@ def run_replicas(count: int, sizes: list[int], *, poll: float, check_seconds: fl
                 break
             if time.monotonic() - started > limit:
                 raise RuntimeError(f"not finished after {limit:.0f} s: {len(finals)} of {len(sizes)} requests ended")
+            time.sleep(0.02)
+        while store.unread_iot_ids():  # read after the result, by whichever replica
+            if time.monotonic() - started > limit:
+                raise RuntimeError(f"IotIds not all read after {limit:.0f} s")
             time.sleep(0.02)
         seconds = time.monotonic() - started
         for pipe in pipes:
