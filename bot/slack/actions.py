@@ -163,6 +163,7 @@ def send_credentials(deps: Deps, request: Request, user: str) -> str | None:
 def export_credentials(deps: Deps, request: Request, user: str, credentials: Iterator[tuple[str, str, str, str]]) -> None:
     """Fetch every device's secret from IoT Platform and DM it as a CSV file (never stored)."""
     client = deps.approvers.client
+    lease = credentials_lease(request.id, user)
     try:
         rows = list(credentials)
         dm = client.conversations_open(users=user)["channel"]["id"]
@@ -179,9 +180,11 @@ def export_credentials(deps: Deps, request: Request, user: str, credentials: Ite
         deps.requests.record(request.id, user, "credentials_sent", {"devices": len(rows)})
     except Exception as exc:  # noqa: BLE001 - this thread is an edge: the clicker must hear something
         log.exception("sending the credentials of request #%d failed", request.id)
+        deps.requests.leases.release(lease)  # before saying so: a click on the message's heels may try again
         client.chat_postMessage(channel=user, text=f"The credentials of request #{request.id} could not be sent ({type(exc).__name__}); try the button again later.")
     finally:
-        deps.requests.leases.release(credentials_lease(request.id, user))
+        if lease in deps.requests.leases.held():
+            deps.requests.leases.release(lease)
 
 
 def credentials_lease(request_id: int, user: str) -> str:
