@@ -452,21 +452,26 @@ def test_a_step_begun_says_when_to_the_next_attempt(store):
 # -- concurrency --------------------------------------------------------------------------------
 
 
-def test_two_threads_racing_for_one_approval_register_it_once(store):
-    request_id = new_request(store)
-    start = threading.Barrier(8)
+def in_threads(attempt, n: int = 8) -> list[bool]:
+    """``attempt(i)`` in ``n`` threads let go at once; what each returned, sorted."""
+    start = threading.Barrier(n)
     wins: list[bool] = []
 
-    def click(n: int) -> None:
+    def run(i: int) -> None:
         start.wait(timeout=30)
-        wins.append(approve(store, request_id, f"U{n}"))
+        wins.append(attempt(i))
 
-    threads = [threading.Thread(target=click, args=(n,)) for n in range(8)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert sorted(wins) == [False] * 7 + [True]
+    return sorted(wins)
+
+
+def test_two_threads_racing_for_one_approval_register_it_once(store):
+    request_id = new_request(store)
+    assert in_threads(lambda n: approve(store, request_id, f"U{n}")) == [False] * 7 + [True]
     assert [a.event for a in store.audit(request_id)] == ["requested", "approved"]
     assert store.pending_count() == 1
 
@@ -630,19 +635,7 @@ def test_leases_are_renewed_and_handed_back_per_owner(store):
 
 
 def test_of_many_threads_taking_one_lease_exactly_one_holds_it(store):
-    start = threading.Barrier(8)
-    wins: list[bool] = []
-
-    def take(n: int) -> None:
-        start.wait(timeout=30)
-        wins.append(store.take_lease("request:7", f"owner-{n}", NOW, NOW + timedelta(seconds=10)))
-
-    threads = [threading.Thread(target=take, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert sorted(wins) == [False] * 7 + [True]
+    assert in_threads(lambda n: store.take_lease("request:7", f"owner-{n}", NOW, NOW + timedelta(seconds=10))) == [False] * 7 + [True]
     assert len(store.leases()) == 1
 
 
