@@ -55,6 +55,7 @@ def test_the_scheduler_drives_a_request_and_resumes_it_after_a_restart(make_emul
     workflow, jobs, notifier = start()
     request = workflow.requests.submit(emulator.product_key, "U1", ["sched-0001", "sched-0002"], origin="slack")
     assert wait_until(lambda: workflow.requests.get(request.id).state == State.AWAITING_APPROVAL)
+    assert wait_until(lambda: "awaiting_approval" in notifier.kinds)  # said before the restart
     jobs.shutdown()
     workflow.store.close()
 

@@ -299,6 +299,10 @@ def _in(values: Iterable[Any]) -> tuple[str, list[str]]:
     return f"({', '.join('?' * len(values))})", values
 
 
+#: Seconds a store being opened waits for another process's hold on a new file or on the schema.
+OPEN_TIMEOUT = 30.0
+
+
 class SqliteStore:
     """The SQLite database behind the workflow. Safe to share between threads, not between processes
     that run the workflow (a second ``iotreg serve`` on one file is refused)."""
@@ -312,12 +316,23 @@ class SqliteStore:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._held: dict[str, IO[str]] = {}
-        try:
-            with self._write():  # two processes starting at once migrate one after the other
-                migrations.apply(self.db)
-        except sqlite3.Error as exc:
-            self.close()
-            raise StoreUnavailable(f"cannot open the SQLite database {self.path}: {exc}") from None
+        deadline = time.monotonic() + OPEN_TIMEOUT
+        while True:
+            try:
+                with self._write():  # two processes starting at once migrate one after the other
+                    migrations.apply(self.db)
+                return
+            except sqlite3.OperationalError as exc:
+                # Switching a new file to WAL, or a schema change under way in another process,
+                # can answer "locked" at once rather than through the busy timeout: try again.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    self.close()
+                    raise StoreUnavailable(f"cannot open the SQLite database {self.path}: {exc}") from None
+                self.close()
+                time.sleep(0.05)
+            except sqlite3.Error as exc:
+                self.close()
+                raise StoreUnavailable(f"cannot open the SQLite database {self.path}: {exc}") from None
 
     # -- connections --------------------------------------------------------------------------
 
