@@ -951,15 +951,18 @@ class PostgresStore:
         )
 
     def begin_request_step(self, request_id: int, now: datetime, fallback: datetime) -> StepTurn:
-        with self.connection() as conn:
-            row = conn.execute("SELECT next_step_at, wakes FROM requests WHERE id = %s FOR UPDATE", [request_id]).fetchone()
-            if row is None:
-                return StepTurn(True, None, 0)
-            due_at, wakes = row
-            if due_at is not None and due_at > now:
-                return StepTurn(False, due_at, wakes)
-            conn.execute("UPDATE requests SET next_step_at = %s WHERE id = %s", [fallback, request_id])
-            return StepTurn(True, due_at, wakes)
+        """One statement (a round trip on every step): the row locked, read as it was, and its due
+        time moved to ``fallback`` only if it was due."""
+        rows = self._fetch(
+            "WITH old AS (SELECT id, next_step_at, wakes FROM requests WHERE id = %s FOR UPDATE)"
+            " UPDATE requests AS r SET next_step_at = CASE WHEN old.next_step_at IS NULL OR old.next_step_at <= %s"
+            " THEN %s ELSE old.next_step_at END FROM old WHERE r.id = old.id RETURNING old.next_step_at, old.wakes",
+            [request_id, now, fallback],
+        )
+        if not rows:
+            return StepTurn(True, None, 0)
+        due_at, wakes = rows[0]
+        return StepTurn(due_at is None or due_at <= now, due_at, wakes)
 
     def end_request_step(self, request_id: int, turn: StepTurn, at: datetime | None) -> None:
         """When nobody woke the request during the step its own time stands; else the earlier one."""
