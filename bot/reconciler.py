@@ -221,6 +221,10 @@ class Reconciler:
                 else:  # a little early: a late step would miss its slot, an early one waits out the rest
                     at = self.clock.now() + timedelta(seconds=max(0.0, later.wait - SLOT_PATIENCE / 2))
                     self._round_due[request_id] = at  # the round goes on at that step, if it is this process's
+            elif request is not None and self._unread_chunks(request_id):
+                # It ended in this step: its result goes out now (the outbox, below), and its IotIds
+                # are read at the next step, due now in the database (any replica, should this die).
+                at = self.clock.now()
             if not lost:
                 self.store.end_request_step(request_id, turn, at)
             if at is not None:
@@ -343,7 +347,6 @@ class Reconciler:
             self._fail(request, "; ".join(c.error or "" for c in unknown))
         elif counts.get(Outcome.CREATED, 0):
             self._transition(request, State.REGISTERING, State.DONE, "registered", detail=counts, notify=("finished", {}))
-            self._ended(request.id)
         else:
             self._fail(request, "the platform created none of the devices")
 
@@ -492,14 +495,6 @@ class Reconciler:
         self.store.set_outcomes(request.id, rows)
         self.store.update_chunk(request.id, chunk.chunk_no, status=status.status.value)
 
-    def _ended(self, request_id: int) -> None:
-        """A request has just become final: its result goes out now, and its IotIds are read after
-        (by this process or, should it die first, by any replica: the wake is in the database)."""
-        self.jobs.wake_outbox()
-        if self._unread_chunks(request_id):
-            self.store.wake_request(request_id, self.clock.now())
-            self.jobs.wake(request_id)
-
     def _unread_chunks(self, request_id: int) -> list[Chunk]:
         return [c for c in self.store.chunks(request_id) if c.status in CREATE_FINAL and c.iot_ids_read_at is None]
 
@@ -576,7 +571,6 @@ class Reconciler:
             request.id, from_states=[request.state], to_state=State.FAILED, actor=SYSTEM, event="failed",
             now=self.clock.now(), detail={"reason": reason}, reason=reason, notify=("finished", {"reason": reason}),
         )
-        self._ended(request.id)
 
     def _phase_overdue(self, request: Request) -> bool:
         if request.state not in (State.CHECKING, State.REGISTERING) or request.phase_started_at is None:
