@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from bot.aliyun import errors
 from bot.aliyun.client import ApplyStatus, BatchStatus, IotClient
-from bot.aliyun.ratelimit import SlotLater, deferring
+from bot.aliyun.ratelimit import MAX_PATIENCE, SlotLater, deferring
 from bot.clock import Clock
 from bot.domain import ACTIVE_STATES, SYSTEM, Chunk, Kind, NotFound, Origin, Outcome, Request, Rule, State, Timing
 from bot.leases import Leases
@@ -61,12 +61,12 @@ CREATE_FINAL = frozenset({ApplyStatus.CREATE_SUCCESS.value, ApplyStatus.CREATE_F
 UNKNOWN = "UNKNOWN"
 #: The platform's answer for an ApplyId it does not know (any more).
 APPLY_GONE = "iot.device.DeviceApplyIsNotFound"
-#: A check or a status poll that would wait longer than this for its rate-limit slot books the slot
-#: and ends the step, which is woken again just before the slot's time: scheduler workers do not
-#: sleep through a queue of checks or polls while other requests' steps have calls of their own to
-#: make. (Register calls and the pages of a finished creation still wait in the limiter: they are
-#: the work the quota is for, and a register call is claimed before it is sent.)
-SLOT_PATIENCE = 0.1
+# A check or a status poll that would wait longer than its patience for its rate-limit slot
+# (:func:`~bot.aliyun.ratelimit.deferring`) books the slot and ends the step, which is woken again a
+# little before the slot's time (the lead, which covers the step's own work before its call):
+# scheduler workers do not sleep through a queue of checks or polls while other requests' steps have
+# calls of their own to make. (Register calls and the pages of a finished creation still wait in the
+# limiter: they are the work the quota is for, and a register call is claimed before it is sent.)
 #: How often a step that found the database unreachable is tried again.
 DATABASE_RETRY = 5.0
 #: How often each process looks for due steps that no process holds (:meth:`Reconciler.sweep`).
@@ -173,9 +173,9 @@ class Reconciler:
 
     def _advance_leased(self, request_id: int) -> None:
         now = self.clock.now()
-        # Due a little early is due: a step woken for a booked slot comes half the patience early.
+        # Due a little early is due: a step woken for a booked slot comes its lead early.
         turn = self.store.begin_request_step(
-            request_id, now + timedelta(seconds=SLOT_PATIENCE), now + timedelta(seconds=self.leases.seconds)
+            request_id, now + timedelta(seconds=MAX_PATIENCE), now + timedelta(seconds=self.leases.seconds)
         )
         if not turn.due:
             # Another process did this step since this wake was asked for: not again, only when due.
@@ -219,7 +219,7 @@ class Reconciler:
                 if later is None:
                     at = self._next_wake(request)
                 else:  # a little early: a late step would miss its slot, an early one waits out the rest
-                    at = self.clock.now() + timedelta(seconds=max(0.0, later.wait - SLOT_PATIENCE / 2))
+                    at = self.clock.now() + timedelta(seconds=later.come_back)
                     self._round_due[request_id] = at  # the round goes on at that step, if it is this process's
             elif request is not None and self._unread_chunks(request_id):
                 # It ended in this step: its result goes out now (the outbox, below), and its IotIds
@@ -245,7 +245,7 @@ class Reconciler:
         self.requests_remind(self._get(request.id))
 
     def _advance_check(self, request: Request) -> None:
-        with deferring(request.id, SLOT_PATIENCE):  # checks and polls: nothing is lost by doing them later
+        with deferring(request.id):  # checks and polls: nothing is lost by doing them later
             self._check_and_poll(request)
 
     def _check_and_poll(self, request: Request) -> None:
@@ -322,7 +322,7 @@ class Reconciler:
                 # As with checks: a creation submitted in this very step is polled at the next one.
                 due = chunk.register_confirmed_at is not None and chunk.status not in CREATE_FINAL
                 if due and chunk.chunk_no not in sent and chunk.chunk_no not in polled:
-                    with deferring(request.id, SLOT_PATIENCE):
+                    with deferring(request.id):
                         status = self.client.query_batch_register_device_status(request.product_key, chunk.apply_id)
                     polled.add(chunk.chunk_no)
                     # Only CREATE_* is final here: a platform that still says CHECK_SUCCESS just after

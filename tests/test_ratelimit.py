@@ -16,7 +16,7 @@ def calls_in_any_window(times: list[float], window: float) -> int:
 
 def test_bursts_up_to_the_quota_then_waits_for_the_window():
     clock = ManualClock()
-    limiter = RateLimiter({"BatchCheckDeviceNames": 10}, clock, margin=0)
+    limiter = RateLimiter({"BatchCheckDeviceNames": 10}, clock, margin=0, spacing=0)
     times = []
     for _ in range(35):
         limiter.acquire("BatchCheckDeviceNames")
@@ -24,6 +24,21 @@ def test_bursts_up_to_the_quota_then_waits_for_the_window():
     assert times[:10] == [0.0] * 10
     assert calls_in_any_window(times, 1.0) == 10
     assert times[-1] == pytest.approx(3.0)  # 35 calls at 10/s: the last at t=3 s, no sooner, no later
+
+
+def test_a_burst_is_spread_over_a_fifth_of_its_window_once_and_the_rate_stays_the_quota():
+    """Slots a fifth of a slot's time apart: the first window's ten calls go over 0.19 s, not at one
+    instant, and every later window is as full as without the spacing."""
+    clock = ManualClock()
+    limiter = RateLimiter({"BatchCheckDeviceNames": 10}, clock)  # the default margin 0.05 and spacing 0.2
+    times = []
+    for _ in range(35):
+        limiter.acquire("BatchCheckDeviceNames")
+        times.append(clock.monotonic())
+    assert times[:10] == pytest.approx([0.021 * k for k in range(10)])  # a slot's time is 1.05 / 10 s
+    assert times[10:12] == pytest.approx([1.05, 1.071])
+    assert calls_in_any_window(times, 1.0) == 10  # the platform's second
+    assert times[-1] == pytest.approx(3 * 1.05 + 0.084)  # the first window's spread, once
 
 
 def test_actions_have_separate_quotas_and_unknown_actions_pass():
@@ -45,7 +60,7 @@ def test_fractional_quota_means_one_call_per_period():
 
 def test_margin_stretches_the_window():
     clock = ManualClock()
-    limiter = RateLimiter({"QueryBatchRegisterDeviceStatus": 2}, clock, margin=0.1)
+    limiter = RateLimiter({"QueryBatchRegisterDeviceStatus": 2}, clock, margin=0.1, spacing=0)
     limiter.acquire("QueryBatchRegisterDeviceStatus")
     limiter.acquire("QueryBatchRegisterDeviceStatus")
     assert limiter.acquire("QueryBatchRegisterDeviceStatus") == pytest.approx(1.1)
@@ -60,7 +75,7 @@ class FrozenClock(ManualClock):
 
 def test_threads_share_the_quota():
     clock = FrozenClock()
-    limiter = RateLimiter({"QueryBatchRegisterDeviceStatus": 30}, clock, margin=0)
+    limiter = RateLimiter({"QueryBatchRegisterDeviceStatus": 30}, clock, margin=0, spacing=0)
     slots: list[float] = []
     lock = threading.Lock()
     start = threading.Barrier(8)
@@ -93,7 +108,7 @@ CHECK = "BatchCheckDeviceNames"
 
 def test_a_deferring_caller_books_its_slot_and_takes_it_later_instead_of_sleeping():
     clock = ManualClock()
-    limiter = RateLimiter({CHECK: 2}, clock, margin=0)
+    limiter = RateLimiter({CHECK: 2}, clock, margin=0, spacing=0)
     limiter.acquire(CHECK)
     limiter.acquire(CHECK)  # the quota of the first second is spent
     booked = {}
@@ -229,3 +244,50 @@ def test_a_call_woken_too_late_for_its_slot_books_another_rather_than_crowd_the_
     # the second before r1's. It books 3.3 instead (woken at 3.6: late again, but the last slot).
     assert clock.woken == [pytest.approx(1.4), pytest.approx(3.6)]
     assert limiter.missed == {CHECK: 1}
+
+
+class SlowAnswers:
+    """A quota keeper (as the database) on its own clock, 1000 s ahead of the process's: each
+    booking is a slot every 0.1 s, and its answer takes ``way_back`` seconds to come back."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.clock = clock
+        self.way_back = 0.0
+        self.next_start = 1001.0
+
+    def quotas(self) -> dict[str, float]:
+        return {CHECK: 10}
+
+    def book_slot(self, action, margin, retake=None, spacing=0.0):
+        from bot.store import Slot
+
+        now = 1000.0 + self.clock.monotonic()
+        start, self.next_start = self.next_start, self.next_start + 0.1
+        self.clock.advance(self.way_back)  # the answer on its way back
+        return Slot(start - now, start, 10)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_slot_booked_in_the_database_is_placed_by_the_clocks_offset_not_by_a_slow_answers_arrival():
+    """On a busy machine an answer can take as long as the margin to come back: a slot counted
+    from its arrival would be sent that late. The offset of the two clocks comes from the fastest
+    recent booking (as NTP does), so a slow answer's slot still starts on time."""
+    from bot.aliyun.ratelimit import SharedRateLimiter
+
+    clock = ManualClock()
+    keeper = SlowAnswers(clock)
+    limiter = SharedRateLimiter(keeper, clock, margin=0, spacing=0)
+    with deferring("r1"), pytest.raises(SlotLater) as fast:
+        limiter.acquire(CHECK)  # a prompt answer: the offset is known to within nothing
+    assert fast.value.wait == pytest.approx(1.0)
+    keeper.way_back = 0.04
+    with deferring("r2"), pytest.raises(SlotLater) as slow:
+        limiter.acquire(CHECK)  # said "in 1.1 s" 40 ms before the answer came
+    assert clock.monotonic() == pytest.approx(0.04)
+    assert slow.value.wait == pytest.approx(1.06)  # not 1.1: the slot is at 1.1 on this clock too
+    clock.advance(1.06)
+    with deferring("r2"):
+        assert limiter.acquire(CHECK) == pytest.approx(0.0, abs=1e-9)  # on time for its slot: nothing missed
+    assert limiter.missed == {}

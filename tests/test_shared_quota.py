@@ -225,7 +225,7 @@ def test_a_replica_asking_now_and_then_is_served_between_the_calls_of_a_busy_one
 def test_iot_qps_set_on_one_replica_is_what_every_replica_uses(postgres_url, replicas, caplog):
     caplog.set_level(logging.INFO, logger="bot.wiring")
     watch = Stopwatch()
-    running = SharedRateLimiter(replicas(), clock=watch)
+    running = SharedRateLimiter(replicas(), clock=watch, spacing=0)
     wiring.share_quotas(running.keeper, {})
     assert running.quota(CHECK) == pytest.approx(10 / 1.05)
     assert caplog.messages == []
@@ -306,7 +306,7 @@ sys.stdin.readline()
 
 def test_a_step_that_would_wait_books_its_slot_on_the_shared_schedule_and_takes_it_later(replicas):
     step_clock, other_clock = Stopwatch(), Stopwatch()
-    steps, other = SharedRateLimiter(replicas(), clock=step_clock), SharedRateLimiter(replicas(), clock=other_clock)
+    steps, other = (SharedRateLimiter(replicas(), clock=step_clock, spacing=0), SharedRateLimiter(replicas(), clock=other_clock, spacing=0))
     steps.keeper.set_quotas({CHECK: 2})
     steps.acquire(CHECK)
     other.acquire(CHECK)  # the first window's two slots are spent, one by each replica

@@ -790,6 +790,15 @@ def test_booking_slots_keeps_every_window_within_the_stored_quota(store):
     assert store.book_slot("BatchCheckDeviceNames", 0.0).start == pytest.approx(last.start + 2.0)
 
 
+def test_slots_booked_with_a_spacing_are_that_share_of_a_slot_apart_and_windows_stay_full(store):
+    store.set_quotas({"BatchCheckDeviceNames": 4})
+    slots = [store.book_slot("BatchCheckDeviceNames", 0.0, spacing=0.5) for _ in range(9)]
+    starts = [s.start - slots[0].start for s in slots]
+    # A slot's time is 1 / 4 s: the first window's four go 0.125 s apart, then four to every second.
+    assert starts == pytest.approx([0, 0.125, 0.25, 0.375, 1.0, 1.125, 1.25, 1.375, 2.0], abs=1e-6)
+    assert slots[3].wait == pytest.approx(0.375, abs=0.1)
+
+
 def test_a_late_holder_takes_back_its_slot_only_if_it_is_the_last_one_handed_out(store):
     store.set_quotas({"BatchCheckDeviceNames": 1})
     store.book_slot("BatchCheckDeviceNames", 0.0)

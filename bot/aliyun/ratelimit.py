@@ -22,6 +22,15 @@ wait longer than the caller's patience books its slot and raises :class:`SlotLat
 sleeping, and the same caller's call of that action at the booked time takes the booked slot. The
 workflow's steps do this, so that a scheduler worker never sleeps through a queue of checks while
 other requests have calls to make. The booking is kept in the process: its slot is counted already.
+Its holder comes back :attr:`SlotLater.lead` seconds before the slot and waits out the rest: the
+lead covers what a step does before its call (a scheduler's wake, a lease, a few reads) on a busy
+machine, so that the call still goes within half the margin of its slot. By default the patience is
+the time of :data:`PATIENCE_SLOTS` slots of the action (at most :data:`MAX_PATIENCE`), and the lead
+half of it: at most that many calls' worth of waiting per action across every replica.
+
+Slots of one action are at least :data:`SPACING` of a slot's time apart: the first window's calls
+do not all go at the same instant (where a busy machine would send some of them late, and the
+platform could count them in the next window), at the cost of a fraction of one slot's time once.
 
 One in-process limiter serves the whole process: :func:`shared_limiter` hands every client for the
 same account the same instance. Name the account by something that does not change: temporary (STS)
@@ -54,7 +63,21 @@ WAKE_ATTEMPTS = 3
 #: A booking not taken up within this many seconds of its time is forgotten (its holder went away).
 BOOKING_TTL = 60.0
 
-_deferring: ContextVar[tuple[Hashable, float] | None] = ContextVar("iotreg_deferring", default=None)
+#: A deferring caller's default patience: the time of this many of the action's slots...
+PATIENCE_SLOTS = 5
+#: ... but no more than this many seconds (checks at 10 QPS: 0.5 s, woken 0.25 s before the slot).
+MAX_PATIENCE = 0.5
+
+#: Two slots of one action start at least this share of a slot's time (window / calls) apart.
+SPACING = 0.2
+
+#: The database's clock is read against this process's from the fastest of the latest this many
+#: bookings ...
+OFFSET_SAMPLES = 32
+#: ... made within this many seconds (clocks drift; NTP slews them).
+OFFSET_SAMPLES_FOR = 60.0
+
+_deferring: ContextVar[tuple[Hashable, float | None] | None] = ContextVar("iotreg_deferring", default=None)
 
 #: Per-account QPS quotas of the IoT Platform for the operations iotreg calls
 #: (alibaba-iot-api.md, "Parameters and limits"). Every RAM user and process of an account shares them.
@@ -79,17 +102,25 @@ class _Booking(NamedTuple):
 
 
 class SlotLater(Exception):
-    """A call would have waited ``wait`` seconds for its slot; the slot is booked for its holder."""
+    """A call would have waited ``wait`` seconds for its slot; the slot is booked for its holder, who
+    should come back ``lead`` seconds before it (and wait out the rest)."""
 
-    def __init__(self, action: str, wait: float) -> None:
+    def __init__(self, action: str, wait: float, lead: float = 0.0) -> None:
         super().__init__(f"{action}: next slot in {wait:.2f}s")
         self.action = action
         self.wait = wait
+        self.lead = lead
+
+    @property
+    def come_back(self) -> float:
+        """Seconds from now when the holder should call again."""
+        return max(0.0, self.wait - self.lead)
 
 
 @contextlib.contextmanager
-def deferring(holder: Hashable, patience: float) -> Iterator[None]:
-    """Within this block, a call that would wait over ``patience`` seconds raises :class:`SlotLater`.
+def deferring(holder: Hashable, patience: float | None = None) -> Iterator[None]:
+    """Within this block, a call that would wait over ``patience`` seconds raises :class:`SlotLater`
+    (by default the action's own: :data:`PATIENCE_SLOTS` slots, at most :data:`MAX_PATIENCE`).
 
     ``holder`` names who comes back for the booked slot (a request): one booking per holder and action.
     """
@@ -106,7 +137,7 @@ class QuotaKeeper(Protocol):
     def quotas(self) -> dict[str, float]:
         """The stored quotas, QPS per action."""
 
-    def book_slot(self, action: str, margin: float, retake: float | None = None) -> Slot | None:
+    def book_slot(self, action: str, margin: float, retake: float | None = None, spacing: float = 0.0) -> Slot | None:
         """Reserve the next slot of ``action`` (or take back ``retake``, the last one handed out)."""
 
     def close(self) -> None: ...
@@ -118,9 +149,10 @@ class Limiter:
     A subclass says how a slot is reserved (:meth:`_reserve`) and how late a booked one may be used.
     """
 
-    def __init__(self, clock: Clock | None, margin: float) -> None:
+    def __init__(self, clock: Clock | None, margin: float, spacing: float) -> None:
         self._clock = clock or SystemClock()
         self.margin = margin
+        self.spacing = spacing
         self._lock = threading.Lock()  # the bookings
         self._booked: dict[tuple[str, Hashable], _Booking] = {}
         #: Slots whose call came too late to use them (a booking's holder, or a call woken late), per
@@ -133,6 +165,11 @@ class Limiter:
 
     def close(self) -> None:
         """Let go of what the limiter holds (a database it opened)."""
+
+    def patience(self, action: str) -> float:
+        """How long a deferring caller waits for a slot of ``action`` before it books it for later."""
+        qps = self.quota(action)
+        return MAX_PATIENCE if qps is None else min(MAX_PATIENCE, PATIENCE_SLOTS / qps)
 
     def _reserve(self, action: str, retake: float | None) -> _Booking | None:
         """The next slot of ``action``, or ``None`` if it is not limited. ``retake``: the ``ref`` of a
@@ -151,16 +188,17 @@ class Limiter:
         Inside :func:`deferring`, raise :class:`SlotLater` instead of waiting longer than its patience.
         """
         deferring_ = _deferring.get()
-        booked = None
+        booked, patience = None, 0.0
         if deferring_ is not None:
-            holder, patience = deferring_
+            holder, patience_ = deferring_
             booked = self._booking(action, holder)
+            patience = self.patience(action) if patience_ is None else patience_
         now = self._clock.monotonic()
         if booked is not None and now - booked.at <= self._late(action):
             if booked.at - now > patience:
                 with self._lock:
                     self._booked[(action, holder)] = booked
-                raise SlotLater(action, booked.at - now)
+                raise SlotLater(action, booked.at - now, patience / 2)
             slot = booked
         else:
             # A holder that comes later than that books a new slot, unless its slot is the last
@@ -174,7 +212,7 @@ class Limiter:
             if deferring_ is not None and slot.at - now > patience:
                 with self._lock:
                     self._booked[(action, holder)] = slot
-                raise SlotLater(action, slot.at - now)
+                raise SlotLater(action, slot.at - now, patience / 2)
         waited, wakes = 0.0, 0
         while True:
             wait = slot.at - now
@@ -207,8 +245,10 @@ class Limiter:
 class RateLimiter(Limiter):
     """At most ``quotas[action]`` calls per second for each action, across the threads of this process."""
 
-    def __init__(self, quotas: Mapping[str, float], clock: Clock | None = None, *, margin: float = DEFAULT_MARGIN) -> None:
-        super().__init__(clock, margin)
+    def __init__(
+        self, quotas: Mapping[str, float], clock: Clock | None = None, *, margin: float = DEFAULT_MARGIN, spacing: float = SPACING
+    ) -> None:
+        super().__init__(clock, margin, spacing)
         self._slots: dict[str, tuple[int, float]] = {}
         self._granted: dict[str, deque[float]] = {}
         self._slots_lock = threading.Lock()
@@ -241,6 +281,8 @@ class RateLimiter(Limiter):
                 granted[-1] = now  # no slot was handed out after it
                 return _Booking(now, now, retaken=True)
             start = now if len(granted) < calls else max(now, granted[0] + window)
+            if self.spacing > 0 and granted:
+                start = max(start, granted[-1] + window / calls * self.spacing)
             granted.append(start)
             if len(granted) > calls:
                 granted.popleft()
@@ -257,11 +299,17 @@ class SharedRateLimiter(Limiter):
     being counted in the keeper already: a holder gone for good costs one slot, nothing more.
     """
 
-    def __init__(self, keeper: QuotaKeeper, clock: Clock | None = None, *, margin: float = DEFAULT_MARGIN, owns_keeper: bool = False) -> None:
-        super().__init__(clock, margin)
+    def __init__(
+        self, keeper: QuotaKeeper, clock: Clock | None = None, *, margin: float = DEFAULT_MARGIN, spacing: float = SPACING,
+        owns_keeper: bool = False,
+    ) -> None:
+        super().__init__(clock, margin, spacing)
         self.keeper = keeper
         self._owns_keeper = owns_keeper  # opened for this limiter alone: closed with it
         self._quotas: dict[str, float] = {}
+        # The latest bookings' (round trip, database clock less this one's, when): see _local_time.
+        self._offsets: deque[tuple[float, float, float]] = deque(maxlen=OFFSET_SAMPLES)
+        self._offsets_lock = threading.Lock()
 
     def quota(self, action: str) -> float | None:
         """As of the last booking of ``action`` here (any replica may change the stored quota)."""
@@ -279,11 +327,28 @@ class SharedRateLimiter(Limiter):
         return max(1, math.floor(qps)) / qps * self.margin / 2
 
     def _reserve(self, action: str, retake: float | None) -> _Booking | None:
-        slot = self.keeper.book_slot(action, self.margin, retake)
+        asked = self._clock.monotonic()
+        slot = self.keeper.book_slot(action, self.margin, retake, self.spacing)
         if slot is None:
             return None
+        answered = self._clock.monotonic()
         self._quotas[action] = slot.qps
-        return _Booking(self._clock.monotonic() + slot.wait, slot.start, slot.retaken)
+        return _Booking(self._local_time(slot, asked, answered), slot.start, slot.retaken)
+
+    def _local_time(self, slot: Slot, asked: float, answered: float) -> float:
+        """When ``slot`` starts on this process's clock.
+
+        The database said "in ``wait`` seconds" at a moment between ``asked`` and ``answered``:
+        counting from ``answered`` would put every slot late by the answer's way back, which on a
+        busy machine is as long as the margin. So, as NTP does, the offset between the two clocks
+        is taken from the recent booking that came back fastest (its error at most half its round
+        trip), and the slot is placed by it, within what this booking itself allows."""
+        server_now = slot.start - slot.wait
+        with self._offsets_lock:
+            self._offsets.append((answered - asked, server_now - (asked + answered) / 2, answered))
+            fresh = [o for o in self._offsets if o[2] >= answered - OFFSET_SAMPLES_FOR]
+            _, offset, _ = min(fresh)
+        return min(max(slot.start - offset, asked + slot.wait), answered + slot.wait)
 
 
 _shared: dict[tuple[str, str], RateLimiter] = {}

@@ -403,12 +403,14 @@ class Store(Protocol):
         """Store ``quotas`` (``replace=False``: only for actions that have none yet); return those
         that changed, ``action: (before, after)``. A quota must be above 0."""
 
-    def book_slot(self, action: str, margin: float, retake: float | None = None) -> Slot | None:
+    def book_slot(self, action: str, margin: float, retake: float | None = None, spacing: float = 0.0) -> Slot | None:
         """Reserve the next slot of ``action`` in one atomic step, on the database's clock; ``None``
         when ``action`` has no quota.
 
         A slot starts when no window of ``calls / qps * (1 + margin)`` seconds holds more than
-        ``calls = max(1, floor(qps))`` slots: the latest ``calls`` slots are kept. Slots are handed
+        ``calls = max(1, floor(qps))`` slots (the latest ``calls`` slots are kept), and, with a
+        ``spacing`` above 0, no sooner than that share of a slot's time (``window / calls``) after the
+        last one handed out (so a quota raised meanwhile applies after the slots already booked). Slots are handed
         out in the order the bookings come. ``retake``: the ``start`` of a slot whose holder comes
         late; if it is still the last one handed out, it moves to now (``retaken``), else a new one
         is reserved.

@@ -311,6 +311,50 @@ def m007_quotas(cur: psycopg.Cursor[Any]) -> None:
     )
 
 
+@migration
+def m008_slot_spacing(cur: psycopg.Cursor[Any]) -> None:
+    """Booking with a spacing: two slots of one action at least ``spacing`` of a slot's time apart.
+    A new overload beside :func:`m007_quotas`'s, which a replica of the previous version still calls."""
+    cur.execute(
+        f"""
+        CREATE FUNCTION iotreg_book_slot(wanted text, margin double precision, retake double precision, spacing double precision)
+        RETURNS TABLE (slot_wait double precision, slot_start double precision, slot_qps double precision, slot_retaken boolean)
+        LANGUAGE plpgsql
+        SET lock_timeout = '{BOOKING_LOCK_TIMEOUT}s'
+        AS $$
+        DECLARE
+            quota quotas%ROWTYPE;
+            now_ double precision;
+            n integer;
+            calls integer;
+            window_ double precision;
+            at double precision;
+        BEGIN
+            SELECT * INTO quota FROM quotas WHERE action = wanted FOR UPDATE;
+            IF NOT FOUND THEN
+                RETURN;
+            END IF;
+            now_ := extract(epoch FROM clock_timestamp())::double precision;
+            n := cardinality(quota.granted);
+            IF retake IS NOT NULL AND n > 0 AND quota.granted[n] = retake THEN
+                UPDATE quotas SET granted[n] = now_ WHERE action = wanted;
+                RETURN QUERY SELECT 0.0::double precision, now_, quota.qps, true;
+                RETURN;
+            END IF;
+            calls := greatest(1, floor(quota.qps))::integer;
+            window_ := calls / quota.qps * (1 + margin);
+            at := CASE WHEN n < calls THEN now_ ELSE greatest(now_, quota.granted[n - calls + 1] + window_) END;
+            IF spacing > 0 AND n > 0 THEN
+                at := greatest(at, quota.granted[n] + window_ / calls * spacing);
+            END IF;
+            UPDATE quotas SET granted = (quota.granted || at)[greatest(1, n + 2 - calls):n + 1] WHERE action = wanted;
+            RETURN QUERY SELECT at - now_, at, quota.qps, false;
+        END
+        $$;
+        """
+    )
+
+
 #: Tables in the order they can be filled (a referenced table first), for copying a deployment.
 TABLES = ("requests", "chunks", "devices", "rejected_lines", "approvals", "audit", "outbox", "notified_steps", "begun_steps", "uploads")
 #: Tables whose ids a serial hands out, and the column.
@@ -1036,11 +1080,13 @@ class PostgresStore:
                     changed[action] = (before, qps)
         return changed
 
-    def book_slot(self, action: str, margin: float, retake: float | None = None) -> Slot | None:
-        """One statement (:func:`m007_quotas`'s ``iotreg_book_slot``): one round trip per call."""
+    def book_slot(self, action: str, margin: float, retake: float | None = None, spacing: float = 0.0) -> Slot | None:
+        """One statement (:func:`m008_slot_spacing`'s ``iotreg_book_slot``): one round trip per call."""
         with self._borrowed() as conn:
             try:
-                rows = conn.execute("SELECT * FROM iotreg_book_slot(%s, %s, %s)", [action, margin, retake]).fetchall()
+                rows = conn.execute(
+                    "SELECT * FROM iotreg_book_slot(%s, %s, %s, %s)", [action, margin, retake, spacing]
+                ).fetchall()
             except psycopg.errors.LockNotAvailable:
                 raise StoreUnavailable(
                     f"the quota of {action} in the PostgreSQL database {self._where} stayed locked for "

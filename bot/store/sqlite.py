@@ -1031,7 +1031,7 @@ class SqliteStore:
                     changed[action] = (row[0], qps)
         return changed
 
-    def book_slot(self, action: str, margin: float, retake: float | None = None) -> Slot | None:
+    def book_slot(self, action: str, margin: float, retake: float | None = None, spacing: float = 0.0) -> Slot | None:
         """The slot computed in this process, under the write lock, on the wall clock."""
         with self._write() as db:
             row = db.execute("SELECT qps, granted FROM quotas WHERE action = ?", [action]).fetchone()
@@ -1044,7 +1044,10 @@ class SqliteStore:
                 slot = Slot(0.0, now, qps, retaken=True)
             else:
                 calls = max(1, math.floor(qps))
-                start = now if len(granted) < calls else max(now, granted[-calls] + calls / qps * (1 + margin))
+                window = calls / qps * (1 + margin)
+                start = now if len(granted) < calls else max(now, granted[-calls] + window)
+                if spacing > 0 and granted:
+                    start = max(start, granted[-1] + window / calls * spacing)
                 granted = [*granted[max(0, len(granted) + 1 - calls):], start]
                 slot = Slot(start - now, start, qps)
             db.execute("UPDATE quotas SET granted = ? WHERE action = ?", [json.dumps(granted), action])
