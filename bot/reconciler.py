@@ -71,6 +71,10 @@ APPLY_GONE = "iot.device.DeviceApplyIsNotFound"
 DATABASE_RETRY = 5.0
 #: How often each process looks for due steps that no process holds (:meth:`Reconciler.sweep`).
 SWEEP_INTERVAL = 1.0
+#: ... and how long a step must have been due (and its lease gone) before a sweep takes it: the
+#: process that made it due wakes it itself at its time, and a sweep racing that wake would take
+#: the step away from the process that holds its booked rate-limit slot (a slot lost).
+SWEEP_GRACE = 1.0
 
 
 class LeaseLost(Exception):
@@ -114,6 +118,7 @@ class Reconciler:
         self._polls: dict[int, set[int]] = {}  # see _poll_round
         self._round_due: dict[int, datetime] = {}  # when an interrupted round goes on
         self._locks_guard = threading.Lock()
+        self._step_state = threading.local()  # .told: the running step wrote an event for the outbox
 
     def resume(self) -> int:
         """At start: wake every unfinished request and the outbox. Returns how many were woken.
@@ -133,10 +138,11 @@ class Reconciler:
     def sweep(self, limit: int = 100) -> int:
         """Wake here the steps that are due and that no process holds: the ones whose process died
         (its lease ran out), stopped, or was asked for them by a replica that could not take them.
-        Every replica sweeps every :data:`SWEEP_INTERVAL`; the leases decide who runs each step.
-        Returns how many steps were woken (the outbox counts as one)."""
+        Every replica sweeps every :data:`SWEEP_INTERVAL` for steps due (and not leased) for
+        :data:`SWEEP_GRACE`; the leases decide who runs each step. Returns how many steps were woken
+        (the outbox counts as one)."""
         now = self.clock.now()
-        due = self.store.due_requests(now, origins=self.origins, limit=limit)
+        due = self.store.due_requests(now - timedelta(seconds=SWEEP_GRACE), origins=self.origins, limit=limit)
         for request_id in due:
             self.jobs.wake(request_id)
         next_event = self.store.next_event_time(self.origins)
@@ -198,6 +204,7 @@ class Reconciler:
             return
         later: SlotLater | None = None
         lost = False
+        self._step_state.told = False
         try:
             self._step(request)
         except SlotLater as exc:
@@ -229,7 +236,10 @@ class Reconciler:
                 self.store.end_request_step(request_id, turn, at)
             if at is not None:
                 self.jobs.wake(request_id, at)
-            self.jobs.wake_outbox()
+            if self._step_state.told:
+                # Only then: most steps are polls that tell nobody anything. An event written by
+                # a path that does not say so is still found by the next sweep, within a second.
+                self.jobs.wake_outbox()
 
     def _step(self, request: Request) -> None:
         if self._phase_overdue(request):
@@ -241,6 +251,7 @@ class Reconciler:
         self._advance_register(self._get(request.id))
 
     def _awaiting_approval(self, request: Request) -> None:
+        self._step_state.told = True  # an expiry or a reminder is news
         self.requests_expire(request)
         self.requests_remind(self._get(request.id))
 
@@ -336,6 +347,7 @@ class Reconciler:
             settled = [c for c in chunks if c.status in CREATE_FINAL or c.status == UNKNOWN]
             if progressed and len(settled) < len(chunks):
                 self.store.enqueue(request.id, "progress", {"chunks_done": len(settled), "chunks": len(chunks)}, self.clock.now())
+                self._step_state.told = True
         self._polls.pop(request.id, None)  # the round is complete
         self._reset_errors(request)
         if len(settled) < len(chunks):
@@ -561,12 +573,14 @@ class Reconciler:
     def _transition(self, request: Request, from_state: State, to_state: State, event: str, **kwargs: Any) -> bool:
         """A workflow-made transition; starting a new phase resets the poll back-off."""
         now = self.clock.now()
+        self._step_state.told = True  # every workflow-made transition has its event
         return self.store.transition(
             request.id, from_states=[from_state], to_state=to_state, actor=SYSTEM, event=event, now=now,
             polls=0, errors_in_row=0, phase_started_at=now, **kwargs,
         )
 
     def _fail(self, request: Request, reason: str) -> None:
+        self._step_state.told = True
         self.store.transition(
             request.id, from_states=[request.state], to_state=State.FAILED, actor=SYSTEM, event="failed",
             now=self.clock.now(), detail={"reason": reason}, reason=reason, notify=("finished", {"reason": reason}),

@@ -22,6 +22,7 @@ from bot.config import DEFAULT_QPS
 from bot.domain import Event, Outcome, State, Timing
 from bot.jobs import InlineJobs
 from bot.leases import LEASE_SECONDS
+from bot.reconciler import SWEEP_GRACE
 from bot.registration import Workflow
 from bot.store import AlreadyRead, StoreUnavailable, open_store
 
@@ -169,7 +170,10 @@ def test_a_dead_replicas_step_is_taken_over_when_its_lease_runs_out(replicas, em
     assert b.jobs.scheduled()[key] == now + timedelta(seconds=LEASE_SECONDS)  # ... and looks again when it runs out
     b.jobs._due.pop(key)  # (a replica that did not hear of it at all)
     emulator.clock.advance(LEASE_SECONDS)
-    b.workflow.sweep()  # any replica's sweep finds it then
+    b.workflow.sweep()
+    assert key not in b.jobs.scheduled()  # just run out: its holder may yet wake it
+    emulator.clock.advance(SWEEP_GRACE)
+    b.workflow.sweep()  # any replica's sweep finds it a moment later
     assert b.jobs.scheduled()[key] <= emulator.clock.now()
     b.jobs.run_due()
     assert emulator.gateway.calls["BatchCheckDeviceNames"] == 1
@@ -199,6 +203,7 @@ def test_a_stopping_replica_hands_its_leases_back_at_once(replicas, emulator):
     # A stopped replica starts no step.
     a.workflow.advance(request.id)
     assert emulator.gateway.calls["BatchCheckDeviceNames"] == 0
+    emulator.clock.advance(SWEEP_GRACE)
     b.workflow.sweep()  # the other replica carries it on
     b.jobs.run_due()
     assert emulator.gateway.calls["BatchCheckDeviceNames"] == 1
@@ -258,7 +263,7 @@ def test_a_step_that_may_have_lost_its_lease_sends_no_register_call(replicas, em
     assert emulator.backend.application(chunk.apply_id).register_calls == 0 and chunk.claimed_by == a.workflow.leases.owner
     monkeypatch.undo()
     # The replica that takes the request over looks the ApplyId up, and sends the call once.
-    emulator.clock.advance(LEASE_SECONDS)
+    emulator.clock.advance(LEASE_SECONDS + SWEEP_GRACE)
     b.workflow.sweep()
     assert run_both(b, a, lambda: a.store.get(request.id).state == State.DONE, emulator.clock, timeout=600)
     assert emulator.backend.application(chunk.apply_id).register_calls == 1
@@ -270,6 +275,9 @@ def test_an_approval_is_carried_out_by_another_replica_when_the_one_that_took_th
     assert run_both(a, b, lambda: a.store.get(request.id).state == State.AWAITING_APPROVAL, emulator.clock)
     monkeypatch.setattr(a.jobs, "wake", lambda *args, **kwargs: None)  # a dies right after the approval's commit
     a.workflow.requests.approve(request.id, BOB)
+    b.workflow.sweep()
+    assert f"request-{request.id}" not in b.jobs.scheduled()  # left to the replica that took the click, for a moment
+    emulator.clock.advance(SWEEP_GRACE)
     b.workflow.sweep()  # the approval made the step due in its own transaction
     b.jobs.run_due()
     assert a.store.get(request.id).state in (State.REGISTERING, State.DONE)
@@ -279,6 +287,7 @@ def test_a_request_whose_creator_died_before_waking_it_is_swept(replicas, emulat
     a, b, _ = replicas
     monkeypatch.setattr(a.workflow.requests, "_kick", lambda *args, **kwargs: None)  # died right after the insert
     request = a.workflow.requests.submit(emulator.product_key, ALICE, ["lost-1"], origin="cli")
+    emulator.clock.advance(SWEEP_GRACE)
     b.workflow.sweep()
     b.jobs.run_due()
     assert emulator.gateway.calls["BatchCheckDeviceNames"] == 1

@@ -176,6 +176,24 @@ def test_names_refused_at_once_end_in_a_failed_check_with_reasons(harness):
     assert [d.name for d in harness.store.devices(request.id, outcome=Outcome.INVALID)] == ["bad#name"]
 
 
+def test_a_step_wakes_the_notifications_only_when_it_has_news(harness):
+    """Most steps are polls that change nothing anyone is told: they leave the outbox alone (its
+    listing of pending events is not free), and a step that does have news wakes it at once."""
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("quiet", 2), origin="cli")
+    harness.jobs.run_due()  # the check goes out; "created" is delivered
+    assert harness.notifier.kinds(request.id) == ["created"]
+    polls = 0
+    while True:
+        harness.clock.advance(0.5)
+        harness.workflow.advance(request.id)
+        if harness.state(request.id) != State.CHECKING:
+            break
+        polls += 1  # a poll while the check runs: nothing to tell
+        assert "outbox" not in harness.jobs.scheduled()
+    assert polls >= 2 and harness.state(request.id) == State.AWAITING_APPROVAL  # the check has ended: news
+    assert harness.jobs.scheduled()["outbox"] <= harness.clock.now()
+
+
 def test_a_checked_request_is_not_held_up_behind_a_queue_of_other_requests_checks(harness):
     first = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("early", 3), origin="cli")
     harness.jobs.run_due()  # its check goes out now
