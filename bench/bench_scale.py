@@ -339,6 +339,16 @@ class ReplicaRun:
     accounted: bool
     detail: str  # devices on emulator / created in store / same IotId / pending / done
     missed_slots: int  # booked slots whose step was woken too late to use them (booked again)
+    checks: list[float]  # when each accepted check was answered, seconds from the first submit
+
+    def where(self, check_seconds: float, create_seconds: float) -> str:
+        """Where the time went: the checks (the bound) and what came after the last of them."""
+        if not self.checks:
+            return "-"
+        # The limiter's schedule from the first check: ten to every 1.05 s, spread over 0.19 s.
+        ideal = (len(self.checks) - 1) // 10 * 1.05 + 9 * 0.021
+        return (f"{self.checks[0]:.2f} / {self.checks[-1]:.1f} (schedule {self.checks[0] + ideal:.1f}) / "
+                f"{self.seconds - self.checks[-1]:.1f} (check + create {check_seconds + create_seconds:g})")
 
     def optimum(self, check_seconds: float, create_seconds: float) -> float:
         return optimum(self.sizes, check_seconds, create_seconds)
@@ -393,7 +403,7 @@ def run_replicas(count: int, sizes: list[int], *, poll: float, check_seconds: fl
         for pipe, process in zip(pipes, processes):
             missed += pipe.recv()[1]
             process.join(30)
-        outcomes, devices, _, _ = emulator.report()
+        outcomes, devices, answered, _ = emulator.report()
         all_requests = store.requests(limit=len(sizes) + 1)
         recorded = {d.name: d.iot_id for r in all_requests for d in store.devices(r.id, outcome=Outcome.CREATED)}
         pending = sum(len(store.devices(r.id, outcome=Outcome.PENDING)) for r in all_requests)
@@ -411,6 +421,7 @@ def run_replicas(count: int, sizes: list[int], *, poll: float, check_seconds: fl
         accounted=len(devices) == len(recorded) == matching == n and pending == 0 and done == len(sizes),
         detail=f"{len(devices):,} / {len(recorded):,} / {matching:,} / {pending} / {done}",
         missed_slots=missed,
+        checks=sorted(t - started for t, action, code, _ in answered if action == ACTIONS[0] and code != THROTTLED),
     )
 
 
@@ -432,7 +443,7 @@ def replicas_main(args: argparse.Namespace) -> None:
         verdicts.append(verdict)
         rows.append([run.replicas, f"{run.seconds:.1f}", f"{optimum:.1f}", f"{ratio:.2f}×", f"{throttled}{f' ({which})' if which else ''}",
                      " / ".join(f"{run.calls[a]:,}" for a in ACTIONS), f"{run.detail} ({'yes' if run.accounted else 'NO'})",
-                     run.missed_slots, verdict])
+                     run.missed_slots, run.where(c, k), verdict])
     report(
         f"Scale with replicas: {args.requests} requests in flight, {args.replicas} processes against 1",
         f"Emulator in its own process on the real clock, enforcing the quotas (check {c:g} s, create {k:g} s); each replica a "
@@ -441,7 +452,7 @@ def replicas_main(args: argparse.Namespace) -> None:
         f"IOTREG_POLL_INTERVAL={args.poll:g} s. Optimum = max over actions (fewest calls / QPS) + check + create.\n\n"
         + table(["replicas", "total (s)", "optimum (s)", "total / optimum (target ≤ 1.05×)", "Throttling.User (target 0)",
                  "calls: check / register / status / pages", "devices on emulator / in store / same IotId / pending / requests done",
-                 "slots missed (woken > 25 ms late)", "verdict"], rows)
+                 "slots missed (woken > 25 ms late)", "checks: first / last answered (s) / after the last (s)", "verdict"], rows)
         + f"\n\nOverall: {'PASS' if all(v == 'PASS' for v in verdicts) else 'MISS'}",
     )
 
