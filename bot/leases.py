@@ -122,15 +122,18 @@ class Leases:
             return 0
         sent = self.clock.monotonic()
         renewed = self.store.renew_leases(self.owner, self.clock.now() + timedelta(seconds=self.seconds))
-        if renewed < len(held):
-            # Which ones ran out is not known: none counts as renewed, so none goes on with work
-            # that must not happen twice (see fresh()).
-            log.warning("%d lease(s) ran out before they were renewed; their work may run elsewhere too", len(held) - renewed)
-            return renewed
         with self._lock:
-            for name in held & self._held:
+            # Held before and after the renewal, and not in the database: run out (and maybe
+            # taken). Those do not count as renewed, so their work does nothing that must not
+            # happen twice (see fresh()). A lease given back meanwhile is simply gone.
+            lost = (held & self._held) - renewed
+            for name in renewed & self._held:
                 self._renewed[name] = sent
-        return renewed
+        if lost:
+            log.warning(
+                "%d lease(s) ran out before they were renewed; their work may run elsewhere too: %s", len(lost), ", ".join(sorted(lost))
+            )
+        return len(renewed)
 
     def hand_back(self) -> int:
         """Stop renewing and give back every lease at once (a process stopping); returns how many."""

@@ -8,6 +8,7 @@ tests with real `iotreg serve` processes are in tests/test_replicas.py.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -250,6 +251,42 @@ def test_a_lease_not_renewed_for_two_thirds_of_its_term_is_not_trusted(store):
     leases.hand_back()
     assert not leases.fresh("request:1")  # a stopping process's steps make no more calls that must not be repeated
     assert not leases.take("request:2")  # nor take new work
+
+
+def test_a_lease_given_back_during_a_renewal_leaves_the_others_trusted_and_one_taken_away_does_not(store, caplog):
+    """The heartbeat renews what it held when it started; a step that ends meanwhile gives its
+    lease back. That is no lost lease: the others stay trusted, and nothing is logged. A lease
+    another process took (it had run out) is named, and only it stops being trusted."""
+    from bot.clock import ManualClock
+    from bot.leases import Leases
+
+    clock = ManualClock(datetime(2026, 11, 26, tzinfo=timezone.utc))
+    leases = Leases(store, clock, seconds=9.0)
+    for name in ("request:1", "request:2", "request:3"):
+        assert leases.take(name)
+    renew_leases = store.renew_leases
+
+    def renewing_while_a_step_ends(owner, until):
+        leases.release("request:1")  # between the heartbeat's list and its statement
+        return renew_leases(owner, until)
+
+    store.renew_leases = renewing_while_a_step_ends
+    clock.advance(5.9)
+    assert leases.renew() == 2
+    clock.advance(0.2)
+    assert leases.fresh("request:2") and leases.fresh("request:3") and not leases.held() & {"request:1"}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    store.renew_leases = renew_leases
+    store.release_lease("request:3", leases.owner)  # ran out, and another process took it
+    assert store.take_lease("request:3", "other-host:1:x", clock.now(), clock.now() + timedelta(seconds=9))
+    clock.advance(3.0)
+    assert leases.renew() == 1
+    clock.advance(3.0)
+    assert leases.fresh("request:2") and not leases.fresh("request:3")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "1 lease(s) ran out before they were renewed; their work may run elsewhere too: request:3"]
+    leases.hand_back()
 
 
 def test_a_step_that_may_have_lost_its_lease_sends_no_register_call(replicas, emulator, monkeypatch):

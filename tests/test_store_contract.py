@@ -627,11 +627,11 @@ def test_leases_are_renewed_and_handed_back_per_owner(store):
     for name in ("request:1", "outbox:1"):
         assert store.take_lease(name, "a", NOW, NOW + timedelta(seconds=10))
     assert store.take_lease("request:2", "b", NOW, NOW + timedelta(seconds=10))
-    assert store.renew_leases("a", NOW + timedelta(seconds=30)) == 2
+    assert store.renew_leases("a", NOW + timedelta(seconds=30)) == {"request:1", "outbox:1"}
     assert not store.take_lease("outbox:1", "b", NOW + timedelta(seconds=20), NOW + timedelta(seconds=30))
     assert store.release_leases("a") == 2
     assert store.take_lease("outbox:1", "b", NOW + timedelta(seconds=20), NOW + timedelta(seconds=30))
-    assert store.renew_leases("a", NOW + timedelta(seconds=40)) == 0
+    assert store.renew_leases("a", NOW + timedelta(seconds=40)) == set()
 
 
 def test_of_many_threads_taking_one_lease_exactly_one_holds_it(store):

@@ -356,8 +356,8 @@ class Store(Protocol):
         """Hold the lease ``name`` for ``owner`` until ``until``: ``True`` if it was free, had run
         out by ``now``, or was ``owner``'s already; ``False`` if another owner holds it. Atomic."""
 
-    def renew_leases(self, owner: str, until: datetime) -> int:
-        """Extend every lease ``owner`` holds to ``until``; return how many it holds."""
+    def renew_leases(self, owner: str, until: datetime) -> set[str]:
+        """Extend every lease ``owner`` holds to ``until``; return their names."""
 
     def release_lease(self, name: str, owner: str) -> None:
         """Give the lease back, if ``owner`` holds it."""

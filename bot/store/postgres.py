@@ -977,8 +977,8 @@ class PostgresStore:
             [name, owner, until, now],
         ) == 1
 
-    def renew_leases(self, owner: str, until: datetime) -> int:
-        return self._execute("UPDATE leases SET until = %s WHERE owner = %s", [until, owner])
+    def renew_leases(self, owner: str, until: datetime) -> set[str]:
+        return {r[0] for r in self._fetch("UPDATE leases SET until = %s WHERE owner = %s RETURNING name", [until, owner])}
 
     def release_lease(self, name: str, owner: str) -> None:
         self._execute("DELETE FROM leases WHERE name = %s AND owner = %s", [name, owner])

@@ -924,9 +924,11 @@ class SqliteStore:
             )
             return cursor.rowcount == 1
 
-    def renew_leases(self, owner: str, until: datetime) -> int:
+    def renew_leases(self, owner: str, until: datetime) -> set[str]:
         with self._write() as db:
-            return db.conn.execute("UPDATE leases SET until = ? WHERE owner = ?", [format_time(until), owner]).rowcount
+            names = {r[0] for r in db.conn.execute("SELECT name FROM leases WHERE owner = ?", [owner])}
+            db.conn.execute("UPDATE leases SET until = ? WHERE owner = ?", [format_time(until), owner])
+        return names
 
     def release_lease(self, name: str, owner: str) -> None:
         with self._write() as db:
