@@ -297,6 +297,9 @@ def _replica(conn: Connection, env: dict[str, str], share: list[tuple[str, int]]
     from bot import wiring
     from bot.config import Settings
 
+    from bot.server import SWITCH_INTERVAL
+
+    sys.setswitchinterval(SWITCH_INTERVAL)  # as `iotreg serve` runs
     settings = Settings.from_env(env)
     clock = SystemClock()
     workflow = wiring.workflow(settings, clock=clock, notifier=lambda _: Silent(), jobs=lambda steps: SchedulerJobs(steps, workers=WORKERS))
