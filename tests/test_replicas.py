@@ -28,6 +28,7 @@ from postgres import fresh_database
 from bot.clock import SystemClock
 from bot.domain import Outcome, State
 from bot.leases import LEASE_SECONDS
+from bot.slack.app import STOP_GRACE
 from bot.slack import blocks
 from bot.standins.emulator import Emulator
 from bot.standins.replicas import ReplicaError, Replicas, Spread
@@ -369,6 +370,32 @@ def test_a_replica_stopped_mid_request_hands_its_work_over_at_once(deployed):
     assert took_over < LEASE / 2, f"the request waited {took_over:.1f}s after SIGTERM ({stopped:.1f}s to stop): its lease was not handed back"
     d.assert_done_once(request_id, names)
     assert d.posted_twice() == {}
+
+
+def test_a_replica_whose_step_outlives_the_grace_exits_at_the_grace_and_the_call_is_not_made_twice(deployed):
+    """A register call whose answer does not come (the platform acted; the answer is held past
+    the 8 s grace and within the client's 10 s timeout): SIGTERM stops the replica at the grace
+    with status 0, its lease back at once, and another replica finishes the request by looking
+    the ApplyId up, never sending the register call again."""
+    d = deployed
+    names = [f"outlived-{i:03d}" for i in range(3)]
+    request_id = d.register(PLAIN, names)
+    wait_for(lambda: d.approvable(request_id), 20, "the Approve button", d)
+    apply_id = str(d.store.chunks(request_id)[0].apply_id)
+    held = d.emulator.server.hold("BatchRegisterDeviceWithApplyId", when=lambda params: params.get("ApplyId") == apply_id)
+    approve(d, request_id)
+    stopping = d.replicas.by_address(held.wait_for_caller(20))
+    assert stopping is not None
+    began = time.monotonic()
+    try:
+        assert stopping.terminate(timeout=STOP_GRACE + 10) == 0
+        stopped = time.monotonic() - began
+        assert STOP_GRACE - 1 < stopped < STOP_GRACE + 5, f"stopped {stopped:.1f}s after SIGTERM"
+        wait_for(lambda: d.state(request_id) == State.DONE and d.results(request_id), LEASE, f"request #{request_id} done", d)
+    finally:
+        d.emulator.server.unhold("BatchRegisterDeviceWithApplyId")  # an answer for nobody
+    assert time.monotonic() - began < STOP_GRACE + LEASE / 2  # handed back at the exit, not run out
+    d.assert_done_once(request_id, names)  # one register call for the ApplyId, one result
 
 
 # -- Socket Mode ---------------------------------------------------------------------------------
