@@ -61,6 +61,7 @@ CREATE_FINAL = frozenset({ApplyStatus.CREATE_SUCCESS.value, ApplyStatus.CREATE_F
 UNKNOWN = "UNKNOWN"
 #: The platform's answer for an ApplyId it does not know (any more).
 APPLY_GONE = "iot.device.DeviceApplyIsNotFound"
+CHECK = "BatchCheckDeviceNames"
 # A check or a status poll that would wait longer than its patience for its rate-limit slot
 # (:func:`~bot.aliyun.ratelimit.deferring`) books the slot and ends the step, which is woken again a
 # little before the slot's time (the lead, which covers the step's own work before its call):
@@ -220,7 +221,11 @@ class Reconciler:
             self.store.update_request(request_id, polls=request.polls + 1)
             raise
         finally:
-            request = None if lost else self.store.get(request_id)  # lost: the new holder says what is next
+            if lost:
+                request = None  # the new holder says what is next
+            elif later is None or self._step_state.told:
+                request = self.store.get(request_id)
+            # else: cut short by a booked slot, with nothing to tell: still the unfinished request it was
             at: datetime | None = None
             if request is not None and not request.final:
                 if later is None:
@@ -263,6 +268,7 @@ class Reconciler:
         submitted: set[int] = set()
         for chunk in self.store.chunks(request.id):
             if chunk.apply_id is None and chunk.status is None:
+                self.client.limiter.hold(CHECK)  # its slot first: a step that must come back later reads nothing
                 names = self.store.device_names(request.id, chunk.chunk_no)
                 try:
                     answer = self.client.batch_check_device_names(request.product_key, names)

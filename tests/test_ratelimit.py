@@ -291,3 +291,25 @@ def test_a_slot_booked_in_the_database_is_placed_by_the_clocks_offset_not_by_a_s
     with deferring("r2"):
         assert limiter.acquire(CHECK) == pytest.approx(0.0, abs=1e-9)  # on time for its slot: nothing missed
     assert limiter.missed == {}
+
+
+def test_holding_a_slot_before_the_call_books_it_once_and_the_call_takes_that_slot():
+    """A step asks for its check's slot before it reads the names to check: if the slot is later
+    than its patience it comes back then, having read nothing; the call itself takes the held slot,
+    not another one."""
+    clock = ManualClock()
+    limiter = RateLimiter({CHECK: 1}, clock, margin=0, spacing=0)
+    limiter.acquire(CHECK)  # the first second's one call
+    with deferring("r1", patience=0.1), pytest.raises(SlotLater) as later:
+        limiter.hold(CHECK)
+    assert later.value.wait == pytest.approx(1.0)
+    with deferring("r2", patience=0.1), pytest.raises(SlotLater) as after:
+        limiter.hold(CHECK)
+    assert after.value.wait == pytest.approx(2.0)  # r1's slot is taken
+    clock.advance(0.95)
+    with deferring("r1", patience=0.1):
+        limiter.hold(CHECK)  # within its patience now: held, nothing raised
+        assert limiter.acquire(CHECK) == pytest.approx(0.05)  # the held slot, not a new one at 3.0
+    assert clock.monotonic() == pytest.approx(1.0) and limiter.missed == {}
+    limiter.hold(CHECK)  # outside a deferring block: nothing to hold for anyone
+    assert limiter.acquire(CHECK) == pytest.approx(2.0)  # after r2's slot at 2.0: r2 still holds it

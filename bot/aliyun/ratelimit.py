@@ -228,6 +228,29 @@ class Limiter:
             slot = self._reserve(action, late.ref) or late
             self._count_missed(action, late, slot)
 
+    def hold(self, action: str) -> None:
+        """Inside :func:`deferring`: make sure the holder has a slot of ``action`` booked, and raise
+        :class:`SlotLater` if it is further off than the patience. A step calls this before it
+        prepares the call (reads the names), so that a step that must come back later has not read
+        them for nothing; the call's own :meth:`acquire` then takes the booked slot."""
+        deferring_ = _deferring.get()
+        if deferring_ is None:
+            return
+        holder, patience_ = deferring_
+        booked = self._booking(action, holder)
+        now = self._clock.monotonic()
+        if booked is None or now - booked.at > self._late(action):
+            reserved = self._reserve(action, booked.ref if booked is not None else None)
+            if reserved is None:
+                return
+            self._count_missed(action, booked, reserved)
+            booked, now = reserved, self._clock.monotonic()
+        with self._lock:
+            self._booked[(action, holder)] = booked
+        patience = self.patience(action) if patience_ is None else patience_
+        if booked.at - now > patience:
+            raise SlotLater(action, booked.at - now, patience / 2)
+
     def _count_missed(self, action: str, booked: _Booking | None, slot: _Booking) -> None:
         if booked is not None and not slot.retaken:
             with self._lock:
