@@ -187,32 +187,10 @@ class Limiter:
 
         Inside :func:`deferring`, raise :class:`SlotLater` instead of waiting longer than its patience.
         """
-        deferring_ = _deferring.get()
-        booked, patience = None, 0.0
-        if deferring_ is not None:
-            holder, patience_ = deferring_
-            booked = self._booking(action, holder)
-            patience = self.patience(action) if patience_ is None else patience_
+        slot = self._take(action)
+        if slot is None:
+            return 0.0
         now = self._clock.monotonic()
-        if booked is not None and now - booked.at <= self._late(action):
-            if booked.at - now > patience:
-                with self._lock:
-                    self._booked[(action, holder)] = booked
-                raise SlotLater(action, booked.at - now, patience / 2)
-            slot = booked
-        else:
-            # A holder that comes later than that books a new slot, unless its slot is the last
-            # one handed out: then it simply moves to now.
-            reserved = self._reserve(action, booked.ref if booked is not None else None)
-            if reserved is None:
-                return 0.0
-            slot = reserved
-            self._count_missed(action, booked, slot)
-            now = self._clock.monotonic()
-            if deferring_ is not None and slot.at - now > patience:
-                with self._lock:
-                    self._booked[(action, holder)] = slot
-                raise SlotLater(action, slot.at - now, patience / 2)
         waited, wakes = 0.0, 0
         while True:
             wait = slot.at - now
@@ -236,20 +214,39 @@ class Limiter:
         deferring_ = _deferring.get()
         if deferring_ is None:
             return
-        holder, patience_ = deferring_
-        booked = self._booking(action, holder)
+        slot = self._take(action)
+        if slot is not None:
+            with self._lock:
+                self._booked[(action, deferring_[0])] = slot
+
+    def _take(self, action: str) -> _Booking | None:
+        """The caller's slot of ``action`` (``None``: not limited): inside :func:`deferring`, its
+        holder's booked one while it is still in time; else a new one. A slot further off than the
+        holder's patience stays booked for it, and :class:`SlotLater` is raised."""
+        deferring_ = _deferring.get()
+        booked = None
+        if deferring_ is not None:
+            holder, patience_ = deferring_
+            booked = self._booking(action, holder)
         now = self._clock.monotonic()
-        if booked is None or now - booked.at > self._late(action):
+        if booked is not None and now - booked.at <= self._late(action):
+            slot = booked
+        else:
+            # A holder that comes later than that books a new slot, unless its slot is the last
+            # one handed out: then it simply moves to now.
             reserved = self._reserve(action, booked.ref if booked is not None else None)
             if reserved is None:
-                return
-            self._count_missed(action, booked, reserved)
-            booked, now = reserved, self._clock.monotonic()
-        with self._lock:
-            self._booked[(action, holder)] = booked
-        patience = self.patience(action) if patience_ is None else patience_
-        if booked.at - now > patience:
-            raise SlotLater(action, booked.at - now, patience / 2)
+                return None
+            slot = reserved
+            self._count_missed(action, booked, slot)
+            now = self._clock.monotonic()
+        if deferring_ is not None:
+            patience = self.patience(action) if patience_ is None else patience_
+            if slot.at - now > patience:
+                with self._lock:
+                    self._booked[(action, holder)] = slot
+                raise SlotLater(action, slot.at - now, patience / 2)
+        return slot
 
     def _count_missed(self, action: str, booked: _Booking | None, slot: _Booking) -> None:
         if booked is not None and not slot.retaken:
