@@ -247,6 +247,11 @@ class Request:
         return self.rule is not None and self.rule.auto_approves(self.count) and self.decided_by == SYSTEM
 
 
+#: The chunk statuses (the platform's ApplyStatus) after which a creation has ended and its devices
+#: can be listed with their IotIds.
+CREATION_ENDED = ("CREATE_SUCCESS", "CREATE_FAILED")
+
+
 @dataclasses.dataclass(frozen=True)
 class Chunk:
     """Up to 10,000 devices of a request that share one ApplyId."""
@@ -263,6 +268,11 @@ class Chunk:
     #: When the IotIds of the chunk's created devices were read from QueryPageByApplyId (or reading
     #: them was given up); ``None`` while a finished creation's IotIds are still to be read.
     iot_ids_read_at: datetime | None = None
+
+    @property
+    def iot_ids_unread(self) -> bool:
+        """Its creation has ended, and its created devices' IotIds are still to be read."""
+        return self.status in CREATION_ENDED and self.iot_ids_read_at is None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,7 +47,7 @@ from bot.aliyun import errors
 from bot.aliyun.client import ApplyStatus, BatchStatus, IotClient
 from bot.aliyun.ratelimit import MAX_PATIENCE, SlotLater, deferring
 from bot.clock import Clock
-from bot.domain import ACTIVE_STATES, SYSTEM, Chunk, Kind, NotFound, Origin, Outcome, Request, Rule, State, Timing
+from bot.domain import ACTIVE_STATES, CREATION_ENDED, SYSTEM, Chunk, Kind, NotFound, Origin, Outcome, Request, Rule, State, Timing
 from bot.leases import Leases
 from bot.store import Store, StoreUnavailable
 
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CREATE_FINAL = frozenset({ApplyStatus.CREATE_SUCCESS.value, ApplyStatus.CREATE_FAILED.value})
+CREATE_FINAL = frozenset(CREATION_ENDED)
 #: A chunk status of our own: its register call may or may not have reached the platform.
 UNKNOWN = "UNKNOWN"
 #: The platform's answer for an ApplyId it does not know (any more).
@@ -514,7 +514,7 @@ class Reconciler:
         self.store.update_chunk(request.id, chunk.chunk_no, status=status.status.value)
 
     def _unread_chunks(self, request_id: int) -> list[Chunk]:
-        return [c for c in self.store.chunks(request_id) if c.status in CREATE_FINAL and c.iot_ids_read_at is None]
+        return [c for c in self.store.chunks(request_id) if c.iot_ids_unread]
 
     def _read_iot_ids(self, request: Request) -> datetime | None:
         """The step of a final request: read the IotIds of its created devices, a chunk at a time.

@@ -43,7 +43,7 @@ from bot.domain import (
 from bot.leases import Leases
 from bot.policy import Policy
 from bot.reconciler import may_be_alive
-from bot.store import CREATION_ENDED, AlreadyRetried, Figures, Store, StoreUnavailable
+from bot.store import AlreadyRetried, Figures, Store, StoreUnavailable
 
 if TYPE_CHECKING:
     from bot.registration import Jobs
@@ -484,7 +484,7 @@ class RequestService:
             invalid=counts.get(Outcome.INVALID, 0),
             pending=pending,
             rejected_locally=request.rejected_count,
-            iot_ids_pending=any(c.status in CREATION_ENDED and c.iot_ids_read_at is None for c in self.store.chunks(request_id)),
+            iot_ids_pending=any(c.iot_ids_unread for c in self.store.chunks(request_id)),
         )
 
     def devices(self, request_id: int, *, outcome: Outcome | None = None, limit: int | None = None) -> list[DeviceRow]:

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from bot.domain import (
+    CREATION_ENDED,
     Approval,
     AuditEntry,
     Chunk,
@@ -59,9 +60,6 @@ __all__ = [
 ]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
-#: The chunk statuses (the platform's ApplyStatus) after which a creation has ended and its devices
-#: can be listed with their IotIds.
-CREATION_ENDED = ("CREATE_SUCCESS", "CREATE_FAILED")
 
 
 class StoreUnavailable(Exception):
