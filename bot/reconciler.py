@@ -199,7 +199,7 @@ class Reconciler:
             try:
                 at = self._read_iot_ids(request) if request is not None else None
             finally:
-                self.store.end_request_step(request_id, turn, at)
+                at = self.store.end_request_step(request_id, turn, at)
                 if at is not None:
                     self.jobs.wake(request_id, at)
             return
@@ -238,7 +238,9 @@ class Reconciler:
                 # are read at the next step, due now in the database (any replica, should this die).
                 at = self.clock.now()
             if not lost:
-                self.store.end_request_step(request_id, turn, at)
+                # Woken meanwhile (an approval on another replica, whose own wake found the step
+                # leased): the earlier time stands, and this process wakes it then.
+                at = self.store.end_request_step(request_id, turn, at)
             if at is not None:
                 self.jobs.wake(request_id, at)
             if self._step_state.told:

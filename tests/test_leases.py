@@ -320,6 +320,30 @@ def test_an_approval_is_carried_out_by_another_replica_when_the_one_that_took_th
     assert a.store.get(request.id).state in (State.REGISTERING, State.DONE)
 
 
+def test_an_approval_on_another_replica_during_a_step_is_carried_out_as_soon_as_the_step_ends(replicas, emulator, monkeypatch):
+    """The click's replica finds the request's step running on another and leaves it to that one,
+    which goes on at once when its step ends, not at its own next time or the next sweep."""
+    a, b, _ = replicas
+    request = a.workflow.requests.submit(emulator.product_key, ALICE, ["busy-1"], origin="cli")
+    assert run_both(a, b, lambda: a.store.get(request.id).state == State.AWAITING_APPROVAL, emulator.clock)
+    end_step = a.store.end_request_step
+
+    def approved_meanwhile(*args):
+        monkeypatch.undo()
+        # The step has read the request (awaiting approval) and is about to end; b's wake for the
+        # click finds it still leased.
+        b.workflow.requests.approve(request.id, BOB)
+        b.jobs.run_due()
+        return end_step(*args)
+
+    monkeypatch.setattr(a.store, "end_request_step", approved_meanwhile)
+    a.store.wake_request(request.id, emulator.clock.now())  # a look at the wait (as for a reminder), due now
+    a.jobs.wake(request.id)
+    a.jobs.run_due()  # a step of the request, awaiting approval as far as it knew; then the next, at once
+    assert a.store.get(request.id).state in (State.REGISTERING, State.DONE)
+    assert emulator.backend.application(a.store.chunks(request.id)[0].apply_id).register_calls == 1
+
+
 def test_a_request_whose_creator_died_before_waking_it_is_swept(replicas, emulator, monkeypatch):
     a, b, _ = replicas
     monkeypatch.setattr(a.workflow.requests, "_kick", lambda *args, **kwargs: None)  # died right after the insert

@@ -657,7 +657,7 @@ def test_a_step_is_due_when_asked_for_and_the_earliest_wake_stands(store):
     # While the step runs its due time is the fallback: if its process dies, the step is due then.
     assert store.due_requests(NOW + timedelta(minutes=1)) == []
     assert store.due_requests(NOW + timedelta(minutes=1, seconds=10)) == [request_id]
-    store.end_request_step(request_id, turn, NOW + timedelta(minutes=3))
+    assert store.end_request_step(request_id, turn, NOW + timedelta(minutes=3)) == NOW + timedelta(minutes=3)
     assert store.due_requests(NOW + timedelta(minutes=2, seconds=59)) == []
     assert store.due_requests(NOW + timedelta(minutes=3)) == [request_id]
 
@@ -666,10 +666,11 @@ def test_a_wake_during_a_step_is_kept_when_the_step_ends(store):
     request_id = new_request(store)
     turn = store.begin_request_step(request_id, NOW, NOW + timedelta(seconds=10))
     store.wake_request(request_id, NOW + timedelta(seconds=1))  # an approval on another replica
-    store.end_request_step(request_id, turn, NOW + timedelta(hours=24))  # the step saw it waiting for approval
+    # The step saw it waiting for approval; the stepping process learns it is due at the wake's time.
+    assert store.end_request_step(request_id, turn, NOW + timedelta(hours=24)) == NOW + timedelta(seconds=1)
     assert store.due_requests(NOW + timedelta(seconds=1)) == [request_id]
     turn = store.begin_request_step(request_id, NOW + timedelta(seconds=1), NOW + timedelta(seconds=11))
-    store.end_request_step(request_id, turn, None)  # the request ended
+    assert store.end_request_step(request_id, turn, None) is None  # the request ended
     assert store.due_requests(NOW + timedelta(days=9)) == []
 
 

@@ -374,9 +374,10 @@ class Store(Protocol):
         is, its due time becomes ``fallback`` (when the step is due again if this process dies in
         it) and the turn carries the count of wakes, for :meth:`end_request_step`."""
 
-    def end_request_step(self, request_id: int, turn: StepTurn, at: datetime | None) -> None:
+    def end_request_step(self, request_id: int, turn: StepTurn, at: datetime | None) -> datetime | None:
         """After the step: the next one is due at ``at`` (``None``: none), or earlier if the
-        request was woken while the step ran."""
+        request was woken while the step ran (an approval on another replica). Returns when it is
+        due, as stored."""
 
     def due_requests(self, now: datetime, *, origins: Iterable[Origin] | None = None, limit: int = 100) -> list[int]:
         """Requests whose next step is due by ``now`` and whose lease nobody holds, the most overdue first."""

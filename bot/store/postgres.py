@@ -1008,13 +1008,14 @@ class PostgresStore:
         due_at, wakes = rows[0]
         return StepTurn(due_at is None or due_at <= now, due_at, wakes)
 
-    def end_request_step(self, request_id: int, turn: StepTurn, at: datetime | None) -> None:
+    def end_request_step(self, request_id: int, turn: StepTurn, at: datetime | None) -> datetime | None:
         """When nobody woke the request during the step its own time stands; else the earlier one."""
-        self._execute(
+        rows = self._fetch(
             "UPDATE requests SET next_step_at = CASE WHEN wakes = %s THEN %s::timestamptz"
-            " ELSE LEAST(next_step_at, %s::timestamptz) END WHERE id = %s",
+            " ELSE LEAST(next_step_at, %s::timestamptz) END WHERE id = %s RETURNING next_step_at",
             [turn.wakes, at, at, request_id],
         )
+        return rows[0][0] if rows else None
 
     def due_requests(self, now: datetime, *, origins: Iterable[Origin] | None = None, limit: int = 100) -> list[int]:
         sql = (

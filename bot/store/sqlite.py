@@ -961,15 +961,14 @@ class SqliteStore:
             db.conn.execute("UPDATE requests SET next_step_at = ? WHERE id = ?", [format_time(fallback), request_id])
             return StepTurn(True, due_at, row[1])
 
-    def end_request_step(self, request_id: int, turn: StepTurn, at: datetime | None) -> None:
+    def end_request_step(self, request_id: int, turn: StepTurn, at: datetime | None) -> datetime | None:
         with self._write() as db:
             row = db.conn.execute("SELECT next_step_at, wakes FROM requests WHERE id = ?", [request_id]).fetchone()
             if row is None:
-                return
-            db.conn.execute(
-                "UPDATE requests SET next_step_at = ? WHERE id = ?",
-                [_next_due(parse_time(row[0]), row[1], turn, at), request_id],
-            )
+                return None
+            due = _next_due(parse_time(row[0]), row[1], turn, at)
+            db.conn.execute("UPDATE requests SET next_step_at = ? WHERE id = ?", [due, request_id])
+        return parse_time(due) if due is not None else None
 
     def due_requests(self, now: datetime, *, origins: Iterable[Origin] | None = None, limit: int = 100) -> list[int]:
         sql = (
