@@ -946,9 +946,13 @@ def emulator(
     seed: int | None,
 ) -> None:
     """Run a local IoT Platform emulator until Ctrl-C: no Alibaba Cloud account needed."""
+    import sys
     import time
 
     from bot.standins import emulator as emu
+    from bot.standins.emulator.server import SWITCH_INTERVAL
+
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
     try:
         instance = emu.Emulator(

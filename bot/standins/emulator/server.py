@@ -27,6 +27,12 @@ logger = logging.getLogger(__name__)
 #: The longest request line read; a longer one is answered 414.
 MAX_REQUEST_LINE = 8 * 1024 * 1024
 
+#: The GIL slice of an emulator running as a process of its own (``iotreg emulator``). The gateway
+#: counts a call against its quota when the call's thread gets to run; with Python's default slice
+#: (5 ms) and a dozen request threads, a busy emulator counted calls tens of milliseconds after they
+#: arrived, where the platform's gateway counts them as they come in.
+SWITCH_INTERVAL = 0.001
+
 
 class AnswerHold:
     """Answers to one action held after the platform has acted, until :meth:`release`: the caller
