@@ -18,7 +18,7 @@ from urllib3.exceptions import NewConnectionError
 
 from bot.aliyun import errors
 from bot.aliyun.client import ApplyStatus, Credentials, IotClient, RetryPolicy
-from bot.aliyun.ratelimit import RateLimiter
+from bot.aliyun.ratelimit import RateLimiter, SlotLater, deferring
 from bot.aliyun.signing import signature_for
 from bot.clock import ManualClock
 
@@ -102,6 +102,26 @@ def test_throttled_registration_is_retried_because_the_gateway_never_ran_it():
     assert client.batch_register_device("a1ProductKey", 100) == 1295006
     assert len(adapter.requests) == 3
     assert len(clock.slept) == 2 and clock.slept[1] > clock.slept[0] * 0.99 / 2
+
+
+def test_a_throttled_calls_retry_takes_its_slot_back_rather_than_one_at_the_end_of_the_queue():
+    """The platform did not count a refused call: its retry moves the same slot to its own time,
+    instead of waiting for the next free slot (here the next second's)."""
+    client, adapter, clock = make_client([THROTTLED, STATUS_OK])
+    client.limiter = limiter = RateLimiter({"QueryBatchRegisterDeviceStatus": 2}, clock, margin=0, spacing=0)
+    limiter.acquire("QueryBatchRegisterDeviceStatus")  # another call takes this second's other slot
+    assert client.query_batch_register_device_status("a1ProductKey", 5).status is ApplyStatus.CHECK_SUCCESS
+    assert len(adapter.requests) == 2 and limiter.moved == {"QueryBatchRegisterDeviceStatus": 1}
+    [backoff] = clock.slept  # the back-off alone, not a wait for the next second
+    assert clock.monotonic() == pytest.approx(backoff) and backoff < 0.5
+    # The next second's slots: one a second after the other call, one a second after the retry.
+    booked = []
+    for holder in ("next", "after"):
+        with deferring(holder, patience=0.1), pytest.raises(SlotLater) as later:
+            limiter.acquire("QueryBatchRegisterDeviceStatus")
+        booked.append(clock.monotonic() + later.value.wait)
+    assert booked == pytest.approx([1.0, 1.0 + backoff])
+    assert limiter.missed == {}
 
 
 def test_registration_after_a_5xx_is_not_resent_and_says_it_may_have_run():

@@ -800,16 +800,67 @@ def test_slots_booked_with_a_spacing_are_that_share_of_a_slot_apart_and_windows_
     assert slots[3].wait == pytest.approx(0.375, abs=0.1)
 
 
-def test_a_late_holder_takes_back_its_slot_only_if_it_is_the_last_one_handed_out(store):
+def test_a_late_holders_slot_moves_to_now_and_its_lanes_later_slots_after_it(store):
+    store.set_quotas({"BatchCheckDeviceNames": 2})  # two lanes, each a slot a second
+    a, b = (store.book_slot("BatchCheckDeviceNames", 0.0) for _ in range(2))
+    c, d = (store.book_slot("BatchCheckDeviceNames", 0.0) for _ in range(2))
+    assert [c.ticket - a.ticket, d.ticket - a.ticket, c.start - a.start, d.start - b.start] == pytest.approx([2, 3, 1.0, 1.0])
+    back = store.book_slot("BatchCheckDeviceNames", 0.0, retake=a.ticket)  # a's holder comes late
+    assert back.retaken and back.wait == 0.0 and back.ticket == a.ticket and back.start > a.start
+    # c, a window after a in its lane, moves with it; d, in the other lane, stays.
+    assert store.slot_of("BatchCheckDeviceNames", c.ticket).start == pytest.approx(back.start + 1.0)
+    assert store.slot_of("BatchCheckDeviceNames", d.ticket).start == d.start
+    e = store.book_slot("BatchCheckDeviceNames", 0.0)  # in the lane that has room soonest: d's
+    assert e.ticket == d.ticket + 1 and e.start == pytest.approx(b.start + 2.0)
+    assert calls_in_any_window([back.start, b.start, back.start + 1.0, d.start, e.start], 1.0) == 2
+    read = store.slot_of("BatchCheckDeviceNames", e.ticket)
+    assert (read.start, read.qps, read.ticket) == (e.start, 2, e.ticket) and read.wait == pytest.approx(e.wait, abs=0.5)
+    assert store.slot_of("BatchCheckDeviceNames", e.ticket + 1) is None  # not handed out yet
+    assert store.slot_of("QueryProductList", 1) is None  # no quota
+
+
+def test_a_call_that_went_late_counts_its_slot_from_then_and_its_lane_after_it(store):
+    store.set_quotas({"BatchCheckDeviceNames": 2})
+    a, b, c, d = (store.book_slot("BatchCheckDeviceNames", 0.0) for _ in range(4))
+    store.slot_went("BatchCheckDeviceNames", a.ticket, a.start + 0.3, 0.0)  # a's call left 0.3 s late
+    assert store.slot_of("BatchCheckDeviceNames", a.ticket).start == pytest.approx(a.start + 0.3)
+    assert store.slot_of("BatchCheckDeviceNames", c.ticket).start == pytest.approx(a.start + 1.3)  # its lane
+    assert store.slot_of("BatchCheckDeviceNames", d.ticket).start == d.start  # the other lane
+    store.slot_went("BatchCheckDeviceNames", b.ticket, b.start - 0.1, 0.0)  # not later than its slot: nothing
+    store.slot_went("BatchCheckDeviceNames", d.ticket + 5, d.start + 1, 0.0)  # not handed out: nothing
+    assert store.slot_of("BatchCheckDeviceNames", b.ticket).start == b.start
+    assert store.book_slot("BatchCheckDeviceNames", 0.0).start == pytest.approx(b.start + 2.0)  # the other lane first
+    assert store.book_slot("BatchCheckDeviceNames", 0.0).start == pytest.approx(a.start + 2.3)
+
+
+def test_a_holder_later_than_half_a_window_loses_its_slot_and_books_a_new_one(store):
+    # One call in any 0.1 s (a margin of -0.9 on one a second): half a window is 50 ms.
     store.set_quotas({"BatchCheckDeviceNames": 1})
-    store.book_slot("BatchCheckDeviceNames", 0.0)
-    booked = store.book_slot("BatchCheckDeviceNames", 0.0)  # a second ahead
-    back = store.book_slot("BatchCheckDeviceNames", 0.0, retake=booked.start)
-    assert back.retaken and back.wait == 0.0
-    after = store.book_slot("BatchCheckDeviceNames", 0.0)
-    assert after.start == pytest.approx(back.start + 1.0)  # the next one counts from the slot's new time
-    missed = store.book_slot("BatchCheckDeviceNames", 0.0, retake=back.start)  # someone booked after it
-    assert not missed.retaken and missed.start == pytest.approx(after.start + 1.0)
+    a = store.book_slot("BatchCheckDeviceNames", -0.9)
+    b = store.book_slot("BatchCheckDeviceNames", -0.9)
+    assert b.start == pytest.approx(a.start + 0.1)
+    time.sleep(0.2)  # b's holder comes 0.1 s late, or more
+    again = store.book_slot("BatchCheckDeviceNames", -0.9, retake=b.ticket)
+    assert not again.retaken and again.ticket == b.ticket + 1 and again.wait == 0.0
+    assert store.slot_of("BatchCheckDeviceNames", a.ticket) is None  # forgotten, too old to move
+
+
+def test_slots_booked_by_the_previous_version_by_their_start_share_the_schedule(postgres_url):
+    """A replica of the previous version books through ``iotreg_book_slot`` and retakes by a slot's
+    start while a deploy rolls: its slots are tickets of the same schedule. (One process serves a
+    SQLite file: no previous version runs beside it.)"""
+    store = PostgresStore(postgres_url)
+    try:
+        store.set_quotas({"BatchCheckDeviceNames": 1})
+        with store._borrowed() as conn:  # noqa: SLF001 - the previous version's own statement
+            old = conn.execute("SELECT * FROM iotreg_book_slot(%s, %s, %s, %s)", ["BatchCheckDeviceNames", 0.0, None, 0.2]).fetchone()
+            new = store.book_slot("BatchCheckDeviceNames", 0.0)
+            assert new.start == pytest.approx(old[1] + 1.0) and new.ticket >= 2
+            moved = conn.execute("SELECT * FROM iotreg_book_slot(%s, %s, %s)", ["BatchCheckDeviceNames", 0.0, old[1]]).fetchone()
+        assert moved[3] and moved[1] > old[1]  # retaken: moved to now, and the new version's slot after it
+        assert store.slot_of("BatchCheckDeviceNames", new.ticket).start == pytest.approx(moved[1] + 1.0)
+    finally:
+        store.close()
 
 
 def test_processes_booking_at_once_share_one_schedule(store, store_location):

@@ -472,7 +472,7 @@ def test_an_older_database_is_migrated_in_place_with_its_data(emulator, tmp_path
     harness = Harness(emulator, path, Timing(poll_interval=1.0))
     assert harness.store.schema_version() == [
         "m001_initial", "m002_register_claim_owner", "m003_notification_steps", "m004_uploads", "m005_origin_data", "m006_approvals",
-        "m007_rejected_nicknames", "m008_begun_steps", "m009_leases", "m010_iot_ids_read", "m011_quotas",
+        "m007_rejected_nicknames", "m008_begun_steps", "m009_leases", "m010_iot_ids_read", "m011_quotas", "m012_slot_tickets",
     ]
     assert harness.store.chunks(6)[0].iot_ids_read_at is not None  # nothing to read again for the old result
     assert harness.workflow.resume() == 1  # the old request is picked up where it was

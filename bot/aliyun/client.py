@@ -405,14 +405,18 @@ class IotClient:
             try:
                 body = self._send(action, params, form or {})
             except errors.IotError as exc:
+                self.limiter.went(action)
                 self._observe(action, "throttled" if isinstance(exc, errors.ThrottledError) else "error", sent)
                 if not self._should_retry(exc, action, attempt, started):
                     log.info("IoT Platform call failed: %s", exc, extra={"action": action, "code": exc.code})
                     raise
                 delay = self.retry.delay(attempt, self.rng)
                 log.info("IoT Platform call failed: %s; retry %d in %.2fs", exc, attempt, delay, extra={"action": action, "code": exc.code})
+                if isinstance(exc, errors.ThrottledError):
+                    self.limiter.refused(action)  # not counted: the retry takes the same slot back
                 self.clock.sleep(delay)
             else:
+                self.limiter.went(action)
                 self._observe(action, "ok", sent)
                 return body
 

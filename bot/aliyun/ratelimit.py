@@ -4,12 +4,11 @@ The platform counts calls per action per account and refuses the excess with ``T
 Waiting here costs less than being refused: a refused call has to be retried after a back-off that
 is longer than the wait would have been.
 
-Both limiters keep, per action, the starts of the last *N* slots handed out, and give a new one only
-when the oldest of them is at least a window old: so no window of that length ever holds more than
-*N* calls, whatever the threads do. (A booked slot, below, may be used up to half the margin late:
-then the guarantee is for a window of a second and half the margin, still longer than the
-platform's second.) Callers reserve their slot and wait outside any lock, so waiting threads queue
-in order and do not spin.
+Both limiters book by one rule (:mod:`bot.slots`): each slot a numbered ticket in one of *N* lanes,
+each lane's slots a window apart, so that no window ever holds more than *N* calls, whatever the
+threads do. (A call may be counted up to half the margin after its slot: then the guarantee is for
+a window of a second and half the margin, still longer than the platform's second.) Callers reserve their slot and wait
+outside any lock, so waiting threads queue in order and do not spin.
 
 * :class:`RateLimiter` keeps the slots in this process: the quotas of one process (SQLite, the CLI).
 * :class:`SharedRateLimiter` books each slot in the database that several replicas share
@@ -28,6 +27,15 @@ machine, so that the call still goes within half the margin of its slot. By defa
 the time of :data:`PATIENCE_SLOTS` slots of the action (at most :data:`MAX_PATIENCE`), and the lead
 half of it: at most that many calls' worth of waiting per action across every replica.
 
+A holder woken later than that (a busy machine) moves its slot to now, and the later slots of its
+lane move with it, rather than lose it (only a holder later than :data:`bot.slots.MOVE_WITHIN` of a
+window books a new slot, :attr:`Limiter.missed`); a call answered later than half the margin after
+its slot has its slot counted from the answer, less half the margin (:meth:`Limiter.went`); and a
+call refused with ``Throttling.User``, which the platform did not count, takes its slot back for its
+retry (:meth:`Limiter.refused`). Lateness costs a share of the time it lasted, not a slot. A slot
+booked further ahead than :func:`bot.slots.settled_within` is read again once it is that close,
+before it is used: a late call of its lane may have moved it.
+
 Slots of one action are at least :data:`SPACING` of a slot's time apart: the first window's calls
 do not all go at the same instant (where a busy machine would send some of them late, and the
 platform could count them in the next window), at the cost of a fraction of one slot's time once.
@@ -40,7 +48,7 @@ credentials get a new AccessKeyId at every refresh, the account's quotas stay th
 from __future__ import annotations
 
 import contextlib
-import math
+import logging
 import threading
 from collections import Counter, deque
 from collections.abc import Hashable, Iterator, Mapping
@@ -49,6 +57,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from bot.clock import Clock, SystemClock
+from bot.slots import Schedule, settled_within, slack_of, window_of
 
 if TYPE_CHECKING:
     from bot.store import Slot
@@ -77,6 +86,8 @@ OFFSET_SAMPLES = 32
 #: ... made within this many seconds (clocks drift; NTP slews them).
 OFFSET_SAMPLES_FOR = 60.0
 
+log = logging.getLogger(__name__)
+
 _deferring: ContextVar[tuple[Hashable, float | None] | None] = ContextVar("iotreg_deferring", default=None)
 
 #: Per-account QPS quotas of the IoT Platform for the operations iotreg calls
@@ -94,11 +105,13 @@ DEFAULT_QPS: Mapping[str, float] = MappingProxyType(
 
 
 class _Booking(NamedTuple):
-    """A reserved slot: ``at`` on this process's monotonic clock, ``ref`` as its keeper knows it."""
+    """A reserved slot: ``at`` on this process's monotonic clock, ``ref`` its ticket; ``retaken``: a
+    late holder's slot moved; ``settled``: read close enough to its time that it can no longer move."""
 
     at: float
-    ref: float
+    ref: int
     retaken: bool = False
+    settled: bool = True
 
 
 class SlotLater(Exception):
@@ -137,8 +150,14 @@ class QuotaKeeper(Protocol):
     def quotas(self) -> dict[str, float]:
         """The stored quotas, QPS per action."""
 
-    def book_slot(self, action: str, margin: float, retake: float | None = None, spacing: float = 0.0) -> Slot | None:
-        """Reserve the next slot of ``action`` (or take back ``retake``, the last one handed out)."""
+    def book_slot(self, action: str, margin: float, retake: int | None = None, spacing: float = 0.0) -> Slot | None:
+        """Reserve the next slot of ``action`` (or move ticket ``retake``'s to now)."""
+
+    def slot_of(self, action: str, ticket: int) -> Slot | None:
+        """Ticket ``ticket``'s slot of ``action`` as it stands now (``None``: no longer kept)."""
+
+    def slot_went(self, action: str, ticket: int, at: float, margin: float) -> None:
+        """Ticket ``ticket``'s call went at ``at``, later than its slot (see :meth:`Limiter.went`)."""
 
     def close(self) -> None: ...
 
@@ -158,6 +177,9 @@ class Limiter:
         #: Slots whose call came too late to use them (a booking's holder, or a call woken late), per
         #: action: each one a slot lost.
         self.missed: Counter[str] = Counter()
+        #: Slots whose call came late and moved them to its time instead, per action.
+        self.moved: Counter[str] = Counter()
+        self._calls = threading.local()  # this thread's last call (action, slot), and a refused one
 
     def quota(self, action: str) -> float | None:
         """Calls per second allowed for ``action``, or ``None`` if it is not limited."""
@@ -171,10 +193,19 @@ class Limiter:
         qps = self.quota(action)
         return MAX_PATIENCE if qps is None else min(MAX_PATIENCE, PATIENCE_SLOTS / qps)
 
-    def _reserve(self, action: str, retake: float | None) -> _Booking | None:
-        """The next slot of ``action``, or ``None`` if it is not limited. ``retake``: the ``ref`` of a
-        booked slot whose holder is late; if no slot was handed out after it, it moves to now and
-        comes back with ``retaken``."""
+    def _reserve(self, action: str, retake: int | None) -> _Booking | None:
+        """The next slot of ``action``, or ``None`` if it is not limited. ``retake``: the ticket of a
+        booked slot whose holder is late; if it is late by less than :data:`bot.slots.MOVE_WITHIN` of
+        a window, it moves to now and comes back with ``retaken``."""
+        raise NotImplementedError
+
+    def _confirm(self, action: str, booked: _Booking) -> _Booking:
+        """``booked`` as its slot stands now (a late holder of its lane may have moved it); as it was
+        if it is no longer kept."""
+        raise NotImplementedError
+
+    def _settle(self, action: str) -> float:
+        """Seconds before its time from which a slot of ``action`` can no longer move."""
         raise NotImplementedError
 
     def _late(self, action: str) -> float:
@@ -194,17 +225,60 @@ class Limiter:
         waited, wakes = 0.0, 0
         while True:
             wait = slot.at - now
+            settle = self._settle(action)
+            if not slot.settled and wait > settle:
+                # Booked far ahead: a late holder of its lane may still move it. Read it again once
+                # it cannot (a millisecond after, so that it is settled when read).
+                pause = wait - settle + 0.001
+                self._clock.sleep(pause)
+                waited += pause
+                slot = self._confirm(action, slot)
+                now = max(self._clock.monotonic(), now + pause)
+                continue
             if wait > 0:
                 self._clock.sleep(wait)
                 waited += wait
             now, wakes = self._clock.monotonic(), wakes + 1
             if now - slot.at <= self._late(action) or wakes == WAKE_ATTEMPTS:
+                self._calls.last = (action, slot)
                 return waited
             # Woken too late (a busy machine): sent now, the call could crowd the next slot's
-            # window. It takes its slot back if none was handed out since, else a new one.
+            # window. Its slot moves to now (its lane's later ones after it), or if it is too late
+            # for that, it books a new one.
             late = slot
             slot = self._reserve(action, late.ref) or late
             self._count_missed(action, late, slot)
+
+    def went(self, action: str) -> None:
+        """This thread's last call of ``action`` has been answered (or has failed). The platform
+        counted it at some moment before the answer: if the answer came more than half the margin
+        after the slot (a busy machine, on either side), that moment may have been later than the
+        margin allows for, so the slot is counted from the answer less half the margin, and its
+        lane's later slots move as far as they must. The next call of its lane then keeps its window
+        from the call itself. The client calls this after every call (one more write, only then)."""
+        last = getattr(self._calls, "last", None)
+        if last is None or last[0] != action:
+            return
+        slot, at = last[1], self._clock.monotonic() - self._late(action)
+        if at <= slot.at:
+            return
+        try:
+            self._went(action, slot, at)
+        except Exception as exc:  # noqa: BLE001 - the call went and stands; its slot stays as booked
+            log.warning("could not count %s's slot from when its call went: %s", action, exc)
+        self._calls.last = (action, slot._replace(at=at))
+
+    def _went(self, action: str, slot: _Booking, at: float) -> None:
+        """Count ``slot`` from ``at`` (this clock) on."""
+        raise NotImplementedError
+
+    def refused(self, action: str) -> None:
+        """The platform refused this thread's last call of ``action`` (``Throttling.User``): it did
+        not count it, so the call's retry takes the same slot back, moved to its time, rather than a
+        new one at the end of the queue."""
+        last = getattr(self._calls, "last", None)
+        if last is not None and last[0] == action:
+            self._calls.refused, self._calls.last = (action, last[1]), None
 
     def hold(self, action: str) -> None:
         """Inside :func:`deferring`: make sure the holder has a slot of ``action`` booked, and raise
@@ -225,15 +299,20 @@ class Limiter:
         holder's patience stays booked for it, and :class:`SlotLater` is raised."""
         deferring_ = _deferring.get()
         booked = None
+        refused = getattr(self._calls, "refused", None)
+        if refused is not None and refused[0] == action:
+            booked, self._calls.refused = refused[1], None  # a retry: the refused call's slot
         if deferring_ is not None:
             holder, patience_ = deferring_
-            booked = self._booking(action, holder)
+            booked = booked or self._booking(action, holder)
+            if booked is not None and not booked.settled:
+                booked = self._confirm(action, booked)  # a late holder of its lane may have moved it
         now = self._clock.monotonic()
         if booked is not None and now - booked.at <= self._late(action):
             slot = booked
         else:
-            # A holder that comes later than that books a new slot, unless its slot is the last
-            # one handed out: then it simply moves to now.
+            # A holder that comes later than that moves its slot to now, or books a new one if it
+            # is too late to move it.
             reserved = self._reserve(action, booked.ref if booked is not None else None)
             if reserved is None:
                 return None
@@ -249,9 +328,12 @@ class Limiter:
         return slot
 
     def _count_missed(self, action: str, booked: _Booking | None, slot: _Booking) -> None:
-        if booked is not None and not slot.retaken:
+        if booked is not None:
             with self._lock:
-                self.missed[action] += 1  # its slot stays counted, and a new one is reserved
+                if slot.retaken:
+                    self.moved[action] += 1
+                else:
+                    self.missed[action] += 1  # its slot stays counted, and a new one is reserved
 
     def _booking(self, action: str, holder: Hashable) -> _Booking | None:
         with self._lock:
@@ -269,44 +351,44 @@ class RateLimiter(Limiter):
         self, quotas: Mapping[str, float], clock: Clock | None = None, *, margin: float = DEFAULT_MARGIN, spacing: float = SPACING
     ) -> None:
         super().__init__(clock, margin, spacing)
-        self._slots: dict[str, tuple[int, float]] = {}
-        self._granted: dict[str, deque[float]] = {}
-        self._slots_lock = threading.Lock()
         for action, qps in quotas.items():
             if qps <= 0:
                 raise ValueError(f"the quota for {action} must be above 0, not {qps}")
-            # A quota under 1/s (0.5) means one call per 2 s; above it, N calls in any second.
-            calls = max(1, math.floor(qps))
-            self._slots[action] = (calls, calls / qps * (1 + margin))
-            self._granted[action] = deque()
+        self._qps = dict(quotas)
+        self._schedules = {action: Schedule() for action in quotas}
+        self._slots_lock = threading.Lock()
 
     def quota(self, action: str) -> float | None:
-        if action not in self._slots:
+        if action not in self._qps:
             return None
-        calls, window = self._slots[action]
+        calls, window = window_of(self._qps[action], self.margin)
         return calls / window
 
     def _late(self, action: str) -> float:
-        _, window = self._slots[action]
-        return window / (1 + self.margin) * self.margin / 2
+        return slack_of(self._qps[action], self.margin)
 
-    def _reserve(self, action: str, retake: float | None) -> _Booking | None:
-        if action not in self._slots:
+    def _settle(self, action: str) -> float:
+        return settled_within(self._qps[action], self.margin)
+
+    def _reserve(self, action: str, retake: int | None) -> _Booking | None:
+        if action not in self._qps:
             return None
-        calls, window = self._slots[action]
-        granted = self._granted[action]
         with self._slots_lock:
             now = self._clock.monotonic()
-            if retake is not None and granted and granted[-1] == retake:
-                granted[-1] = now  # no slot was handed out after it
-                return _Booking(now, now, retaken=True)
-            start = now if len(granted) < calls else max(now, granted[0] + window)
-            if self.spacing > 0 and granted:
-                start = max(start, granted[-1] + window / calls * self.spacing)
-            granted.append(start)
-            if len(granted) > calls:
-                granted.popleft()
-        return _Booking(start, start)
+            booked = self._schedules[action].book(now, self._qps[action], self.margin, self.spacing, retake)
+        return _Booking(booked.start, booked.ticket, booked.moved, booked.start - now <= self._settle(action))
+
+    def _went(self, action: str, slot: _Booking, at: float) -> None:
+        with self._slots_lock:
+            self._schedules[action].went(slot.ref, at, self._qps[action], self.margin)
+
+    def _confirm(self, action: str, booked: _Booking) -> _Booking:
+        with self._slots_lock:
+            now = self._clock.monotonic()
+            start = self._schedules[action].slot_of(booked.ref)
+        if start is None:
+            return booked._replace(settled=True)
+        return booked._replace(at=start, settled=start - now <= self._settle(action))
 
 
 class SharedRateLimiter(Limiter):
@@ -343,17 +425,40 @@ class SharedRateLimiter(Limiter):
             self.keeper.close()
 
     def _late(self, action: str) -> float:
-        qps = self._quotas[action]  # known: the booking came from a reservation
-        return max(1, math.floor(qps)) / qps * self.margin / 2
+        return slack_of(self._quotas[action], self.margin)  # known: the booking came from a reservation
 
-    def _reserve(self, action: str, retake: float | None) -> _Booking | None:
+    def _settle(self, action: str) -> float:
+        return settled_within(self._quotas[action], self.margin)
+
+    def _reserve(self, action: str, retake: int | None) -> _Booking | None:
         asked = self._clock.monotonic()
         slot = self.keeper.book_slot(action, self.margin, retake, self.spacing)
         if slot is None:
             return None
         answered = self._clock.monotonic()
         self._quotas[action] = slot.qps
-        return _Booking(self._local_time(slot, asked, answered), slot.start, slot.retaken)
+        settled = slot.wait <= settled_within(slot.qps, self.margin)
+        return _Booking(self._local_time(slot, asked, answered), slot.ticket, slot.retaken, settled)
+
+    def _confirm(self, action: str, booked: _Booking) -> _Booking:
+        asked = self._clock.monotonic()
+        slot = self.keeper.slot_of(action, booked.ref)
+        if slot is None:
+            return booked._replace(settled=True)
+        answered = self._clock.monotonic()
+        settled = slot.wait <= settled_within(slot.qps, self.margin)
+        return booked._replace(at=self._local_time(slot, asked, answered), settled=settled)
+
+    def _went(self, action: str, slot: _Booking, at: float) -> None:
+        offset = self._offset(at)
+        if offset is not None:
+            self.keeper.slot_went(action, slot.ref, at + offset, self.margin)
+
+    def _offset(self, now: float) -> float | None:
+        """The database's clock less this one's, from the recent booking that came back fastest."""
+        with self._offsets_lock:
+            fresh = [o for o in self._offsets if o[2] >= now - OFFSET_SAMPLES_FOR]
+        return min(fresh)[1] if fresh else None
 
     def _local_time(self, slot: Slot, asked: float, answered: float) -> float:
         """When ``slot`` starts on this process's clock.
@@ -366,8 +471,9 @@ class SharedRateLimiter(Limiter):
         server_now = slot.start - slot.wait
         with self._offsets_lock:
             self._offsets.append((answered - asked, server_now - (asked + answered) / 2, answered))
-            fresh = [o for o in self._offsets if o[2] >= answered - OFFSET_SAMPLES_FOR]
-            _, offset, _ = min(fresh)
+        offset = self._offset(answered)
+        if offset is None:  # not so: this booking is a fresh sample
+            offset = server_now - (asked + answered) / 2
         return min(max(slot.start - offset, asked + slot.wait), answered + slot.wait)
 
 

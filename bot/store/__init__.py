@@ -99,13 +99,14 @@ class Figures:
 @dataclasses.dataclass(frozen=True)
 class Slot:
     """A call's turn, booked by :meth:`Store.book_slot`: ``wait`` seconds from now, at ``start`` (seconds
-    on the database's clock, which identifies the slot), under a quota of ``qps``; ``retaken``: a
-    late holder's slot moved to now rather than a new one."""
+    on the database's clock), under a quota of ``qps``; ``retaken``: a late holder's slot moved to
+    now rather than a new one; ``ticket``: the slot's number (see :mod:`bot.slots`)."""
 
     wait: float
     start: float
     qps: float
     retaken: bool = False
+    ticket: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,18 +403,28 @@ class Store(Protocol):
         """Store ``quotas`` (``replace=False``: only for actions that have none yet); return those
         that changed, ``action: (before, after)``. A quota must be above 0."""
 
-    def book_slot(self, action: str, margin: float, retake: float | None = None, spacing: float = 0.0) -> Slot | None:
-        """Reserve the next slot of ``action`` in one atomic step, on the database's clock; ``None``
-        when ``action`` has no quota.
+    def book_slot(self, action: str, margin: float, retake: int | None = None, spacing: float = 0.0) -> Slot | None:
+        """Reserve the next slot of ``action`` in one atomic step, on the database's clock, by the rule
+        of :mod:`bot.slots` (its :meth:`~bot.slots.Schedule.book`); ``None`` when ``action`` has no
+        quota.
 
-        A slot starts when no window of ``calls / qps * (1 + margin)`` seconds holds more than
-        ``calls = max(1, floor(qps))`` slots (the latest ``calls`` slots are kept), and, with a
-        ``spacing`` above 0, no sooner than that share of a slot's time (``window / calls``) after the
-        last one handed out (so a quota raised meanwhile applies after the slots already booked). Slots are handed
-        out in the order the bookings come. ``retake``: the ``start`` of a slot whose holder comes
-        late; if it is still the last one handed out, it moves to now (``retaken``), else a new one
-        is reserved.
+        Each slot is a ticket, at least a window of ``calls / qps * (1 + margin)`` seconds after the
+        ticket ``calls = max(1, floor(qps))`` before it, and, with a ``spacing`` above 0, no sooner
+        than that share of a slot's time (``window / calls``) after the last one handed out (so a
+        quota raised meanwhile applies after the slots already booked). Slots are handed out in the
+        order the bookings come. ``retake``: the ticket of a slot whose holder comes late; late by
+        less than :data:`bot.slots.MOVE_WITHIN` of a window, it moves to now (``retaken``), with the
+        later slots of its lane as far as they must; later than that, a new one is reserved.
         """
+
+    def slot_of(self, action: str, ticket: int) -> Slot | None:
+        """Ticket ``ticket``'s slot of ``action`` as it stands now (a late holder may have moved it),
+        waiting for a booking being made; ``None`` when it is no longer kept (too old to move)."""
+
+    def slot_went(self, action: str, ticket: int, at: float, margin: float) -> None:
+        """Ticket ``ticket``'s call of ``action`` went at ``at`` (seconds on the database's clock),
+        later than its slot: count the slot from then, and move its lane's later slots as far as
+        they must (:meth:`bot.slots.Schedule.went`). Nothing if it is no longer kept."""
 
 
 def is_url(location: str) -> bool:

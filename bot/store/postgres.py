@@ -49,6 +49,7 @@ from bot.domain import (
     Tally,
     Upload,
 )
+from bot.slots import MOVE_WITHIN
 from bot.store import CREATION_ENDED, AlreadyRead, AlreadyRetried, Figures, Lease, Slot, StepTurn, StoreUnavailable, log_transition, redact_url
 
 log = logging.getLogger(__name__)
@@ -351,6 +352,193 @@ def m008_slot_spacing(cur: psycopg.Cursor[Any]) -> None:
             RETURN QUERY SELECT at - now_, at, quota.qps, false;
         END
         $$;
+        """
+    )
+
+
+@migration
+def m009_slot_tickets(cur: psycopg.Cursor[Any]) -> None:
+    """Slots as numbered tickets in lanes, and a late holder's slot moved rather than lost: the SQL
+    twin of :class:`bot.slots.Schedule`. ``granted`` now holds the slots of tickets ``last_ticket -
+    cardinality(granted) + 1`` to ``last_ticket`` (every one still to come or late enough to move),
+    ``lanes`` their lanes, ``lane_last`` each lane's latest start; the latest slots kept so far
+    become one lane each.
+
+    ``iotreg_book_slot``, which replicas of the previous versions call (by a slot's start), books
+    through the new function too: every replica keeps one schedule while a deploy rolls."""
+    cur.execute(
+        f"""
+        ALTER TABLE quotas
+            ADD COLUMN last_ticket bigint NOT NULL DEFAULT 0,
+            ADD COLUMN lanes integer[] NOT NULL DEFAULT '{{}}',
+            ADD COLUMN lane_last double precision[] NOT NULL DEFAULT '{{}}';
+        UPDATE quotas SET last_ticket = cardinality(granted), lane_last = granted,
+            lanes = ARRAY(SELECT k - 1 FROM generate_subscripts(granted, 1) AS k ORDER BY k);
+
+        CREATE FUNCTION iotreg_book_ticket(wanted text, margin double precision, retake bigint, spacing double precision)
+        RETURNS TABLE (slot_wait double precision, slot_start double precision, slot_qps double precision,
+                       slot_retaken boolean, slot_ticket bigint)
+        LANGUAGE plpgsql
+        SET lock_timeout = '{BOOKING_LOCK_TIMEOUT}s'
+        AS $$
+        DECLARE
+            quota quotas%ROWTYPE;
+            now_ double precision;
+            starts double precision[];
+            lanes_ integer[];
+            last_ double precision[];
+            n integer;
+            calls integer;
+            window_ double precision;
+            movable double precision;
+            drop_ integer := 0;
+            i integer;
+            lane integer := 1;
+            at double precision;
+        BEGIN
+            SELECT * INTO quota FROM quotas WHERE action = wanted FOR UPDATE;
+            IF NOT FOUND THEN
+                RETURN;
+            END IF;
+            now_ := extract(epoch FROM clock_timestamp())::double precision;
+            calls := greatest(1, floor(quota.qps))::integer;
+            window_ := calls / quota.qps * (1 + margin);
+            movable := window_ * {MOVE_WITHIN};
+            starts := quota.granted;
+            lanes_ := quota.lanes;
+            last_ := quota.lane_last;
+            n := cardinality(starts);
+            -- calls lanes: a quota raised adds free ones; one lowered keeps calls of them, each busy
+            -- until the latest slot of any.
+            IF cardinality(last_) < calls THEN
+                last_ := last_ || array_fill('-Infinity'::double precision, ARRAY[calls - cardinality(last_)]);
+            ELSIF cardinality(last_) > calls THEN
+                last_ := array_fill((SELECT max(l) FROM unnest(last_) AS l), ARRAY[calls]);
+            END IF;
+            -- Forget the oldest slots, too old to move.
+            WHILE drop_ < n AND starts[drop_ + 1] < now_ - movable LOOP
+                drop_ := drop_ + 1;
+            END LOOP;
+            IF drop_ > 0 THEN
+                starts := starts[drop_ + 1:n];
+                lanes_ := lanes_[drop_ + 1:n];
+                n := n - drop_;
+            END IF;
+            i := CASE WHEN retake BETWEEN quota.last_ticket - n + 1 AND quota.last_ticket
+                      THEN (retake - (quota.last_ticket - n))::integer END;
+            IF i IS NOT NULL AND now_ <= starts[i] + movable THEN
+                -- A late holder goes now; its slot is counted from half the margin later (the
+                -- time its call may take to leave), its lane's later slots a window after it.
+                UPDATE quotas SET granted = starts, lanes = lanes_, lane_last = last_ WHERE action = wanted;
+                PERFORM iotreg_slot_went(wanted, retake, now_, margin);
+                at := greatest(starts[i], now_);
+                RETURN QUERY SELECT at - now_, at, quota.qps, true, retake;
+                RETURN;
+            END IF;
+            -- The lane that has room soonest.
+            FOR k IN 2..calls LOOP
+                IF last_[k] < last_[lane] THEN
+                    lane := k;
+                END IF;
+            END LOOP;
+            at := greatest(now_, last_[lane] + window_);
+            IF spacing > 0 AND n > 0 THEN
+                at := greatest(at, starts[n] + window_ / calls * spacing);
+            END IF;
+            last_[lane] := at;
+            UPDATE quotas SET granted = starts || at, lanes = lanes_ || (lane - 1), lane_last = last_,
+                              last_ticket = quota.last_ticket + 1
+            WHERE action = wanted;
+            RETURN QUERY SELECT at - now_, at, quota.qps, false, quota.last_ticket + 1;
+        END
+        $$;
+
+        -- A ticket's slot as it stands now; the row lock waits for a booking being made.
+        CREATE FUNCTION iotreg_slot_of(wanted text, ticket bigint)
+        RETURNS TABLE (slot_wait double precision, slot_start double precision, slot_qps double precision,
+                       slot_retaken boolean, slot_ticket bigint)
+        LANGUAGE plpgsql
+        SET lock_timeout = '{BOOKING_LOCK_TIMEOUT}s'
+        AS $$
+        DECLARE
+            quota quotas%ROWTYPE;
+            i bigint;
+        BEGIN
+            SELECT * INTO quota FROM quotas WHERE action = wanted FOR UPDATE;
+            IF NOT FOUND THEN
+                RETURN;
+            END IF;
+            i := ticket - (quota.last_ticket - cardinality(quota.granted));
+            IF i < 1 OR i > cardinality(quota.granted) THEN
+                RETURN;
+            END IF;
+            RETURN QUERY SELECT quota.granted[i] - extract(epoch FROM clock_timestamp())::double precision,
+                                quota.granted[i], quota.qps, false, ticket;
+        END
+        $$;
+
+        -- A ticket's call went at went_at, later than its slot: counted from then, its lane after it.
+        CREATE FUNCTION iotreg_slot_went(wanted text, ticket bigint, went_at double precision, margin double precision)
+        RETURNS void
+        LANGUAGE plpgsql
+        SET lock_timeout = '{BOOKING_LOCK_TIMEOUT}s'
+        AS $$
+        DECLARE
+            quota quotas%ROWTYPE;
+            starts double precision[];
+            n integer;
+            i integer;
+            lane integer;
+            previous double precision;
+            window_ double precision;
+        BEGIN
+            SELECT * INTO quota FROM quotas WHERE action = wanted FOR UPDATE;
+            IF NOT FOUND THEN
+                RETURN;
+            END IF;
+            starts := quota.granted;
+            n := cardinality(starts);
+            IF ticket NOT BETWEEN quota.last_ticket - n + 1 AND quota.last_ticket THEN
+                RETURN;
+            END IF;
+            i := (ticket - (quota.last_ticket - n))::integer;
+            IF went_at <= starts[i] THEN
+                RETURN;
+            END IF;
+            window_ := greatest(1, floor(quota.qps)) / quota.qps * (1 + margin);
+            lane := quota.lanes[i];
+            starts[i] := went_at;
+            previous := went_at;
+            FOR j IN i + 1..n LOOP
+                IF quota.lanes[j] = lane THEN
+                    starts[j] := greatest(starts[j], previous + window_);
+                    previous := starts[j];
+                END IF;
+            END LOOP;
+            IF lane < cardinality(quota.lane_last) THEN
+                UPDATE quotas SET granted = starts, lane_last[lane + 1] = greatest(lane_last[lane + 1], previous)
+                WHERE action = wanted;
+            ELSE  -- a lane of a quota since lowered
+                UPDATE quotas SET granted = starts WHERE action = wanted;
+            END IF;
+        END
+        $$;
+
+        -- The previous versions' calls, by a slot's start: one schedule for every replica.
+        CREATE OR REPLACE FUNCTION iotreg_book_slot(wanted text, margin double precision, retake double precision, spacing double precision)
+        RETURNS TABLE (slot_wait double precision, slot_start double precision, slot_qps double precision, slot_retaken boolean)
+        LANGUAGE sql
+        AS $$
+            SELECT b.slot_wait, b.slot_start, b.slot_qps, b.slot_retaken
+            FROM iotreg_book_ticket(
+                wanted, margin,
+                (SELECT q.last_ticket - cardinality(q.granted) + array_position(q.granted, retake) FROM quotas q WHERE q.action = wanted),
+                spacing) b
+        $$;
+        CREATE OR REPLACE FUNCTION iotreg_book_slot(wanted text, margin double precision, retake double precision)
+        RETURNS TABLE (slot_wait double precision, slot_start double precision, slot_qps double precision, slot_retaken boolean)
+        LANGUAGE sql
+        AS $$ SELECT * FROM iotreg_book_slot(wanted, margin, retake, 0.0::double precision) $$;
         """
     )
 
@@ -1081,19 +1269,26 @@ class PostgresStore:
                     changed[action] = (before, qps)
         return changed
 
-    def book_slot(self, action: str, margin: float, retake: float | None = None, spacing: float = 0.0) -> Slot | None:
-        """One statement (:func:`m008_slot_spacing`'s ``iotreg_book_slot``): one round trip per call."""
+    def book_slot(self, action: str, margin: float, retake: int | None = None, spacing: float = 0.0) -> Slot | None:
+        """One statement (:func:`m009_slot_tickets`'s ``iotreg_book_ticket``): one round trip per call."""
+        return self._slot("SELECT * FROM iotreg_book_ticket(%s, %s, %s, %s)", [action, margin, retake, spacing], action)
+
+    def slot_of(self, action: str, ticket: int) -> Slot | None:
+        return self._slot("SELECT * FROM iotreg_slot_of(%s, %s)", [action, ticket], action)
+
+    def slot_went(self, action: str, ticket: int, at: float, margin: float) -> None:
+        self._slot("SELECT iotreg_slot_went(%s, %s, %s, %s)", [action, ticket, at, margin], action)
+
+    def _slot(self, sql: str, args: list[Any], action: str) -> Slot | None:
         with self._borrowed() as conn:
             try:
-                rows = conn.execute(
-                    "SELECT * FROM iotreg_book_slot(%s, %s, %s, %s)", [action, margin, retake, spacing]
-                ).fetchall()
+                rows = conn.execute(sql, args).fetchall()
             except psycopg.errors.LockNotAvailable:
                 raise StoreUnavailable(
                     f"the quota of {action} in the PostgreSQL database {self._where} stayed locked for "
                     f"{BOOKING_LOCK_TIMEOUT} s by another session: end that session's transaction"
                 ) from None
-        return Slot(*rows[0]) if rows else None
+        return Slot(*rows[0]) if rows and len(rows[0]) > 1 else None
 
 
 #: With an approval, in its transaction: the next step is due at once (the parameter: the

@@ -41,6 +41,7 @@ from bot.domain import (
     Tally,
     Upload,
 )
+from bot.slots import Schedule
 from bot.store import CREATION_ENDED, AlreadyRead, AlreadyRetried, Figures, Lease, Slot, StepTurn, StoreBusy, StoreUnavailable, log_transition
 
 
@@ -229,6 +230,22 @@ def m010_iot_ids_read(db: Database) -> None:
 def m011_quotas(db: Database) -> None:
     """The IoT Platform quotas and their latest slots (see :meth:`SqliteStore.book_slot`)."""
     db["quotas"].create({"action": str, "qps": float, "granted": str, "changed_at": str}, pk="action", not_null={"qps", "granted"})
+
+
+@migrations()
+def m012_slot_tickets(db: Database) -> None:
+    """Slots as numbered tickets in lanes (see :mod:`bot.slots`): ``granted`` holds the slots of
+    tickets ``last_ticket - len(granted) + 1`` to ``last_ticket``, ``lanes`` their lanes (JSON), and
+    ``lane_last`` each lane's latest start. The latest slots kept so far become one lane each."""
+    db["quotas"].add_column("last_ticket", int, not_null_default=0)
+    db["quotas"].add_column("lanes", str, not_null_default="[]")
+    db["quotas"].add_column("lane_last", str, not_null_default="[]")
+    for action, granted in db.execute("SELECT action, granted FROM quotas").fetchall():
+        starts = json.loads(granted)
+        db.execute(
+            "UPDATE quotas SET last_ticket = ?, lanes = ?, lane_last = ? WHERE action = ?",
+            [len(starts), json.dumps(list(range(len(starts)))), granted, action],
+        )
 
 
 def format_time(value: datetime) -> str:
@@ -1032,27 +1049,41 @@ class SqliteStore:
                     changed[action] = (row[0], qps)
         return changed
 
-    def book_slot(self, action: str, margin: float, retake: float | None = None, spacing: float = 0.0) -> Slot | None:
+    def book_slot(self, action: str, margin: float, retake: int | None = None, spacing: float = 0.0) -> Slot | None:
         """The slot computed in this process, under the write lock, on the wall clock."""
         with self._write() as db:
-            row = db.execute("SELECT qps, granted FROM quotas WHERE action = ?", [action]).fetchone()
-            if row is None:
+            qps, schedule = self._schedule(db, action)
+            if schedule is None:
                 return None
-            qps, granted = row[0], json.loads(row[1])
             now = time.time()
-            if retake is not None and granted and granted[-1] == retake:
-                granted[-1] = now
-                slot = Slot(0.0, now, qps, retaken=True)
-            else:
-                calls = max(1, math.floor(qps))
-                window = calls / qps * (1 + margin)
-                start = now if len(granted) < calls else max(now, granted[-calls] + window)
-                if spacing > 0 and granted:
-                    start = max(start, granted[-1] + window / calls * spacing)
-                granted = [*granted[max(0, len(granted) + 1 - calls):], start]
-                slot = Slot(start - now, start, qps)
-            db.execute("UPDATE quotas SET granted = ? WHERE action = ?", [json.dumps(granted), action])
-        return slot
+            booked = schedule.book(now, qps, margin, spacing, retake)
+            self._keep_schedule(db, action, schedule)
+        return Slot(booked.start - now, booked.start, qps, booked.moved, booked.ticket)
+
+    def slot_went(self, action: str, ticket: int, at: float, margin: float) -> None:
+        with self._write() as db:
+            qps, schedule = self._schedule(db, action)
+            if schedule is not None and schedule.went(ticket, at, qps, margin):
+                self._keep_schedule(db, action, schedule)
+
+    def slot_of(self, action: str, ticket: int) -> Slot | None:
+        qps, schedule = self._schedule(self.db, action)
+        start = None if schedule is None else schedule.slot_of(ticket)
+        return None if start is None else Slot(start - time.time(), start, qps, False, ticket)
+
+    @staticmethod
+    def _schedule(db: Database, action: str) -> tuple[float, Schedule | None]:
+        row = db.execute("SELECT qps, granted, last_ticket, lanes, lane_last FROM quotas WHERE action = ?", [action]).fetchone()
+        if row is None:
+            return 0.0, None
+        return row[0], Schedule(json.loads(row[1]), row[2], json.loads(row[3]), json.loads(row[4]))
+
+    @staticmethod
+    def _keep_schedule(db: Database, action: str, schedule: Schedule) -> None:
+        db.execute(
+            "UPDATE quotas SET granted = ?, last_ticket = ?, lanes = ?, lane_last = ? WHERE action = ?",
+            [json.dumps(schedule.starts), schedule.last, json.dumps(schedule.lanes), json.dumps(schedule.lane_last), action],
+        )
 
 
 #: With an approval, in its transaction: the next step is due at once (the two parameters: the
