@@ -72,12 +72,15 @@ class Booked(NamedTuple):
 class Schedule:
     """The slots still of use of one action: ``starts`` of tickets ``last - len(starts) + 1`` to
     ``last``, in ticket order (every slot still to come or late enough to move), the ``lanes`` they
-    are in, and the latest start of each lane (``lane_last``, :data:`FREE` for a lane never used)."""
+    are in, the latest start of each lane (``lane_last``, :data:`FREE` for a lane never used), and
+    the start the last ticket was booked at (``spaced``)."""
 
     starts: list[float] = dataclasses.field(default_factory=list)
     last: int = 0
     lanes: list[int] = dataclasses.field(default_factory=list)
     lane_last: list[float] = dataclasses.field(default_factory=list)
+    #: The start the last ticket was booked at (a move since does not count): the spacing's mark.
+    spaced: float = FREE
 
     @property
     def first(self) -> int:
@@ -89,7 +92,8 @@ class Schedule:
         moved as far as they must).
 
         With a ``spacing`` above 0, a new slot starts no sooner than that share of a slot's time
-        (``window / calls``) after the last ticket's."""
+        (``window / calls``) after the last ticket's, as it was booked: a lane moved since holds up
+        only its own slots."""
         calls, window = window_of(qps, margin)
         self._fit(calls)
         self._forget(now - window * MOVE_WITHIN)
@@ -102,8 +106,9 @@ class Schedule:
                 return Booked(start, retake, moved=True)
         lane = min(range(calls), key=self.lane_last.__getitem__)
         start = max(now, self.lane_last[lane] + window)
-        if spacing > 0 and starts:
-            start = max(start, starts[-1] + window / calls * spacing)
+        if spacing > 0:
+            start = max(start, self.spaced + window / calls * spacing)
+        self.spaced = start
         starts.append(start)
         self.lanes.append(lane)
         self.lane_last[lane] = start

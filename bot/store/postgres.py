@@ -361,8 +361,8 @@ def m009_slot_tickets(cur: psycopg.Cursor[Any]) -> None:
     """Slots as numbered tickets in lanes, and a late holder's slot moved rather than lost: the SQL
     twin of :class:`bot.slots.Schedule`. ``granted`` now holds the slots of tickets ``last_ticket -
     cardinality(granted) + 1`` to ``last_ticket`` (every one still to come or late enough to move),
-    ``lanes`` their lanes, ``lane_last`` each lane's latest start; the latest slots kept so far
-    become one lane each.
+    ``lanes`` their lanes, ``lane_last`` each lane's latest start, ``spaced`` the last ticket's start
+    as booked; the latest slots kept so far become one lane each.
 
     ``iotreg_book_slot``, which replicas of the previous versions call (by a slot's start), books
     through the new function too: every replica keeps one schedule while a deploy rolls."""
@@ -371,8 +371,10 @@ def m009_slot_tickets(cur: psycopg.Cursor[Any]) -> None:
         ALTER TABLE quotas
             ADD COLUMN last_ticket bigint NOT NULL DEFAULT 0,
             ADD COLUMN lanes integer[] NOT NULL DEFAULT '{{}}',
-            ADD COLUMN lane_last double precision[] NOT NULL DEFAULT '{{}}';
+            ADD COLUMN lane_last double precision[] NOT NULL DEFAULT '{{}}',
+            ADD COLUMN spaced double precision NOT NULL DEFAULT '-Infinity';
         UPDATE quotas SET last_ticket = cardinality(granted), lane_last = granted,
+            spaced = coalesce((SELECT max(g) FROM unnest(granted) AS g), '-Infinity'),
             lanes = ARRAY(SELECT k - 1 FROM generate_subscripts(granted, 1) AS k ORDER BY k);
 
         CREATE FUNCTION iotreg_book_ticket(wanted text, margin double precision, retake bigint, spacing double precision)
@@ -442,12 +444,12 @@ def m009_slot_tickets(cur: psycopg.Cursor[Any]) -> None:
                 END IF;
             END LOOP;
             at := greatest(now_, last_[lane] + window_);
-            IF spacing > 0 AND n > 0 THEN
-                at := greatest(at, starts[n] + window_ / calls * spacing);
+            IF spacing > 0 THEN  -- after the last ticket as it was booked (a lane moved since holds up only itself)
+                at := greatest(at, quota.spaced + window_ / calls * spacing);
             END IF;
             last_[lane] := at;
             UPDATE quotas SET granted = starts || at, lanes = lanes_ || (lane - 1), lane_last = last_,
-                              last_ticket = quota.last_ticket + 1
+                              last_ticket = quota.last_ticket + 1, spaced = at
             WHERE action = wanted;
             RETURN QUERY SELECT at - now_, at, quota.qps, false, quota.last_ticket + 1;
         END

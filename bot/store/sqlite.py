@@ -41,7 +41,7 @@ from bot.domain import (
     Tally,
     Upload,
 )
-from bot.slots import Schedule
+from bot.slots import FREE, Schedule
 from bot.store import CREATION_ENDED, AlreadyRead, AlreadyRetried, Figures, Lease, Slot, StepTurn, StoreBusy, StoreUnavailable, log_transition
 
 
@@ -235,16 +235,18 @@ def m011_quotas(db: Database) -> None:
 @migrations()
 def m012_slot_tickets(db: Database) -> None:
     """Slots as numbered tickets in lanes (see :mod:`bot.slots`): ``granted`` holds the slots of
-    tickets ``last_ticket - len(granted) + 1`` to ``last_ticket``, ``lanes`` their lanes (JSON), and
-    ``lane_last`` each lane's latest start. The latest slots kept so far become one lane each."""
+    tickets ``last_ticket - len(granted) + 1`` to ``last_ticket``, ``lanes`` their lanes (JSON),
+    ``lane_last`` each lane's latest start and ``spaced`` the last ticket's start as booked. The
+    latest slots kept so far become one lane each."""
     db["quotas"].add_column("last_ticket", int, not_null_default=0)
     db["quotas"].add_column("lanes", str, not_null_default="[]")
     db["quotas"].add_column("lane_last", str, not_null_default="[]")
+    db["quotas"].add_column("spaced", float)  # NULL: none booked yet
     for action, granted in db.execute("SELECT action, granted FROM quotas").fetchall():
         starts = json.loads(granted)
         db.execute(
-            "UPDATE quotas SET last_ticket = ?, lanes = ?, lane_last = ? WHERE action = ?",
-            [len(starts), json.dumps(list(range(len(starts)))), granted, action],
+            "UPDATE quotas SET last_ticket = ?, lanes = ?, lane_last = ?, spaced = ? WHERE action = ?",
+            [len(starts), json.dumps(list(range(len(starts)))), granted, max(starts, default=None), action],
         )
 
 
@@ -1073,16 +1075,17 @@ class SqliteStore:
 
     @staticmethod
     def _schedule(db: Database, action: str) -> tuple[float, Schedule | None]:
-        row = db.execute("SELECT qps, granted, last_ticket, lanes, lane_last FROM quotas WHERE action = ?", [action]).fetchone()
+        row = db.execute("SELECT qps, granted, last_ticket, lanes, lane_last, spaced FROM quotas WHERE action = ?", [action]).fetchone()
         if row is None:
             return 0.0, None
-        return row[0], Schedule(json.loads(row[1]), row[2], json.loads(row[3]), json.loads(row[4]))
+        return row[0], Schedule(json.loads(row[1]), row[2], json.loads(row[3]), json.loads(row[4]), FREE if row[5] is None else row[5])
 
     @staticmethod
     def _keep_schedule(db: Database, action: str, schedule: Schedule) -> None:
         db.execute(
-            "UPDATE quotas SET granted = ?, last_ticket = ?, lanes = ?, lane_last = ? WHERE action = ?",
-            [json.dumps(schedule.starts), schedule.last, json.dumps(schedule.lanes), json.dumps(schedule.lane_last), action],
+            "UPDATE quotas SET granted = ?, last_ticket = ?, lanes = ?, lane_last = ?, spaced = ? WHERE action = ?",
+            [json.dumps(schedule.starts), schedule.last, json.dumps(schedule.lanes), json.dumps(schedule.lane_last),
+             None if schedule.spaced == FREE else schedule.spaced, action],
         )
 
 
