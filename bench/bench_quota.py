@@ -238,7 +238,7 @@ def main() -> None:
     report(
         "Quotas shared through PostgreSQL (bench_quota.py)",
         f"""
-Each booking is one statement (`iotreg_book_slot`): one round trip per IoT Platform call.
+Each booking is one statement (`iotreg_book_ticket`): one round trip per IoT Platform call. Every booking here is of a slot ahead that nobody takes, so the schedule it rewrites grows with each: 200 to start, then one more per booking timed.
 
 {cost}
 
