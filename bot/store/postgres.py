@@ -366,6 +366,9 @@ def m009_slot_tickets(cur: psycopg.Cursor[Any]) -> None:
 
     ``iotreg_book_slot``, which replicas of the previous versions call (by a slot's start), books
     through the new function too: every replica keeps one schedule while a deploy rolls."""
+    # What each of the functions answers, and how each starts: locked on its quota's row.
+    slot_row = "slot_wait double precision, slot_start double precision, slot_qps double precision, slot_retaken boolean, slot_ticket bigint"
+    locked = f"LANGUAGE plpgsql SET lock_timeout = '{BOOKING_LOCK_TIMEOUT}s' AS $$ DECLARE"
     cur.execute(
         f"""
         ALTER TABLE quotas
@@ -378,12 +381,8 @@ def m009_slot_tickets(cur: psycopg.Cursor[Any]) -> None:
             lanes = ARRAY(SELECT k - 1 FROM generate_subscripts(granted, 1) AS k ORDER BY k);
 
         CREATE FUNCTION iotreg_book_ticket(wanted text, margin double precision, retake bigint, spacing double precision)
-        RETURNS TABLE (slot_wait double precision, slot_start double precision, slot_qps double precision,
-                       slot_retaken boolean, slot_ticket bigint)
-        LANGUAGE plpgsql
-        SET lock_timeout = '{BOOKING_LOCK_TIMEOUT}s'
-        AS $$
-        DECLARE
+        RETURNS TABLE ({slot_row})
+        {locked}
             quota quotas%ROWTYPE;
             now_ double precision;
             starts double precision[];
@@ -457,12 +456,8 @@ def m009_slot_tickets(cur: psycopg.Cursor[Any]) -> None:
 
         -- A ticket's slot as it stands now; the row lock waits for a booking being made.
         CREATE FUNCTION iotreg_slot_of(wanted text, ticket bigint)
-        RETURNS TABLE (slot_wait double precision, slot_start double precision, slot_qps double precision,
-                       slot_retaken boolean, slot_ticket bigint)
-        LANGUAGE plpgsql
-        SET lock_timeout = '{BOOKING_LOCK_TIMEOUT}s'
-        AS $$
-        DECLARE
+        RETURNS TABLE ({slot_row})
+        {locked}
             quota quotas%ROWTYPE;
             i bigint;
         BEGIN
@@ -482,10 +477,7 @@ def m009_slot_tickets(cur: psycopg.Cursor[Any]) -> None:
         -- A ticket's call went at went_at, later than its slot: counted from then, its lane after it.
         CREATE FUNCTION iotreg_slot_went(wanted text, ticket bigint, went_at double precision, margin double precision)
         RETURNS void
-        LANGUAGE plpgsql
-        SET lock_timeout = '{BOOKING_LOCK_TIMEOUT}s'
-        AS $$
-        DECLARE
+        {locked}
             quota quotas%ROWTYPE;
             starts double precision[];
             n integer;
