@@ -43,7 +43,8 @@ MOVE_WITHIN = 0.5
 
 def window_of(qps: float, margin: float) -> tuple[int, float]:
     """``(calls, seconds)``: at most ``calls`` slots in any window of ``seconds`` (a quota under 1/s,
-    0.5, means one call per 2 s; above it, N calls in any second), lengthened by the ``margin``."""
+    0.5, means one call per 2 s; above it, ``floor(qps)`` calls in any ``floor(qps) / qps``
+    seconds: N calls in any second for a whole quota), lengthened by the ``margin``."""
     calls = max(1, math.floor(qps))
     return calls, calls / qps * (1 + margin)
 
@@ -96,7 +97,7 @@ class Schedule:
         only its own slots."""
         calls, window = window_of(qps, margin)
         self._fit(calls)
-        self._forget(now - window * MOVE_WITHIN)
+        self._forget(now - window)
         starts = self.starts
         if retake is not None and self.first <= retake <= self.last:
             i = retake - self.first
@@ -130,6 +131,8 @@ class Schedule:
                 starts[j] = previous = max(starts[j], previous + window)
         if lanes[i] < len(self.lane_last):
             self.lane_last[lanes[i]] = max(self.lane_last[lanes[i]], previous)
+        else:  # a lane of a quota since lowered: every lane waits for it
+            self.lane_last = [max(last, previous) for last in self.lane_last]
         return True
 
     def slot_of(self, ticket: int) -> float | None:
@@ -139,15 +142,19 @@ class Schedule:
         return None
 
     def _fit(self, calls: int) -> None:
-        """``calls`` lanes. A quota raised adds free lanes; one lowered keeps the first ``calls``
-        lanes, each busy until the latest slot of any (the slots booked under the old quota go first)."""
+        """``calls`` lanes. A quota raised adds lanes, each busy until its latest kept slot (a lane
+        of an earlier, higher quota may still hold some: every slot of the last window is kept); one
+        lowered keeps the first ``calls`` lanes, each busy until the latest slot of any: the slots
+        booked under the old quota go first."""
         if len(self.lane_last) < calls:
-            self.lane_last.extend([FREE] * (calls - len(self.lane_last)))
+            for lane in range(len(self.lane_last), calls):
+                self.lane_last.append(max((s for s, k in zip(self.starts, self.lanes) if k == lane), default=FREE))
         elif len(self.lane_last) > calls:
             self.lane_last = [max(self.lane_last)] * calls
 
     def _forget(self, before: float) -> None:
-        """Drop the oldest slots that started before ``before``: too old to move."""
+        """Drop the oldest slots that started before ``before``: a window ago, too old to move or
+        to hold up a lane."""
         drop = 0
         while drop < len(self.starts) and self.starts[drop] < before:
             drop += 1

@@ -845,6 +845,23 @@ def test_a_holder_later_than_half_a_window_loses_its_slot_and_books_a_new_one(st
     assert store.slot_of("BatchCheckDeviceNames", a.ticket) is None  # forgotten, too old to move
 
 
+def test_a_quota_lowered_and_raised_again_keeps_every_window_within_the_quota(store):
+    """Slots booked ahead under the first quota keep their lanes: lanes given back by a raise wait
+    for them, and so does every lane for a late call of a lane the lowering dropped."""
+    book = lambda: store.book_slot("BatchCheckDeviceNames", 0.05).ticket  # noqa: E731
+    store.set_quotas({"BatchCheckDeviceNames": 10})
+    tickets = [book() for _ in range(30)]  # three windows ahead
+    store.set_quotas({"BatchCheckDeviceNames": 5})
+    tickets.append(book())
+    moved = tickets[7]  # in the eighth of the ten lanes, which the lowering dropped: its call is late
+    store.slot_went("BatchCheckDeviceNames", moved, store.slot_of("BatchCheckDeviceNames", moved).start + 0.3, 0.05)
+    tickets += [book() for _ in range(4)]
+    store.set_quotas({"BatchCheckDeviceNames": 10})  # the typo mended
+    tickets += [book() for _ in range(15)]
+    starts = [store.slot_of("BatchCheckDeviceNames", ticket).start for ticket in tickets]
+    assert calls_in_any_window(starts, 1.05) == 10
+
+
 def test_slots_booked_by_the_previous_version_by_their_start_share_the_schedule(postgres_url):
     """A replica of the previous version books through ``iotreg_book_slot`` and retakes by a slot's
     start while a deploy rolls: its slots are tickets of the same schedule. (One process serves a

@@ -409,15 +409,18 @@ def m009_slot_tickets(cur: psycopg.Cursor[Any]) -> None:
             lanes_ := quota.lanes;
             last_ := quota.lane_last;
             n := cardinality(starts);
-            -- calls lanes: a quota raised adds free ones; one lowered keeps calls of them, each busy
-            -- until the latest slot of any.
+            -- calls lanes: a quota raised adds lanes, each busy until its latest kept slot (a lane of
+            -- an earlier, higher quota may still hold some: every slot of the last window is kept);
+            -- one lowered keeps calls of them, each busy until the latest slot of any.
             IF cardinality(last_) < calls THEN
-                last_ := last_ || array_fill('-Infinity'::double precision, ARRAY[calls - cardinality(last_)]);
+                last_ := last_ || ARRAY(
+                    SELECT coalesce((SELECT max(t.s) FROM unnest(starts, lanes_) AS t(s, l) WHERE t.l = k - 1), '-Infinity')
+                    FROM generate_series(cardinality(last_) + 1, calls) AS k ORDER BY k);
             ELSIF cardinality(last_) > calls THEN
                 last_ := array_fill((SELECT max(l) FROM unnest(last_) AS l), ARRAY[calls]);
             END IF;
-            -- Forget the oldest slots, too old to move.
-            WHILE drop_ < n AND starts[drop_ + 1] < now_ - movable LOOP
+            -- Forget the oldest slots: a window ago, too old to move or to hold up a lane.
+            WHILE drop_ < n AND starts[drop_ + 1] < now_ - window_ LOOP
                 drop_ := drop_ + 1;
             END LOOP;
             IF drop_ > 0 THEN
@@ -428,8 +431,7 @@ def m009_slot_tickets(cur: psycopg.Cursor[Any]) -> None:
             i := CASE WHEN retake BETWEEN quota.last_ticket - n + 1 AND quota.last_ticket
                       THEN (retake - (quota.last_ticket - n))::integer END;
             IF i IS NOT NULL AND now_ <= starts[i] + movable THEN
-                -- A late holder goes now; its slot is counted from half the margin later (the
-                -- time its call may take to leave), its lane's later slots a window after it.
+                -- A late holder goes now: its slot counts from now, its lane's later slots a window after it.
                 UPDATE quotas SET granted = starts, lanes = lanes_, lane_last = last_ WHERE action = wanted;
                 PERFORM iotreg_slot_went(wanted, retake, now_, margin);
                 at := greatest(starts[i], now_);
@@ -512,8 +514,10 @@ def m009_slot_tickets(cur: psycopg.Cursor[Any]) -> None:
             IF lane < cardinality(quota.lane_last) THEN
                 UPDATE quotas SET granted = starts, lane_last[lane + 1] = greatest(lane_last[lane + 1], previous)
                 WHERE action = wanted;
-            ELSE  -- a lane of a quota since lowered
-                UPDATE quotas SET granted = starts WHERE action = wanted;
+            ELSE  -- a lane of a quota since lowered: every lane waits for it
+                UPDATE quotas SET granted = starts,
+                    lane_last = ARRAY(SELECT greatest(l, previous) FROM unnest(lane_last) WITH ORDINALITY AS t(l, k) ORDER BY k)
+                WHERE action = wanted;
             END IF;
         END
         $$;
