@@ -101,7 +101,6 @@ class Silent:
 def _serve_emulator(conn: Connection, check_seconds: float, create_seconds: float) -> None:
     """Child process: run the emulator until told to stop; answer "report" with its counts."""
     from bot.standins.emulator import Emulator
-
     from bot.standins.emulator.server import SWITCH_INTERVAL
 
     sys.setswitchinterval(SWITCH_INTERVAL)  # as `iotreg emulator` runs

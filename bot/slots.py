@@ -20,11 +20,11 @@ A call counts from when it really went, not from when it was meant to:
 
 Either way the later slots of its lane move as far as they must to stay a window apart, and the
 next tickets go to the lanes that have room sooner: lateness costs a share of the time it lasted,
-not a slot, and the calls of its lane keep their window. A slot booked ahead is read again by its holder
-(:meth:`Schedule.slot_of`) once it can no longer move: a move reaches it only from a slot of its
-lane a window before it, at most ``MOVE_WITHIN`` of a window after that one's time, so a slot read
-less than a window less that before its time is settled (:func:`settled_within`). (A call whose
-answer comes later still moves its lane all the same, for the slots not yet settled.)
+not a slot, and the calls of its lane keep their window. A slot booked ahead is read again by its
+holder (:meth:`Schedule.slot_of`) once it can no longer move: a move reaches it only from a slot of
+its lane a window before it, at most ``MOVE_WITHIN`` of a window after that one's time, so a slot
+read less than a window less that before its time is settled (:func:`settled_within`). (A call
+whose answer comes later still moves its lane all the same, for the slots not yet settled.)
 """
 
 from __future__ import annotations

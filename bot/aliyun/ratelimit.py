@@ -7,8 +7,8 @@ is longer than the wait would have been.
 Both limiters book by one rule (:mod:`bot.slots`): each slot a numbered ticket in one of *N* lanes,
 each lane's slots a window apart, so that no window ever holds more than *N* calls, whatever the
 threads do. (A call may be counted up to half the margin after its slot: then the guarantee is for
-a window of a second and half the margin, still longer than the platform's second.) Callers reserve their slot and wait
-outside any lock, so waiting threads queue in order and do not spin.
+a window of a second and half the margin, still longer than the platform's second.) Callers
+reserve their slot and wait outside any lock, so waiting threads queue in order and do not spin.
 
 * :class:`RateLimiter` keeps the slots in this process: the quotas of one process (SQLite, the CLI).
 * :class:`SharedRateLimiter` books each slot in the database that several replicas share
@@ -437,7 +437,7 @@ class SharedRateLimiter(Limiter):
             return None
         answered = self._clock.monotonic()
         self._quotas[action] = slot.qps
-        settled = slot.wait <= settled_within(slot.qps, self.margin)
+        settled = slot.wait <= self._settle(action)
         return _Booking(self._local_time(slot, asked, answered), slot.ticket, slot.retaken, settled)
 
     def _confirm(self, action: str, booked: _Booking) -> _Booking:
@@ -446,7 +446,8 @@ class SharedRateLimiter(Limiter):
         if slot is None:
             return booked._replace(settled=True)
         answered = self._clock.monotonic()
-        settled = slot.wait <= settled_within(slot.qps, self.margin)
+        self._quotas[action] = slot.qps
+        settled = slot.wait <= self._settle(action)
         return booked._replace(at=self._local_time(slot, asked, answered), settled=settled)
 
     def _went(self, action: str, slot: _Booking, at: float) -> None:

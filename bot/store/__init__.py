@@ -408,13 +408,13 @@ class Store(Protocol):
         of :mod:`bot.slots` (its :meth:`~bot.slots.Schedule.book`); ``None`` when ``action`` has no
         quota.
 
-        Each slot is a ticket, at least a window of ``calls / qps * (1 + margin)`` seconds after the
-        ticket ``calls = max(1, floor(qps))`` before it, and, with a ``spacing`` above 0, no sooner
-        than that share of a slot's time (``window / calls``) after the last one handed out (so a
-        quota raised meanwhile applies after the slots already booked). Slots are handed out in the
-        order the bookings come. ``retake``: the ticket of a slot whose holder comes late; late by
-        less than :data:`bot.slots.MOVE_WITHIN` of a window, it moves to now (``retaken``), with the
-        later slots of its lane as far as they must; later than that, a new one is reserved.
+        Each slot is a ticket in one of ``calls = max(1, floor(qps))`` lanes: the lane that has room
+        soonest, at least a window of ``calls / qps * (1 + margin)`` seconds after that lane's last
+        slot, and, with a ``spacing`` above 0, no sooner than that share of a slot's time (``window
+        / calls``) after the last ticket as it was booked. Slots are handed out in the order the
+        bookings come. ``retake``: the ticket of a slot whose holder comes late; late by less than
+        :data:`bot.slots.MOVE_WITHIN` of a window, it moves to now (``retaken``), with the later
+        slots of its lane as far as they must; later than that, a new one is reserved.
         """
 
     def slot_of(self, action: str, ticket: int) -> Slot | None:
