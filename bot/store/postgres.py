@@ -642,7 +642,6 @@ class PostgresStore:
             # in use a moment ago is not: a round trip before every statement doubled the time of
             # the acks that read the database.
             check=self._freshness.check,
-            reset=self._freshness.returned,
             configure=_configure,
             reconnect_timeout=60,
             name="iotreg",
@@ -668,7 +667,13 @@ class PostgresStore:
         """A pooled connection (in autocommit: one statement is its own transaction)."""
         try:
             with self._pool.connection() as conn:
-                yield conn
+                try:
+                    yield conn
+                finally:
+                    # Noted here, not in the pool's ``reset`` hook: with a hook, every connection
+                    # given back goes through the pool's worker thread (psycopg_pool's putconn), a
+                    # hand-off between threads for every statement.
+                    self._freshness.returned(conn)
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             raise self._unavailable("lost", exc) from None
 
