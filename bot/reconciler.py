@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from bot.aliyun import errors
 from bot.aliyun.client import ApplyStatus, BatchStatus, IotClient
-from bot.aliyun.ratelimit import MAX_PATIENCE, SlotLater, deferring
+from bot.aliyun.ratelimit import SlotLater, deferring
 from bot.clock import Clock
 from bot.domain import ACTIVE_STATES, CREATION_ENDED, SYSTEM, Chunk, Kind, NotFound, Origin, Outcome, Request, Rule, State, Timing
 from bot.leases import Leases
@@ -180,10 +180,9 @@ class Reconciler:
 
     def _advance_leased(self, request_id: int) -> None:
         now = self.clock.now()
-        # Due a little early is due: a step woken for a booked slot comes its lead early.
-        turn = self.store.begin_request_step(
-            request_id, now + timedelta(seconds=MAX_PATIENCE), now + timedelta(seconds=self.leases.seconds)
-        )
+        # Due at its time, not before: a step woken for a booked slot has its lead in the time it
+        # stored, and a poll sent early can find a check or a creation a moment before its end.
+        turn = self.store.begin_request_step(request_id, now, now + timedelta(seconds=self.leases.seconds))
         if not turn.due:
             # Another process did this step since this wake was asked for: not again, only when due.
             if turn.due_at is not None:

@@ -194,6 +194,27 @@ def test_a_step_wakes_the_notifications_only_when_it_has_news(harness):
     assert harness.jobs.scheduled()["outbox"] <= harness.clock.now()
 
 
+def test_a_wake_before_the_next_poll_is_due_leaves_the_poll_to_its_time(harness):
+    """A status poll sent before its time can find the creation a moment before its end, and then
+    waits out half again of the interval to hear of it. A wake that comes early (the retry of one
+    that found two steps of its request running, a restart's resume) polls nothing."""
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("prompt", 2), origin="cli")
+    harness.run_until(request.id, State.AWAITING_APPROVAL)
+    harness.workflow.requests.approve(request.id, BOB)
+    harness.jobs.run_due()  # the register call; the first poll is due a poll interval later
+    assert harness.state(request.id) == State.REGISTERING
+    due = harness.jobs.scheduled()[f"request-{request.id}"]
+    assert due == harness.clock.now() + timedelta(seconds=harness.timing.poll_interval)
+    polls = harness.emulator.gateway.calls["QueryBatchRegisterDeviceStatus"]
+    harness.clock.advance(harness.timing.poll_interval - 0.2)
+    harness.workflow.advance(request.id)  # 0.2 s early
+    assert harness.emulator.gateway.calls["QueryBatchRegisterDeviceStatus"] == polls
+    assert harness.jobs.scheduled()[f"request-{request.id}"] == due
+    harness.clock.advance(0.2)
+    harness.jobs.run_due()
+    assert harness.emulator.gateway.calls["QueryBatchRegisterDeviceStatus"] == polls + 1
+
+
 def test_a_checked_request_is_not_held_up_behind_a_queue_of_other_requests_checks(harness):
     first = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("early", 3), origin="cli")
     harness.jobs.run_due()  # its check goes out now
