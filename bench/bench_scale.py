@@ -4,8 +4,9 @@ The emulator runs in its own process on the real clock and enforces the account'
 ``Throttling.User`` beyond them); the bot side is the real :class:`~bot.registration.Workflow` on
 APScheduler (:class:`~bot.jobs.SchedulerJobs`, 8 workers, as ``create_app`` sizes it with the
 default IOTREG_WORKERS), its own client-side rate limiter, SQLite in a temp dir, and a notifier that
-does nothing (no Slack: this is about the IoT side). An approver thread approves each request as
-soon as it awaits approval.
+does nothing but hand each request that awaits approval to an approver thread, which approves it at
+once: as a click on the approval message would, as soon as the message is out (no Slack: this is
+about the IoT side).
 
 1. One big request: 100,000 names (ten chunks of 10,000) checked, approved, registered, and every
    device's IotId collected (2,000 QueryPageByApplyId calls of 50). The result (the request done, its
@@ -40,7 +41,7 @@ devices its creation takes seconds longer than ``create_seconds``: that time is 
 in flight (to the last IotId read), driven by N processes at once, each with its own PostgreSQL store (one throwaway
 database), its own scheduler and rate limiter, built as ``iotreg serve`` builds them
 (:func:`bot.wiring.iot_client`, :func:`bot.wiring.workflow`, :class:`~bot.jobs.SchedulerJobs`);
-each submits its share and approves whatever awaits approval. Then the same with one process on
+each submits its share and approves each request whose approval message it delivers. Then the same with one process on
 the same kind of database, for comparison. Targets: no ``Throttling.User``, every device accounted
 for, total within 1.05 times the quota-bound optimum.
 
@@ -55,6 +56,7 @@ import math
 import multiprocessing
 import shutil
 import sys
+import queue
 import tempfile
 import threading
 import time
@@ -79,7 +81,7 @@ from bot.jobs import InlineJobs, SchedulerJobs  # noqa: E402
 from bot.domain import Timing, WorkflowError  # noqa: E402
 from bot.registration import Workflow  # noqa: E402
 from bot.store.sqlite import SqliteStore, parse_time  # noqa: E402
-from bot.domain import Event  # noqa: E402
+from bot.domain import Event, EventKind  # noqa: E402
 
 ACTIONS = ["BatchCheckDeviceNames", "BatchRegisterDeviceWithApplyId", "QueryBatchRegisterDeviceStatus", "QueryPageByApplyId"]
 SHORT = {"BatchCheckDeviceNames": "check", "BatchRegisterDeviceWithApplyId": "register", "QueryBatchRegisterDeviceStatus": "status", "QueryPageByApplyId": "pages"}
@@ -93,6 +95,33 @@ class Silent:
 
     def deliver(self, event: Event) -> None:
         pass
+
+
+class Approver:
+    """The notifier of a run: the approvers' side of Slack. Each request whose approval message it
+    is handed is approved at once, in a thread of its own (as a click on the message would come
+    back as a request of its own), by someone other than the requester."""
+
+    def __init__(self, workflow_of: Callable[[], Workflow]) -> None:
+        self._workflow_of = workflow_of
+        self._waiting: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._approve, daemon=True)
+        self._thread.start()
+
+    def deliver(self, event: Event) -> None:
+        if event.kind == EventKind.AWAITING_APPROVAL:
+            self._waiting.put(event.request_id)
+
+    def stop(self) -> None:
+        self._waiting.put(None)
+        self._thread.join()
+
+    def _approve(self) -> None:
+        while (request_id := self._waiting.get()) is not None:
+            try:
+                self._workflow_of().requests.approve(request_id, "U0BOB")
+            except WorkflowError:
+                pass  # approved already (a message delivered again)
 
 
 # -- the emulator, in its own process -----------------------------------------------------------
@@ -220,26 +249,14 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
         limiter=RateLimiter(DEFAULT_QPS, clock),
         clock=clock,
     )
+    approver = Approver(lambda: workflow)
     workflow = Workflow(
         SqliteStore(folder / "iotreg.db"), client, clock, Timing(poll_interval=poll, poll_max_interval=60.0),
-        notifier=lambda _: Silent(), jobs=lambda steps: SchedulerJobs(steps, workers=WORKERS),
+        notifier=lambda _: approver, jobs=lambda steps: SchedulerJobs(steps, workers=WORKERS),
     )
     jobs = workflow.jobs
     jobs.start()
     product_key = emulator.env["product_key"]
-    finished = threading.Event()
-
-    def approve() -> None:
-        while not finished.is_set():
-            for request in workflow.store.requests(states=[State.AWAITING_APPROVAL], limit=len(sizes)):
-                try:
-                    workflow.requests.approve(request.id, "U0BOB")
-                except WorkflowError:
-                    pass
-            time.sleep(0.02)
-
-    approver = threading.Thread(target=approve, daemon=True)
-    approver.start()
     final = ", ".join(f"'{s}'" for s in FINAL_STATES)
     try:
         started, wall_started = time.monotonic(), clock.now()
@@ -260,9 +277,8 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
             time.sleep(0.02)
         seconds = time.monotonic() - started
     finally:
-        finished.set()
-        approver.join()
         jobs.shutdown(wait=True)
+        approver.stop()
     outcomes, devices, answered, building = emulator.report()
     emulator.stop()
     db = workflow.store.db
@@ -297,7 +313,8 @@ def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_
 
 def _replica(conn: Connection, env: dict[str, str], share: list[tuple[str, int]], product_key: str) -> None:
     """Child process: a replica's workflow on the shared database. Built, it says "ready"; told
-    "go", it submits its share (name prefix, size) and approves what awaits approval; told "stop", stops."""
+    "go", it submits its share (name prefix, size) and approves each request whose approval message
+    it delivers; told "stop", stops."""
     from bot import wiring
     from bot.config import Settings
 
@@ -306,33 +323,20 @@ def _replica(conn: Connection, env: dict[str, str], share: list[tuple[str, int]]
     sys.setswitchinterval(SWITCH_INTERVAL)  # as `iotreg serve` runs
     settings = Settings.from_env(env)
     clock = SystemClock()
-    workflow = wiring.workflow(settings, clock=clock, notifier=lambda _: Silent(), jobs=lambda steps: SchedulerJobs(steps, workers=WORKERS))
+    approver = Approver(lambda: workflow)
+    workflow = wiring.workflow(settings, clock=clock, notifier=lambda _: approver, jobs=lambda steps: SchedulerJobs(steps, workers=WORKERS))
     workflow.jobs.start()
     workflow.resume()
     conn.send("ready")
     assert conn.recv() == "go"
-    stopping = threading.Event()
-
-    def approve() -> None:
-        while not stopping.is_set():
-            for request in workflow.store.requests(states=[State.AWAITING_APPROVAL], limit=1000):
-                try:
-                    workflow.requests.approve(request.id, "U0BOB")
-                except WorkflowError:
-                    pass  # another replica approved it first
-            stopping.wait(0.02)
-
-    approver = threading.Thread(target=approve, daemon=True)
-    approver.start()
     for prefix, size in share:
         workflow.requests.submit(product_key, "U0ALICE", [f"{prefix}-{i:06d}" for i in range(size)], origin="cli")
     conn.send("submitted")
     conn.recv()  # stop
-    stopping.set()
-    approver.join()
     limiter = workflow.client.limiter
     missed, moved = sum(limiter.missed.values()), sum(limiter.moved.values())
     workflow.jobs.shutdown(wait=True)
+    approver.stop()
     workflow.close()
     conn.send(("stopped", missed, moved))
 
@@ -462,7 +466,7 @@ def replicas_main(args: argparse.Namespace) -> None:
         f"Scale with replicas: {args.requests} requests in flight, {args.replicas} processes against 1",
         f"Emulator in its own process on the real clock, enforcing the quotas (check {c:g} s, create {k:g} s); each replica a "
         f"process with its own PostgresStore on one throwaway database, its own SchedulerJobs ({WORKERS} workers) and rate "
-        f"limiter as `iotreg serve` builds them, submitting its share of the requests and approving within 20 ms. "
+        f"limiter as `iotreg serve` builds them, submitting its share of the requests and approving each request as soon as it delivers its approval message. "
         f"IOTREG_POLL_INTERVAL={args.poll:g} s. Optimum = max over actions (fewest calls / QPS) + check + create.\n\n"
         + table(["replicas", "total (s)", "optimum (s)", "total / optimum (target ≤ 1.05×)", "Throttling.User (target 0)",
                  "calls: check / register / status / pages", "devices on emulator / in store / same IotId / pending / requests done",
@@ -648,7 +652,7 @@ def main() -> None:
         "Scale: big requests, many requests, a growing database",
         f"Emulator in its own process on the real clock, enforcing the quotas (check {c:g} s, create {k:g} s); "
         f"the Workflow on SchedulerJobs ({WORKERS} workers), its client-side limiter, SQLite in a temp dir, a silent "
-        f"notifier and an approver that approves within 20 ms. IOTREG_POLL_INTERVAL={args.poll:g} s (×1.5 back-off). "
+        f"notifier that hands each approval message to an approver, who approves at once. IOTREG_POLL_INTERVAL={args.poll:g} s (×1.5 back-off). "
         "Optimum = max over actions (fewest calls / QPS) + check + create (see the script's docstring).\n\n"
         + main_table
         + "\n\nApproval to result, 1. (seconds from the approval):\n\n" + table(["", "s"], approval_to_result(big))
