@@ -40,8 +40,9 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from bot.aliyun import errors
 from bot.aliyun.client import ApplyStatus, BatchStatus, IotClient
@@ -68,6 +69,9 @@ CHECK = "BatchCheckDeviceNames"
 # scheduler workers do not sleep through a queue of checks or polls while other requests' steps have
 # calls of their own to make. (Register calls and the pages of a finished creation still wait in the
 # limiter: they are the work the quota is for, and a register call is claimed before it is sent.)
+#: A request of several chunks sends this many of their checks at once (each in its own slot of the
+#: quota): the platform takes up to ten a second, and a check of 10,000 names is a large request.
+CHECKS_AT_ONCE = 4
 #: How often a step that found the database unreachable is tried again.
 DATABASE_RETRY = 5.0
 #: How often each process looks for due steps that no process holds (:meth:`Reconciler.sweep`).
@@ -266,24 +270,10 @@ class Reconciler:
             self._check_and_poll(request)
 
     def _check_and_poll(self, request: Request) -> None:
-        submitted: set[int] = set()
-        for chunk in self.store.chunks(request.id):
-            if chunk.apply_id is None and chunk.status is None:
-                self.client.limiter.hold(CHECK)  # its slot first: a step that must come back later reads nothing
-                names = self.store.device_names(request.id, chunk.chunk_no)
-                try:
-                    answer = self.client.batch_check_device_names(request.product_key, names)
-                except errors.NamesRefused as exc:
-                    # Refused at once, no ApplyId: the same outcome as an asynchronous CHECK_FAILED.
-                    self.store.set_outcomes(request.id, [(d.name, Outcome.INVALID, d.reason, None) for d in exc.invalid])
-                    self.store.update_chunk(request.id, chunk.chunk_no, status=ApplyStatus.CHECK_FAILED.value)
-                    continue
-                if held := self._held_elsewhere(request, answer.apply_id):
-                    self._fail(request, held)
-                    return
-                self.store.update_chunk(request.id, chunk.chunk_no, apply_id=answer.apply_id, status=ApplyStatus.CHECK.value)
-                self.store.record(request.id, SYSTEM, "check_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": answer.apply_id})
-                submitted.add(chunk.chunk_no)
+        unchecked = [c for c in self.store.chunks(request.id) if c.apply_id is None and c.status is None]
+        submitted = self._submit_checks(request, unchecked)
+        if submitted is None:
+            return
         polled = self._poll_round(request.id)
         for chunk in self.store.chunks(request.id):
             # A check sent a moment ago cannot have ended: poll it at the next step, not now
@@ -323,6 +313,59 @@ class Reconciler:
                 expires_at=self.clock.now() + timedelta(seconds=self.timing.approval_ttl),
                 notify=("awaiting_approval", {}),
             )
+
+    def _submit_checks(self, request: Request, chunks: list[Chunk]) -> set[int] | None:
+        """Send the checks of ``chunks``, :data:`CHECKS_AT_ONCE` at a time; each is recorded as soon as
+        it is answered. Returns the chunks whose check went out, or ``None`` if the request failed.
+
+        Once every check sent has been recorded, an error of one is raised (the first, in chunk
+        order), else the :class:`SlotLater` of the one that comes back soonest: the others of those
+        chunks keep their booked slots for that step."""
+        if len(chunks) <= 1:
+            outcomes = [self._submit_check(request, chunk) for chunk in chunks]
+        else:
+            with ThreadPoolExecutor(min(CHECKS_AT_ONCE, len(chunks)), thread_name_prefix=f"check-{request.id}") as pool:
+                futures = [pool.submit(self._submit_check_caught, request, chunk) for chunk in chunks]
+            outcomes = [f.result() for f in futures]
+            if errors_ := [o for o in outcomes if isinstance(o, Exception)]:
+                raise errors_[0]
+            if later := [o for o in outcomes if isinstance(o, _Later)]:
+                # Each was raised a while ago: the step comes back for the slot that is soonest now.
+                now = self.clock.monotonic()
+                soonest = min(later, key=lambda o: o.exc.wait - o.raised_at)
+                raise SlotLater(CHECK, soonest.exc.wait - (now - soonest.raised_at), soonest.exc.lead)
+        for outcome in outcomes:
+            if isinstance(outcome, str):
+                self._fail(request, outcome)
+                return None
+        return {chunk.chunk_no for chunk, outcome in zip(chunks, outcomes) if outcome is True}
+
+    def _submit_check_caught(self, request: Request, chunk: Chunk) -> bool | str | _Later | Exception:
+        try:
+            return self._submit_check(request, chunk)
+        except SlotLater as exc:
+            return _Later(exc, self.clock.monotonic())
+        except Exception as exc:  # noqa: BLE001 - raised by the step once every check is recorded
+            return exc
+
+    def _submit_check(self, request: Request, chunk: Chunk) -> bool | str:
+        """One chunk's check: ``True`` if it went out, ``False`` if its names were refused at once,
+        or why the request must fail (its ApplyId held by another request)."""
+        with deferring((request.id, chunk.chunk_no)):
+            self.client.limiter.hold(CHECK)  # its slot first: a step that must come back later reads nothing
+            names = self.store.device_names(request.id, chunk.chunk_no)
+            try:
+                answer = self.client.batch_check_device_names(request.product_key, names)
+            except errors.NamesRefused as exc:
+                # Refused at once, no ApplyId: the same outcome as an asynchronous CHECK_FAILED.
+                self.store.set_outcomes(request.id, [(d.name, Outcome.INVALID, d.reason, None) for d in exc.invalid])
+                self.store.update_chunk(request.id, chunk.chunk_no, status=ApplyStatus.CHECK_FAILED.value)
+                return False
+        if held := self._held_elsewhere(request, answer.apply_id):
+            return held
+        self.store.update_chunk(request.id, chunk.chunk_no, apply_id=answer.apply_id, status=ApplyStatus.CHECK.value)
+        self.store.record(request.id, SYSTEM, "check_submitted", self.clock.now(), {"chunk": chunk.chunk_no, "apply_id": answer.apply_id})
+        return True
 
     def _advance_register(self, request: Request) -> None:
         sent: set[int] = set()
@@ -664,6 +707,13 @@ Reconciler.PHASES = {
     State.REGISTERING: Reconciler._advance_register,
 }
 assert set(Reconciler.PHASES) == ACTIVE_STATES, "every unfinished state needs a phase"
+
+
+class _Later(NamedTuple):
+    """A check of a chunk that books its slot for later, and when it said so."""
+
+    exc: SlotLater
+    raised_at: float
 
 
 def may_be_alive(owner: str | None) -> bool:

@@ -149,6 +149,48 @@ def test_more_names_than_a_chunk_take_one_approval_and_one_apply_id_per_chunk(ha
     assert harness.notifier.kinds().count("awaiting_approval") == 1 and harness.notifier.kinds().count("finished") == 1
 
 
+def test_the_checks_of_a_many_part_request_are_sent_at_once(harness):
+    """A request of several chunks does not wait for each check's answer before it sends the next:
+    two of them are in the platform's hands at the same time (on the old, one-at-a-time code the
+    first would wait at the barrier alone)."""
+    harness.timing = Timing(poll_interval=1.0, chunk_size=4)
+    harness.start()
+    together = threading.Barrier(2, timeout=10)
+    real = harness.client.batch_check_device_names
+
+    def meet(*args, **kwargs):
+        answer = real(*args, **kwargs)
+        together.wait()  # returns once a second check has been answered meanwhile
+        return answer
+
+    harness.client.batch_check_device_names = meet
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("pair", 8), origin="cli")
+    assert harness.run_until(request.id, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
+    chunks = harness.store.chunks(request.id)
+    assert len(chunks) == 2 and all(c.apply_id for c in chunks) and chunks[0].apply_id != chunks[1].apply_id
+    sent = [e.detail["chunk"] for e in harness.store.audit(request.id) if e.event == "check_submitted"]
+    assert sorted(sent) == [0, 1]
+
+
+def test_a_request_of_more_chunks_than_a_seconds_checks_sends_the_rest_in_their_slots(harness):
+    """Twelve chunks at ten checks a second: ten go in the first second and the other two are booked
+    for the next, the step coming back for them, with no check refused for the quota."""
+    harness.timing = Timing(poll_interval=1.0, chunk_size=1)
+    harness.start()
+    request = harness.workflow.requests.submit(harness.emulator.product_key, ALICE, names("dozen", 12), origin="cli")
+    started = harness.clock.monotonic()
+    harness.jobs.run_due()
+    assert harness.emulator.gateway.calls["BatchCheckDeviceNames"] == 10
+    assert sum(1 for c in harness.store.chunks(request.id) if c.apply_id) == 10
+    due = harness.jobs.scheduled()[f"request-{request.id}"]
+    assert harness.clock.now() < due < harness.clock.now() + timedelta(seconds=1.1)  # back for the next second's slots
+    assert harness.run_until(request.id, State.AWAITING_APPROVAL) == State.AWAITING_APPROVAL
+    assert harness.emulator.gateway.calls["BatchCheckDeviceNames"] == 12
+    assert all(c.apply_id for c in harness.store.chunks(request.id))
+    assert not any(code == "Throttling.User" for (_, code) in harness.emulator.gateway.outcomes)
+    assert harness.clock.monotonic() - started < 4  # the second second's checks, their check and a poll
+
+
 def test_a_failed_check_keeps_the_reasons_and_offers_the_valid_names_again(harness):
     for existing in ("gate-0002", "gate-0004"):
         harness.emulator.backend.add_device(harness.emulator.product_key, existing)
