@@ -54,9 +54,9 @@ import argparse
 import dataclasses
 import math
 import multiprocessing
+import queue
 import shutil
 import sys
-import queue
 import tempfile
 import threading
 import time
