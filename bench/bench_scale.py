@@ -35,7 +35,7 @@ emulator builds a creation's devices inside the first call after its deadline, s
 devices its creation takes seconds longer than ``create_seconds``: that time is shown apart.
 
     python bench/bench_scale.py [--poll 1] [--check-seconds 1] [--create-seconds 1] [--quick]
-    python bench/bench_scale.py --result-only [--names 100000]   # just approval to result, one request
+    python bench/bench_scale.py --result-only [--names 100000] [--latency 0.05]   # just approval to result, one request
 
 ``--replicas N`` measures instead how replicas share the account's quotas: 200 requests of 50 names
 in flight (to the last IotId read), driven by N processes at once, each with its own PostgreSQL store (one throwaway
@@ -128,13 +128,15 @@ class Approver:
 # -- the emulator, in its own process -----------------------------------------------------------
 
 
-def _serve_emulator(conn: Connection, check_seconds: float, create_seconds: float) -> None:
-    """Child process: run the emulator until told to stop; answer "report" with its counts."""
-    from bot.standins.emulator import Emulator
+def _serve_emulator(conn: Connection, check_seconds: float, create_seconds: float, latency: float = 0.0) -> None:
+    """Child process: run the emulator until told to stop; answer "report" with its counts.
+    ``latency``: seconds added before every call reaches the gateway (a network's way there)."""
+    from bot.standins.emulator import Emulator, FaultPlan
     from bot.standins.emulator.server import SWITCH_INTERVAL
 
     sys.setswitchinterval(SWITCH_INTERVAL)  # as `iotreg emulator` runs
-    emulator = Emulator(clock=SystemClock(), check_seconds=check_seconds, create_seconds=create_seconds).start()
+    faults = FaultPlan(latency=latency, real_sleep=True) if latency else None
+    emulator = Emulator(clock=SystemClock(), check_seconds=check_seconds, create_seconds=create_seconds, faults=faults).start()
     # Every answer's time, action, outcome and time spent in the gateway, for the timeline: the
     # gateway's own handle, wrapped. And the time the backend spends building the devices of a
     # finished creation: it does so lazily, inside the first call after the creation's deadline.
@@ -169,10 +171,10 @@ def _serve_emulator(conn: Connection, check_seconds: float, create_seconds: floa
 
 
 class EmulatorProcess:
-    def __init__(self, check_seconds: float, create_seconds: float) -> None:
+    def __init__(self, check_seconds: float, create_seconds: float, latency: float = 0.0) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve_emulator, args=(child, check_seconds, create_seconds), daemon=True)
+        self._process = context.Process(target=_serve_emulator, args=(child, check_seconds, create_seconds, latency), daemon=True)
         self._process.start()
         child.close()  # so that recv() ends with EOFError, not a hang, if the child dies
         self.env: dict[str, str] = self._conn.recv()
@@ -239,9 +241,9 @@ def optimum(sizes: list[int], check_seconds: float, create_seconds: float) -> fl
     return max(calls / DEFAULT_QPS[action] for action, calls in fewest_calls(sizes).items()) + check_seconds + create_seconds
 
 
-def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_seconds: float) -> Run:
+def run_requests(sizes: list[int], *, poll: float, check_seconds: float, create_seconds: float, latency: float = 0.0) -> Run:
     """Submit one request per size at once, approve each when it is checked, wait for all to end."""
-    emulator = EmulatorProcess(check_seconds, create_seconds)
+    emulator = EmulatorProcess(check_seconds, create_seconds, latency)
     folder = Path(tempfile.mkdtemp(prefix="iotreg-bench-scale-"))
     clock = SystemClock()
     client = IotClient(
@@ -579,6 +581,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests of 50 names in flight, with --replicas")
     parser.add_argument("--result-only", action="store_true", help="only approval to result, for one request of --names")
     parser.add_argument("--names", type=int, default=100_000, help="with --result-only: the request's names")
+    parser.add_argument("--latency", type=float, default=0.0, help="with --result-only: seconds a call takes to reach the emulator (a network)")
     args = parser.parse_args()
     if args.replicas is not None:
         if args.replicas < 1 or args.requests < 1:
@@ -588,10 +591,11 @@ def main() -> None:
     c, k = args.check_seconds, args.create_seconds
     if args.result_only:
         print(f"one request of {args.names:,} names…", flush=True)
-        run = run_requests([args.names], poll=args.poll, check_seconds=c, create_seconds=k)
+        run = run_requests([args.names], poll=args.poll, check_seconds=c, create_seconds=k, latency=args.latency)
+        network = f", every call {args.latency * 1000:g} ms on its way to the emulator" if args.latency else ""
         report(
             f"Scale: approval to result, {args.names:,} names",
-            f"As section 1 of the scale benchmark (check {c:g} s, create {k:g} s, IOTREG_POLL_INTERVAL={args.poll:g} s); "
+            f"As section 1 of the scale benchmark (check {c:g} s, create {k:g} s, IOTREG_POLL_INTERVAL={args.poll:g} s{network}); "
             "seconds from the approval.\n\n" + table(["", "s"], approval_to_result(run)),
         )
         return

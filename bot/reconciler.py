@@ -72,6 +72,9 @@ CHECK = "BatchCheckDeviceNames"
 #: A request of several chunks sends this many of their checks at once (each in its own slot of the
 #: quota): the platform takes up to ten a second, and a check of 10,000 names is a large request.
 CHECKS_AT_ONCE = 4
+#: ... and reads the IotIds of this many chunks at once (each page in its own slot of the quota): a
+#: single reader waits a round trip for every page of 50.
+PAGE_READERS = 4
 #: How often a step that found the database unreachable is tried again.
 DATABASE_RETRY = 5.0
 #: How often each process looks for due steps that no process holds (:meth:`Reconciler.sweep`).
@@ -561,7 +564,8 @@ class Reconciler:
         return [c for c in self.store.chunks(request_id) if c.iot_ids_unread]
 
     def _read_iot_ids(self, request: Request) -> datetime | None:
-        """The step of a final request: read the IotIds of its created devices, a chunk at a time.
+        """The step of a final request: read the IotIds of its created devices, :data:`PAGE_READERS`
+        chunks at a time, each chunk's pages in order.
 
         Never changes the request's state or its outcomes. On an API error it is tried again at
         the poll back-off (the time returned); given up ``phase_timeout`` after the result (see the
@@ -579,20 +583,28 @@ class Reconciler:
             self.store.record(request.id, SYSTEM, "iot_ids_not_read", now, {"chunks": [c.chunk_no for c in unread], "reason": why})
             return None
         try:
-            for chunk in unread:
-                listed = [(d.name, d.iot_id) for d in self.client.iter_devices_by_apply_id(chunk.apply_id)]
-                matched = self.store.set_iot_ids(request.id, chunk.chunk_no, listed, self.clock.now())
-                if matched < len(listed):
-                    log.warning(
-                        "request #%d: ApplyId %s lists %d device(s) its status did not report as created",
-                        request.id, chunk.apply_id, len(listed) - matched,
-                    )
+            if len(unread) == 1:
+                self._read_chunk_iot_ids(request, unread[0])
+            else:
+                with ThreadPoolExecutor(min(PAGE_READERS, len(unread)), thread_name_prefix=f"pages-{request.id}") as pool:
+                    futures = [pool.submit(self._read_chunk_iot_ids, request, chunk) for chunk in unread]
+                for future in futures:
+                    future.result()  # once every chunk has been read or has failed: the first error, in chunk order
         except errors.IotError as exc:
             log.warning("request #%d: IotIds not read yet, trying again: %s", request.id, exc)
             self.store.record(request.id, SYSTEM, "api_error", self.clock.now(), {"code": exc.code, "message": exc.message, "request_id": exc.request_id})
             self.store.update_request(request.id, polls=request.polls + 1)
             return self.clock.now() + timedelta(seconds=self.timing.next_poll(request.polls))
         return None
+
+    def _read_chunk_iot_ids(self, request: Request, chunk: Chunk) -> None:
+        listed = [(d.name, d.iot_id) for d in self.client.iter_devices_by_apply_id(chunk.apply_id)]
+        matched = self.store.set_iot_ids(request.id, chunk.chunk_no, listed, self.clock.now())
+        if matched < len(listed):
+            log.warning(
+                "request #%d: ApplyId %s lists %d device(s) its status did not report as created",
+                request.id, chunk.apply_id, len(listed) - matched,
+            )
 
     def _record_invalid(self, request_id: int, status: BatchStatus) -> None:
         reasons = {d.name: d.reason for d in status.details}

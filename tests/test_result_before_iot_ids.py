@@ -8,6 +8,7 @@ pages, so their result still waits for them.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -90,6 +91,25 @@ def test_the_result_is_posted_before_any_page_of_iot_ids_is_read(harness):
     assert harness.workflow.requests.summary(request_id).iot_ids_pending is False
     assert [c.iot_ids_read_at for c in harness.store.chunks(request_id)].count(None) == 0
     assert [e.kind for e in watcher.events].count("finished") == 1  # the IotIds are no news of their own
+
+
+def test_the_iot_ids_of_several_parts_are_read_at_once(harness):
+    """A reader waits a round trip for every page: the parts of a request are read side by side (on
+    the old, one-part-at-a-time code the first part's reader would wait at the barrier alone)."""
+    together = threading.Barrier(2, timeout=10)
+    real = harness.client.iter_devices_by_apply_id
+
+    def meet(apply_id, *args, **kwargs):
+        devices = list(real(apply_id, *args, **kwargs))
+        together.wait()  # returns once the other part has been read meanwhile
+        return iter(devices)
+
+    harness.client.iter_devices_by_apply_id = meet  # type: ignore[method-assign]
+    request_id = approved(harness, names("duo", 80))  # two parts of 40
+    read = lambda: harness.state(request_id) == State.DONE and not harness.workflow.requests.summary(request_id).iot_ids_pending  # noqa: E731
+    harness.jobs.run_until(read)
+    assert read()
+    assert {d.name: d.iot_id for d in harness.store.devices(request_id)} == platform_iot_ids(harness)
 
 
 def test_the_result_comes_when_the_platform_finishes_creating_not_after_the_pages(harness):
