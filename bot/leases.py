@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a lease lasts without renewal: how long a dead process's work waits for another.
 LEASE_SECONDS = 10.0
+#: How long handing the leases back waits for a renewal under way (one statement) to end.
+RENEWAL_WAIT = 10.0
 
 
 def owner_token() -> str:
@@ -141,6 +143,13 @@ class Leases:
         with self._lock:
             self._held.clear()
             self._renewed.clear()  # a step still running sends nothing more that must not go twice
+            heartbeat = self._heartbeat
+        if heartbeat is not None and heartbeat is not threading.current_thread():
+            # A renewal under way ends first: the store may be closed right after this (a
+            # connection closed under a statement can take the process down).
+            heartbeat.join(RENEWAL_WAIT)
+            if heartbeat.is_alive():
+                log.warning("a lease renewal still had not ended after %g s; giving the leases back all the same", RENEWAL_WAIT)
         try:
             count = self.store.release_leases(self.owner)
         except StoreUnavailable as exc:

@@ -236,6 +236,38 @@ def test_a_held_lease_is_renewed_while_its_work_runs(store):
     assert store.leases() == []
 
 
+def test_handing_back_waits_for_a_renewal_under_way(store):
+    """The store is closed right after the leases are handed back (a stopping process, the CLI at
+    its end): a renewal still running then would use a closed connection, which on SQLite can take
+    the whole process down. Handing back waits for it, and gives back after it."""
+    from bot.clock import SystemClock
+    from bot.leases import Leases
+
+    leases = Leases(store, SystemClock(), seconds=0.3)  # a heartbeat every 0.1 s
+    renewing, go_on, order = threading.Event(), threading.Event(), []
+    renew_leases, release_leases = store.renew_leases, store.release_leases
+
+    def slow_renewal(owner, until):
+        renewing.set()
+        go_on.wait(10)
+        order.append("renewed")
+        return renew_leases(owner, until)
+
+    def release(owner):
+        order.append("released")
+        return release_leases(owner)
+
+    store.renew_leases, store.release_leases = slow_renewal, release
+    assert leases.take("request:1")
+    assert renewing.wait(10)  # the heartbeat is inside a renewal
+    handed_back = threading.Event()
+    threading.Thread(target=lambda: (leases.hand_back(), handed_back.set()), daemon=True).start()
+    assert not handed_back.wait(0.5)  # still waiting for the renewal
+    go_on.set()
+    assert handed_back.wait(10)
+    assert order == ["renewed", "released"] and store.leases() == []
+
+
 def test_a_lease_not_renewed_for_two_thirds_of_its_term_is_not_trusted(store):
     from bot.clock import ManualClock
     from bot.leases import Leases
