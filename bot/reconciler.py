@@ -42,7 +42,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 from bot.aliyun import errors
 from bot.aliyun.client import ApplyStatus, BatchStatus, IotClient
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from bot.registration import Jobs
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 CREATE_FINAL = frozenset(CREATION_ENDED)
 #: A chunk status of our own: its register call may or may not have reached the platform.
@@ -324,24 +325,29 @@ class Reconciler:
         Once every check sent has been recorded, an error of one is raised (the first, in chunk
         order), else the :class:`SlotLater` of the one that comes back soonest: the others of those
         chunks keep their booked slots for that step."""
-        if len(chunks) <= 1:
-            outcomes = [self._submit_check(request, chunk) for chunk in chunks]
-        else:
-            with ThreadPoolExecutor(min(CHECKS_AT_ONCE, len(chunks)), thread_name_prefix=f"check-{request.id}") as pool:
-                futures = [pool.submit(self._submit_check_caught, request, chunk) for chunk in chunks]
-            outcomes = [f.result() for f in futures]
-            if errors_ := [o for o in outcomes if isinstance(o, Exception)]:
-                raise errors_[0]
-            if later := [o for o in outcomes if isinstance(o, _Later)]:
-                # Each was raised a while ago: the step comes back for the slot that is soonest now.
-                now = self.clock.monotonic()
-                soonest = min(later, key=lambda o: o.exc.wait - o.raised_at)
-                raise SlotLater(CHECK, soonest.exc.wait - (now - soonest.raised_at), soonest.exc.lead)
+        outcomes = self._each_chunk(request, chunks, self._submit_check_caught, CHECKS_AT_ONCE)
+        if errors_ := [o for o in outcomes if isinstance(o, Exception)]:
+            raise errors_[0]
+        if later := [o for o in outcomes if isinstance(o, _Later)]:
+            # Each was raised a while ago: the step comes back for the slot that is soonest now.
+            now = self.clock.monotonic()
+            soonest = min(later, key=lambda o: o.exc.wait - o.raised_at)
+            raise SlotLater(CHECK, soonest.exc.wait - (now - soonest.raised_at), soonest.exc.lead)
         for outcome in outcomes:
             if isinstance(outcome, str):
                 self._fail(request, outcome)
                 return None
         return {chunk.chunk_no for chunk, outcome in zip(chunks, outcomes) if outcome is True}
+
+    @staticmethod
+    def _each_chunk(request: Request, chunks: list[Chunk], work: Callable[[Request, Chunk], _T], at_once: int) -> list[_T]:
+        """``work(request, chunk)`` of each chunk, up to ``at_once`` at a time (in this thread when
+        there is one), in chunk order. Once every one has ended, the first error is raised."""
+        if len(chunks) <= 1:
+            return [work(request, chunk) for chunk in chunks]
+        with ThreadPoolExecutor(min(at_once, len(chunks)), thread_name_prefix=f"chunks-{request.id}") as pool:
+            futures = [pool.submit(work, request, chunk) for chunk in chunks]
+        return [future.result() for future in futures]
 
     def _submit_check_caught(self, request: Request, chunk: Chunk) -> bool | str | _Later | Exception:
         try:
@@ -583,13 +589,7 @@ class Reconciler:
             self.store.record(request.id, SYSTEM, "iot_ids_not_read", now, {"chunks": [c.chunk_no for c in unread], "reason": why})
             return None
         try:
-            if len(unread) == 1:
-                self._read_chunk_iot_ids(request, unread[0])
-            else:
-                with ThreadPoolExecutor(min(PAGE_READERS, len(unread)), thread_name_prefix=f"pages-{request.id}") as pool:
-                    futures = [pool.submit(self._read_chunk_iot_ids, request, chunk) for chunk in unread]
-                for future in futures:
-                    future.result()  # once every chunk has been read or has failed: the first error, in chunk order
+            self._each_chunk(request, unread, self._read_chunk_iot_ids, PAGE_READERS)
         except errors.IotError as exc:
             log.warning("request #%d: IotIds not read yet, trying again: %s", request.id, exc)
             self.store.record(request.id, SYSTEM, "api_error", self.clock.now(), {"code": exc.code, "message": exc.message, "request_id": exc.request_id})
