@@ -189,10 +189,15 @@ class Replicas:
     def by_address(self, address: tuple[str, int]) -> Replica | None:
         """The live replica whose TCP connection has the local ``(host, port)`` ``address``: the one
         that made a call a server saw from there (:attr:`bot.standins.slack.state.Hold.calls`,
-        :attr:`bot.standins.emulator.server.AnswerHold.callers`)."""
-        inode = _socket_inode(address)
-        if inode is None:
-            return None
+        :attr:`bot.standins.emulator.server.AnswerHold.callers`).
+
+        ``/proc/net/tcp`` is read in pieces, and a line can be missed while other sockets open and
+        close meanwhile: a socket not found is looked for again for up to a second."""
+        deadline = time.monotonic() + 1.0
+        while (inode := _socket_inode(address)) is None:
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.01)
         for replica in self.replicas:
             pid = replica.pid
             if pid is not None and inode in _socket_inodes(pid):
